@@ -1,0 +1,78 @@
+"""Omniglot ProtoNet benchmark: train a built-in config (1200-character split with rotations,
+<= 60 minutes wall-clock via train.max_minutes), then evaluate the best checkpoint on fixed test
+episodes for several N-way K-shot settings. Prints a table and writes JSON.
+
+    python benchmarks/protonet_omniglot.py --config omniglot_protonet_20w1s --eval 5,1 --eval 20,1
+
+Data: --data-dir, else METAFIT_DATA_DIR, else ../shared/data/omniglot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from metafit.training import evaluate_checkpoint, load_config, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="omniglot_protonet_20w1s")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--eval", action="append", default=[], metavar="WAYS,SHOTS",
+                    help="extra test settings (default: the config's eval section)")
+    ap.add_argument("--within-group", action="store_true", help="within-alphabet test episodes")
+    ap.add_argument("--queries", type=int, default=None, help="queries per class (default: the config's)")
+    ap.add_argument("--episodes", type=int, default=1000)
+    ap.add_argument("--data-dir", default=os.environ.get("METAFIT_DATA_DIR", str(HERE.parent.parent / "shared/data/omniglot")))
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<config>.json)")
+    ap.add_argument("--skip-train", action="store_true", help="evaluate an existing run only")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, [f"data.root={args.data_dir}", "train.progress=false", *args.set])
+    t0 = time.time()
+    report = None if args.skip_train else train(cfg, test=False)
+    ckpt = Path(cfg.out_dir) / "best.safetensors"
+    settings = [tuple(int(v) for v in e.split(",")) for e in args.eval] or [(cfg.eval.n_ways, cfg.eval.k_shots)]
+    rows = []
+    for ways, shots in settings:
+        r = evaluate_checkpoint(ckpt, n_ways=ways, k_shots=shots, n_queries=args.queries or cfg.eval.n_queries,
+                                episodes=args.episodes, split="test", within_group=args.within_group or None,
+                                data_root=args.data_dir)
+        rows.append(r)
+    result = {
+        "benchmark": "protonet_omniglot",
+        "config": args.config,
+        "overrides": args.set,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "train": report,
+        "wall_seconds_total": time.time() - t0,
+        "test": rows,
+    }
+    out = Path(args.out) if args.out else HERE / "results" / f"{args.config}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    train_min = (report["train_seconds"] / 60) if report else float("nan")
+    steps = report["steps"] if report else "-"
+    print(f"\nProtoNet Omniglot ({cfg.data.protocol}), config {args.config}: {steps} steps, "
+          f"{train_min:.1f} min training")
+    print("| test setting | within group | rotations | episodes | accuracy | 95% CI | error |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n_ways']}-way {r['k_shots']}-shot {r['n_queries']}-query | {r['within_group']} | {r['rotations']} | "
+              f"{r['episodes']} | {100 * r['mean']:.2f}% | +/- {100 * r['ci95']:.2f}% | {100 * (1 - r['mean']):.2f}% |")
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()

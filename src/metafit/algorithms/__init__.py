@@ -1,0 +1,55 @@
+"""Algorithm registry. Adding an algorithm is one file plus one line in ``ALGORITHMS``; the CLI,
+configs, checkpoints, evaluation and the contract test-suite pick it up from here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..validation import parse_config
+from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
+from .protonet import ProtoNet, ProtoNetConfig, Prototypes
+
+__all__ = [
+    "ALGORITHMS",
+    "Adapted",
+    "Algorithm",
+    "AlgorithmConfig",
+    "MetaOutput",
+    "ProtoNet",
+    "ProtoNetConfig",
+    "Prototypes",
+    "algorithm_config",
+    "build_algorithm",
+    "check_task",
+    "get_algorithm",
+]
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    ProtoNet.name: ProtoNet,
+}
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ConfigError(
+            f"Config: algorithm.name must be one of {sorted(ALGORITHMS)}; got {name!r}. "
+            "Choose one of the listed algorithms."
+        ) from None
+
+
+def algorithm_config(data: Any) -> AlgorithmConfig:
+    """Validate an algorithm section (a mapping with ``name``) into that algorithm's config."""
+    if isinstance(data, AlgorithmConfig):
+        return data
+    data = dict(data or {})
+    cls = get_algorithm(data.get("name", "protonet"))
+    return parse_config(cls.Config, data, "algorithm")
+
+
+def build_algorithm(config: AlgorithmConfig, backbone: nn.Module) -> Algorithm:
+    return get_algorithm(config.name)(config, backbone)

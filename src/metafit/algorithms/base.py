@@ -1,0 +1,91 @@
+"""The algorithm interface every meta-learner implements.
+
+An algorithm is an ``nn.Module`` built from a frozen config and a backbone module:
+
+- ``adapt(support_x, support_y, n_ways) -> Adapted``: uses the support set only; the result is
+  a small frozen dataclass of tensors (prototypes, fast weights, solver weights) that can be
+  cached and reused.
+- ``predict(adapted, x) -> logits``.
+- ``meta_loss(batch) -> MetaOutput``: the differentiable meta-objective over a ``TaskBatch``;
+  the Trainer owns the optimizer, schedule, clipping and checkpoints. Algorithms that write
+  their own meta-gradients (e.g. Reptile) override ``meta_step`` instead.
+- ``task_logits(task)``: query logits of a whole task, the path evaluation uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import TaskError
+from ..types import Task, TaskBatch
+from ..validation import ConfigModel
+
+__all__ = ["Adapted", "Algorithm", "AlgorithmConfig", "MetaOutput", "check_task"]
+
+
+class AlgorithmConfig(ConfigModel):
+    """Base of algorithm configs; subclasses add a ``name`` literal and their own fields."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """Marker base for the result of ``adapt``."""
+
+
+@dataclass(frozen=True)
+class MetaOutput:
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def check_task(support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int, owner: str) -> None:
+    """Reject support sets that cannot define an ``n_ways``-class task."""
+    if support_y.ndim != 1 or support_y.shape[0] != support_x.shape[0]:
+        raise TaskError(
+            f"{owner}: support_y must be a 1-D label vector with one label per support example; "
+            f"got shape {tuple(support_y.shape)} for {support_x.shape[0]} examples. "
+            "Pass one integer label per support image."
+        )
+    if support_y.numel() and (int(support_y.min()) < 0 or int(support_y.max()) >= n_ways):
+        raise TaskError(
+            f"{owner}: support labels must lie in 0..{n_ways - 1}; got range "
+            f"{int(support_y.min())}..{int(support_y.max())}. Relabel classes as 0..n_ways-1."
+        )
+    present = torch.bincount(support_y, minlength=n_ways)
+    if bool((present == 0).any()):
+        missing = torch.nonzero(present == 0).flatten().tolist()
+        raise TaskError(
+            f"{owner}: every class must have at least one support example; got none for "
+            f"labels {missing}. Add support examples for those classes or lower n_ways."
+        )
+
+
+class Algorithm(nn.Module):
+    """Base class: subclasses set ``name`` and ``Config`` and implement the methods below."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[AlgorithmConfig]]
+
+    def __init__(self, config: AlgorithmConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Adapted:
+        raise NotImplementedError
+
+    def predict(self, adapted: Adapted, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def meta_loss(self, batch: TaskBatch) -> MetaOutput:
+        raise NotImplementedError
+
+    def task_logits(self, task: Task) -> torch.Tensor:
+        """Query logits for one task (evaluation path); default: adapt then predict."""
+        return self.predict(self.adapt(task.support_x, task.support_y, task.n_ways), task.query_x)

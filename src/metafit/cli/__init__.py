@@ -1,0 +1,5 @@
+"""Command-line interface (``metafit``)."""
+
+from .main import entrypoint, main
+
+__all__ = ["entrypoint", "main"]

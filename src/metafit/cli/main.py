@@ -1,0 +1,194 @@
+"""``metafit`` command line: train, eval, info, configs, quickstart.
+
+Errors of metafit print as one line on stderr with exit code 1 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .. import __version__
+from ..errors import MetafitError
+
+__all__ = ["build_parser", "entrypoint", "main"]
+
+
+def _print(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metafit", description="Practical meta-learning: train, evaluate, adapt.")
+    p.add_argument("--version", action="version", version=f"metafit {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="meta-train from a YAML config (or a built-in config name)")
+    t.add_argument("config", help="YAML file or built-in name (see `metafit configs`)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.meta_lr=0.0005 (repeatable)")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue exactly from <out_dir>/last.safetensors (or the given checkpoint)")
+    t.add_argument("--data-dir", help="dataset folder (sets data.root)")
+    t.add_argument("--out-dir", help="run folder (sets out_dir)")
+    t.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on fixed episodes (mean and 95%% CI)")
+    e.add_argument("checkpoint")
+    e.add_argument("--ways", type=int, help="classes per task (default: the checkpoint's eval.n_ways)")
+    e.add_argument("--shots", type=int, help="support examples per class")
+    e.add_argument("--queries", type=int, help="query examples per class")
+    e.add_argument("--episodes", type=int, help="number of fixed episodes (default: eval.test_episodes)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--within-group", action="store_true", help="draw every task from one group (alphabet)")
+    e.add_argument("--rotations", choices=["on", "off"], help="rotated classes in episodes (default: as trained)")
+    e.add_argument("--seed", type=int, help="episode seed (default: the trainer's test seed)")
+    e.add_argument("--data-dir", help="dataset folder, if it moved since training")
+    e.add_argument("--runs", metavar="DIR", help="evaluate on Lake's one-shot runs folder instead")
+    e.add_argument("--json", metavar="PATH", help="also write the report to this JSON file")
+    e.add_argument("--device", default="cpu")
+
+    i = sub.add_parser("info", help="show what a checkpoint holds")
+    i.add_argument("checkpoint")
+
+    sub.add_parser("configs", help="list the built-in configs")
+
+    q = sub.add_parser("quickstart", help="a short ProtoNet run on Omniglot: train, validate, test")
+    q.add_argument("--data-dir", help="folder with the Omniglot zips (default: METAFIT_DATA_DIR)")
+    q.add_argument("--download", action="store_true", help="download Omniglot (checksum-verified) if missing")
+    q.add_argument("--steps", type=int, default=500, help="meta-training steps (default 500)")
+    q.add_argument("--out-dir", default="runs/quickstart")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from ..training import load_config, train
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.root={args.data_dir}")
+    if args.out_dir:
+        overrides.append(f"out_dir={args.out_dir}")
+    cfg = load_config(args.config, overrides)
+    _print(f"metafit {__version__}: training {cfg.algorithm.name} ({cfg.task.n_ways}-way {cfg.task.k_shots}-shot "
+           f"tasks) for {cfg.train.meta_steps} steps -> {cfg.out_dir}")
+    report = train(cfg, resume=args.resume, test=not args.no_test)
+    _print_train_report(report)
+    return 0
+
+
+def _print_train_report(report: dict) -> None:
+    val = report.get("val")
+    if val:
+        _print(f"best validation accuracy {100 * val['mean']:.2f}% +/- {100 * val['ci95']:.2f}% "
+               f"at step {report['best_step']} -> {report['best_checkpoint']}")
+    test = report.get("test")
+    if test:
+        _print(f"test accuracy ({test['n_ways']}-way {test['k_shots']}-shot, {test['episodes']} fixed episodes): "
+               f"{100 * test['mean']:.2f}% +/- {100 * test['ci95']:.2f}% (95% CI)")
+    _print(f"training time {report['train_seconds'] / 60:.1f} min; report: {Path(report['out_dir']) / 'report.json'}")
+
+
+def _cmd_eval(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..training import evaluate_checkpoint, evaluate_runs
+    from ..training.run import write_report
+
+    if args.runs:
+        report = evaluate_runs(args.checkpoint, args.runs, device=args.device)
+        _print(f"Lake one-shot runs ({report['episodes']} runs): accuracy {100 * report['mean']:.2f}% "
+               f"+/- {100 * report['ci95']:.2f}%, error rate {100 * report['error_rate']:.2f}%")
+    else:
+        bar = tqdm(total=args.episodes, desc="eval", dynamic_ncols=True, disable=None)
+        try:
+            report = evaluate_checkpoint(
+                args.checkpoint, n_ways=args.ways, k_shots=args.shots, n_queries=args.queries,
+                episodes=args.episodes, split=args.split, within_group=True if args.within_group else None,
+                rotations=None if args.rotations is None else args.rotations == "on",
+                seed=args.seed, data_root=args.data_dir, device=args.device, progress=bar.update)
+        finally:
+            bar.close()
+        _print(f"{report['split']} {report['n_ways']}-way {report['k_shots']}-shot"
+               f"{' within-group' if report['within_group'] else ''}: accuracy {100 * report['mean']:.2f}% "
+               f"+/- {100 * report['ci95']:.2f}% (95% CI over {report['episodes']} episodes, seed {report['seed']})")
+    if args.json:
+        write_report(args.json, report)
+        _print(f"report: {args.json}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from ..training import read_checkpoint
+
+    meta, tensors = read_checkpoint(args.checkpoint)
+    cfg = meta["config"]
+    n_params = sum(v.numel() for k, v in tensors.items() if k.startswith("model."))
+    _print(f"checkpoint   {args.checkpoint}")
+    _print(f"algorithm    {meta['algorithm']} ({json.dumps(cfg['algorithm'])})")
+    _print(f"backbone     {json.dumps(cfg['backbone'])}")
+    _print(f"data         {cfg['data']['name']} protocol={cfg['data']['protocol']} image_size={cfg['data']['image_size']}")
+    _print(f"trained on   {cfg['task']['n_ways']}-way {cfg['task']['k_shots']}-shot {cfg['task']['n_queries']}-query tasks")
+    _print(f"step         {meta['step']}   values {n_params:,} (weights and buffers)   resumable {'train_state' in meta}")
+    _print(f"metafit      {meta['metafit_version']} (format {meta['format_version']})")
+    if meta.get("metrics"):
+        _print(f"metrics      {json.dumps(meta['metrics'])}")
+    return 0
+
+
+def _cmd_configs(args) -> int:
+    from ..training import builtin_configs
+
+    for name, path in sorted(builtin_configs().items()):
+        _print(f"{name:32s} {path}")
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from ..data import find_omniglot
+    from ..training import load_config, train
+
+    root = find_omniglot(args.data_dir, download=args.download)
+    eval_every = max(1, args.steps // 2)
+    cfg = load_config("omniglot_protonet_5w1s", [
+        f"data.root={root}", f"out_dir={args.out_dir}",
+        "task.n_ways=20", f"train.meta_steps={args.steps}", f"train.eval_every={eval_every}",
+        f"train.save_interval={eval_every}", "train.lr_schedule=constant", "train.max_minutes=null",
+        "eval.val_episodes=100", "eval.test_episodes=600",
+    ])
+    _print(f"metafit quickstart: Prototypical Networks on Omniglot ({root})\n"
+           f"  meta-train {args.steps} steps on 20-way 1-shot tasks, validate on held-out characters,\n"
+           f"  keep the best checkpoint, then test on 600 fixed 5-way 1-shot episodes of unseen characters.")
+    report = train(cfg)
+    _print_train_report(report)
+    _print(f"next: metafit eval {report['best_checkpoint']} --ways 20 --shots 1\n"
+           f"      metafit train omniglot_protonet_20w1s --data-dir {root}   (the full recipe, about an hour on 2 CPU cores)")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "configs": _cmd_configs,
+            "quickstart": _cmd_quickstart}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MetafitError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""In-memory labelled image collections: one uint8 tensor of images, classes as contiguous
+ranges of it, and the group (alphabet) of every class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["ImageClasses"]
+
+
+@dataclass(frozen=True)
+class ImageClasses:
+    """Images ``[n_images, C, H, W]`` (uint8, ink/foreground high) grouped into classes.
+
+    Class ``c`` owns ``images[class_start[c] : class_start[c] + class_count[c]]``. Subsets share
+    the image storage and only re-index the classes.
+    """
+
+    images: torch.Tensor
+    class_start: torch.Tensor  # int64 [n_classes]
+    class_count: torch.Tensor  # int64 [n_classes]
+    class_names: tuple[str, ...]
+    class_group: torch.Tensor  # int64 [n_classes], index into group_names
+    group_names: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.class_count.sum())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, class_ids) -> "ImageClasses":
+        ids = torch.as_tensor(class_ids, dtype=torch.long)
+        groups_used = torch.unique(self.class_group[ids])
+        remap = torch.full((len(self.group_names),), -1, dtype=torch.long)
+        remap[groups_used] = torch.arange(len(groups_used))
+        return ImageClasses(
+            images=self.images,
+            class_start=self.class_start[ids].clone(),
+            class_count=self.class_count[ids].clone(),
+            class_names=tuple(self.class_names[i] for i in ids.tolist()),
+            class_group=remap[self.class_group[ids]],
+            group_names=tuple(self.group_names[g] for g in groups_used.tolist()),
+        )
+
+    def groups(self) -> list[str]:
+        return list(self.group_names)
+
+    def classes_of_groups(self, names) -> list[int]:
+        wanted = {self.group_names.index(n) for n in names}
+        return [c for c, g in enumerate(self.class_group.tolist()) if g in wanted]
+
+    @staticmethod
+    def concat(parts: list["ImageClasses"]) -> "ImageClasses":
+        """Concatenate collections (image storage is copied once)."""
+        images, starts, counts, names, groups, group_names = [], [], [], [], [], []
+        offset = 0
+        for p in parts:
+            # compact each part's classes so subsets concatenate correctly
+            idx = torch.cat([torch.arange(s, s + c) for s, c in zip(p.class_start.tolist(), p.class_count.tolist())])
+            images.append(p.images[idx])
+            starts.append(torch.cumsum(p.class_count, 0) - p.class_count + offset)
+            counts.append(p.class_count)
+            offset += int(p.class_count.sum())
+            names.extend(p.class_names)
+            base = len(group_names)
+            group_names.extend(p.group_names)
+            groups.append(p.class_group + base)
+        return ImageClasses(
+            images=torch.cat(images),
+            class_start=torch.cat(starts),
+            class_count=torch.cat(counts),
+            class_names=tuple(names),
+            class_group=torch.cat(groups),
+            group_names=tuple(group_names),
+        )
+
+    # -- serialisation for the on-disk cache (plain numpy arrays, no pickle) ------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "images": self.images.numpy(),
+            "class_start": self.class_start.numpy(),
+            "class_count": self.class_count.numpy(),
+            "class_names": np.array(self.class_names, dtype=str),
+            "class_group": self.class_group.numpy(),
+            "group_names": np.array(self.group_names, dtype=str),
+        }
+
+    @staticmethod
+    def from_arrays(a: dict[str, np.ndarray]) -> "ImageClasses":
+        return ImageClasses(
+            images=torch.from_numpy(np.ascontiguousarray(a["images"])),
+            class_start=torch.from_numpy(a["class_start"].astype(np.int64)),
+            class_count=torch.from_numpy(a["class_count"].astype(np.int64)),
+            class_names=tuple(str(s) for s in a["class_names"].tolist()),
+            class_group=torch.from_numpy(a["class_group"].astype(np.int64)),
+            group_names=tuple(str(s) for s in a["group_names"].tolist()),
+        )

@@ -1,0 +1,64 @@
+"""Lake et al.'s one-shot classification *runs* format, as distributed with Omniglot.
+
+``<dir>/runNN/class_labels.txt`` holds lines ``test/itemXX.png training/classYY.png`` pairing each
+test image with the training image of its class; ``training/`` holds one image per class and
+``test/`` the queries. Every run is one N-way 1-shot task.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..types import Task
+from .folder import read_image
+
+__all__ = ["load_runs"]
+
+
+def load_runs(directory: str | os.PathLike, image_size: int = 28, channels: int = 1,
+              invert: bool = True) -> list[tuple[str, Task]]:
+    """``[(run_name, Task)]``; images are preprocessed like Omniglot (ink high when ``invert``)."""
+    directory = Path(directory)
+    runs = sorted(p for p in directory.glob("run*") if p.is_dir())
+    if not runs:
+        raise DataError(
+            f"Runs: {str(directory)!r} must contain runNN/ folders with class_labels.txt; got none. "
+            "Pass the folder of Lake's one-shot runs (e.g. all_runs/)."
+        )
+    out = []
+    for run in runs:
+        labels_file = run / "class_labels.txt"
+        if not labels_file.is_file():
+            raise DataError(
+                f"Runs: {str(run)!r} must contain class_labels.txt; got none. Restore the file or "
+                "remove the run folder."
+            )
+        pairs = []
+        for n, line in enumerate(labels_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(
+                    f"Runs: line {n} of {str(labels_file)!r} must be 'test/<file> training/<file>'; "
+                    f"got {line!r}. Fix the line."
+                )
+            pairs.append((parts[0], parts[1]))
+        train_files = sorted({t for _, t in pairs})
+        index = {t: i for i, t in enumerate(train_files)}
+        sx = np.stack([read_image(run / t, image_size, channels, invert) for t in train_files])
+        qx = np.stack([read_image(run / q, image_size, channels, invert) for q, _ in pairs])
+        task = Task(
+            support_x=torch.from_numpy(sx).float() / 255.0,
+            support_y=torch.arange(len(train_files)),
+            query_x=torch.from_numpy(qx).float() / 255.0,
+            query_y=torch.tensor([index[t] for _, t in pairs]),
+            n_ways=len(train_files),
+        )
+        out.append((run.name, task))
+    return out

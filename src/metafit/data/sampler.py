@@ -1,0 +1,141 @@
+"""N-way K-shot Q-query episode sampling by index arithmetic.
+
+Classes are drawn with one ``randperm`` (optionally inside one group, e.g. one alphabet), images
+of every drawn class with one batched ``argsort`` of random keys, and 90-degree rotations (new
+classes, as in Vinyals et al. / Snell et al.) are applied per rotation group: there is no
+per-image Python loop. An episode is first described by indices (``Episode``), so a fixed list
+of evaluation episodes is cheap to keep and identical for a given seed on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DataError
+from ..types import Task, TaskBatch
+from .augment import random_affine
+from .classes import ImageClasses
+
+__all__ = ["Episode", "EpisodeSampler"]
+
+
+@dataclass(frozen=True)
+class Episode:
+    classes: torch.Tensor  # [n_ways] virtual class ids (base * n_rot + rotation)
+    positions: torch.Tensor  # [n_ways, k + q] image positions inside each class
+
+
+class EpisodeSampler:
+    """Samples tasks from an :class:`ImageClasses` collection.
+
+    ``rotations=True`` turns every class into four (0/90/180/270 degrees); ``within_group=True``
+    draws all classes of an episode from one group (alphabet). ``augment`` (a dict of
+    :func:`random_affine` arguments) is applied to sampled images; use it for training only.
+    """
+
+    def __init__(self, data: ImageClasses, n_ways: int, k_shots: int, n_queries: int, *,
+                 rotations: bool = False, within_group: bool = False, augment: dict | None = None,
+                 seed: int = 0, owner: str = "EpisodeSampler") -> None:
+        for name, v, lo in (("n_ways", n_ways, 2), ("k_shots", k_shots, 1), ("n_queries", n_queries, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise DataError(f"{owner}: {name} must be an integer >= {lo}; got {v!r}. Fix the task settings.")
+        self.data = data
+        self.n_ways, self.k_shots, self.n_queries = n_ways, k_shots, n_queries
+        self.n_rot = 4 if rotations else 1
+        self.within_group = within_group
+        self.augment = dict(augment) if augment else None
+        self.generator = torch.Generator().manual_seed(int(seed))
+        need = k_shots + n_queries
+        counts = data.class_count
+        short = torch.nonzero(counts < need).flatten()
+        if len(short):
+            c = int(short[0])
+            raise DataError(
+                f"{owner}: class {data.class_names[c]!r} must have at least k_shots + n_queries = "
+                f"{need} images; got {int(counts[c])}. Add images to it, remove the class, or lower "
+                "k_shots/n_queries."
+            )
+        n_virtual = data.n_classes * self.n_rot
+        if n_virtual < n_ways:
+            raise DataError(
+                f"{owner}: the dataset must have at least n_ways = {n_ways} classes; got "
+                f"{n_virtual}. Lower n_ways or add classes."
+            )
+        self.max_count = int(counts.max())
+        if within_group:
+            vgroup = data.class_group.repeat_interleave(self.n_rot)
+            self.group_classes = [
+                torch.nonzero(vgroup == g).flatten() for g in range(len(data.group_names))
+            ]
+            self.group_classes = [c for c in self.group_classes if len(c) >= n_ways]
+            if not self.group_classes:
+                biggest = max(int((vgroup == g).sum()) for g in range(len(data.group_names)))
+                raise DataError(
+                    f"{owner}: within_group episodes need a group with at least n_ways = {n_ways} "
+                    f"classes; got at most {biggest}. Lower n_ways or turn within_group off."
+                )
+
+    # -- RNG state (for exact resume) ---------------------------------------------------------
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def sample_episode(self) -> Episode:
+        g = self.generator
+        if self.within_group:
+            pool = self.group_classes[int(torch.randint(len(self.group_classes), (1,), generator=g))]
+            classes = pool[torch.randperm(len(pool), generator=g)[: self.n_ways]]
+        else:
+            classes = torch.randperm(self.data.n_classes * self.n_rot, generator=g)[: self.n_ways]
+        counts = self.data.class_count[classes // self.n_rot]
+        keys = torch.rand(self.n_ways, self.max_count, generator=g)
+        keys[torch.arange(self.max_count)[None, :] >= counts[:, None]] = 2.0  # never chosen
+        positions = keys.argsort(dim=1)[:, : self.k_shots + self.n_queries]
+        return Episode(classes, positions)
+
+    def fixed_episodes(self, n: int, seed: int) -> list[Episode]:
+        """A reproducible list of ``n`` episodes that leaves this sampler's own RNG untouched."""
+        saved = self.generator.get_state()
+        self.generator.manual_seed(int(seed))
+        try:
+            return [self.sample_episode() for _ in range(n)]
+        finally:
+            self.generator.set_state(saved)
+
+    def materialize(self, episodes: list[Episode], augment: bool = False) -> TaskBatch:
+        """Turn episode descriptions into a float ``TaskBatch`` in [0, 1]."""
+        classes = torch.stack([e.classes for e in episodes])  # [B, n]
+        positions = torch.stack([e.positions for e in episodes])  # [B, n, k+q]
+        base = classes // self.n_rot
+        rot = (classes % self.n_rot).flatten()
+        idx = self.data.class_start[base].unsqueeze(-1) + positions
+        x = self.data.images[idx.flatten()].float().div_(255.0)  # [B*n*(k+q), C, H, W]
+        b, n, m = idx.shape
+        x = x.view(b * n, m, *x.shape[1:])
+        if self.n_rot > 1:
+            for r in (1, 2, 3):
+                sel = torch.nonzero(rot == r).flatten()
+                if len(sel):
+                    x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+        if augment and self.augment is not None:
+            x = random_affine(x.flatten(0, 1), self.generator, **self.augment).view_as(x)
+        x = x.view(b, n, m, *x.shape[2:])
+        k = self.k_shots
+        support = x[:, :, :k].flatten(1, 2)
+        query = x[:, :, k:].flatten(1, 2)
+        labels = torch.arange(n)
+        sy = labels.repeat_interleave(k).expand(b, -1).contiguous()
+        qy = labels.repeat_interleave(m - k).expand(b, -1).contiguous()
+        return TaskBatch(support, sy, query, qy, n)
+
+    def sample(self, meta_batch_size: int = 1) -> TaskBatch:
+        """Sample a training batch of tasks (augmented if the sampler has ``augment``)."""
+        return self.materialize([self.sample_episode() for _ in range(meta_batch_size)], augment=True)
+
+    def sample_task(self) -> Task:
+        return self.sample(1)[0]

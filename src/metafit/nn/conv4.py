@@ -1,0 +1,62 @@
+"""Conv4: the four-block convolutional backbone of Vinyals et al. (2016) / Snell et al. (2017)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..validation import ConfigModel
+
+__all__ = ["Conv4", "Conv4Config"]
+
+
+class Conv4Config(ConfigModel):
+    name: Literal["conv4"] = "conv4"
+    hidden_channels: int = Field(64, ge=1, le=4096, description="channels of every conv block")
+    n_blocks: int = Field(4, ge=1, le=8, description="number of conv3x3-BN-ReLU-maxpool blocks")
+    bn_mode: Literal["running", "transductive"] = Field(
+        "running",
+        description=(
+            "running: batch statistics while training, running averages at evaluation; "
+            "transductive: always the statistics of the current task's batch"
+        ),
+    )
+    bn_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum")
+
+
+def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size=3, padding=1),
+        nn.BatchNorm2d(
+            cout, momentum=cfg.bn_momentum, track_running_stats=cfg.bn_mode == "running"
+        ),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """4 x [conv3x3-64, BatchNorm, ReLU, maxpool2]; flattens to ``out_features``."""
+
+    def __init__(self, config: Conv4Config, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_channels
+        blocks = [_block(in_channels, h, config)]
+        blocks += [_block(h, h, config) for _ in range(config.n_blocks - 1)]
+        self.blocks = nn.Sequential(*blocks)
+        side = image_size
+        for _ in range(config.n_blocks):
+            side //= 2
+        if side < 1:
+            raise ValueError(
+                f"Conv4: image_size must be at least {2 ** config.n_blocks} for {config.n_blocks} "
+                f"blocks; got {image_size}. Use larger images or fewer blocks."
+            )
+        self.out_features = h * side * side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).flatten(1)

@@ -1,0 +1,121 @@
+"""Checkpoints: one ``.safetensors`` file. Tensors (model, and for resuming: optimizer and RNG
+states) are safetensors entries; everything else (format, versions, algorithm, config, step,
+metrics, class names) is JSON in the safetensors header metadata. Nothing in a checkpoint can
+execute code when loaded. Writes go to a temp file that replaces the target atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .. import __version__
+from ..algorithms import Algorithm
+from ..data.cache import atomic_write_bytes
+from ..errors import CheckpointError, ConfigError
+from .config import RunConfig, build_model, make_config
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint"]
+
+FORMAT = "metafit-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig, *, step: int,
+                    metrics: dict[str, Any] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = v.detach().cpu().contiguous().clone()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metafit_version": __version__,
+        "algorithm": config.algorithm.name,
+        "config": config.to_dict(),
+        "step": int(step),
+        "metrics": metrics or {},
+        **(extra_meta or {}),
+    }
+    blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
+    atomic_write_bytes(path, lambda f: f.write(blob))
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a checkpoint; a :class:`CheckpointError` for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint: path must be an existing checkpoint file; got {str(path)!r}. "
+            "Pass a .safetensors file written by metafit (e.g. runs/<name>/best.safetensors)."
+        )
+    try:
+        tensors = st_load(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"Checkpoint: {str(path)!r} must be a safetensors file written by metafit; got an "
+            f"unreadable or corrupted file ({err}). Re-create it, or pass another checkpoint."
+        ) from err
+    # safetensors.torch.load does not return metadata: read the JSON header by hand (no code runs)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    raw = (header.get("__metadata__") or {}).get("metafit")
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"Checkpoint: {str(path)!r} must carry metafit metadata; got a foreign safetensors file. "
+            "Pass a checkpoint written by metafit; to use foreign weights as a backbone, load them "
+            "into a model yourself."
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint: format_version must be {FORMAT_VERSION}; got {meta.get('format_version')!r}. "
+            "Use the metafit version that wrote it, or re-train."
+        )
+    return meta, tensors
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorithm:
+    """Rebuild the trained model of a checkpoint, ready for ``adapt``/``predict`` (eval mode).
+
+    The returned module carries ``run_config`` (the validated :class:`RunConfig`) and
+    ``checkpoint_meta`` (step, metrics, ...).
+    """
+    meta, tensors = read_checkpoint(path)
+    try:
+        config = make_config(meta["config"])
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(
+            f"Checkpoint: the config stored in {str(path)!r} must be valid for this metafit version; "
+            f"got: {err}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
+        ) from err
+    model = build_model(config)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(
+            f"Checkpoint: tensors of {str(path)!r} must match the shapes its config describes; got "
+            f"{str(err).splitlines()[-1].strip()}. The file is damaged or was edited."
+        ) from err
+    if missing or unexpected:
+        raise CheckpointError(
+            f"Checkpoint: tensors of {str(path)!r} must match the model; got missing {list(missing)[:5]} "
+            f"and unexpected {list(unexpected)[:5]}. The file is damaged or from another version."
+        )
+    model.to(device).eval()
+    model.run_config = config
+    model.checkpoint_meta = {k: v for k, v in meta.items() if k != "config"}
+    return model

@@ -1,0 +1,173 @@
+"""The run configuration: every section validated, frozen, and round-trippable through YAML,
+``--set key=value`` overrides and checkpoint metadata."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SerializeAsAny, model_validator
+
+from ..algorithms import Algorithm, AlgorithmConfig, algorithm_config, build_algorithm
+from ..data import DataConfig
+from ..errors import ConfigError
+from ..nn import backbone_config, build_backbone
+from ..validation import ConfigModel, parse_config, set_by_path
+
+__all__ = [
+    "AugmentConfig",
+    "EvalConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "build_model",
+    "builtin_configs",
+    "load_config",
+    "make_config",
+]
+
+
+class TaskConfig(ConfigModel):
+    n_ways: int = Field(5, ge=2, description="classes per task")
+    k_shots: int = Field(1, ge=1, description="support examples per class")
+    n_queries: int = Field(15, ge=1, description="query examples per class")
+    within_group: bool = Field(False, description="draw all classes of a task from one group (alphabet)")
+
+
+class EvalConfig(TaskConfig):
+    rotations: bool | None = Field(
+        None, description="rotated classes in validation/test episodes (None: follow data.rotations)"
+    )
+    val_episodes: int = Field(200, ge=1, description="fixed validation episodes used to pick the best checkpoint")
+    test_episodes: int = Field(1000, ge=1, description="fixed test episodes for the final report")
+    seed: int = Field(2024, ge=0, description="seed of the fixed validation/test episodes")
+
+
+class AugmentConfig(ConfigModel):
+    affine: bool = Field(False, description="random affine transform of training images")
+    degrees: float = Field(10.0, ge=0.0, le=180.0)
+    translate: float = Field(0.1, ge=0.0, le=0.5, description="fraction of the image size")
+    scale_min: float = Field(0.9, gt=0.0)
+    scale_max: float = Field(1.1, gt=0.0)
+    shear: float = Field(0.0, ge=0.0, le=60.0, description="degrees")
+
+    @model_validator(mode="after")
+    def _scale(self):
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must not exceed scale_max")
+        return self
+
+    def sampler_kwargs(self) -> dict | None:
+        if not self.affine:
+            return None
+        return dict(degrees=self.degrees, translate=self.translate,
+                    scale=(self.scale_min, self.scale_max), shear=self.shear)
+
+
+class TrainConfig(ConfigModel):
+    meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
+    meta_batch_size: int = Field(1, ge=1, description="tasks per optimizer step")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    meta_lr: float = Field(1e-3, gt=0.0, description="outer-loop learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_step_size: int = Field(2000, ge=1, description="step schedule: steps between decays")
+    lr_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm (None: off)")
+    eval_every: int = Field(500, ge=1, description="validate every this many steps")
+    save_interval: int = Field(1000, ge=1, description="keep a numbered checkpoint every this many steps")
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="wall-clock budget: stop (and validate) once training took this long"
+    )
+    log_every: int = Field(50, ge=1, description="write a metrics line every this many steps")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    channels_last: bool = Field(True, description="channels_last memory format for conv backbones")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class RunConfig(ConfigModel):
+    seed: int = Field(0, ge=0, description="seed of initialisation and training episodes")
+    out_dir: str = Field("runs/default", description="where checkpoints and logs go")
+    data: DataConfig = DataConfig()
+    task: TaskConfig = Field(TaskConfig(), description="training tasks")
+    eval: EvalConfig = Field(EvalConfig(), description="validation and test tasks")
+    augment: AugmentConfig = AugmentConfig()
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(default_factory=lambda: algorithm_config({}))
+    backbone: SerializeAsAny[ConfigModel] = Field(default_factory=lambda: backbone_config({}))
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def make_config(data: Any = None) -> RunConfig:
+    """Validate a plain mapping (e.g. parsed YAML) into a :class:`RunConfig`."""
+    if isinstance(data, RunConfig):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Config: the top level must be a mapping of sections; got {type(data).__name__}. "
+            "Write the config as YAML sections (data:, task:, train:, ...)."
+        )
+    data = dict(data)
+    alg = algorithm_config(data.pop("algorithm", None))
+    bb = backbone_config(data.pop("backbone", None))
+    return parse_config(RunConfig, {**data, "algorithm": alg, "backbone": bb})
+
+
+def builtin_configs() -> dict[str, Path]:
+    root = resources.files("metafit") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"Config: {str(path)!r} must be valid YAML; got a parse error ({err}). Fix the file."
+        ) from err
+    return data or {}
+
+
+def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a config from a YAML path, a built-in name (see ``builtin_configs``) or a mapping,
+    apply ``key=value`` overrides (values parsed as YAML), and validate."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        builtins = builtin_configs()
+        if path.is_file():
+            data = _read_yaml(path)
+        elif str(source) in builtins:
+            data = _read_yaml(builtins[str(source)])
+        else:
+            raise ConfigError(
+                f"Config: the config must be a YAML file or a built-in name; got {str(source)!r}. "
+                f"Built-in configs: {', '.join(sorted(builtins))}."
+            )
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"Config: an override must look like key=value; got {item!r}. Write e.g. --set train.meta_lr=0.001."
+            )
+        set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return make_config(data)
+
+
+def build_model(config: RunConfig) -> Algorithm:
+    """The algorithm with its backbone, freshly initialised from ``config``."""
+    backbone = build_backbone(config.backbone, config.data.in_channels, config.data.image_size)
+    return build_algorithm(config.algorithm, backbone)

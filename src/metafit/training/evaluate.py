@@ -1,0 +1,78 @@
+"""Evaluation: accuracy over a fixed list of episodes with a 95% confidence interval."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..algorithms import Algorithm
+from ..data import EpisodeSampler
+from ..types import Task
+
+__all__ = ["EvalResult", "evaluate_episodes", "evaluate_tasks", "summarize"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    mean: float  # accuracy in [0, 1]
+    ci95: float  # half-width of the 95% confidence interval of the mean (1.96 * s / sqrt(n))
+    std: float
+    episodes: int
+    loss: float
+    per_episode: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self, per_episode: bool = False) -> dict:
+        d = asdict(self)
+        if not per_episode:
+            d.pop("per_episode")
+        return d
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f}% +/- {100 * self.ci95:.2f}% ({self.episodes} episodes)"
+
+
+def summarize(accs: list[float], losses: list[float]) -> EvalResult:
+    t = torch.tensor(accs, dtype=torch.float64)
+    n = len(accs)
+    std = float(t.std(unbiased=True)) if n > 1 else 0.0
+    return EvalResult(
+        mean=float(t.mean()),
+        ci95=1.96 * std / math.sqrt(n) if n > 1 else float("nan"),
+        std=std,
+        episodes=n,
+        loss=float(torch.tensor(losses, dtype=torch.float64).mean()),
+        per_episode=[float(a) for a in accs],
+    )
+
+
+@torch.no_grad()
+def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device | str = "cpu",
+                   channels_last: bool = False, progress: Callable | None = None) -> EvalResult:
+    """Accuracy of ``model.task_logits`` on each task; the model is put in eval mode and restored."""
+    was_training = model.training
+    model.eval()
+    accs, losses = [], []
+    try:
+        for task in tasks:
+            task = task.to(device)
+            if channels_last:
+                task = Task(task.support_x.contiguous(memory_format=torch.channels_last), task.support_y,
+                            task.query_x.contiguous(memory_format=torch.channels_last), task.query_y, task.n_ways)
+            logits = model.task_logits(task)
+            losses.append(float(torch.nn.functional.cross_entropy(logits, task.query_y)))
+            accs.append(float((logits.argmax(-1) == task.query_y).float().mean()))
+            if progress is not None:
+                progress(1)
+    finally:
+        model.train(was_training)
+    return summarize(accs, losses)
+
+
+def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, device="cpu",
+                      channels_last: bool = False, progress: Callable | None = None) -> EvalResult:
+    """Evaluate on fixed episode descriptions of ``sampler`` (no augmentation)."""
+    tasks = (sampler.materialize([e])[0] for e in episodes)
+    return evaluate_tasks(model, tasks, device, channels_last, progress)

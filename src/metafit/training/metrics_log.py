@@ -1,0 +1,38 @@
+"""Metrics logging: one JSON object per line (``metrics.jsonl``) and the same rows as CSV
+(``metrics.csv``). Both are appended to on resume and flushed on every write."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+__all__ = ["MetricsLog", "CSV_COLUMNS"]
+
+CSV_COLUMNS = ["step", "split", "loss", "accuracy", "ci95", "lr", "grad_norm", "elapsed_s",
+               "data_s", "forward_s", "backward_s", "optimizer_s"]
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, append: bool) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if append else "w"
+        self._jsonl = open(out_dir / "metrics.jsonl", mode)
+        csv_path = out_dir / "metrics.csv"
+        write_header = not (append and csv_path.exists() and csv_path.stat().st_size > 0)
+        self._csv_file = open(csv_path, mode, newline="")
+        self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS, extrasaction="ignore")
+        if write_header:
+            self._csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._jsonl.write(json.dumps(clean) + "\n")
+        self._jsonl.flush()
+        self._csv.writerow(clean)
+        self._csv_file.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv_file.close()

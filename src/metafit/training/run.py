@@ -1,0 +1,110 @@
+"""End-to-end entry points used by the CLI and by scripts: train then test, evaluate a checkpoint
+on fixed episodes or on Lake's one-shot runs. Reports are written as JSON (atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import ImageClasses, load_runs, load_splits
+from ..data.cache import atomic_write_bytes
+from ..errors import ConfigError
+from .checkpoint import load
+from .config import RunConfig, TaskConfig
+from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
+from .trainer import Trainer, make_sampler
+
+__all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "write_report"]
+
+TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide with validation
+
+
+def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
+    path = Path(path)
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    return path
+
+
+def train(config: RunConfig, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,
+          test: bool = True) -> dict[str, Any]:
+    """Meta-train, then evaluate the best checkpoint on ``eval.test_episodes`` fixed test episodes.
+    Returns (and writes to ``<out_dir>/report.json``) a summary."""
+    trainer = Trainer(config, splits)
+    result = trainer.fit(resume=resume)
+    report: dict[str, Any] = {
+        "out_dir": str(result.out_dir),
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "timing": trainer.timing,
+        "best_step": result.best_step,
+        "best_checkpoint": str(result.checkpoint),
+        "val": result.best_val.to_dict() if result.best_val else None,
+    }
+    if test:
+        model = load(result.checkpoint, trainer.device)
+        ec = config.eval
+        test_res = _evaluate(model, trainer.splits["test"], config, ec, ec.test_episodes,
+                             ec.seed + TEST_SEED_OFFSET, trainer.device, trainer.channels_last)
+        report["test"] = {**test_res.to_dict(), "n_ways": ec.n_ways, "k_shots": ec.k_shots,
+                          "n_queries": ec.n_queries, "within_group": ec.within_group}
+    write_report(result.out_dir / "report.json", report)
+    return report
+
+
+def _evaluate(model, data: ImageClasses, config: RunConfig, task: TaskConfig, episodes: int, seed: int,
+              device, channels_last: bool, progress=None, split: str = "test") -> EvalResult:
+    ev = config.model_copy(update={"eval": config.eval.model_copy(update=task.model_dump())})
+    sampler = make_sampler(data, ev, split, 0)
+    eps = sampler.fixed_episodes(episodes, seed)
+    return evaluate_episodes(model, sampler, eps, device, channels_last, progress)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = None, k_shots: int | None = None,
+                        n_queries: int | None = None, episodes: int | None = None, split: str = "test",
+                        within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
+                        data_root: str | None = None, device: str = "cpu", progress=None,
+                        splits: dict[str, ImageClasses] | None = None) -> dict[str, Any]:
+    """Accuracy of a checkpoint on fixed episodes of a split (task settings default to the
+    checkpoint's ``eval`` section). Test episodes of the same seed are those the trainer reports."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"Eval: split must be one of 'train', 'val', 'test'; got {split!r}. Choose a listed split.")
+    model = load(checkpoint, device)
+    config: RunConfig = model.run_config
+    if data_root is not None:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": data_root})})
+    if rotations is not None:
+        config = config.model_copy(update={"eval": config.eval.model_copy(update={"rotations": rotations})})
+    ec = config.eval
+    task = TaskConfig(
+        n_ways=n_ways if n_ways is not None else ec.n_ways,
+        k_shots=k_shots if k_shots is not None else ec.k_shots,
+        n_queries=n_queries if n_queries is not None else ec.n_queries,
+        within_group=within_group if within_group is not None else ec.within_group,
+    )
+    n_eps = episodes if episodes is not None else ec.test_episodes
+    if n_eps < 1:
+        raise ConfigError(f"Eval: episodes must be >= 1; got {n_eps}. Pass a positive --episodes.")
+    if seed is None:
+        seed = ec.seed + (TEST_SEED_OFFSET if split == "test" else 0)
+    data = (splits or load_splits(config.data))[split]
+    t0 = time.perf_counter()
+    res = _evaluate(model, data, config, task, n_eps, seed, torch.device(device), False, progress, split)
+    rot = ec.rotations if ec.rotations is not None else config.data.rotations
+    return {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
+            **res.to_dict(), "seconds": time.perf_counter() - t0}
+
+
+def evaluate_runs(checkpoint: str | os.PathLike, runs_dir: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """Accuracy and error rate on Lake's one-shot runs (one N-way 1-shot task per run)."""
+    model = load(checkpoint, device)
+    dc = model.run_config.data
+    runs = load_runs(runs_dir, dc.image_size, dc.in_channels, invert=dc.name == "omniglot" or dc.invert)
+    res = evaluate_tasks(model, [t for _, t in runs], device)
+    per_run = {name: acc for (name, _), acc in zip(runs, res.per_episode)}
+    return {"checkpoint": str(checkpoint), "runs_dir": str(runs_dir), **res.to_dict(),
+            "error_rate": 1.0 - res.mean, "per_run": per_run}

@@ -1,0 +1,314 @@
+"""The Trainer: owns optimizer, learning-rate schedule, gradient clipping, validation on fixed
+held-out episodes, checkpoints (best, every ``save_interval``, last) and exact resume.
+
+Algorithms only provide ``meta_loss`` (or ``meta_step``); everything else happens here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..algorithms import Algorithm
+from ..data import EpisodeSampler, ImageClasses, load_splits
+from ..data.cache import atomic_write_bytes
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..types import TaskBatch
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import RunConfig, build_model
+from .evaluate import EvalResult, evaluate_episodes
+from .metrics_log import MetricsLog
+
+__all__ = ["Trainer", "TrainResult", "make_sampler", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "Config: train.device must be available on this machine; got 'cuda' without a CUDA GPU. "
+            "Use --set train.device=cpu (or auto)."
+        )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "Config: train.device must be available on this machine; got 'mps' without Apple MPS. "
+            "Use --set train.device=cpu (or auto)."
+        )
+    return torch.device(name)
+
+
+def make_sampler(data: ImageClasses, config: RunConfig, split: str, seed: int) -> EpisodeSampler:
+    """The sampler for ``split``: training tasks (with augmentation) or evaluation tasks
+    (``val``/``test``: the ``eval`` section, no augmentation)."""
+    t = config.task if split == "train" else config.eval
+    rotations = config.data.rotations
+    if split != "train" and config.eval.rotations is not None:
+        rotations = config.eval.rotations
+    return EpisodeSampler(
+        data, t.n_ways, t.k_shots, t.n_queries,
+        rotations=rotations, within_group=t.within_group,
+        augment=config.augment.sampler_kwargs() if split == "train" else None,
+        seed=seed, owner=f"Sampler ({split} split)",
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    steps: int
+    best_step: int
+    best_val: EvalResult | None
+    test: EvalResult | None
+    train_seconds: float
+    checkpoint: Path
+
+
+class Trainer:
+    """Meta-train ``config``'s algorithm. ``splits`` may be passed to bypass dataset loading."""
+
+    def __init__(self, config: RunConfig, splits: dict[str, ImageClasses] | None = None,
+                 out_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir or config.out_dir)
+        tc = config.train
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        self.device = resolve_device(tc.device)
+        self.splits = splits if splits is not None else load_splits(config.data)
+        torch.manual_seed(config.seed)
+        self.model: Algorithm = build_model(config).to(self.device)
+        self.channels_last = tc.channels_last and self.device.type in ("cpu", "cuda")
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.train_sampler = make_sampler(self.splits["train"], config, "train", config.seed + 1)
+        self.val_sampler = make_sampler(self.splits["val"], config, "val", 0)
+        self.val_episodes = self.val_sampler.fixed_episodes(config.eval.val_episodes, config.eval.seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if tc.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=tc.meta_lr, weight_decay=tc.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=tc.meta_lr, momentum=tc.momentum,
+                                             weight_decay=tc.weight_decay)
+        self.step = 0
+        self.best_val: float = -math.inf
+        self.best_step = 0
+        self.best_result: EvalResult | None = None
+        self.train_seconds = 0.0
+        self.timing = {"data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+
+    # -- schedule -------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        tc = self.config.train
+        lr = tc.meta_lr
+        if tc.warmup_steps and step < tc.warmup_steps:
+            return lr * (step + 1) / tc.warmup_steps
+        if tc.lr_schedule == "step":
+            lr *= tc.lr_gamma ** (step // tc.lr_step_size)
+        elif tc.lr_schedule == "cosine":
+            span = max(1, tc.meta_steps - tc.warmup_steps)
+            lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / span)))
+        return lr
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _resume_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"rng.torch": torch.get_rng_state(), "rng.sampler": self.train_sampler.get_state()}
+        for pid, state in self.optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{pid}.{name}"] = value
+        return tensors
+
+    def _resume_meta(self) -> dict[str, Any]:
+        sd = self.optimizer.state_dict()
+        scalars = {str(pid): {k: v for k, v in st.items() if not torch.is_tensor(v)} for pid, st in sd["state"].items()}
+        return {
+            "train_state": {
+                "optimizer": self.config.train.optimizer,
+                "param_groups": sd["param_groups"],
+                "optimizer_scalars": scalars,
+                "best_val": self.best_val if math.isfinite(self.best_val) else None,
+                "best_step": self.best_step,
+                "best_result": self.best_result.to_dict() if self.best_result else None,
+                "train_seconds": self.train_seconds,
+                "timing": self.timing,
+            }
+        }
+
+    def save(self, name: str, metrics: dict | None = None, resumable: bool = True) -> Path:
+        return save_checkpoint(
+            self.out_dir / name, self.model, self.config, step=self.step, metrics=metrics or {},
+            extra_tensors=self._resume_tensors() if resumable else None,
+            extra_meta=self._resume_meta() if resumable else None,
+        )
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Restore model, optimizer, RNG and sampler state from ``path`` (default: last.safetensors)."""
+        path = Path(path) if path else self.out_dir / "last.safetensors"
+        if not path.is_file():
+            raise CheckpointError(
+                f"Trainer: resume needs an existing checkpoint; got no file at {str(path)!r}. "
+                "Run without --resume first, or point --resume at a last.safetensors file."
+            )
+        meta, tensors = read_checkpoint(path)
+        ts = meta.get("train_state")
+        if ts is None:
+            raise CheckpointError(
+                f"Trainer: resume needs a checkpoint with training state; got {str(path)!r} which holds "
+                "only model weights (best/step checkpoints do not). Resume from last.safetensors."
+            )
+        if meta.get("algorithm") != self.config.algorithm.name or ts["optimizer"] != self.config.train.optimizer:
+            raise CheckpointError(
+                f"Trainer: resume needs the same algorithm and optimizer; got checkpoint "
+                f"{meta.get('algorithm')}/{ts['optimizer']} for config {self.config.algorithm.name}/"
+                f"{self.config.train.optimizer}. Resume with the config of the original run."
+            )
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(state)
+        opt_state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = v.to(self.device)
+        for pid, scalars in ts["optimizer_scalars"].items():
+            opt_state.setdefault(int(pid), {}).update(scalars)
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": ts["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.train_sampler.set_state(tensors["rng.sampler"])
+        self.step = int(meta["step"])
+        self.best_val = ts["best_val"] if ts["best_val"] is not None else -math.inf
+        self.best_step = ts["best_step"]
+        self.best_result = EvalResult(**ts["best_result"]) if ts["best_result"] else None
+        self.train_seconds = ts["train_seconds"]
+        self.timing = dict(ts["timing"])
+
+    # -- the loop -------------------------------------------------------------------------
+    def _batch(self) -> TaskBatch:
+        batch = self.train_sampler.sample(self.config.train.meta_batch_size).to(self.device)
+        if self.channels_last:
+            cl = torch.channels_last
+            b = batch
+            batch = TaskBatch(b.support_x.flatten(0, 1).contiguous(memory_format=cl).view_as(b.support_x),
+                              b.support_y, b.query_x.flatten(0, 1).contiguous(memory_format=cl).view_as(b.query_x),
+                              b.query_y, b.n_ways)
+        return batch
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def validate(self) -> EvalResult:
+        return evaluate_episodes(self.model, self.val_sampler, self.val_episodes, self.device, self.channels_last)
+
+    def fit(self, resume: bool | str | Path = False) -> TrainResult:
+        tc = self.config.train
+        if resume:
+            self.resume(None if resume is True else resume)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        log = MetricsLog(self.out_dir, append=bool(resume))
+        bar = tqdm(total=tc.meta_steps, initial=self.step, disable=not tc.progress, desc="meta-train",
+                   dynamic_ncols=True)
+        window_loss, window_acc, window_n = 0.0, 0.0, 0
+        fit_start, seconds_before = time.perf_counter(), self.train_seconds
+        try:
+            while self.step < tc.meta_steps:
+                if tc.max_minutes is not None and self.train_seconds >= 60.0 * tc.max_minutes:
+                    log.write({"step": self.step, "split": "stop", "elapsed_s": self.train_seconds})
+                    self._validate_and_keep_best(log)
+                    break
+                t0 = time.perf_counter()
+                lr = self.lr_at(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batch = self._batch()
+                self._sync()
+                t1 = time.perf_counter()
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self.model.meta_loss(batch)
+                loss_value = float(out.loss.detach())
+                self._sync()
+                t2 = time.perf_counter()
+                if not math.isfinite(loss_value):
+                    self._diverged(log, loss_value, "loss")
+                out.loss.backward()
+                self._sync()
+                t3 = time.perf_counter()
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                if tc.grad_clip is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                if not math.isfinite(grad_norm):
+                    self._diverged(log, grad_norm, "gradient norm")
+                self.optimizer.step()
+                self._sync()
+                t4 = time.perf_counter()
+                self.step += 1
+                for key, dt in zip(self.timing, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    self.timing[key] += dt
+                self.train_seconds = seconds_before + (t4 - fit_start)
+                window_loss += loss_value
+                window_acc += float(out.accuracy)
+                window_n += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.meta_steps:
+                    row = {"step": self.step, "split": "train", "loss": window_loss / window_n,
+                           "accuracy": window_acc / window_n, "lr": lr, "grad_norm": grad_norm,
+                           "elapsed_s": self.train_seconds, **self.timing}
+                    log.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
+                                    best_val=f"{self.best_val:.3f}" if self.best_result else "-")
+                    window_loss, window_acc, window_n = 0.0, 0.0, 0
+                if self.step % tc.eval_every == 0 or self.step == tc.meta_steps:
+                    self._validate_and_keep_best(log)
+                if self.step % tc.save_interval == 0:
+                    self.save(f"step-{self.step:07d}.safetensors", self._metrics(), resumable=False)
+                    self.save("last.safetensors", self._metrics())
+            self.train_seconds = seconds_before + (time.perf_counter() - fit_start)
+            last = self.save("last.safetensors", self._metrics())
+        finally:
+            bar.close()
+            log.close()
+        best = self.out_dir / "best.safetensors"
+        return TrainResult(self.out_dir, self.step, self.best_step, self.best_result, None,
+                           self.train_seconds, best if best.exists() else last)
+
+    def _metrics(self) -> dict:
+        return {"best_val": self.best_result.to_dict() if self.best_result else None,
+                "best_step": self.best_step, "train_seconds": self.train_seconds}
+
+    def _validate_and_keep_best(self, log: MetricsLog) -> None:
+        if self.best_step == self.step and self.best_result is not None:
+            return  # already validated at this step
+        res = self.validate()
+        log.write({"step": self.step, "split": "val", "loss": res.loss, "accuracy": res.mean,
+                   "ci95": res.ci95, "elapsed_s": self.train_seconds})
+        if res.mean > self.best_val:
+            self.best_val, self.best_step, self.best_result = res.mean, self.step, res
+            self.save("best.safetensors", {"val": res.to_dict(), "train_seconds": self.train_seconds},
+                      resumable=False)
+
+    def _diverged(self, log: MetricsLog, value: float, what: str) -> None:
+        log.write({"step": self.step + 1, "split": "train", "loss": value})
+        last = self.out_dir / "last.safetensors"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingError(
+            f"Trainer: the {what} must be finite; got {value} at step {self.step + 1}. Training "
+            f"stopped and {kept}. Lower train.meta_lr or set train.grad_clip, then run again "
+            "(with --resume to continue from the last checkpoint)."
+        )
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode()))

@@ -1,0 +1,102 @@
+"""Checkpoints: safetensors + JSON metadata, atomic, and refusing anything else without running it."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import metafit
+from conftest import tiny_config
+from metafit import CheckpointError
+from metafit.training import build_model, make_config, read_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def saved(tmp_path):
+    cfg = make_config(tiny_config(tmp_path))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = save_checkpoint(tmp_path / "ck" / "m.safetensors", model, cfg, step=7, metrics={"val": 0.5})
+    return path, model, cfg
+
+
+def test_load_rebuilds_a_ready_model(saved):
+    path, model, cfg = saved
+    loaded = metafit.load(path)
+    assert not loaded.training
+    assert loaded.run_config == cfg and loaded.checkpoint_meta["step"] == 7
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    meta, tensors = read_checkpoint(path)
+    assert meta["format"] == "metafit-checkpoint" and meta["algorithm"] == "protonet"
+    assert meta["config"]["backbone"]["hidden_channels"] == 8
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+def test_truncated_file_is_refused(saved, tmp_path):
+    path, _, _ = saved
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="unreadable or corrupted"):
+        metafit.load(bad)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(foreign))
+    with pytest.raises(CheckpointError, match="foreign safetensors file"):
+        metafit.load(foreign)
+
+
+def test_pickle_file_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        metafit.load(evil)
+    torch_file = tmp_path / "model.pt"
+    torch.save({"x": Evil()}, torch_file)
+    with pytest.raises(CheckpointError):
+        metafit.load(torch_file)
+    assert not marker.exists()
+
+
+def test_missing_file_and_wrong_version(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="existing checkpoint file"):
+        metafit.load(tmp_path / "nope.safetensors")
+    path, model, cfg = saved
+    meta, tensors = read_checkpoint(path)
+    meta["format_version"] = 99
+    other = tmp_path / "v99.safetensors"
+    save_file(tensors, str(other), metadata={"metafit": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="format_version must be 1; got 99"):
+        metafit.load(other)
+
+
+def test_tensors_that_do_not_match_the_config_are_refused(saved, tmp_path):
+    path, _, _ = saved
+    meta, tensors = read_checkpoint(path)
+    meta["config"]["backbone"]["hidden_channels"] = 16
+    other = tmp_path / "mismatch.safetensors"
+    save_file(tensors, str(other), metadata={"metafit": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="must match the shapes"):
+        metafit.load(other)
+
+
+def test_invalid_stored_config_is_refused(saved, tmp_path):
+    path, _, _ = saved
+    meta, tensors = read_checkpoint(path)
+    meta["config"]["train"]["optimizer"] = "rmsprop"
+    other = tmp_path / "badcfg.safetensors"
+    save_file(tensors, str(other), metadata={"metafit": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="train.optimizer must be one of"):
+        metafit.load(other)

@@ -1,0 +1,55 @@
+"""Config validation: unknown keys and invalid values are rejected with the valid choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from metafit import ConfigError
+from metafit.training import builtin_configs, load_config, make_config
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"trian": {}}, "unknown key 'trian'; valid keys here: seed, out_dir, data, task, eval"),
+    ({"task": {"n_way": 5}}, "unknown key 'task.n_way'; valid keys here: n_ways, k_shots"),
+    ({"train": {"optimizer": "adamw"}}, "train.optimizer must be one of 'adam' or 'sgd'; got 'adamw'"),
+    ({"train": {"meta_lr": 0}}, "train.meta_lr must be greater than 0; got 0"),
+    ({"task": {"n_ways": 1}}, "task.n_ways must be greater than or equal to 2; got 1"),
+    ({"data": {"protocol": "lakes"}}, "data.protocol must be one of 'vinyals', 'lake'"),
+    ({"backbone": {"bn_mode": "frozen"}}, "backbone.bn_mode must be one of 'running' or 'transductive'"),
+    ({"backbone": {"name": "resnet99"}}, "backbone.name must be one of \\['conv4'\\]"),
+    ({"algorithm": {"name": "mamll"}}, "algorithm.name must be one of \\['protonet'\\]"),
+    ({"train": {"meta_steps": "many"}}, "train.meta_steps must be a valid integer"),
+    ({"train": "fast"}, "train must be a valid dictionary"),
+])
+def test_invalid_configs_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        make_config(data)
+
+
+def test_every_builtin_config_is_valid():
+    names = builtin_configs()
+    assert {"omniglot_protonet_5w1s", "omniglot_protonet_5w5s", "omniglot_protonet_20w1s",
+            "omniglot_protonet_20w5s"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.algorithm.name == "protonet" and cfg.data.name == "omniglot"
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    cfg = load_config("omniglot_protonet_5w1s", ["train.meta_lr=0.01", "task.within_group=true", "train.grad_clip=null"])
+    assert cfg.train.meta_lr == 0.01 and cfg.task.within_group is True and cfg.train.grad_clip is None
+    with pytest.raises(ConfigError, match="unknown key 'train.metalr'"):
+        load_config("omniglot_protonet_5w1s", ["train.metalr=0.01"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config("omniglot_protonet_5w1s", ["train.meta_lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="must be valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="Built-in configs: omniglot_protonet_20w1s"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_round_trips_through_dict():
+    cfg = load_config("omniglot_protonet_20w5s")
+    assert make_config(cfg.to_dict()) == cfg
