@@ -63,9 +63,12 @@ def test_errors_are_one_line_with_exit_code_1(folder_config, capsys, tmp_path):
     assert "resume needs an existing checkpoint" in capsys.readouterr().err
 
 
-def test_configs_lists_builtins(capsys):
+def test_configs_lists_builtins_and_fields(capsys):
     assert main(["configs"]) == 0
     assert "omniglot_protonet_20w1s" in capsys.readouterr().out
+    assert main(["configs", "--fields"]) == 0
+    fields = capsys.readouterr().out
+    assert "train.meta_lr" in fields and "backbone.bn_mode" in fields and "algorithm.distance" in fields
 
 
 def test_quickstart_without_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import time
 import zipfile
 
 import numpy as np

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import pytest
 import torch
@@ -111,3 +110,17 @@ def test_resume_needs_a_resumable_checkpoint(tmp_path, synthetic_splits):
     t2 = Trainer(_cfg(tmp_path), splits=synthetic_splits)
     with pytest.raises(CheckpointError, match="only model weights"):
         t2.resume(tmp_path / "run" / "best.safetensors")
+
+
+def test_colour_folder_data_builds_a_three_channel_model(tmp_path):
+    from conftest import write_image_tree
+
+    root = write_image_tree(tmp_path / "rgb", n_classes=9, per_class=5, size=16, mode="RGB")
+    cfg = make_config(tiny_config(tmp_path / "run", data={"root": str(root), "val_fraction": 0.34, "test_fraction": 0.33},
+                                  task={"n_ways": 3}, eval={"n_ways": 3, "val_episodes": 2},
+                                  train={"meta_steps": 2, "eval_every": 2}))
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert trainer.config.data.channels == 3
+    model = metafit.load(result.checkpoint)
+    assert model.run_config.data.channels == 3 and model.run_config.data.in_channels == 3

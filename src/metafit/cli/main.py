@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
 
-    sub.add_parser("configs", help="list the built-in configs")
+    c = sub.add_parser("configs", help="list the built-in configs, or every config field with --fields")
+    c.add_argument("--fields", action="store_true", help="list every config key with its default and meaning")
 
     q = sub.add_parser("quickstart", help="a short ProtoNet run on Omniglot: train, validate, test")
     q.add_argument("--data-dir", help="folder with the Omniglot zips (default: METAFIT_DATA_DIR)")
@@ -142,8 +142,19 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_configs(args) -> int:
-    from ..training import builtin_configs
+    from ..training import builtin_configs, make_config
 
+    if args.fields:
+        cfg = make_config({})
+        for section, value in cfg:
+            model = getattr(cfg, section)
+            if not hasattr(model, "model_fields"):
+                _print(f"{section:28s} {value!r:24s} {type(cfg).model_fields[section].description or ''}")
+                continue
+            for key, field in type(model).model_fields.items():
+                default = repr(getattr(model, key))
+                _print(f"{section + '.' + key:28s} {default:24s} {field.description or ''}")
+        return 0
     for name, path in sorted(builtin_configs().items()):
         _print(f"{name:32s} {path}")
     return 0

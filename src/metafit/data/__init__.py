@@ -24,6 +24,7 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "ImageClasses",
+    "PROTOCOLS",
     "download_file",
     "find_omniglot",
     "load_image_folder",
@@ -49,7 +50,7 @@ class DataConfig(ConfigModel):
         None, description="folder: 1 grayscale or 3 RGB; None infers it and refuses mixed modes"
     )
     invert: bool = Field(False, description="folder: invert intensities (dark ink on white -> high)")
-    rotations: bool = Field(True, description="90-degree rotations as new classes (train, val and test)")
+    rotations: bool = Field(True, description="90-degree rotations as new classes (training; validation/test too unless eval.rotations is set)")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="folder without train/val/test: share of classes for validation")
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="folder without train/val/test: share of classes for test")
     split_seed: int = Field(0, ge=0, description="folder: seed of the class split")

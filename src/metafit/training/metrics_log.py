@@ -6,9 +6,20 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MetricsLog", "CSV_COLUMNS"]
+from ..data.cache import atomic_write_bytes
+
+__all__ = ["CSV_COLUMNS", "MetricsLog", "write_json"]
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write a JSON report atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    return path
 
 CSV_COLUMNS = ["step", "split", "loss", "accuracy", "ci95", "lr", "grad_norm", "elapsed_s",
                "data_s", "forward_s", "backward_s", "optimizer_s"]

@@ -3,20 +3,18 @@ on fixed episodes or on Lake's one-shot runs. Reports are written as JSON (atomi
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data import ImageClasses, load_runs, load_splits
-from ..data.cache import atomic_write_bytes
 from ..errors import ConfigError
 from .checkpoint import load
 from .config import RunConfig, TaskConfig
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
+from .metrics_log import write_json
 from .trainer import Trainer, make_sampler
 
 __all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "write_report"]
@@ -24,10 +22,7 @@ __all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "write_report"]
 TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide with validation
 
 
-def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
-    path = Path(path)
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
-    return path
+write_report = write_json
 
 
 def train(config: RunConfig, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,

@@ -6,7 +6,6 @@ Algorithms only provide ``meta_loss`` (or ``meta_step``); everything else happen
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ from tqdm.auto import tqdm
 
 from ..algorithms import Algorithm
 from ..data import EpisodeSampler, ImageClasses, load_splits
-from ..data.cache import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..types import TaskBatch
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import RunConfig, build_model
 from .evaluate import EvalResult, evaluate_episodes
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, write_json
 
 __all__ = ["Trainer", "TrainResult", "make_sampler", "resolve_device"]
 
@@ -68,7 +66,6 @@ class TrainResult:
     steps: int
     best_step: int
     best_val: EvalResult | None
-    test: EvalResult | None
     train_seconds: float
     checkpoint: Path
 
@@ -85,6 +82,11 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device)
         self.splits = splits if splits is not None else load_splits(config.data)
+        channels = int(self.splits["train"].images.shape[1])
+        if config.data.name == "folder" and config.data.channels != channels:
+            # record the channel count inferred from the images, so checkpoints rebuild the same model
+            config = config.model_copy(update={"data": config.data.model_copy(update={"channels": channels})})
+            self.config = config
         torch.manual_seed(config.seed)
         self.model: Algorithm = build_model(config).to(self.device)
         self.channels_last = tc.channels_last and self.device.type in ("cpu", "cuda")
@@ -214,7 +216,7 @@ class Trainer:
         if resume:
             self.resume(None if resume is True else resume)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        write_json(self.out_dir / "config.json", self.config.to_dict())
         log = MetricsLog(self.out_dir, append=bool(resume))
         bar = tqdm(total=tc.meta_steps, initial=self.step, disable=not tc.progress, desc="meta-train",
                    dynamic_ncols=True)
@@ -281,7 +283,7 @@ class Trainer:
             bar.close()
             log.close()
         best = self.out_dir / "best.safetensors"
-        return TrainResult(self.out_dir, self.step, self.best_step, self.best_result, None,
+        return TrainResult(self.out_dir, self.step, self.best_step, self.best_result,
                            self.train_seconds, best if best.exists() else last)
 
     def _metrics(self) -> dict:
@@ -308,7 +310,3 @@ class Trainer:
             f"stopped and {kept}. Lower train.meta_lr or set train.grad_clip, then run again "
             "(with --resume to continue from the last checkpoint)."
         )
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
