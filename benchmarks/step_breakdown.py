@@ -24,7 +24,7 @@ from metafit.data import omniglot_splits
 from metafit.training import Trainer, load_config, make_sampler
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = [(20, 1, 5), (60, 1, 5), (60, 5, 5)]
+SETTINGS = [(20, 1, 5, "fp32"), (60, 1, 5, "fp32"), (60, 1, 5, "bf16"), (60, 5, 5, "fp32")]
 
 
 def main() -> None:
@@ -34,11 +34,12 @@ def main() -> None:
     args = ap.parse_args()
     splits = omniglot_splits("vinyals", args.data_dir)
     rows = []
-    for ways, shots, queries in SETTINGS:
+    for ways, shots, queries, precision in SETTINGS:
         with tempfile.TemporaryDirectory() as out:
             cfg = load_config("omniglot_protonet_20w1s", [
                 f"data.root={args.data_dir}", f"out_dir={out}", f"task.n_ways={ways}", f"task.k_shots={shots}",
                 f"task.n_queries={queries}", f"train.meta_steps={args.steps + 10}", "train.progress=false",
+                f"train.precision={precision}",
                 "train.eval_every=1000000", "train.save_interval=1000000", "eval.val_episodes=1"])
             # sampler alone
             sampler = make_sampler(splits["train"], cfg, "train", 0)
@@ -61,7 +62,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             parts = {k: (trainer.timing[k] - before[k]) / args.steps for k in before}
             step = sum(parts.values())
-            rows.append({"n_ways": ways, "k_shots": shots, "n_queries": queries,
+            rows.append({"n_ways": ways, "k_shots": shots, "n_queries": queries, "precision": precision,
                          "images_per_step": ways * (shots + queries), "episodes_per_s": eps,
                          "step_ms": 1000 * step, **{k.replace("_s", "_ms"): 1000 * v for k, v in parts.items()},
                          "data_fraction": parts["data_s"] / step, "wall_s": wall})
@@ -71,10 +72,10 @@ def main() -> None:
     out = HERE / "results" / "step_breakdown.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print("| episode (train) | images | sampler episodes/s | step ms | data ms | forward ms | backward ms | optimizer ms | data share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| episode (train) | precision | images | sampler episodes/s | step ms | data ms | forward ms | backward ms | optimizer ms | data share |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n_ways']}-way {r['k_shots']}-shot {r['n_queries']}-query | {r['images_per_step']} | "
+        print(f"| {r['n_ways']}-way {r['k_shots']}-shot {r['n_queries']}-query | {r['precision']} | {r['images_per_step']} | "
               f"{r['episodes_per_s']:.0f} | {r['step_ms']:.1f} | {r['data_ms']:.2f} | {r['forward_ms']:.1f} | "
               f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.2f} | {100 * r['data_fraction']:.2f}% |")
     print(f"JSON: {out}")

@@ -124,3 +124,21 @@ def test_colour_folder_data_builds_a_three_channel_model(tmp_path):
     assert trainer.config.data.channels == 3
     model = metafit.load(result.checkpoint)
     assert model.run_config.data.channels == 3 and model.run_config.data.in_channels == 3
+
+
+def test_bf16_autocast_training_matches_fp32_loss_closely(tmp_path, synthetic_splits):
+    from metafit.training import build_model
+
+    cfg = _cfg(tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = Trainer(cfg, splits=synthetic_splits).train_sampler.sample(2)
+    fp32 = model.meta_loss(batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.meta_loss(batch)
+    assert bf16.loss.dtype == torch.float32  # the prototype head runs in float32
+    torch.testing.assert_close(bf16.loss, fp32, rtol=0.05, atol=0.02)
+    bf16.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    result = Trainer(_cfg(tmp_path, "bf16", precision="bf16"), splits=synthetic_splits).fit()
+    assert result.steps == 8 and result.best_val is not None

@@ -47,7 +47,14 @@ def class_means(embeddings: torch.Tensor, labels: torch.Tensor, n_ways: int) -> 
 def prototype_logits(
     queries: torch.Tensor, prototypes: torch.Tensor, distance: str, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits [..., q, n_ways] of queries [..., q, d] against prototypes [..., n_ways, d]."""
+    """Logits [..., q, n_ways] of queries [..., q, d] against prototypes [..., n_ways, d].
+
+    Computed in at least float32 even under autocast: the expanded squared distance cancels
+    catastrophically in bfloat16."""
+    if queries.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(queries.device.type):
+        with torch.autocast(queries.device.type, enabled=False):
+            return prototype_logits(queries.float(), prototypes.float(), distance,
+                                    None if scale is None else scale.float())
     if distance == "cosine":
         cos = F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
         return cos * scale
@@ -86,6 +93,8 @@ class ProtoNet(Algorithm):
         b, s = sx.shape[:2]
         x = torch.cat([sx, qx], dim=1)
         emb = self.embed(x.flatten(0, 1)).unflatten(0, (b, x.shape[1]))
+        if emb.dtype in (torch.float16, torch.bfloat16):  # autocast: the head runs in float32
+            emb = emb.float()
         protos = class_means(emb[:, :s], sy, n_ways)
         return prototype_logits(emb[:, s:], protos, self.config.distance, self._scale())
 

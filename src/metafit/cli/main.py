@@ -145,10 +145,12 @@ def _cmd_configs(args) -> int:
     from ..training import builtin_configs, make_config
 
     if args.fields:
+        from pydantic import BaseModel
+
         cfg = make_config({})
         for section, value in cfg:
             model = getattr(cfg, section)
-            if not hasattr(model, "model_fields"):
+            if not isinstance(model, BaseModel):
                 _print(f"{section:28s} {value!r:24s} {type(cfg).model_fields[section].description or ''}")
                 continue
             for key, field in type(model).model_fields.items():

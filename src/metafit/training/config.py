@@ -87,6 +87,9 @@ class TrainConfig(ConfigModel):
     log_every: int = Field(50, ge=1, description="write a metrics line every this many steps")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = Field(True, description="channels_last memory format for conv backbones")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast the training forward pass to bfloat16 (evaluation stays fp32)"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     progress: bool = Field(True, description="show a progress bar")
 

@@ -54,11 +54,13 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
     """Accuracy of ``model.task_logits`` on each task; the model is put in eval mode and restored."""
     was_training = model.training
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     accs, losses = [], []
     try:
         for task in tasks:
             task = task.to(device)
-            if channels_last:
+            if channels_last and task.support_x.ndim == 4:
                 task = Task(task.support_x.contiguous(memory_format=torch.channels_last), task.support_y,
                             task.query_x.contiguous(memory_format=torch.channels_last), task.query_y, task.n_ways)
             logits = model.task_logits(task)

@@ -88,7 +88,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
         seed = ec.seed + (TEST_SEED_OFFSET if split == "test" else 0)
     data = (splits or load_splits(config.data))[split]
     t0 = time.perf_counter()
-    res = _evaluate(model, data, config, task, n_eps, seed, torch.device(device), False, progress, split)
+    dev = torch.device(device)
+    res = _evaluate(model, data, config, task, n_eps, seed, dev, dev.type in ("cpu", "cuda"), progress, split)
     rot = ec.rotations if ec.rotations is not None else config.data.rotations
     return {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
             **res.to_dict(), "seconds": time.perf_counter() - t0}

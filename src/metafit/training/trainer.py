@@ -196,7 +196,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def _batch(self) -> TaskBatch:
         batch = self.train_sampler.sample(self.config.train.meta_batch_size).to(self.device)
-        if self.channels_last:
+        if self.channels_last and batch.support_x.ndim == 5:  # [B, N, C, H, W] images
             cl = torch.channels_last
             b = batch
             batch = TaskBatch(b.support_x.flatten(0, 1).contiguous(memory_format=cl).view_as(b.support_x),
@@ -237,7 +237,8 @@ class Trainer:
                 t1 = time.perf_counter()
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                out = self.model.meta_loss(batch)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                    out = self.model.meta_loss(batch)
                 loss_value = float(out.loss.detach())
                 self._sync()
                 t2 = time.perf_counter()
