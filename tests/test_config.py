@@ -53,3 +53,9 @@ def test_overrides_are_typed_and_validated(tmp_path):
 def test_config_round_trips_through_dict():
     cfg = load_config("omniglot_protonet_20w5s")
     assert make_config(cfg.to_dict()) == cfg
+
+
+def test_top_level_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="the config must be a mapping of keys to values"):
+        make_config(["not", "a", "mapping"])
+    assert make_config(None) == make_config({})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import Field, SerializeAsAny, model_validator
@@ -113,13 +113,8 @@ def make_config(data: Any = None) -> RunConfig:
     """Validate a plain mapping (e.g. parsed YAML) into a :class:`RunConfig`."""
     if isinstance(data, RunConfig):
         return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"Config: the top level must be a mapping of sections; got {type(data).__name__}. "
-            "Write the config as YAML sections (data:, task:, train:, ...)."
-        )
+    if not isinstance(data, Mapping):
+        return parse_config(RunConfig, data)  # defaults for None, a one-line error otherwise
     data = dict(data)
     alg = algorithm_config(data.pop("algorithm", None))
     bb = backbone_config(data.pop("backbone", None))
