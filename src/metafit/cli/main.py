@@ -98,7 +98,7 @@ def _cmd_eval(args) -> int:
     from tqdm.auto import tqdm
 
     from ..training import evaluate_checkpoint, evaluate_runs
-    from ..training.run import write_report
+    from ..training.metrics_log import write_json
 
     if args.runs:
         report = evaluate_runs(args.checkpoint, args.runs, device=args.device)
@@ -118,7 +118,7 @@ def _cmd_eval(args) -> int:
                f"{' within-group' if report['within_group'] else ''}: accuracy {100 * report['mean']:.2f}% "
                f"+/- {100 * report['ci95']:.2f}% (95% CI over {report['episodes']} episodes, seed {report['seed']})")
     if args.json:
-        write_report(args.json, report)
+        write_json(args.json, report)
         _print(f"report: {args.json}")
     return 0
 

@@ -17,12 +17,11 @@ from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .metrics_log import write_json
 from .trainer import Trainer, make_sampler
 
-__all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "write_report"]
+__all__ = ["evaluate_checkpoint", "evaluate_runs", "train"]
 
 TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide with validation
 
 
-write_report = write_json
 
 
 def train(config: RunConfig, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,
@@ -47,7 +46,7 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
                              ec.seed + TEST_SEED_OFFSET, trainer.device, trainer.channels_last)
         report["test"] = {**test_res.to_dict(), "n_ways": ec.n_ways, "k_shots": ec.k_shots,
                           "n_queries": ec.n_queries, "within_group": ec.within_group}
-    write_report(result.out_dir / "report.json", report)
+    write_json(result.out_dir / "report.json", report)
     return report
 
 
