@@ -10,10 +10,25 @@ from torch import nn
 from ..errors import ConfigError
 from ..validation import parse_config
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
+from .anil import ANIL, ANILConfig
+from .common import FastWeights, InnerLoopConfig
+from .maml import MAML, MAMLConfig
+from .metasgd import MetaSGD, MetaSGDConfig
 from .protonet import ProtoNet, ProtoNetConfig, Prototypes
+from .reptile import Reptile, ReptileConfig
 
 __all__ = [
     "ALGORITHMS",
+    "ANIL",
+    "ANILConfig",
+    "FastWeights",
+    "InnerLoopConfig",
+    "MAML",
+    "MAMLConfig",
+    "MetaSGD",
+    "MetaSGDConfig",
+    "Reptile",
+    "ReptileConfig",
     "Adapted",
     "Algorithm",
     "AlgorithmConfig",
@@ -29,6 +44,10 @@ __all__ = [
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     ProtoNet.name: ProtoNet,
+    MAML.name: MAML,
+    ANIL.name: ANIL,
+    MetaSGD.name: MetaSGD,
+    Reptile.name: Reptile,
 }
 
 
@@ -51,5 +70,8 @@ def algorithm_config(data: Any) -> AlgorithmConfig:
     return parse_config(cls.Config, data, "algorithm")
 
 
-def build_algorithm(config: AlgorithmConfig, backbone: nn.Module) -> Algorithm:
-    return get_algorithm(config.name)(config, backbone)
+def build_algorithm(config: AlgorithmConfig, backbone: nn.Module, n_outputs: int = 5,
+                    task_kind: str = "classification") -> Algorithm:
+    """The algorithm around ``backbone``; ``n_outputs`` sizes a learned head (classes per task,
+    or target dimensions for regression)."""
+    return get_algorithm(config.name)(config, backbone, n_outputs, task_kind)

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import TaskError
+from ..errors import ConfigError, TaskError
 from ..types import Task, TaskBatch
 from ..validation import ConfigModel
 
@@ -40,6 +40,9 @@ class Adapted:
 
 @dataclass(frozen=True)
 class MetaOutput:
+    """``loss``: differentiable meta-objective; ``accuracy``: the training metric of the batch
+    (query accuracy for classification, query mean squared error for regression)."""
+
     loss: torch.Tensor
     accuracy: torch.Tensor
 
@@ -72,10 +75,21 @@ class Algorithm(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[AlgorithmConfig]]
 
-    def __init__(self, config: AlgorithmConfig, backbone: nn.Module) -> None:
+    #: the task kinds an algorithm supports
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+
+    def __init__(self, config: AlgorithmConfig, backbone: nn.Module, n_outputs: int = 5,
+                 task_kind: str = "classification") -> None:
         super().__init__()
+        if task_kind not in self.task_kinds:
+            raise ConfigError(
+                f"Config: algorithm.name {self.name!r} must be used on {' or '.join(self.task_kinds)} tasks; "
+                f"got {task_kind} data. Choose an algorithm that supports {task_kind} (e.g. maml)."
+            )
         self.config = config
         self.backbone = backbone
+        self.n_outputs = int(n_outputs)
+        self.task_kind = task_kind
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Adapted:
         raise NotImplementedError

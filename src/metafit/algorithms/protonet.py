@@ -69,8 +69,9 @@ class ProtoNet(Algorithm):
     name = "protonet"
     Config = ProtoNetConfig
 
-    def __init__(self, config: ProtoNetConfig, backbone: nn.Module) -> None:
-        super().__init__(config, backbone)
+    def __init__(self, config: ProtoNetConfig, backbone: nn.Module, n_outputs: int = 5,
+                 task_kind: str = "classification") -> None:
+        super().__init__(config, backbone, n_outputs, task_kind)
         self.log_scale = nn.Parameter(
             torch.tensor(float(config.cosine_scale)).log(), requires_grad=config.distance == "cosine"
         )

@@ -67,6 +67,14 @@ class DataConfig(ConfigModel):
     def in_channels(self) -> int:
         return 1 if self.name == "omniglot" else (self.channels or 1)
 
+    @property
+    def task_kind(self) -> str:
+        return "classification"
+
+    @property
+    def out_features(self) -> int:
+        return 1
+
 
 def _folder_splits(cfg: DataConfig) -> dict[str, ImageClasses]:
     if cfg.root is None:

@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from ..validation import ConfigModel
+from .layers import StableBatchNorm2d, to_channels_last_like
 
 __all__ = ["Conv4", "Conv4Config"]
 
@@ -28,18 +29,23 @@ class Conv4Config(ConfigModel):
 
 
 def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
+    # max-pool before ReLU: the same function (ReLU is monotone, so it commutes with max) and the
+    # same gradient, with the ReLU and its backward on a 4x smaller tensor
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel_size=3, padding=1),
-        nn.BatchNorm2d(
+        StableBatchNorm2d(
             cout, momentum=cfg.bn_momentum, track_running_stats=cfg.bn_mode == "running"
         ),
-        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
+        nn.ReLU(inplace=True),
     )
 
 
 class Conv4(nn.Module):
-    """4 x [conv3x3-64, BatchNorm, ReLU, maxpool2]; flattens to ``out_features``."""
+    """4 x [conv3x3-64, BatchNorm, maxpool2, ReLU]; flattens to ``out_features``.
+
+    With ``model.to(memory_format=torch.channels_last)`` every activation is kept channels_last
+    (the fast layout for the CPU kernels here), the single-channel first layer included."""
 
     def __init__(self, config: Conv4Config, in_channels: int, image_size: int) -> None:
         super().__init__()
@@ -59,4 +65,7 @@ class Conv4(nn.Module):
         self.out_features = h * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x).flatten(1)
+        ref = self.blocks[-1][0].weight  # a weight whose layout is unambiguous (hidden input channels)
+        for conv, bn, pool, relu in self.blocks:
+            x = relu(pool(bn(to_channels_last_like(conv(x), ref))))
+        return x.flatten(1)

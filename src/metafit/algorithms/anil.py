@@ -1,0 +1,108 @@
+"""ANIL: Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, 2019).
+
+Like MAML, but only the linear head adapts in the inner loop; the backbone is a feature
+extractor meta-learned through the outer loop. The backbone runs once per task (support and
+query), so inner steps cost almost nothing. ``first_order=true`` treats the head's inner
+gradients as constants.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..functional import TaskResult, gradient_as_loss, inner_loop, task_loss, task_metric
+from ..types import TaskBatch
+from .base import Algorithm, MetaOutput
+from .common import (
+    FastWeights,
+    InnerLoopConfig,
+    StatBank,
+    check_support,
+    check_ways,
+    executor_for,
+    functional_forward,
+    prepare_batchnorm,
+)
+
+__all__ = ["ANIL", "ANILConfig"]
+
+HEAD = ("head.weight", "head.bias")
+
+
+def _head(params, features, step):
+    return F.linear(features, params["head.weight"], params["head.bias"])
+
+
+class ANILConfig(InnerLoopConfig):
+    name: Literal["anil"] = "anil"
+    inner_steps: int = Field(5, ge=0, le=1000, description="head-only inner-loop steps during meta-training")
+    eval_inner_steps: int = Field(10, ge=0, le=10000, description="head-only inner-loop steps at evaluation")
+    first_order: bool = Field(False, description="treat the head's inner gradients as constants")
+
+
+class ANIL(Algorithm):
+    name = "anil"
+    Config = ANILConfig
+    task_kinds = ("classification", "regression")
+
+    def __init__(self, config: ANILConfig, backbone: nn.Module, n_outputs: int = 5,
+                 task_kind: str = "classification") -> None:
+        super().__init__(config, backbone, n_outputs, task_kind)
+        self.head = nn.Linear(backbone.out_features, self.n_outputs)
+        prepare_batchnorm(backbone, config.bn_mode)
+        # the backbone runs once per task: one set of running statistics
+        self.stats = StatBank(backbone, "", 1) if config.bn_mode == "per_step" else None
+        self.executor = executor_for(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def _features(self, module: nn.Module, params, x: torch.Tensor) -> torch.Tensor:
+        return functional_forward(module.backbone, params, x, self.stats, 0)
+
+    def _backbone_params(self, main) -> dict:
+        return {n[len("backbone."):]: p for n, p in main.items() if n.startswith("backbone.")}
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> FastWeights:
+        check_support("ANIL.adapt", support_x, support_y, n_ways, self.task_kind)
+        check_ways("ANIL.adapt", n_ways, self.n_outputs, self.task_kind)
+        cfg = self.config
+        with torch.no_grad():
+            feats = self.backbone(support_x) if self.stats is None else self._features(
+                self, self._backbone_params(dict(self.named_parameters())), support_x)
+        with torch.enable_grad():
+            head = {n: getattr(self.head, n[5:]).detach().requires_grad_() for n in HEAD}
+            fast = inner_loop(_head, head, feats, support_y, kind=self.task_kind, steps=cfg.eval_inner_steps,
+                              lr=cfg.inner_lr, adapt=HEAD, create_graph=False)
+        return FastWeights({n: t.detach() for n, t in fast.items()}, cfg.eval_inner_steps)
+
+    def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
+        feats = self._features(self, self._backbone_params(dict(self.named_parameters())), x)
+        return _head(adapted.params, feats, adapted.steps)
+
+    def meta_loss(self, batch: TaskBatch) -> MetaOutput:
+        check_ways("ANIL.meta_loss", batch.n_ways, self.n_outputs, self.task_kind)
+        cfg, kind = self.config, self.task_kind
+        main = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        names = list(main)
+        bb = self._backbone_params(main)
+        b = batch.meta_batch_size
+
+        def one_task(module: nn.Module, i: int) -> TaskResult:
+            fs = self._features(module, bb, batch.support_x[i])
+            fq = self._features(module, bb, batch.query_x[i])
+            head = {n: main[n] for n in HEAD}
+            fast = inner_loop(_head, head, fs, batch.support_y[i], kind=kind, steps=cfg.inner_steps,
+                              lr=cfg.inner_lr, adapt=HEAD, create_graph=not cfg.first_order)
+            out = _head(fast, fq, cfg.inner_steps)
+            loss = task_loss(out, batch.query_y[i], kind) / b
+            grads = torch.autograd.grad(loss, [main[n] for n in names], allow_unused=True)
+            return TaskResult(loss.detach(), task_metric(out, batch.query_y[i], kind) / b, list(grads))
+
+        res = self.executor.run(self, one_task, b, batch.support_x.device)
+        return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads), res.metric)

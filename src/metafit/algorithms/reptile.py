@@ -1,0 +1,101 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018): first-order meta-learning by interpolation.
+
+For each task, ``inner_steps`` SGD steps on all of the task's training examples (support and
+query together: during meta-training both are labelled data of the same task) give adapted
+weights ``theta~``; the meta-gradient is ``theta - mean(theta~)``. With the Trainer's SGD
+optimizer (``train.optimizer=sgd``, ``train.momentum=0``) and ``train.meta_lr = epsilon`` the
+outer step is the paper's interpolation ``theta + epsilon * (mean(theta~) - theta)``; Adam on
+this direction is the paper's other variant. At evaluation the model is fine-tuned on the
+support set for ``eval_inner_steps`` steps.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..functional import TaskResult, gradient_as_loss, inner_loop, task_loss, task_metric
+from ..types import TaskBatch
+from .base import Algorithm, MetaOutput
+from .common import (
+    FastWeights,
+    InnerLoopConfig,
+    StatBank,
+    check_support,
+    check_ways,
+    executor_for,
+    functional_forward,
+    prepare_batchnorm,
+)
+
+__all__ = ["Reptile", "ReptileConfig"]
+
+
+class ReptileConfig(InnerLoopConfig):
+    name: Literal["reptile"] = "reptile"
+    inner_lr: float = Field(0.1, gt=0.0, le=100.0, description="inner-loop SGD step size")
+    inner_steps: int = Field(5, ge=1, le=1000, description="inner-loop steps on each training task")
+    eval_inner_steps: int = Field(50, ge=0, le=10000, description="fine-tuning steps on the support set at evaluation")
+
+
+class Reptile(Algorithm):
+    name = "reptile"
+    Config = ReptileConfig
+    task_kinds = ("classification", "regression")
+
+    def __init__(self, config: ReptileConfig, backbone: nn.Module, n_outputs: int = 5,
+                 task_kind: str = "classification") -> None:
+        super().__init__(config, backbone, n_outputs, task_kind)
+        self.head = nn.Linear(backbone.out_features, self.n_outputs)
+        prepare_batchnorm(backbone, config.bn_mode)
+        self.stats = StatBank(backbone, "backbone.", config.inner_steps + 1) if config.bn_mode == "per_step" else None
+        self.executor = executor_for(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def _names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _fwd(self, module: nn.Module):
+        return lambda params, x, step: functional_forward(module, params, x, self.stats, step)
+
+    def _fit(self, module, x, y, steps) -> dict[str, torch.Tensor]:
+        names = self._names()
+        with torch.enable_grad():
+            params = {n: p.detach().requires_grad_() for n, p in self.named_parameters() if n in names}
+            fast = inner_loop(self._fwd(module), params, x, y, kind=self.task_kind, steps=steps,
+                              lr=self.config.inner_lr, adapt=names, create_graph=False)
+        return {n: t.detach() for n, t in fast.items()}
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> FastWeights:
+        check_support("Reptile.adapt", support_x, support_y, n_ways, self.task_kind)
+        check_ways("Reptile.adapt", n_ways, self.n_outputs, self.task_kind)
+        steps = self.config.eval_inner_steps
+        return FastWeights(self._fit(self, support_x, support_y, steps), steps)
+
+    def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
+        return self._fwd(self)(adapted.params, x, adapted.steps)
+
+    def meta_loss(self, batch: TaskBatch) -> MetaOutput:
+        check_ways("Reptile.meta_loss", batch.n_ways, self.n_outputs, self.task_kind)
+        cfg, kind = self.config, self.task_kind
+        names = self._names()
+        main = dict(self.named_parameters())
+        b = batch.meta_batch_size
+
+        def one_task(module: nn.Module, i: int) -> TaskResult:
+            x = torch.cat([batch.support_x[i], batch.query_x[i]])
+            y = torch.cat([batch.support_y[i], batch.query_y[i]])
+            fast = self._fit(module, x, y, cfg.inner_steps)
+            with torch.no_grad():
+                out = self._fwd(module)(fast, x, cfg.inner_steps)
+                loss = task_loss(out, y, kind) / b
+                grads = [(main[n].detach() - fast[n]) / b for n in names]
+            return TaskResult(loss, task_metric(out, y, kind) / b, grads)
+
+        res = self.executor.run(self, one_task, b, batch.support_x.device)
+        return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads), res.metric)

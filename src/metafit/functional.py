@@ -1,0 +1,185 @@
+"""Pure helpers for gradient-based meta-learning over a ``dict[str, Tensor]`` of parameters.
+
+- :func:`task_loss`: cross-entropy for classification, mean squared error for regression.
+- :func:`inner_loop`: plain SGD steps on a support set with ``torch.func.functional_call``;
+  ``create_graph=True`` keeps the graph for second-order meta-gradients.
+- :class:`TaskExecutor`: runs a per-task function over a meta-batch and sums the gradients it
+  returns, either in one loop or (on CPU) on several threads, one task partition each. The
+  reduction order is fixed, so a run is reproducible for a given thread count.
+- :func:`gradient_as_loss`: a scalar whose value is the meta-loss and whose gradient with
+  respect to the parameters is a gradient computed elsewhere, so a Trainer can call
+  ``loss.backward()`` whatever way an algorithm computed its meta-gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Params",
+    "TaskExecutor",
+    "TaskResult",
+    "gradient_as_loss",
+    "inner_loop",
+    "sgd_step",
+    "task_loss",
+    "task_metric",
+]
+
+Params = dict[str, torch.Tensor]
+TaskKind = Literal["classification", "regression"]
+
+
+def task_loss(output: torch.Tensor, target: torch.Tensor, kind: TaskKind) -> torch.Tensor:
+    if kind == "regression":
+        return F.mse_loss(output, target)
+    return F.cross_entropy(output, target)
+
+
+@torch.no_grad()
+def task_metric(output: torch.Tensor, target: torch.Tensor, kind: TaskKind) -> torch.Tensor:
+    """Accuracy for classification, mean squared error for regression (no gradient)."""
+    if kind == "regression":
+        return F.mse_loss(output, target)
+    return (output.argmax(-1) == target).float().mean()
+
+
+def sgd_step(params: Params, grads: Mapping[str, torch.Tensor],
+             lr: float | Mapping[str, torch.Tensor]) -> Params:
+    """``params - lr * grads`` for the names in ``grads``; ``lr`` is a float or a per-parameter
+    tensor mapping (Meta-SGD). Other entries are passed through unchanged."""
+    out = dict(params)
+    for name, g in grads.items():
+        step = lr[name] * g if isinstance(lr, Mapping) else lr * g
+        out[name] = params[name] - step
+    return out
+
+
+def inner_loop(forward: Callable[[Params, torch.Tensor, int], torch.Tensor], params: Params,
+               x: torch.Tensor, y: torch.Tensor, *, kind: TaskKind, steps: int,
+               lr: float | Mapping[str, torch.Tensor], adapt: Sequence[str],
+               create_graph: bool) -> Params:
+    """``steps`` gradient steps on ``(x, y)`` for the parameters named in ``adapt``.
+
+    ``forward(params, x, step)`` returns the model output with ``params``; ``step`` lets a model
+    keep per-step state (e.g. BatchNorm statistics). With ``create_graph=False`` the gradients
+    are constants, so the meta-gradient through the result is the first-order approximation.
+    """
+    for step in range(steps):
+        loss = task_loss(forward(params, x, step), y, kind)
+        grads = torch.autograd.grad(loss, [params[n] for n in adapt], create_graph=create_graph)
+        params = sgd_step(params, dict(zip(adapt, grads)), lr)
+    return params
+
+
+def gradient_as_loss(value: torch.Tensor, params: Sequence[torch.Tensor],
+                     grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """A scalar equal to ``value`` whose gradient w.r.t. ``params`` is exactly ``grads``.
+
+    ``d/dp sum(p * g) = g`` holds bit for bit (the backward of a product by a constant is that
+    constant times 1.0), so ``loss.backward()`` writes the given gradients."""
+    total = value.detach().clone()
+    for p, g in zip(params, grads):
+        if g is not None:
+            term = (p * g.detach()).sum()
+            total = total + (term - term.detach())
+    return total
+
+
+@dataclass
+class TaskResult:
+    loss: torch.Tensor  # scalar, detached
+    metric: torch.Tensor  # scalar, detached
+    grads: list[torch.Tensor | None]  # one per meta-parameter (already scaled by the caller)
+
+
+def _add(acc: list, grads: list) -> list:
+    if acc is None:
+        return [None if g is None else g.clone() for g in grads]
+    for i, g in enumerate(grads):
+        if g is not None:
+            acc[i] = g.clone() if acc[i] is None else acc[i].add_(g)
+    return acc
+
+
+class TaskExecutor:
+    """Runs ``fn(module, task_index) -> TaskResult`` over a meta-batch and sums the results.
+
+    ``strategy``: ``loop`` (one task after another), ``threads`` (tasks ``t, t + T, ...`` on
+    thread ``t``, each with its own replica of the module and one intra-op thread: small
+    per-task convolutions use two cores better side by side than split in two), or ``auto``
+    (``threads`` on CPU with more than one torch thread, else ``loop``). Each task's graph is
+    freed as soon as its gradients are taken, so memory does not grow with the meta-batch.
+    """
+
+    def __init__(self, strategy: Literal["auto", "loop", "threads"] = "auto", threads: int | None = None) -> None:
+        self.strategy = strategy
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._replicas: dict[int, nn.Module] = {}
+
+    def resolve(self, device: torch.device) -> tuple[str, int]:
+        n = self.threads or min(torch.get_num_threads(), os.cpu_count() or 1)
+        if self.strategy == "loop" or device.type != "cpu" or n < 2:
+            return "loop", 1
+        return "threads", n
+
+    def __getstate__(self):  # deepcopy/pickle: no pool, no replicas
+        return {"strategy": self.strategy, "threads": self.threads}
+
+    def __setstate__(self, state):
+        self.__init__(state["strategy"], state["threads"])
+
+    def _replica(self, module: nn.Module, slot: int) -> nn.Module:
+        rep = self._replicas.get(slot)
+        if rep is None or getattr(rep, "_source_id", None) != id(module):
+            rep = copy.deepcopy(module)
+            rep._source_id = id(module)
+            self._replicas[slot] = rep
+        rep.train(module.training)
+        return rep
+
+    def run(self, module: nn.Module, fn: Callable[[nn.Module, int], TaskResult], n_tasks: int,
+            device: torch.device) -> TaskResult:
+        strategy, n = self.resolve(device)
+        if strategy == "loop" or n_tasks == 1:
+            return self._serial(module, fn, range(n_tasks))
+        n = min(n, n_tasks)
+        if self._pool is None or self._pool._max_workers != n:
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="metafit-task")
+            self._replicas.clear()
+        parts = [range(t, n_tasks, n) for t in range(n)]
+        futures = [self._pool.submit(self._worker, self._replica(module, t), fn, part)
+                   for t, part in enumerate(parts)]
+        results = [f.result() for f in futures]  # re-raises a worker's exception here
+        out = results[0]
+        for r in results[1:]:
+            out = TaskResult(out.loss + r.loss, out.metric + r.metric, _add(out.grads, r.grads))
+        return out
+
+    def _worker(self, replica: nn.Module, fn, part) -> TaskResult:
+        if not getattr(self._local, "single", False):
+            torch.set_num_threads(1)  # per OS thread with OpenMP: the caller keeps its setting
+            self._local.single = True
+        return self._serial(replica, fn, part)
+
+    @staticmethod
+    def _serial(module: nn.Module, fn, part) -> TaskResult:
+        loss = metric = None
+        grads = None
+        for i in part:
+            r = fn(module, i)
+            loss = r.loss if loss is None else loss + r.loss
+            metric = r.metric if metric is None else metric + r.metric
+            grads = _add(grads, r.grads)
+        return TaskResult(loss, metric, grads)

@@ -1,0 +1,204 @@
+"""Meta-gradients of MAML, ANIL, Meta-SGD and Reptile proven in float64, for every execution
+path that ships (per-task loop and CPU threads), with BatchNorm in the backbone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import synthetic_classes
+from metafit import TaskError, TrainingError
+from metafit.algorithms import algorithm_config, build_algorithm
+from metafit.data import EpisodeSampler
+from metafit.nn import Conv4, Conv4Config
+from metafit.nn.layers import StableBatchNorm2d
+
+PATHS = ["loop", "threads"]
+
+
+def _model(name, execution="loop", dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    backbone = Conv4(Conv4Config(hidden_channels=3, n_blocks=2), in_channels=1, image_size=8)
+    cfg = algorithm_config({"name": name, "execution": execution, "threads": 2, **kw})
+    return build_algorithm(cfg, backbone, n_outputs=3).to(dtype)
+
+
+def _batch(dtype=torch.float64, b=3, seed=0):
+    data = synthetic_classes(n_classes=9, per_class=6, size=8, seed=seed)
+    batch = EpisodeSampler(data, 3, 2, 2, seed=seed).sample(b)
+    # continuous inputs: no ties in max-pooling, so the loss is differentiable where we probe it
+    g = torch.Generator().manual_seed(seed + 1)
+    noise = lambda x: (x + 0.3 * torch.randn(x.shape, generator=g)).to(dtype)  # noqa: E731
+    return type(batch)(noise(batch.support_x), batch.support_y, noise(batch.query_x), batch.query_y, batch.n_ways)
+
+
+def _meta_grad(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model.meta_loss(batch)
+    out.loss.backward()
+    return float(out.loss.detach()), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                             for p in model.parameters()]
+
+
+def _directional_fd(model, batch, direction, h=1e-5):
+    params = list(model.parameters())
+
+    def shifted(scale):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(scale * h * d)
+        value = float(model.meta_loss(batch).loss.detach())
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(scale * h * d)
+        return value
+
+    return (shifted(1.0) - shifted(-1.0)) / (2 * h)
+
+
+@pytest.mark.parametrize("execution", PATHS)
+@pytest.mark.parametrize("name,extra", [
+    ("maml", {"inner_steps": 2, "inner_lr": 0.3}),
+    ("anil", {"inner_steps": 3, "inner_lr": 0.5}),
+    ("metasgd", {"inner_steps": 1, "inner_lr": 0.3}),
+])
+def test_second_order_meta_gradient_matches_finite_differences(name, extra, execution):
+    model = _model(name, execution, **extra)
+    batch = _batch()
+    _, grads = _meta_grad(model, batch)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+        analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
+        numeric = _directional_fd(model, batch, direction)
+        assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "reptile"])
+def test_threads_and_loop_give_the_same_meta_gradient(name):
+    batch = _batch(b=5)
+    loop_loss, loop = _meta_grad(_model(name, "loop", first_order=False) if name != "reptile"
+                                 else _model(name, "loop"), batch)
+    thr_loss, thr = _meta_grad(_model(name, "threads") if name == "reptile"
+                               else _model(name, "threads", first_order=False), batch)
+    assert abs(loop_loss - thr_loss) < 1e-12
+    for a, b in zip(loop, thr):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_maml_with_zero_inner_steps_is_the_plain_query_loss():
+    model = _model("maml", inner_steps=0)
+    batch = _batch(b=2)
+    loss, grads = _meta_grad(model, batch)
+    plain = copy.deepcopy(model)
+    plain.zero_grad(set_to_none=True)
+    ref = sum(F.cross_entropy(plain(batch.query_x[i]), batch.query_y[i]) for i in range(2)) / 2
+    ref.backward()
+    assert abs(loss - float(ref.detach())) < 1e-12
+    for g, p in zip(grads, plain.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("execution", PATHS)
+def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights(execution):
+    lr, steps = 0.3, 2
+    model = _model("maml", execution, first_order=True, inner_steps=steps, inner_lr=lr)
+    batch = _batch(b=2)
+    _, grads = _meta_grad(model, batch)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(2):
+        fast = copy.deepcopy(model)
+        for _ in range(steps):  # plain SGD on a copy, by hand
+            fast.zero_grad(set_to_none=True)
+            F.cross_entropy(fast(batch.support_x[i]), batch.support_y[i]).backward()
+            with torch.no_grad():
+                for p in fast.parameters():
+                    p.sub_(lr * p.grad)
+        fast.zero_grad(set_to_none=True)
+        (F.cross_entropy(fast(batch.query_x[i]), batch.query_y[i]) / 2).backward()
+        for e, p in zip(expected, fast.parameters()):
+            e += p.grad
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_one_task_one_step_reptile_is_the_interpolation():
+    lr, eps = 0.2, 0.5
+    model = _model("reptile", inner_steps=1, inner_lr=lr)
+    batch = _batch(b=1)
+    before = copy.deepcopy(model)
+    x = torch.cat([batch.support_x[0], batch.query_x[0]])
+    y = torch.cat([batch.support_y[0], batch.query_y[0]])
+    F.cross_entropy(before(x), y).backward()
+    adapted = [p - lr * p.grad for p in before.parameters()]
+    expected = [p + eps * (a - p) for p, a in zip(before.parameters(), adapted)]
+    opt = torch.optim.SGD(model.parameters(), lr=eps, momentum=0.0)
+    opt.zero_grad()
+    model.meta_loss(batch).loss.backward()
+    opt.step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_metasgd_step_sizes_learn_in_first_order_mode():
+    model = _model("metasgd", first_order=True)
+    _meta_grad(model, _batch())
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.step_sizes.parameters())
+
+
+def test_per_step_batchnorm_keeps_statistics_per_inner_step():
+    model = _model("maml", bn_mode="per_step", inner_steps=2, execution="threads")
+    assert model.executor.resolve(torch.device("cpu"))[0] == "loop"  # in-place statistics: no threads
+    batch = _batch()
+    model.train()
+    model.meta_loss(batch)
+    stats = [model.stats.at(k) for k in range(3)]
+    means = [s["backbone.blocks.0.1.running_mean"] for s in stats]
+    assert not torch.equal(means[0], means[1]) and not torch.equal(means[1], means[2])
+    assert all(int(s["backbone.blocks.0.1.num_batches_tracked"]) == 3 for s in stats)
+    # at evaluation a prediction no longer depends on the other examples of the batch
+    model.eval()
+    task = batch[0]
+    adapted = model.adapt(task.support_x, task.support_y, 3)
+    full = model.predict(adapted, task.query_x)
+    one = model.predict(adapted, task.query_x[:1])
+    torch.testing.assert_close(full[:1], one)
+
+
+def test_head_size_mismatch_names_the_fix():
+    model = _model("maml")
+    with pytest.raises(TaskError, match="n_ways must equal the 3 outputs.*task.n_ways=4"):
+        model.adapt(torch.zeros(4, 1, 8, 8, dtype=torch.float64), torch.arange(4), 4)
+
+
+def test_out_of_memory_suggests_first_order(monkeypatch):
+    model = _model("maml")
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model.executor, "run", boom)
+    with pytest.raises(TrainingError, match="first_order=true"):
+        model.meta_loss(_batch())
+
+
+def test_stable_batchnorm_matches_batchnorm_and_is_accurate_in_channels_last():
+    torch.manual_seed(0)
+    ref, ours = torch.nn.BatchNorm2d(6).double(), StableBatchNorm2d(6)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.rand(10, 6, 9, 9, dtype=torch.float64) * 0.1 + 5.0  # large mean, small spread
+    xf = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    xd = x.clone().requires_grad_()
+    y_ref, y = ref(xd), ours(xf)
+    assert float((y.double() - y_ref).abs().max()) < 1e-4
+    w = torch.randn_like(y_ref)
+    (y_ref * w).sum().backward()
+    (y * w.float()).sum().backward()
+    rel = float((xf.grad.double() - xd.grad).norm() / xd.grad.norm())
+    assert rel < 1e-4
+    torch.testing.assert_close(ours.running_mean.double(), ref.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.running_var.double(), ref.running_var, rtol=1e-4, atol=1e-6)
+    assert int(ours.num_batches_tracked) == 1
