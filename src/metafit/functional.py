@@ -28,6 +28,8 @@ __all__ = [
     "Params",
     "TaskExecutor",
     "TaskResult",
+    "batched_inner_loop",
+    "batched_task_loss",
     "gradient_as_loss",
     "inner_loop",
     "sgd_step",
@@ -81,6 +83,38 @@ def inner_loop(forward: Callable[[Params, torch.Tensor, int], torch.Tensor], par
     return params
 
 
+def batched_inner_loop(forward: Callable[[Params, torch.Tensor, int], torch.Tensor], params: Params,
+                       x: torch.Tensor, y: torch.Tensor, *, kind: TaskKind, steps: int,
+                       lr: float | Mapping[str, torch.Tensor], adapt: Sequence[str],
+                       create_graph: bool) -> Params:
+    """:func:`inner_loop` for a whole meta-batch at once with ``torch.func.vmap``.
+
+    ``params`` carry a leading task dimension (e.g. ``p.expand(B, *p.shape)``: no copies);
+    ``forward`` sees one task's parameters. The gradient of the summed task losses with respect
+    to the batched parameters is every task's own gradient, in one backward pass. Not for
+    models with BatchNorm: measured here, vmap's second-order gradient through BatchNorm was
+    wrong (finite-difference error 1.6e-4 against 3.5e-8 for a loop).
+    """
+    for step in range(steps):
+        def one(p, xi, yi, step=step):
+            return task_loss(forward(p, xi, step), yi, kind)
+
+        losses = torch.func.vmap(one)(params, x, y)
+        grads = torch.autograd.grad(losses.sum(), [params[n] for n in adapt], create_graph=create_graph)
+        params = sgd_step(params, dict(zip(adapt, grads)), lr)
+    return params
+
+
+def batched_task_loss(forward: Callable[[Params, torch.Tensor, int], torch.Tensor], params: Params,
+                      x: torch.Tensor, y: torch.Tensor, step: int, kind: TaskKind):
+    """Per-task query losses and metrics ``[B]`` of batched parameters (see :func:`batched_inner_loop`)."""
+    out = torch.func.vmap(lambda p, xi: forward(p, xi, step))(params, x)
+    losses = torch.func.vmap(lambda o, yi: task_loss(o, yi, kind))(out, y)
+    with torch.no_grad():
+        metrics = torch.func.vmap(lambda o, yi: task_metric(o, yi, kind))(out.detach(), y)
+    return losses, metrics
+
+
 def gradient_as_loss(value: torch.Tensor, params: Sequence[torch.Tensor],
                      grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """A scalar equal to ``value`` whose gradient w.r.t. ``params`` is exactly ``grads``.
@@ -116,29 +150,35 @@ class TaskExecutor:
 
     ``strategy``: ``loop`` (one task after another), ``threads`` (tasks ``t, t + T, ...`` on
     thread ``t``, each with its own replica of the module and one intra-op thread: small
-    per-task convolutions use two cores better side by side than split in two), or ``auto``
-    (``threads`` on CPU with more than one torch thread, else ``loop``). Each task's graph is
-    freed as soon as its gradients are taken, so memory does not grow with the meta-batch.
+    per-task convolutions use two cores better side by side than split in two), ``vmap`` (all
+    tasks in one vectorised pass; the algorithm runs it, see :func:`batched_inner_loop`), or
+    ``auto`` (``vmap`` for models without BatchNorm, else ``threads`` on CPU with more than one
+    torch thread, else ``loop``). Each task's graph is freed as soon as its gradients are taken,
+    so memory does not grow with the meta-batch.
     """
 
-    def __init__(self, strategy: Literal["auto", "loop", "threads"] = "auto", threads: int | None = None) -> None:
+    def __init__(self, strategy: Literal["auto", "loop", "threads", "vmap"] = "auto", threads: int | None = None,
+                 vmap_ok: bool = False) -> None:
         self.strategy = strategy
         self.threads = threads
+        self.vmap_ok = vmap_ok
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._replicas: dict[int, nn.Module] = {}
 
     def resolve(self, device: torch.device) -> tuple[str, int]:
+        if self.strategy == "vmap" or (self.strategy == "auto" and self.vmap_ok):
+            return "vmap", 1
         n = self.threads or min(torch.get_num_threads(), os.cpu_count() or 1)
         if self.strategy == "loop" or device.type != "cpu" or n < 2:
             return "loop", 1
         return "threads", n
 
     def __getstate__(self):  # deepcopy/pickle: no pool, no replicas
-        return {"strategy": self.strategy, "threads": self.threads}
+        return {"strategy": self.strategy, "threads": self.threads, "vmap_ok": self.vmap_ok}
 
     def __setstate__(self, state):
-        self.__init__(state["strategy"], state["threads"])
+        self.__init__(state["strategy"], state["threads"], state["vmap_ok"])
 
     def _replica(self, module: nn.Module, slot: int) -> nn.Module:
         rep = self._replicas.get(slot)

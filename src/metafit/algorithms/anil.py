@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..functional import TaskResult, gradient_as_loss, inner_loop, task_loss, task_metric
+from ..functional import (
+    TaskResult,
+    batched_inner_loop,
+    batched_task_loss,
+    gradient_as_loss,
+    inner_loop,
+    task_loss,
+    task_metric,
+)
 from ..types import TaskBatch
 from .base import Algorithm, MetaOutput
 from .common import (
@@ -57,7 +65,7 @@ class ANIL(Algorithm):
         prepare_batchnorm(backbone, config.bn_mode)
         # the backbone runs once per task: one set of running statistics
         self.stats = StatBank(backbone, "", 1) if config.bn_mode == "per_step" else None
-        self.executor = executor_for(config)
+        self.executor = executor_for(config, backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -92,6 +100,14 @@ class ANIL(Algorithm):
         names = list(main)
         bb = self._backbone_params(main)
         b = batch.meta_batch_size
+        if self.executor.resolve(batch.support_x.device)[0] == "vmap":  # no BatchNorm: one backbone pass
+            s, q = batch.support_x.shape[1], batch.query_x.shape[1]
+            feats = self.backbone(torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)).unflatten(0, (b, s + q))
+            fast = batched_inner_loop(_head, {n: main[n].expand(b, *main[n].shape) for n in HEAD}, feats[:, :s],
+                                      batch.support_y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr, adapt=HEAD,
+                                      create_graph=not cfg.first_order)
+            losses, metrics = batched_task_loss(_head, fast, feats[:, s:], batch.query_y, cfg.inner_steps, kind)
+            return MetaOutput(losses.mean(), metrics.mean())
 
         def one_task(module: nn.Module, i: int) -> TaskResult:
             fs = self._features(module, bb, batch.support_x[i])

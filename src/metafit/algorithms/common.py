@@ -47,11 +47,12 @@ class InnerLoopConfig(AlgorithmConfig):
             "per_step: running statistics kept separately for every inner step and used at evaluation"
         ),
     )
-    execution: Literal["auto", "loop", "threads"] = Field(
+    execution: Literal["auto", "loop", "threads", "vmap"] = Field(
         "auto",
         description=(
             "how tasks of a meta-batch run: loop (one after another), threads (CPU: tasks side by side, "
-            "one core each), auto (threads on a multi-core CPU, loop on GPUs and with bn_mode=per_step)"
+            "one core each), vmap (all tasks in one vectorised pass; backbones without BatchNorm only), "
+            "auto (vmap without BatchNorm, else threads on a multi-core CPU, else loop)"
         ),
     )
     threads: int | None = Field(None, ge=1, le=256, description="threads for execution=threads (None: torch's thread count)")
@@ -117,12 +118,19 @@ def functional_forward(module: nn.Module, params: Params, x: torch.Tensor, bank:
     return functional_call(module, tensors, (x,), strict=False)
 
 
-def executor_for(config: InnerLoopConfig) -> TaskExecutor:
+def executor_for(config: InnerLoopConfig, backbone: nn.Module) -> TaskExecutor:
+    has_bn = bool(batchnorm_layers(backbone))
+    if config.execution == "vmap" and has_bn:
+        raise ConfigError(
+            "Config: algorithm.execution 'vmap' must be used with a backbone without BatchNorm; got a backbone "
+            "with BatchNorm layers (vmap's second-order gradient through BatchNorm was measured wrong). "
+            "Use execution=auto, threads or loop."
+        )
     strategy = config.execution
-    if config.bn_mode == "per_step" and strategy != "loop":
+    if config.bn_mode == "per_step" and strategy in ("auto", "threads"):
         # running statistics are updated in place: tasks must run one after another
-        strategy = "loop"
-    return TaskExecutor(strategy, config.threads)
+        strategy = "loop" if has_bn else strategy
+    return TaskExecutor(strategy, config.threads, vmap_ok=not has_bn)
 
 
 def check_ways(owner: str, n_ways: int, n_outputs: int, kind: TaskKind) -> None:

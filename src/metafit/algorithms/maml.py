@@ -16,7 +16,15 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import TrainingError
-from ..functional import TaskResult, gradient_as_loss, inner_loop, task_loss, task_metric
+from ..functional import (
+    TaskResult,
+    batched_inner_loop,
+    batched_task_loss,
+    gradient_as_loss,
+    inner_loop,
+    task_loss,
+    task_metric,
+)
 from ..types import TaskBatch
 from .base import Algorithm, MetaOutput
 from .common import (
@@ -51,7 +59,7 @@ class MAML(Algorithm):
         self.head = nn.Linear(backbone.out_features, self.n_outputs)
         prepare_batchnorm(backbone, config.bn_mode)
         self.stats = StatBank(backbone, "backbone.", config.inner_steps + 1) if config.bn_mode == "per_step" else None
-        self.executor = executor_for(config)
+        self.executor = executor_for(config, backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -84,6 +92,13 @@ class MAML(Algorithm):
         names = self._names()
         main = dict(self.named_parameters())
         b = batch.meta_batch_size
+        if self.executor.resolve(batch.support_x.device)[0] == "vmap":
+            fwd = self._fwd(self)
+            fast = batched_inner_loop(fwd, {n: main[n].expand(b, *main[n].shape) for n in names},
+                                      batch.support_x, batch.support_y, kind=kind, steps=cfg.inner_steps,
+                                      lr=cfg.inner_lr, adapt=names, create_graph=not cfg.first_order)
+            losses, metrics = batched_task_loss(fwd, fast, batch.query_x, batch.query_y, cfg.inner_steps, kind)
+            return MetaOutput(losses.mean(), metrics.mean())
 
         def one_task(module: nn.Module, i: int) -> TaskResult:
             fwd = self._fwd(module)

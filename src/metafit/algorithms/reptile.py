@@ -17,7 +17,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..functional import TaskResult, gradient_as_loss, inner_loop, task_loss, task_metric
+from ..functional import (
+    TaskResult,
+    batched_inner_loop,
+    batched_task_loss,
+    gradient_as_loss,
+    inner_loop,
+    task_loss,
+    task_metric,
+)
 from ..types import TaskBatch
 from .base import Algorithm, MetaOutput
 from .common import (
@@ -52,7 +60,7 @@ class Reptile(Algorithm):
         self.head = nn.Linear(backbone.out_features, self.n_outputs)
         prepare_batchnorm(backbone, config.bn_mode)
         self.stats = StatBank(backbone, "backbone.", config.inner_steps + 1) if config.bn_mode == "per_step" else None
-        self.executor = executor_for(config)
+        self.executor = executor_for(config, backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -86,6 +94,19 @@ class Reptile(Algorithm):
         names = self._names()
         main = dict(self.named_parameters())
         b = batch.meta_batch_size
+        if self.executor.resolve(batch.support_x.device)[0] == "vmap":
+            x = torch.cat([batch.support_x, batch.query_x], 1)
+            y = torch.cat([batch.support_y, batch.query_y], 1)
+            fwd = self._fwd(self)
+            with torch.enable_grad():
+                start = {n: main[n].detach().expand(b, *main[n].shape).requires_grad_() for n in names}
+                fast = batched_inner_loop(fwd, start, x, y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr,
+                                          adapt=names, create_graph=False)
+            with torch.no_grad():
+                losses, metrics = batched_task_loss(fwd, {n: t.detach() for n, t in fast.items()}, x, y,
+                                                    cfg.inner_steps, kind)
+                grads = [main[n].detach() - fast[n].detach().mean(0) for n in names]
+            return MetaOutput(gradient_as_loss(losses.mean(), [main[n] for n in names], grads), metrics.mean())
 
         def one_task(module: nn.Module, i: int) -> TaskResult:
             x = torch.cat([batch.support_x[i], batch.query_x[i]])

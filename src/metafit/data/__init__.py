@@ -18,6 +18,7 @@ from .folder import load_image_folder, read_image
 from .omniglot import PROTOCOLS, find_omniglot, load_omniglot, omniglot_splits
 from .runs import load_runs
 from .sampler import Episode, EpisodeSampler
+from .sinusoid import SinusoidEpisode, SinusoidFamily, SinusoidSampler
 
 __all__ = [
     "DataConfig",
@@ -34,11 +35,16 @@ __all__ = [
     "omniglot_splits",
     "random_affine",
     "read_image",
+    "SinusoidEpisode",
+    "SinusoidFamily",
+    "SinusoidSampler",
 ]
 
 
 class DataConfig(ConfigModel):
-    name: Literal["omniglot", "folder"] = Field("omniglot", description="dataset kind")
+    name: Literal["omniglot", "folder", "sinusoid"] = Field(
+        "omniglot", description="task source: omniglot, folder (your class-per-folder images), sinusoid (regression)"
+    )
     root: str | None = Field(
         None, description="data folder (omniglot: the zips, default METAFIT_DATA_DIR; folder: the class tree)"
     )
@@ -56,20 +62,38 @@ class DataConfig(ConfigModel):
     split_seed: int = Field(0, ge=0, description="folder: seed of the class split")
     download: bool = Field(False, description="omniglot: allow a checksum-verified download when missing")
     cache_dir: str | None = Field(None, description="decoded-image cache (default METAFIT_CACHE_DIR or ~/.cache/metafit)")
+    amplitude_min: float = Field(0.1, description="sinusoid: smallest amplitude")
+    amplitude_max: float = Field(5.0, description="sinusoid: largest amplitude")
+    phase_min: float = Field(0.0, description="sinusoid: smallest phase (radians)")
+    phase_max: float = Field(3.141592653589793, description="sinusoid: largest phase (radians)")
+    x_min: float = Field(-5.0, description="sinusoid: smallest input")
+    x_max: float = Field(5.0, description="sinusoid: largest input")
 
     @model_validator(mode="after")
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be below 1")
+        for lo, hi in (("amplitude_min", "amplitude_max"), ("phase_min", "phase_max"), ("x_min", "x_max")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} must not exceed {hi}")
         return self
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.name == "omniglot" else (self.channels or 1)
+        return 1 if self.name in ("omniglot", "sinusoid") else (self.channels or 1)
+
+    @property
+    def input_size(self) -> int:
+        """Spatial size given to backbones (1 for vector inputs)."""
+        return 1 if self.name == "sinusoid" else self.image_size
 
     @property
     def task_kind(self) -> str:
-        return "classification"
+        return "regression" if self.name == "sinusoid" else "classification"
+
+    def sinusoid_family(self) -> SinusoidFamily:
+        return SinusoidFamily((self.amplitude_min, self.amplitude_max), (self.phase_min, self.phase_max),
+                              (self.x_min, self.x_max))
 
     @property
     def out_features(self) -> int:
@@ -97,7 +121,12 @@ def _folder_splits(cfg: DataConfig) -> dict[str, ImageClasses]:
     }
 
 
-def load_splits(cfg: DataConfig) -> dict[str, ImageClasses]:
+def load_splits(cfg: DataConfig) -> dict[str, ImageClasses | SinusoidFamily]:
+    """Training, validation and test task sources: image collections with disjoint classes, or
+    (sinusoid) the task family itself — its splits differ by seed."""
+    if cfg.name == "sinusoid":
+        family = cfg.sinusoid_family()
+        return {"train": family, "val": family, "test": family}
     if cfg.name == "omniglot":
         return omniglot_splits(cfg.protocol, cfg.root, cfg.image_size, cfg.cache_dir, cfg.download)
     return _folder_splits(cfg)

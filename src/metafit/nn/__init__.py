@@ -10,12 +10,14 @@ from torch import nn
 from ..errors import ConfigError
 from ..validation import ConfigModel, parse_config
 from .conv4 import Conv4, Conv4Config
+from .mlp import MLP, MLPConfig
 
-__all__ = ["BACKBONES", "Conv4", "Conv4Config", "backbone_config", "build_backbone"]
+__all__ = ["BACKBONES", "MLP", "MLPConfig", "Conv4", "Conv4Config", "backbone_config", "build_backbone"]
 
 # name -> (config class, module class taking (config, in_channels, image_size))
 BACKBONES: dict[str, tuple[type[ConfigModel], type[nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
+    "mlp": (MLPConfig, MLP),
 }
 
 

@@ -167,7 +167,7 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
 
 def build_model(config: RunConfig) -> Algorithm:
     """The algorithm with its backbone, freshly initialised from ``config``."""
-    backbone = build_backbone(config.backbone, config.data.in_channels, config.data.image_size)
+    backbone = build_backbone(config.backbone, config.data.in_channels, config.data.input_size)
     kind = config.data.task_kind
     n_outputs = config.task.n_ways if kind == "classification" else config.data.out_features
     return build_algorithm(config.algorithm, backbone, n_outputs, kind)

@@ -17,12 +17,18 @@ __all__ = ["EvalResult", "evaluate_episodes", "evaluate_tasks", "summarize"]
 
 @dataclass(frozen=True)
 class EvalResult:
-    mean: float  # accuracy in [0, 1]
+    mean: float  # accuracy in [0, 1] (classification) or mean squared error (regression)
     ci95: float  # half-width of the 95% confidence interval of the mean (1.96 * s / sqrt(n))
     std: float
     episodes: int
     loss: float
     per_episode: list[float] = field(default_factory=list, repr=False)
+    metric: str = "accuracy"  # or "mse"
+
+    @property
+    def score(self) -> float:
+        """Higher is better: accuracy, or minus the mean squared error."""
+        return -self.mean if self.metric == "mse" else self.mean
 
     def to_dict(self, per_episode: bool = False) -> dict:
         d = asdict(self)
@@ -31,10 +37,12 @@ class EvalResult:
         return d
 
     def __str__(self) -> str:
+        if self.metric == "mse":
+            return f"MSE {self.mean:.3f} +/- {self.ci95:.3f} ({self.episodes} tasks)"
         return f"{100 * self.mean:.2f}% +/- {100 * self.ci95:.2f}% ({self.episodes} episodes)"
 
 
-def summarize(accs: list[float], losses: list[float]) -> EvalResult:
+def summarize(accs: list[float], losses: list[float], metric: str = "accuracy") -> EvalResult:
     t = torch.tensor(accs, dtype=torch.float64)
     n = len(accs)
     std = float(t.std(unbiased=True)) if n > 1 else 0.0
@@ -45,13 +53,16 @@ def summarize(accs: list[float], losses: list[float]) -> EvalResult:
         episodes=n,
         loss=float(torch.tensor(losses, dtype=torch.float64).mean()),
         per_episode=[float(a) for a in accs],
+        metric=metric,
     )
 
 
 @torch.no_grad()
 def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device | str = "cpu",
                    channels_last: bool = False, progress: Callable | None = None) -> EvalResult:
-    """Accuracy of ``model.task_logits`` on each task; the model is put in eval mode and restored."""
+    """Accuracy (or, for regression models, mean squared error) of ``model.task_logits`` on each
+    task; the model is put in eval mode and restored."""
+    regression = getattr(model, "task_kind", "classification") == "regression"
     was_training = model.training
     model.eval()
     if channels_last:
@@ -64,13 +75,18 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
                 task = Task(task.support_x.contiguous(memory_format=torch.channels_last), task.support_y,
                             task.query_x.contiguous(memory_format=torch.channels_last), task.query_y, task.n_ways)
             logits = model.task_logits(task)
-            losses.append(float(torch.nn.functional.cross_entropy(logits, task.query_y)))
-            accs.append(float((logits.argmax(-1) == task.query_y).float().mean()))
+            if regression:
+                mse = float(torch.nn.functional.mse_loss(logits, task.query_y))
+                losses.append(mse)
+                accs.append(mse)
+            else:
+                losses.append(float(torch.nn.functional.cross_entropy(logits, task.query_y)))
+                accs.append(float((logits.argmax(-1) == task.query_y).float().mean()))
             if progress is not None:
                 progress(1)
     finally:
         model.train(was_training)
-    return summarize(accs, losses)
+    return summarize(accs, losses, "mse" if regression else "accuracy")
 
 
 def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, device="cpu",

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import Algorithm
-from ..data import EpisodeSampler, ImageClasses, load_splits
+from ..data import EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, load_splits
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..types import TaskBatch
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -45,10 +45,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_sampler(data: ImageClasses, config: RunConfig, split: str, seed: int) -> EpisodeSampler:
+def make_sampler(data: ImageClasses | SinusoidFamily, config: RunConfig, split: str,
+                 seed: int) -> EpisodeSampler | SinusoidSampler:
     """The sampler for ``split``: training tasks (with augmentation) or evaluation tasks
     (``val``/``test``: the ``eval`` section, no augmentation)."""
     t = config.task if split == "train" else config.eval
+    if isinstance(data, SinusoidFamily):
+        return data.sampler(t.k_shots, t.n_queries, seed)
     rotations = config.data.rotations
     if split != "train" and config.eval.rotations is not None:
         rotations = config.eval.rotations
@@ -82,8 +85,7 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device)
         self.splits = splits if splits is not None else load_splits(config.data)
-        channels = int(self.splits["train"].images.shape[1])
-        if config.data.name == "folder" and config.data.channels != channels:
+        if config.data.name == "folder" and config.data.channels != (channels := int(self.splits["train"].images.shape[1])):
             # record the channel count inferred from the images, so checkpoints rebuild the same model
             config = config.model_copy(update={"data": config.data.model_copy(update={"channels": channels})})
             self.config = config
@@ -266,11 +268,12 @@ class Trainer:
                 window_n += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.meta_steps:
+                    metric = "mse" if self.model.task_kind == "regression" else "accuracy"
                     row = {"step": self.step, "split": "train", "loss": window_loss / window_n,
-                           "accuracy": window_acc / window_n, "lr": lr, "grad_norm": grad_norm,
+                           metric: window_acc / window_n, "lr": lr, "grad_norm": grad_norm,
                            "elapsed_s": self.train_seconds, **self.timing}
                     log.write(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", **{metric[:3]: f"{row[metric]:.3f}"},
                                     best_val=f"{self.best_val:.3f}" if self.best_result else "-")
                     window_loss, window_acc, window_n = 0.0, 0.0, 0
                 if self.step % tc.eval_every == 0 or self.step == tc.meta_steps:
@@ -295,10 +298,10 @@ class Trainer:
         if self.best_step == self.step and self.best_result is not None:
             return  # already validated at this step
         res = self.validate()
-        log.write({"step": self.step, "split": "val", "loss": res.loss, "accuracy": res.mean,
+        log.write({"step": self.step, "split": "val", "loss": res.loss, res.metric: res.mean,
                    "ci95": res.ci95, "elapsed_s": self.train_seconds})
-        if res.mean > self.best_val:
-            self.best_val, self.best_step, self.best_result = res.mean, self.step, res
+        if res.score > self.best_val:
+            self.best_val, self.best_step, self.best_result = res.score, self.step, res
             self.save("best.safetensors", {"val": res.to_dict(), "train_seconds": self.train_seconds},
                       resumable=False)
 

@@ -1,0 +1,99 @@
+"""Few-shot sinusoid regression (Finn et al., 2017, section 5.1).
+
+A task is ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5]``, phase ``phi ~ U[0, pi]`` and
+inputs ``x ~ U[-5, 5]``; the support set has ``k_shots`` points, the query set ``n_queries``
+points of the same curve. There is no finite dataset: training, validation and test tasks are
+different seeded draws from the same family. Everything is generated in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DataError
+from ..types import Task, TaskBatch
+
+__all__ = ["SinusoidEpisode", "SinusoidFamily", "SinusoidSampler"]
+
+
+@dataclass(frozen=True)
+class SinusoidFamily:
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in (("amplitude", self.amplitude), ("phase", self.phase), ("x_range", self.x_range)):
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise DataError(
+                    f"Sinusoid: {name} must be a finite range with min <= max; got ({lo}, {hi}). "
+                    "Swap or fix the bounds."
+                )
+
+    def sampler(self, k_shots: int, n_queries: int, seed: int = 0) -> "SinusoidSampler":
+        return SinusoidSampler(self, k_shots, n_queries, seed)
+
+    @staticmethod
+    def curve(amplitude: torch.Tensor, phase: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return amplitude * torch.sin(x - phase)
+
+
+@dataclass(frozen=True)
+class SinusoidEpisode:
+    amplitude: torch.Tensor  # [1]
+    phase: torch.Tensor  # [1]
+    support_x: torch.Tensor  # [k, 1]
+    query_x: torch.Tensor  # [q, 1]
+
+
+class SinusoidSampler:
+    """Samples sinusoid tasks; same interface as the image :class:`EpisodeSampler`."""
+
+    def __init__(self, family: SinusoidFamily, k_shots: int, n_queries: int, seed: int = 0) -> None:
+        for name, v in (("k_shots", k_shots), ("n_queries", n_queries)):
+            if not isinstance(v, int) or v < 1:
+                raise DataError(f"Sinusoid: {name} must be an integer >= 1; got {v!r}. Fix the task settings.")
+        self.family = family
+        self.k_shots, self.n_queries = k_shots, n_queries
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def _uniform(self, lo_hi: tuple[float, float], *shape: int, generator: torch.Generator) -> torch.Tensor:
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
+
+    def _draw(self, b: int, generator: torch.Generator):
+        f = self.family
+        amp = self._uniform(f.amplitude, b, 1, 1, generator=generator)
+        phase = self._uniform(f.phase, b, 1, 1, generator=generator)
+        xs = self._uniform(f.x_range, b, self.k_shots, 1, generator=generator)
+        xq = self._uniform(f.x_range, b, self.n_queries, 1, generator=generator)
+        return amp, phase, xs, xq
+
+    def _batch(self, amp, phase, xs, xq) -> TaskBatch:
+        curve = self.family.curve
+        return TaskBatch(xs, curve(amp, phase, xs), xq, curve(amp, phase, xq), 1)
+
+    def sample(self, meta_batch_size: int = 1) -> TaskBatch:
+        return self._batch(*self._draw(meta_batch_size, self.generator))
+
+    def sample_task(self) -> Task:
+        return self.sample(1)[0]
+
+    def fixed_episodes(self, n: int, seed: int) -> list[SinusoidEpisode]:
+        """``n`` tasks that depend only on ``seed`` (validation and test sets)."""
+        g = torch.Generator().manual_seed(int(seed))
+        amp, phase, xs, xq = self._draw(n, g)
+        return [SinusoidEpisode(amp[i], phase[i], xs[i], xq[i]) for i in range(n)]
+
+    def materialize(self, episodes: list[SinusoidEpisode], augment: bool = False) -> TaskBatch:
+        stack = lambda name: torch.stack([getattr(e, name) for e in episodes])  # noqa: E731
+        return self._batch(stack("amplitude"), stack("phase"), stack("support_x"), stack("query_x"))
