@@ -18,7 +18,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -76,18 +76,21 @@ class ANIL(Algorithm):
     def _backbone_params(self, main) -> dict:
         return {n[len("backbone."):]: p for n, p in main.items() if n.startswith("backbone.")}
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> FastWeights:
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
+              steps: int | None = None) -> FastWeights:
+        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
         check_support("ANIL.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("ANIL.adapt", n_ways, self.n_outputs, self.task_kind)
         cfg = self.config
+        n_steps = cfg.eval_inner_steps if steps is None else int(steps)
         with torch.no_grad():
             feats = self.backbone(support_x) if self.stats is None else self._features(
                 self, self._backbone_params(dict(self.named_parameters())), support_x)
         with torch.enable_grad():
             head = {n: getattr(self.head, n[5:]).detach().requires_grad_() for n in HEAD}
-            fast = inner_loop(_head, head, feats, support_y, kind=self.task_kind, steps=cfg.eval_inner_steps,
+            fast = inner_loop(_head, head, feats, support_y, kind=self.task_kind, steps=n_steps,
                               lr=cfg.inner_lr, adapt=HEAD, create_graph=False)
-        return FastWeights({n: t.detach() for n, t in fast.items()}, cfg.eval_inner_steps)
+        return FastWeights({n: t.detach() for n, t in fast.items()}, n_steps)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         feats = self._features(self, self._backbone_params(dict(self.named_parameters())), x)

@@ -71,16 +71,19 @@ class MAML(Algorithm):
         return lambda params, x, step: functional_forward(module, params, x, self.stats, step)
 
     # -- adaptation -------------------------------------------------------------------------
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> FastWeights:
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
+              steps: int | None = None) -> FastWeights:
+        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
         check_support("MAML.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("MAML.adapt", n_ways, self.n_outputs, self.task_kind)
         cfg = self.config
+        n_steps = cfg.eval_inner_steps if steps is None else int(steps)
         names = self._names()
         with torch.enable_grad():
             params = {n: p.detach().requires_grad_() for n, p in self.named_parameters() if n in names}
             fast = inner_loop(self._fwd(self), params, support_x, support_y, kind=self.task_kind,
-                              steps=cfg.eval_inner_steps, lr=cfg.inner_lr, adapt=names, create_graph=False)
-        return FastWeights({n: t.detach() for n, t in fast.items()}, cfg.eval_inner_steps)
+                              steps=n_steps, lr=cfg.inner_lr, adapt=names, create_graph=False)
+        return FastWeights({n: t.detach() for n, t in fast.items()}, n_steps)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         return self._fwd(self)(adapted.params, x, adapted.steps)

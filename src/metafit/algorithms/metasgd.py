@@ -80,17 +80,20 @@ class MetaSGD(Algorithm):
     def _lrs(self, main) -> dict[str, torch.Tensor]:
         return {n: main[f"step_sizes.{_key(n)}"] for n in self._weights}
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> FastWeights:
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
+              steps: int | None = None) -> FastWeights:
+        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
         check_support("MetaSGD.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("MetaSGD.adapt", n_ways, self.n_outputs, self.task_kind)
         cfg = self.config
+        n_steps = cfg.eval_inner_steps if steps is None else int(steps)
         main = dict(self.named_parameters())
         lrs = {n: t.detach() for n, t in self._lrs(main).items()}
         with torch.enable_grad():
             params = {n: main[n].detach().requires_grad_() for n in self._weights}
             fast = inner_loop(self._fwd(self), params, support_x, support_y, kind=self.task_kind,
-                              steps=cfg.eval_inner_steps, lr=lrs, adapt=self._weights, create_graph=False)
-        return FastWeights({n: t.detach() for n, t in fast.items()}, cfg.eval_inner_steps)
+                              steps=n_steps, lr=lrs, adapt=self._weights, create_graph=False)
+        return FastWeights({n: t.detach() for n, t in fast.items()}, n_steps)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         return self._fwd(self)(adapted.params, x, adapted.steps)

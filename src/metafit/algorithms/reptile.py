@@ -79,10 +79,12 @@ class Reptile(Algorithm):
                               lr=self.config.inner_lr, adapt=names, create_graph=False)
         return {n: t.detach() for n, t in fast.items()}
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> FastWeights:
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
+              steps: int | None = None) -> FastWeights:
+        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
         check_support("Reptile.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("Reptile.adapt", n_ways, self.n_outputs, self.task_kind)
-        steps = self.config.eval_inner_steps
+        steps = self.config.eval_inner_steps if steps is None else int(steps)
         return FastWeights(self._fit(self, support_x, support_y, steps), steps)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, help="query examples per class")
     e.add_argument("--episodes", type=int, help="number of fixed episodes (default: eval.test_episodes)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--inner-steps", type=int, help="adaptation steps of a gradient-based learner (default: its eval_inner_steps)")
     e.add_argument("--within-group", action="store_true", help="draw every task from one group (alphabet)")
     e.add_argument("--rotations", choices=["on", "off"], help="rotated classes in episodes (default: as trained)")
     e.add_argument("--seed", type=int, help="episode seed (default: the trainer's test seed)")
@@ -58,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("configs", help="list the built-in configs, or every config field with --fields")
     c.add_argument("--fields", action="store_true", help="list every config key with its default and meaning")
 
-    q = sub.add_parser("quickstart", help="a short ProtoNet run on Omniglot: train, validate, test")
+    q = sub.add_parser("quickstart", help="a short real run: MAML on sinusoids (built in), or ProtoNet on Omniglot")
+    q.add_argument("--task", choices=["auto", "sinusoid", "omniglot"], default="auto",
+                   help="auto: Omniglot when a data folder is given (--data-dir, METAFIT_DATA_DIR, --download) "
+                        "or already cached, else sinusoids")
     q.add_argument("--data-dir", help="folder with the Omniglot zips (default: METAFIT_DATA_DIR)")
     q.add_argument("--download", action="store_true", help="download Omniglot (checksum-verified) if missing")
-    q.add_argument("--steps", type=int, default=500, help="meta-training steps (default 500)")
-    q.add_argument("--out-dir", default="runs/quickstart")
+    q.add_argument("--steps", type=int, help="meta-training steps (default: sinusoid 10000, omniglot 500)")
+    q.add_argument("--out-dir", help="run folder (default runs/quickstart-<task>)")
     return p
 
 
@@ -84,6 +89,14 @@ def _cmd_train(args) -> int:
 
 def _print_train_report(report: dict) -> None:
     val = report.get("val")
+    if val and val.get("metric") == "mse":
+        _print(f"best validation MSE {val['mean']:.4f} +/- {val['ci95']:.4f} at step {report['best_step']} "
+               f"-> {report['best_checkpoint']}")
+        test = report.get("test")
+        if test:
+            _print(f"test MSE ({test['k_shots']}-shot, {test['episodes']} fixed tasks): {test['mean']:.4f} "
+                   f"+/- {test['ci95']:.4f} (95% CI)")
+        return
     if val:
         _print(f"best validation accuracy {100 * val['mean']:.2f}% +/- {100 * val['ci95']:.2f}% "
                f"at step {report['best_step']} -> {report['best_checkpoint']}")
@@ -111,12 +124,18 @@ def _cmd_eval(args) -> int:
                 args.checkpoint, n_ways=args.ways, k_shots=args.shots, n_queries=args.queries,
                 episodes=args.episodes, split=args.split, within_group=True if args.within_group else None,
                 rotations=None if args.rotations is None else args.rotations == "on",
-                seed=args.seed, data_root=args.data_dir, device=args.device, progress=bar.update)
+                seed=args.seed, data_root=args.data_dir, device=args.device, progress=bar.update,
+                inner_steps=args.inner_steps)
         finally:
             bar.close()
-        _print(f"{report['split']} {report['n_ways']}-way {report['k_shots']}-shot"
-               f"{' within-group' if report['within_group'] else ''}: accuracy {100 * report['mean']:.2f}% "
-               f"+/- {100 * report['ci95']:.2f}% (95% CI over {report['episodes']} episodes, seed {report['seed']})")
+        steps = f", {report['inner_steps']} inner steps" if "inner_steps" in report else ""
+        if report.get("metric") == "mse":
+            _print(f"{report['split']} {report['k_shots']}-shot regression{steps}: MSE {report['mean']:.4f} "
+                   f"+/- {report['ci95']:.4f} (95% CI over {report['episodes']} tasks, seed {report['seed']})")
+        else:
+            _print(f"{report['split']} {report['n_ways']}-way {report['k_shots']}-shot"
+                   f"{' within-group' if report['within_group'] else ''}{steps}: accuracy {100 * report['mean']:.2f}% "
+                   f"+/- {100 * report['ci95']:.2f}% (95% CI over {report['episodes']} episodes, seed {report['seed']})")
     if args.json:
         write_json(args.json, report)
         _print(f"report: {args.json}")
@@ -162,20 +181,72 @@ def _cmd_configs(args) -> int:
     return 0
 
 
+# MSE of MAML on 5-shot sinusoid regression after 1, 5 and 10 inner steps, read off Finn et al. (2017), Fig. 2
+# and the appendix's k=5 panel (the paper gives the curve, not a table).
+MAML_PAPER_SINUSOID = {1: 0.67, 5: 0.38, 10: 0.35}
+
+
 def _cmd_quickstart(args) -> int:
     from ..data import find_omniglot
+
+    task = args.task
+    if task == "auto":  # Omniglot when asked for (a folder, METAFIT_DATA_DIR, --download) or cached
+        if args.data_dir or os.environ.get("METAFIT_DATA_DIR") or args.download:
+            task = "omniglot"
+        else:
+            try:
+                find_omniglot()
+                task = "omniglot"
+            except MetafitError:
+                task = "sinusoid"
+    if task == "sinusoid":
+        return _quickstart_sinusoid(args)
+    return _quickstart_omniglot(args, find_omniglot(args.data_dir, download=args.download))
+
+
+def _quickstart_sinusoid(args) -> int:
+    from ..training import evaluate_checkpoint, load, load_config, train
+    from ..training.plots import plot_sinusoid_adaptation
+
+    steps = args.steps or 10000
+    out = args.out_dir or "runs/quickstart-sinusoid"
+    cfg = load_config("sinusoid_maml", [
+        f"out_dir={out}", f"train.meta_steps={steps}", f"train.eval_every={max(1, steps // 4)}",
+        f"train.save_interval={max(1, steps // 2)}", f"train.log_every={max(1, min(500, steps // 10))}",
+    ])
+    _print("metafit quickstart: MAML on few-shot sinusoid regression (built in, no download)\n"
+           f"  meta-train {steps} steps (the paper uses 70000: `metafit train sinusoid_maml`), keep the best\n"
+           "  checkpoint on 200 validation tasks, then adapt to 600 unseen sinusoids from 5 points each.")
+    report = train(cfg)
+    _print_train_report(report)
+    ckpt = report["best_checkpoint"]
+    _print("\n5-shot MSE on 600 unseen tasks (100 query points each), 95% CI:")
+    _print(f"  {'inner steps':>11s}  {'metafit':>17s}  {'MAML paper (Fig. 2)':>19s}")
+    for s, paper in MAML_PAPER_SINUSOID.items():
+        r = evaluate_checkpoint(ckpt, inner_steps=s)
+        _print(f"  {s:>11d}  {r['mean']:8.3f} +/- {r['ci95']:.3f}  {paper:>19.2f}")
+    model = load(ckpt)
+    png = plot_sinusoid_adaptation(model, cfg.data.sinusoid_family(), Path(out) / "adaptation.png",
+                                   k_shots=cfg.eval.k_shots, steps=(0, 1, 10), seed=cfg.eval.seed + 7)
+    _print(f"plot of adapted curves: {png}")
+    _print(f"next: metafit eval {ckpt} --inner-steps 5\n"
+           "      metafit train sinusoid_maml   (the paper's 70000 steps, a few minutes on one CPU core)")
+    return 0
+
+
+def _quickstart_omniglot(args, root) -> int:
     from ..training import load_config, train
 
-    root = find_omniglot(args.data_dir, download=args.download)
-    eval_every = max(1, args.steps // 2)
+    steps = args.steps or 500
+    eval_every = max(1, steps // 2)
     cfg = load_config("omniglot_protonet_5w1s", [
-        f"data.root={root}", f"out_dir={args.out_dir}",
-        "task.n_ways=20", f"train.meta_steps={args.steps}", f"train.eval_every={eval_every}",
+        f"data.root={root}", f"out_dir={args.out_dir or 'runs/quickstart'}",
+        "task.n_ways=20", f"train.meta_steps={steps}", f"train.eval_every={eval_every}",
         f"train.save_interval={eval_every}", "train.lr_schedule=constant", "train.max_minutes=null",
         "eval.val_episodes=100", "eval.test_episodes=600",
     ])
     _print(f"metafit quickstart: Prototypical Networks on Omniglot ({root})\n"
-           f"  meta-train {args.steps} steps on 20-way 1-shot tasks, validate on held-out characters,\n"
+           f"  meta-train {steps} steps on 20-way 1-shot tasks, validate on held-out characters,\n"
            f"  keep the best checkpoint, then test on 600 fixed 5-way 1-shot episodes of unseen characters.")
     report = train(cfg)
     _print_train_report(report)

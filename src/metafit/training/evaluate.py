@@ -59,9 +59,11 @@ def summarize(accs: list[float], losses: list[float], metric: str = "accuracy") 
 
 @torch.no_grad()
 def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device | str = "cpu",
-                   channels_last: bool = False, progress: Callable | None = None) -> EvalResult:
+                   channels_last: bool = False, progress: Callable | None = None,
+                   inner_steps: int | None = None) -> EvalResult:
     """Accuracy (or, for regression models, mean squared error) of ``model.task_logits`` on each
-    task; the model is put in eval mode and restored."""
+    task; the model is put in eval mode and restored. ``inner_steps`` overrides the adaptation
+    steps of gradient-based learners (``adapt(..., steps=inner_steps)``)."""
     regression = getattr(model, "task_kind", "classification") == "regression"
     was_training = model.training
     model.eval()
@@ -74,7 +76,11 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
             if channels_last and task.support_x.ndim == 4:
                 task = Task(task.support_x.contiguous(memory_format=torch.channels_last), task.support_y,
                             task.query_x.contiguous(memory_format=torch.channels_last), task.query_y, task.n_ways)
-            logits = model.task_logits(task)
+            if inner_steps is None:
+                logits = model.task_logits(task)
+            else:
+                adapted = model.adapt(task.support_x, task.support_y, task.n_ways, steps=inner_steps)
+                logits = model.predict(adapted, task.query_x)
             if regression:
                 mse = float(torch.nn.functional.mse_loss(logits, task.query_y))
                 losses.append(mse)
@@ -90,7 +96,8 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
 
 
 def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, device="cpu",
-                      channels_last: bool = False, progress: Callable | None = None) -> EvalResult:
+                      channels_last: bool = False, progress: Callable | None = None,
+                      inner_steps: int | None = None) -> EvalResult:
     """Evaluate on fixed episode descriptions of ``sampler`` (no augmentation)."""
     tasks = (sampler.materialize([e])[0] for e in episodes)
-    return evaluate_tasks(model, tasks, device, channels_last, progress)
+    return evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps)

@@ -50,21 +50,25 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
     return report
 
 
-def _evaluate(model, data: ImageClasses, config: RunConfig, task: TaskConfig, episodes: int, seed: int,
-              device, channels_last: bool, progress=None, split: str = "test") -> EvalResult:
+def _evaluate(model, data, config: RunConfig, task: TaskConfig, episodes: int, seed: int,
+              device, channels_last: bool, progress=None, split: str = "test",
+              inner_steps: int | None = None) -> EvalResult:
     ev = config.model_copy(update={"eval": config.eval.model_copy(update=task.model_dump())})
     sampler = make_sampler(data, ev, split, 0)
     eps = sampler.fixed_episodes(episodes, seed)
-    return evaluate_episodes(model, sampler, eps, device, channels_last, progress)
+    return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = None, k_shots: int | None = None,
                         n_queries: int | None = None, episodes: int | None = None, split: str = "test",
                         within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
                         data_root: str | None = None, device: str = "cpu", progress=None,
-                        splits: dict[str, ImageClasses] | None = None) -> dict[str, Any]:
-    """Accuracy of a checkpoint on fixed episodes of a split (task settings default to the
-    checkpoint's ``eval`` section). Test episodes of the same seed are those the trainer reports."""
+                        splits: dict[str, ImageClasses] | None = None,
+                        inner_steps: int | None = None) -> dict[str, Any]:
+    """Accuracy (regression: mean squared error) of a checkpoint on fixed episodes of a split
+    (task settings default to the checkpoint's ``eval`` section). Test episodes of the same seed
+    are those the trainer reports. ``inner_steps`` overrides a gradient-based learner's
+    adaptation steps."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"Eval: split must be one of 'train', 'val', 'test'; got {split!r}. Choose a listed split.")
     model = load(checkpoint, device)
@@ -88,10 +92,19 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     data = (splits or load_splits(config.data))[split]
     t0 = time.perf_counter()
     dev = torch.device(device)
-    res = _evaluate(model, data, config, task, n_eps, seed, dev, dev.type in ("cpu", "cuda"), progress, split)
+    if inner_steps is not None and not hasattr(model.config, "eval_inner_steps"):
+        raise ConfigError(
+            f"Eval: inner steps only apply to gradient-based learners; got --inner-steps {inner_steps} for "
+            f"{model.config.name!r}. Drop --inner-steps."
+        )
+    res = _evaluate(model, data, config, task, n_eps, seed, dev, dev.type in ("cpu", "cuda"), progress, split,
+                    inner_steps)
     rot = ec.rotations if ec.rotations is not None else config.data.rotations
-    return {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
-            **res.to_dict(), "seconds": time.perf_counter() - t0}
+    out = {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
+           **res.to_dict(), "seconds": time.perf_counter() - t0}
+    if inner_steps is not None:
+        out["inner_steps"] = inner_steps
+    return out
 
 
 def evaluate_runs(checkpoint: str | os.PathLike, runs_dir: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:

@@ -274,7 +274,7 @@ class Trainer:
                            "elapsed_s": self.train_seconds, **self.timing}
                     log.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", **{metric[:3]: f"{row[metric]:.3f}"},
-                                    best_val=f"{self.best_val:.3f}" if self.best_result else "-")
+                                    best_val=f"{self.best_result.mean:.3f}" if self.best_result else "-")
                     window_loss, window_acc, window_n = 0.0, 0.0, 0
                 if self.step % tc.eval_every == 0 or self.step == tc.meta_steps:
                     self._validate_and_keep_best(log)

@@ -1,8 +1,8 @@
-"""Omniglot ProtoNet benchmark: train a built-in config (1200-character split with rotations,
+"""Omniglot benchmark: train a built-in config (any algorithm) (1200-character split with rotations,
 <= 60 minutes wall-clock via train.max_minutes), then evaluate the best checkpoint on fixed test
 episodes for several N-way K-shot settings. Prints a table and writes JSON.
 
-    python benchmarks/protonet_omniglot.py --config omniglot_protonet_20w1s --eval 5,1 --eval 20,1
+    python benchmarks/omniglot.py --config omniglot_protonet_20w1s --eval 5,1 --eval 20,1
 
 Data: --data-dir, else METAFIT_DATA_DIR, else ../shared/data/omniglot.
 """
