@@ -1,4 +1,4 @@
-"""Omniglot benchmark: train a built-in config (any algorithm) (1200-character split with rotations,
+"""Omniglot benchmark: train a built-in config of any algorithm (1200-character split with rotations,
 <= 60 minutes wall-clock via train.max_minutes), then evaluate the best checkpoint on fixed test
 episodes for several N-way K-shot settings. Prints a table and writes JSON.
 
@@ -10,7 +10,6 @@ Data: --data-dir, else METAFIT_DATA_DIR, else ../shared/data/omniglot.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from metafit.training import evaluate_checkpoint, load_config, train
+from metafit.training.metrics_log import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("METAFIT_DATA_DIR", str(HERE.parent.parent / "shared/data/omniglot")))
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<config>.json)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate an existing run only")
+    ap.add_argument("--name", default=None, help="result name (default: the config name)")
     args = ap.parse_args()
 
     cfg = load_config(args.config, [f"data.root={args.data_dir}", "train.progress=false", *args.set])
@@ -50,7 +51,7 @@ def main() -> None:
                                 data_root=args.data_dir)
         rows.append(r)
     result = {
-        "benchmark": "protonet_omniglot",
+        "benchmark": "omniglot",
         "config": args.config,
         "overrides": args.set,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -59,12 +60,11 @@ def main() -> None:
         "wall_seconds_total": time.time() - t0,
         "test": rows,
     }
-    out = Path(args.out) if args.out else HERE / "results" / f"{args.config}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = Path(args.out) if args.out else HERE / "results" / f"{args.name or args.config}.json"
+    write_json(out, result)
     train_min = (report["train_seconds"] / 60) if report else float("nan")
     steps = report["steps"] if report else "-"
-    print(f"\nProtoNet Omniglot ({cfg.data.protocol}), config {args.config}: {steps} steps, "
+    print(f"\n{cfg.algorithm.name} Omniglot ({cfg.data.protocol}), config {args.config} {' '.join(args.set)}: {steps} steps, "
           f"{train_min:.1f} min training")
     print("| test setting | within group | rotations | episodes | accuracy | 95% CI | error |")
     print("|---|---|---|---|---|---|---|")

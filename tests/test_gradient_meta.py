@@ -255,3 +255,46 @@ def test_auto_execution_picks_vmap_only_without_batchnorm():
     from metafit import ConfigError
     with pytest.raises(ConfigError, match="execution 'vmap' must be used with a backbone without BatchNorm"):
         _model("maml", "vmap")
+
+
+# ---- training-level guarantees for the gradient-based learners ---------------------------------
+@pytest.mark.parametrize("name,execution,extra", [
+    ("maml", "threads", {"inner_steps": 1}),
+    ("reptile", "threads", {"inner_steps": 2}),
+    ("maml", "loop", {"bn_mode": "per_step", "inner_steps": 2}),
+])
+def test_resume_is_bit_for_bit(tmp_path, synthetic_splits, name, execution, extra):
+    from conftest import tiny_config
+    from metafit.training import Trainer, make_config
+
+    def cfg(run, steps):
+        return make_config(tiny_config(
+            tmp_path / run, algorithm={"name": name, "execution": execution, "threads": 2, **extra},
+            backbone={"bn_mode": "running"},
+            train={"meta_steps": steps, "meta_batch_size": 3, "eval_every": 2, "save_interval": 2, "log_every": 1}))
+
+    straight = Trainer(cfg("straight", 4), splits=synthetic_splits)
+    straight.fit()
+    Trainer(cfg("halves", 2), splits=synthetic_splits).fit()
+    resumed = Trainer(cfg("halves", 4), splits=synthetic_splits)
+    resumed.fit(resume=True)
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert straight.best_val == resumed.best_val
+
+
+def test_per_step_statistics_round_trip_through_a_checkpoint(tmp_path):
+    from conftest import tiny_config
+    from metafit.training import build_model, load, make_config, save_checkpoint
+
+    cfg = make_config(tiny_config(tmp_path, algorithm={"name": "maml", "bn_mode": "per_step", "inner_steps": 2}))
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, buf in model.stats.named_buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, cfg, step=1)
+    loaded = load(path)
+    for (k, a), (_, b) in zip(model.stats.named_buffers(), loaded.stats.named_buffers()):
+        assert torch.equal(a, b), k
+    assert any(k.startswith("stats.") for k in loaded.state_dict())
