@@ -15,26 +15,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..functional import (
-    TaskResult,
-    batched_inner_loop,
-    batched_task_loss,
-    gradient_as_loss,
-    inner_loop,
-    task_loss,
-    task_metric,
-)
+from ..functional import TaskResult, batched_inner_loop, batched_task_loss, inner_loop, task_loss, task_metric
 from ..types import TaskBatch
 from .base import Algorithm, MetaOutput
 from .common import (
     FastWeights,
     InnerLoopConfig,
-    StatBank,
     check_support,
     check_ways,
-    executor_for,
     functional_forward,
-    prepare_batchnorm,
+    run_meta_batch,
+    setup_fast_weight_model,
 )
 
 __all__ = ["ANIL", "ANILConfig"]
@@ -61,11 +52,8 @@ class ANIL(Algorithm):
     def __init__(self, config: ANILConfig, backbone: nn.Module, n_outputs: int = 5,
                  task_kind: str = "classification") -> None:
         super().__init__(config, backbone, n_outputs, task_kind)
-        self.head = nn.Linear(backbone.out_features, self.n_outputs)
-        prepare_batchnorm(backbone, config.bn_mode)
         # the backbone runs once per task: one set of running statistics
-        self.stats = StatBank(backbone, "", 1) if config.bn_mode == "per_step" else None
-        self.executor = executor_for(config, backbone)
+        setup_fast_weight_model(self, config, backbone, 1, stat_prefix="")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -123,5 +111,4 @@ class ANIL(Algorithm):
             grads = torch.autograd.grad(loss, [main[n] for n in names], allow_unused=True)
             return TaskResult(loss.detach(), task_metric(out, batch.query_y[i], kind) / b, list(grads))
 
-        res = self.executor.run(self, one_task, b, batch.support_x.device)
-        return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads), res.metric)
+        return run_meta_batch(self, "ANIL", one_task, batch, main, names, not cfg.first_order)

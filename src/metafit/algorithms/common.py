@@ -13,12 +13,28 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import ConfigError, TaskError
-from ..functional import Params, TaskExecutor, TaskKind
-from .base import Adapted, AlgorithmConfig, check_task
+from ..errors import ConfigError, TaskError, TrainingError
+from ..functional import (
+    Params,
+    TaskExecutor,
+    TaskKind,
+    TaskResult,
+    batched_inner_loop,
+    batched_task_loss,
+    gradient_as_loss,
+    inner_loop,
+    task_loss,
+    task_metric,
+)
+from ..types import TaskBatch
+from .base import Adapted, AlgorithmConfig, MetaOutput, check_task
 
 __all__ = [
     "FastWeights",
+    "adapt_fast_weights",
+    "fast_weight_meta_loss",
+    "run_meta_batch",
+    "setup_fast_weight_model",
     "InnerLoopConfig",
     "StatBank",
     "batchnorm_layers",
@@ -160,3 +176,75 @@ def check_kind(owner: str, kind: str) -> None:
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# ---- the pieces MAML, Meta-SGD, ANIL and Reptile call ------------------------------------------
+def setup_fast_weight_model(model: nn.Module, config: InnerLoopConfig, backbone: nn.Module,
+                            stat_steps: int, stat_prefix: str = "backbone.") -> None:
+    """Give ``model`` a linear head, the BatchNorm mode of ``config`` (with its per-step
+    statistics bank) and a task executor."""
+    model.head = nn.Linear(backbone.out_features, model.n_outputs)
+    prepare_batchnorm(backbone, config.bn_mode)
+    model.stats = StatBank(backbone, stat_prefix, stat_steps) if config.bn_mode == "per_step" else None
+    model.executor = executor_for(config, backbone)
+
+
+def forward_with(model: nn.Module, module: nn.Module):
+    """``forward(params, x, step)`` of ``module`` (the model or a thread's replica of it)."""
+    return lambda params, x, step: functional_forward(module, params, x, model.stats, step)
+
+
+def adapt_fast_weights(model: nn.Module, owner: str, support_x: torch.Tensor, support_y: torch.Tensor,
+                       n_ways: int, steps: int | None, adapt: list[str], lr) -> FastWeights:
+    """Fine-tune the parameters named in ``adapt`` on a support set (no graph kept)."""
+    check_support(owner, support_x, support_y, n_ways, model.task_kind)
+    check_ways(owner, n_ways, model.n_outputs, model.task_kind)
+    n_steps = model.config.eval_inner_steps if steps is None else int(steps)
+    with torch.enable_grad():
+        params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in adapt}
+        fast = inner_loop(forward_with(model, model), params, support_x, support_y, kind=model.task_kind,
+                          steps=n_steps, lr=lr, adapt=adapt, create_graph=False)
+    return FastWeights({n: t.detach() for n, t in fast.items()}, n_steps)
+
+
+def run_meta_batch(model: nn.Module, owner: str, one_task, batch: TaskBatch, main: dict[str, torch.Tensor],
+                   names: list[str], second_order: bool) -> MetaOutput:
+    """Run ``one_task`` over the meta-batch with the model's executor; the returned loss carries
+    the summed per-task gradients (:func:`gradient_as_loss`)."""
+    try:
+        res = model.executor.run(model, one_task, batch.meta_batch_size, batch.support_x.device)
+    except RuntimeError as err:
+        if is_oom(err) and second_order:
+            raise TrainingError(f"{owner}: the meta-gradient must fit in memory; got {err}. {OOM_HINT}") from err
+        raise
+    return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads), res.metric)
+
+
+def fast_weight_meta_loss(model: nn.Module, owner: str, batch: TaskBatch, adapt: list[str], lr,
+                          first_order: bool) -> MetaOutput:
+    """The MAML objective: per task, ``inner_steps`` SGD steps on the support set for the
+    parameters in ``adapt`` (step size ``lr``: a float or a per-parameter mapping), then the query
+    loss at the fast weights; the meta-gradient is taken for every trainable parameter."""
+    cfg, kind = model.config, model.task_kind
+    check_ways(f"{owner}.meta_loss", batch.n_ways, model.n_outputs, kind)
+    main = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(main)
+    b = batch.meta_batch_size
+    if model.executor.resolve(batch.support_x.device)[0] == "vmap":
+        fwd = forward_with(model, model)
+        fast = batched_inner_loop(fwd, {n: main[n].expand(b, *main[n].shape) for n in adapt},
+                                  batch.support_x, batch.support_y, kind=kind, steps=cfg.inner_steps,
+                                  lr=lr, adapt=adapt, create_graph=not first_order)
+        losses, metrics = batched_task_loss(fwd, fast, batch.query_x, batch.query_y, cfg.inner_steps, kind)
+        return MetaOutput(losses.mean(), metrics.mean())
+
+    def one_task(module: nn.Module, i: int) -> TaskResult:
+        fwd = forward_with(model, module)
+        fast = inner_loop(fwd, {n: main[n] for n in adapt}, batch.support_x[i], batch.support_y[i], kind=kind,
+                          steps=cfg.inner_steps, lr=lr, adapt=adapt, create_graph=not first_order)
+        out = fwd(fast, batch.query_x[i], cfg.inner_steps)
+        loss = task_loss(out, batch.query_y[i], kind) / b
+        grads = torch.autograd.grad(loss, [main[n] for n in names], allow_unused=True)
+        return TaskResult(loss.detach(), task_metric(out, batch.query_y[i], kind) / b, list(grads))
+
+    return run_meta_batch(model, owner, one_task, batch, main, names, not first_order)

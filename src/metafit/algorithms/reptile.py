@@ -31,12 +31,11 @@ from .base import Algorithm, MetaOutput
 from .common import (
     FastWeights,
     InnerLoopConfig,
-    StatBank,
-    check_support,
+    adapt_fast_weights,
     check_ways,
-    executor_for,
-    functional_forward,
-    prepare_batchnorm,
+    forward_with,
+    run_meta_batch,
+    setup_fast_weight_model,
 )
 
 __all__ = ["Reptile", "ReptileConfig"]
@@ -57,10 +56,7 @@ class Reptile(Algorithm):
     def __init__(self, config: ReptileConfig, backbone: nn.Module, n_outputs: int = 5,
                  task_kind: str = "classification") -> None:
         super().__init__(config, backbone, n_outputs, task_kind)
-        self.head = nn.Linear(backbone.out_features, self.n_outputs)
-        prepare_batchnorm(backbone, config.bn_mode)
-        self.stats = StatBank(backbone, "backbone.", config.inner_steps + 1) if config.bn_mode == "per_step" else None
-        self.executor = executor_for(config, backbone)
+        setup_fast_weight_model(self, config, backbone, config.inner_steps + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -69,7 +65,7 @@ class Reptile(Algorithm):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def _fwd(self, module: nn.Module):
-        return lambda params, x, step: functional_forward(module, params, x, self.stats, step)
+        return forward_with(self, module)
 
     def _fit(self, module, x, y, steps) -> dict[str, torch.Tensor]:
         names = self._names()
@@ -82,10 +78,8 @@ class Reptile(Algorithm):
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
         """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
-        check_support("Reptile.adapt", support_x, support_y, n_ways, self.task_kind)
-        check_ways("Reptile.adapt", n_ways, self.n_outputs, self.task_kind)
-        steps = self.config.eval_inner_steps if steps is None else int(steps)
-        return FastWeights(self._fit(self, support_x, support_y, steps), steps)
+        return adapt_fast_weights(self, "Reptile.adapt", support_x, support_y, n_ways, steps, self._names(),
+                                  self.config.inner_lr)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         return self._fwd(self)(adapted.params, x, adapted.steps)
@@ -120,5 +114,4 @@ class Reptile(Algorithm):
                 grads = [(main[n].detach() - fast[n]) / b for n in names]
             return TaskResult(loss, task_metric(out, y, kind) / b, grads)
 
-        res = self.executor.run(self, one_task, b, batch.support_x.device)
-        return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads), res.metric)
+        return run_meta_batch(self, "Reptile", one_task, batch, main, names, False)
