@@ -111,6 +111,8 @@ def test_quickstart_without_data_trains_maml_on_sinusoids_and_plots(tmp_path, ca
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     model = load(out / "best.safetensors")
     assert model.config.name == "maml" and model.run_config.data.name == "sinusoid"
+    assert main(["info", str(out / "best.safetensors")]) == 0
+    assert "sinusoid amplitude=[0.1, 5.0]" in capsys.readouterr().out
 
 
 def test_cli_eval_reports_mse_with_inner_steps(tmp_path, capsys):

@@ -151,8 +151,14 @@ def _cmd_info(args) -> int:
     _print(f"checkpoint   {args.checkpoint}")
     _print(f"algorithm    {meta['algorithm']} ({json.dumps(cfg['algorithm'])})")
     _print(f"backbone     {json.dumps(cfg['backbone'])}")
-    _print(f"data         {cfg['data']['name']} protocol={cfg['data']['protocol']} image_size={cfg['data']['image_size']}")
-    _print(f"trained on   {cfg['task']['n_ways']}-way {cfg['task']['k_shots']}-shot {cfg['task']['n_queries']}-query tasks")
+    d, t = cfg["data"], cfg["task"]
+    if d["name"] == "sinusoid":
+        _print(f"data         sinusoid amplitude=[{d['amplitude_min']}, {d['amplitude_max']}] "
+               f"phase=[{d['phase_min']:.3g}, {d['phase_max']:.3g}] x=[{d['x_min']}, {d['x_max']}]")
+        _print(f"trained on   {t['k_shots']}-shot regression tasks ({t['n_queries']} query points)")
+    else:
+        _print(f"data         {d['name']} protocol={d['protocol']} image_size={d['image_size']}")
+        _print(f"trained on   {t['n_ways']}-way {t['k_shots']}-shot {t['n_queries']}-query tasks")
     _print(f"step         {meta['step']}   values {n_params:,} (weights and buffers)   resumable {'train_state' in meta}")
     _print(f"metafit      {meta['metafit_version']} (format {meta['format_version']})")
     if meta.get("metrics"):
