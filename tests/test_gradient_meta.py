@@ -298,3 +298,36 @@ def test_per_step_statistics_round_trip_through_a_checkpoint(tmp_path):
     for (k, a), (_, b) in zip(model.stats.named_buffers(), loaded.stats.named_buffers()):
         assert torch.equal(a, b), k
     assert any(k.startswith("stats.") for k in loaded.state_dict())
+
+
+class _UserBackbone(torch.nn.Module):
+    """A backbone written without metafit: conv, BatchNorm, tanh, global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.out_features = 4
+
+    def forward(self, x):
+        return torch.tanh(self.bn(self.conv(x))).mean((2, 3))
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd"])
+def test_any_backbone_module_works_and_its_meta_gradient_is_exact(name):
+    torch.manual_seed(0)
+    model = build_algorithm(algorithm_config({"name": name, "inner_lr": 0.3, "execution": "loop"}),
+                            _UserBackbone(), n_outputs=3).double()
+    batch = _batch()
+    _, grads = _meta_grad(model, batch)
+    g = torch.Generator().manual_seed(1)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+    analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
+    numeric = _directional_fd(model, batch, direction)
+    assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_a_backbone_without_out_features_is_refused_with_the_fix():
+    from metafit import ConfigError
+    with pytest.raises(ConfigError, match="must have an integer out_features attribute.*Set self.out_features"):
+        build_algorithm(algorithm_config({"name": "maml"}), torch.nn.Flatten(), n_outputs=3)

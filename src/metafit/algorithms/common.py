@@ -183,7 +183,14 @@ def setup_fast_weight_model(model: nn.Module, config: InnerLoopConfig, backbone:
                             stat_steps: int, stat_prefix: str = "backbone.") -> None:
     """Give ``model`` a linear head, the BatchNorm mode of ``config`` (with its per-step
     statistics bank) and a task executor."""
-    model.head = nn.Linear(backbone.out_features, model.n_outputs)
+    features = getattr(backbone, "out_features", None)
+    if not isinstance(features, int) or features < 1:
+        raise ConfigError(
+            f"{type(model).__name__}: the backbone must have an integer out_features attribute (the size of "
+            f"its flattened output); got {features!r} on {type(backbone).__name__}. Set self.out_features in "
+            "your module's __init__."
+        )
+    model.head = nn.Linear(features, model.n_outputs)
     prepare_batchnorm(backbone, config.bn_mode)
     model.stats = StatBank(backbone, stat_prefix, stat_steps) if config.bn_mode == "per_step" else None
     model.executor = executor_for(config, backbone)
