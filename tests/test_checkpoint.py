@@ -100,3 +100,19 @@ def test_invalid_stored_config_is_refused(saved, tmp_path):
     save_file(tensors, str(other), metadata={"metafit": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="train.optimizer must be one of"):
         metafit.load(other)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Temp files are owner-only (0o600); the renamed result must be shareable like open()'s."""
+    import os
+
+    from metafit.data.cache import default_file_mode
+    from metafit.training.metrics_log import write_json
+
+    path = write_json(tmp_path / "r.json", {"a": 1})
+    assert os.stat(path).st_mode & 0o777 == default_file_mode()
+    old = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+    finally:
+        os.umask(old)

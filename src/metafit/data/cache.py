@@ -14,7 +14,7 @@ import numpy as np
 
 from .classes import ImageClasses
 
-__all__ = ["cache_dir", "cached", "file_digest", "atomic_write_bytes"]
+__all__ = ["cache_dir", "cached", "default_file_mode", "file_digest", "atomic_write_bytes"]
 
 CACHE_FORMAT = 1
 
@@ -37,11 +37,20 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask): temp files are 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, writer: Callable[[object], None]) -> None:
-    """Write through ``writer(fileobj)`` into a temp file beside ``path``, then rename."""
+    """Write through ``writer(fileobj)`` into a temp file beside ``path``, then rename. The file
+    gets the usual permissions (not the temp file's owner-only 0o600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()

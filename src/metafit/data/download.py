@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import DownloadError
+from .cache import default_file_mode
 
 __all__ = ["download_file"]
 
@@ -32,6 +33,7 @@ def download_file(url: str, dest: str | os.PathLike, checksum: str, timeout: flo
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    os.chmod(tmp, default_file_mode())
     h = hashlib.new(algo)
     try:
         with os.fdopen(fd, "wb") as out:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -11,20 +10,14 @@ import torch
 
 from ..algorithms import Algorithm
 from ..data import SinusoidFamily
+from ..data.cache import atomic_write_bytes
 
 __all__ = ["plot_sinusoid_adaptation"]
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    fmt = path.suffix.lstrip(".") or "png"
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format=fmt, dpi=110, bbox_inches="tight"))
     return path
 
 
