@@ -59,6 +59,17 @@ def _directional_fd(model, batch, direction, h=1e-5):
     return (shifted(1.0) - shifted(-1.0)) / (2 * h)
 
 
+def _assert_meta_gradient_matches_fd(model, batch, seed, directions=3):
+    """Analytic meta-gradient against central differences along random directions (float64)."""
+    _, grads = _meta_grad(model, batch)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(directions):
+        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+        analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
+        numeric = _directional_fd(model, batch, direction)
+        assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
 @pytest.mark.parametrize("execution", PATHS)
 @pytest.mark.parametrize("name,extra", [
     ("maml", {"inner_steps": 2, "inner_lr": 0.3}),
@@ -66,15 +77,7 @@ def _directional_fd(model, batch, direction, h=1e-5):
     ("metasgd", {"inner_steps": 1, "inner_lr": 0.3}),
 ])
 def test_second_order_meta_gradient_matches_finite_differences(name, extra, execution):
-    model = _model(name, execution, **extra)
-    batch = _batch()
-    _, grads = _meta_grad(model, batch)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
-        analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
-        numeric = _directional_fd(model, batch, direction)
-        assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+    _assert_meta_gradient_matches_fd(_model(name, execution, **extra), _batch(), seed=3)
 
 
 @pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "reptile"])
@@ -227,14 +230,7 @@ def _sinusoid_batch(b=4, k=5, q=6, seed=0):
 def test_vmap_second_order_meta_gradient_matches_finite_differences(name, extra):
     model = _mlp_model(name, "vmap", **extra)
     assert model.executor.resolve(torch.device("cpu"))[0] == "vmap"
-    batch = _sinusoid_batch()
-    _, grads = _meta_grad(model, batch)
-    g = torch.Generator().manual_seed(5)
-    for _ in range(3):
-        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
-        analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
-        numeric = _directional_fd(model, batch, direction)
-        assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+    _assert_meta_gradient_matches_fd(model, _sinusoid_batch(), seed=5)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -318,13 +314,7 @@ def test_any_backbone_module_works_and_its_meta_gradient_is_exact(name):
     torch.manual_seed(0)
     model = build_algorithm(algorithm_config({"name": name, "inner_lr": 0.3, "execution": "loop"}),
                             _UserBackbone(), n_outputs=3).double()
-    batch = _batch()
-    _, grads = _meta_grad(model, batch)
-    g = torch.Generator().manual_seed(1)
-    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
-    analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
-    numeric = _directional_fd(model, batch, direction)
-    assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+    _assert_meta_gradient_matches_fd(model, _batch(), seed=1, directions=1)
 
 
 def test_a_backbone_without_out_features_is_refused_with_the_fix():
