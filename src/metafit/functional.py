@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Callable, Literal, Sequence
 
 import torch

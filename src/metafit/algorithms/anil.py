@@ -72,8 +72,7 @@ class ANIL(Algorithm):
         cfg = self.config
         n_steps = cfg.eval_inner_steps if steps is None else int(steps)
         with torch.no_grad():
-            feats = self.backbone(support_x) if self.stats is None else self._features(
-                self, self._backbone_params(dict(self.named_parameters())), support_x)
+            feats = self._features(self, self._backbone_params(dict(self.named_parameters())), support_x)
         with torch.enable_grad():
             head = {n: getattr(self.head, n[5:]).detach().requires_grad_() for n in HEAD}
             fast = inner_loop(_head, head, feats, support_y, kind=self.task_kind, steps=n_steps,

@@ -33,8 +33,11 @@ __all__ = [
     "FastWeights",
     "adapt_fast_weights",
     "fast_weight_meta_loss",
+    "fit_fast_weights",
+    "forward_with",
     "run_meta_batch",
     "setup_fast_weight_model",
+    "trainable_names",
     "InnerLoopConfig",
     "StatBank",
     "batchnorm_layers",
@@ -167,13 +170,6 @@ def check_support(owner: str, x: torch.Tensor, y: torch.Tensor, n_ways: int, kin
         )
 
 
-def check_kind(owner: str, kind: str) -> None:
-    if kind not in ("classification", "regression"):
-        raise ConfigError(
-            f"{owner}: task kind must be 'classification' or 'regression'; got {kind!r}. Use one of them."
-        )
-
-
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -201,17 +197,28 @@ def forward_with(model: nn.Module, module: nn.Module):
     return lambda params, x, step: functional_forward(module, params, x, model.stats, step)
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def fit_fast_weights(model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                     adapt: list[str], lr) -> dict[str, torch.Tensor]:
+    """``steps`` SGD steps from the model's weights on ``(x, y)`` for the parameters in ``adapt``,
+    run on ``module`` (the model or a thread's replica); no graph is kept."""
+    with torch.enable_grad():
+        params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in adapt}
+        fast = inner_loop(forward_with(model, module), params, x, y, kind=model.task_kind,
+                          steps=steps, lr=lr, adapt=adapt, create_graph=False)
+    return {n: t.detach() for n, t in fast.items()}
+
+
 def adapt_fast_weights(model: nn.Module, owner: str, support_x: torch.Tensor, support_y: torch.Tensor,
                        n_ways: int, steps: int | None, adapt: list[str], lr) -> FastWeights:
     """Fine-tune the parameters named in ``adapt`` on a support set (no graph kept)."""
     check_support(owner, support_x, support_y, n_ways, model.task_kind)
     check_ways(owner, n_ways, model.n_outputs, model.task_kind)
     n_steps = model.config.eval_inner_steps if steps is None else int(steps)
-    with torch.enable_grad():
-        params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if n in adapt}
-        fast = inner_loop(forward_with(model, model), params, support_x, support_y, kind=model.task_kind,
-                          steps=n_steps, lr=lr, adapt=adapt, create_graph=False)
-    return FastWeights({n: t.detach() for n, t in fast.items()}, n_steps)
+    return FastWeights(fit_fast_weights(model, model, support_x, support_y, n_steps, adapt, lr), n_steps)
 
 
 def run_meta_batch(model: nn.Module, owner: str, one_task, batch: TaskBatch, main: dict[str, torch.Tensor],
@@ -234,8 +241,8 @@ def fast_weight_meta_loss(model: nn.Module, owner: str, batch: TaskBatch, adapt:
     loss at the fast weights; the meta-gradient is taken for every trainable parameter."""
     cfg, kind = model.config, model.task_kind
     check_ways(f"{owner}.meta_loss", batch.n_ways, model.n_outputs, kind)
-    main = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    names = list(main)
+    names = trainable_names(model)
+    main = dict(model.named_parameters())
     b = batch.meta_batch_size
     if model.executor.resolve(batch.support_x.device)[0] == "vmap":
         fwd = forward_with(model, model)

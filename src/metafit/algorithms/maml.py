@@ -24,6 +24,7 @@ from .common import (
     fast_weight_meta_loss,
     forward_with,
     setup_fast_weight_model,
+    trainable_names,
 )
 
 __all__ = ["MAML", "MAMLConfig"]
@@ -47,18 +48,15 @@ class MAML(Algorithm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def _names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
-
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
         """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
-        return adapt_fast_weights(self, "MAML.adapt", support_x, support_y, n_ways, steps, self._names(),
+        return adapt_fast_weights(self, "MAML.adapt", support_x, support_y, n_ways, steps, trainable_names(self),
                                   self.config.inner_lr)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         return forward_with(self, self)(adapted.params, x, adapted.steps)
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
-        return fast_weight_meta_loss(self, "MAML", batch, self._names(), self.config.inner_lr,
+        return fast_weight_meta_loss(self, "MAML", batch, trainable_names(self), self.config.inner_lr,
                                      self.config.first_order)

@@ -17,15 +17,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..functional import (
-    TaskResult,
-    batched_inner_loop,
-    batched_task_loss,
-    gradient_as_loss,
-    inner_loop,
-    task_loss,
-    task_metric,
-)
+from ..functional import TaskResult, batched_inner_loop, batched_task_loss, gradient_as_loss, task_loss, task_metric
 from ..types import TaskBatch
 from .base import Algorithm, MetaOutput
 from .common import (
@@ -33,9 +25,11 @@ from .common import (
     InnerLoopConfig,
     adapt_fast_weights,
     check_ways,
+    fit_fast_weights,
     forward_with,
     run_meta_batch,
     setup_fast_weight_model,
+    trainable_names,
 )
 
 __all__ = ["Reptile", "ReptileConfig"]
@@ -61,39 +55,25 @@ class Reptile(Algorithm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def _names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
-
-    def _fwd(self, module: nn.Module):
-        return forward_with(self, module)
-
-    def _fit(self, module, x, y, steps) -> dict[str, torch.Tensor]:
-        names = self._names()
-        with torch.enable_grad():
-            params = {n: p.detach().requires_grad_() for n, p in self.named_parameters() if n in names}
-            fast = inner_loop(self._fwd(module), params, x, y, kind=self.task_kind, steps=steps,
-                              lr=self.config.inner_lr, adapt=names, create_graph=False)
-        return {n: t.detach() for n, t in fast.items()}
-
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
         """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
-        return adapt_fast_weights(self, "Reptile.adapt", support_x, support_y, n_ways, steps, self._names(),
-                                  self.config.inner_lr)
+        return adapt_fast_weights(self, "Reptile.adapt", support_x, support_y, n_ways, steps,
+                                  trainable_names(self), self.config.inner_lr)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
-        return self._fwd(self)(adapted.params, x, adapted.steps)
+        return forward_with(self, self)(adapted.params, x, adapted.steps)
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
         check_ways("Reptile.meta_loss", batch.n_ways, self.n_outputs, self.task_kind)
         cfg, kind = self.config, self.task_kind
-        names = self._names()
+        names = trainable_names(self)
         main = dict(self.named_parameters())
         b = batch.meta_batch_size
         if self.executor.resolve(batch.support_x.device)[0] == "vmap":
             x = torch.cat([batch.support_x, batch.query_x], 1)
             y = torch.cat([batch.support_y, batch.query_y], 1)
-            fwd = self._fwd(self)
+            fwd = forward_with(self, self)
             with torch.enable_grad():
                 start = {n: main[n].detach().expand(b, *main[n].shape).requires_grad_() for n in names}
                 fast = batched_inner_loop(fwd, start, x, y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr,
@@ -107,9 +87,9 @@ class Reptile(Algorithm):
         def one_task(module: nn.Module, i: int) -> TaskResult:
             x = torch.cat([batch.support_x[i], batch.query_x[i]])
             y = torch.cat([batch.support_y[i], batch.query_y[i]])
-            fast = self._fit(module, x, y, cfg.inner_steps)
+            fast = fit_fast_weights(self, module, x, y, cfg.inner_steps, names, cfg.inner_lr)
             with torch.no_grad():
-                out = self._fwd(module)(fast, x, cfg.inner_steps)
+                out = forward_with(self, module)(fast, x, cfg.inner_steps)
                 loss = task_loss(out, y, kind) / b
                 grads = [(main[n].detach() - fast[n]) / b for n in names]
             return TaskResult(loss, task_metric(out, y, kind) / b, grads)
