@@ -9,15 +9,29 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..validation import ConfigModel, parse_config
+from .base import BackboneConfig
 from .conv4 import Conv4, Conv4Config
 from .mlp import MLP, MLPConfig
+from .resnet12 import ResNet12, ResNet12Config
 
-__all__ = ["BACKBONES", "MLP", "MLPConfig", "Conv4", "Conv4Config", "backbone_config", "build_backbone"]
+__all__ = [
+    "BACKBONES",
+    "BackboneConfig",
+    "MLP",
+    "MLPConfig",
+    "Conv4",
+    "Conv4Config",
+    "ResNet12",
+    "ResNet12Config",
+    "backbone_config",
+    "build_backbone",
+]
 
 # name -> (config class, module class taking (config, in_channels, image_size))
-BACKBONES: dict[str, tuple[type[ConfigModel], type[nn.Module]]] = {
+BACKBONES: dict[str, tuple[type[BackboneConfig], type[nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
+    "resnet12": (ResNet12Config, ResNet12),
 }
 
 

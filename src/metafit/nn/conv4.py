@@ -8,13 +8,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..validation import ConfigModel
+from .base import BackboneConfig
 from .layers import StableBatchNorm2d, to_channels_last_like
 
 __all__ = ["Conv4", "Conv4Config"]
 
 
-class Conv4Config(ConfigModel):
+class Conv4Config(BackboneConfig):
     name: Literal["conv4"] = "conv4"
     hidden_channels: int = Field(64, ge=1, le=4096, description="channels of every conv block")
     n_blocks: int = Field(4, ge=1, le=8, description="number of conv3x3-BN-ReLU-maxpool blocks")

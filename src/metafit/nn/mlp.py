@@ -9,12 +9,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..validation import ConfigModel
+from .base import BackboneConfig
 
 __all__ = ["MLP", "MLPConfig"]
 
 
-class MLPConfig(ConfigModel):
+class MLPConfig(BackboneConfig):
     name: Literal["mlp"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [40, 40], min_length=1, max_length=16,
                               description="width of each hidden layer")

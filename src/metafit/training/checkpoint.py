@@ -101,7 +101,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
             f"Checkpoint: the config stored in {str(path)!r} must be valid for this metafit version; "
             f"got: {err}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
         ) from err
-    model = build_model(config)
+    model = build_model(config, pretrained=False)  # the checkpoint holds the weights: no weights file read
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -16,6 +16,7 @@ from ..data import DataConfig
 from ..errors import ConfigError
 from ..nn import backbone_config, build_backbone
 from ..validation import ConfigModel, parse_config, set_by_path
+from .pretrained import load_backbone_weights
 
 __all__ = [
     "AugmentConfig",
@@ -69,7 +70,7 @@ class AugmentConfig(ConfigModel):
 
 class TrainConfig(ConfigModel):
     meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
-    meta_batch_size: int = Field(1, ge=1, description="tasks per optimizer step")
+    meta_batch_size: int = Field(1, ge=1, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
     optimizer: Literal["adam", "sgd"] = "adam"
     meta_lr: float = Field(1e-3, gt=0.0, description="outer-loop learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
@@ -165,9 +166,18 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
     return make_config(data)
 
 
-def build_model(config: RunConfig) -> Algorithm:
-    """The algorithm with its backbone, freshly initialised from ``config``."""
+def build_model(config: RunConfig, pretrained: bool = True) -> Algorithm:
+    """The algorithm with its backbone, freshly initialised from ``config``; with ``pretrained``
+    and ``backbone.weights`` set, the backbone starts from that file's weights, and the returned
+    model's ``weights_report`` says what was loaded (None otherwise). Rebuilding a model whose
+    weights come next (checkpoint loading) passes ``pretrained=False``: the file is not read."""
     backbone = build_backbone(config.backbone, config.data.in_channels, config.data.input_size)
+    report = None
+    bb = config.backbone
+    if pretrained and getattr(bb, "weights", None):
+        report = load_backbone_weights(backbone, bb.weights, prefix=bb.weights_prefix, strict=bb.weights_strict)
     kind = config.data.task_kind
     n_outputs = config.task.n_ways if kind == "classification" else config.data.out_features
-    return build_algorithm(config.algorithm, backbone, n_outputs, kind)
+    model = build_algorithm(config.algorithm, backbone, n_outputs, kind)
+    model.weights_report = report
+    return model
