@@ -11,14 +11,28 @@ from annotated_types import Ge, Gt, Le, Lt
 from conftest import synthetic_classes, tiny_config
 from metafit import ConfigError
 from metafit.algorithms import ALGORITHMS, algorithm_config
-from metafit.data import EpisodeSampler
+from metafit.data import ClassBatchSampler, EpisodeSampler
 from metafit.training import Trainer, build_model, load, make_config, save_checkpoint
 
 NAMES = sorted(ALGORITHMS)
 
 
+def _alg(name) -> dict:
+    """The algorithm section of a tiny model; pretraining algorithms need their base-class count
+    (the trainer fills it in from the data)."""
+    return {"name": name, **({"n_base_classes": 10} if ALGORITHMS[name].training_data == "batches" else {})}
+
+
+def _training_batch(model, seed=1):
+    """What ``meta_loss`` trains on: two 5-way episodes, or a mini-batch of base-class images."""
+    data = synthetic_classes(n_classes=10, size=16)
+    if model.training_data == "batches":
+        return ClassBatchSampler(data, seed=seed).sample(8)
+    return EpisodeSampler(data, 5, 1, 3, seed=seed).sample(2)
+
+
 def _model(name, tmp_path):
-    cfg = make_config(tiny_config(tmp_path, algorithm={"name": name}))
+    cfg = make_config(tiny_config(tmp_path, algorithm=_alg(name)))
     torch.manual_seed(0)
     return build_model(cfg), cfg
 
@@ -50,8 +64,7 @@ def test_adapt_predict_shapes(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_meta_loss_fills_finite_gradients(name, tmp_path):
     model, _ = _model(name, tmp_path)
-    sampler = EpisodeSampler(synthetic_classes(n_classes=10, size=16), 5, 1, 3, seed=1)
-    out = model.meta_loss(sampler.sample(2))
+    out = model.meta_loss(_training_batch(model))
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Task", "TaskBatch"]
+__all__ = ["LabelledBatch", "Task", "TaskBatch"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,18 @@ class TaskBatch:
             self.query_y.to(device, non_blocking=True),
             self.n_ways,
         )
+
+
+@dataclass(frozen=True)
+class LabelledBatch:
+    """A standard (non-episodic) mini-batch: images and their base-class labels, for
+    supervised pretraining (transfer baselines)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device: torch.device | str) -> "LabelledBatch":
+        return LabelledBatch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))

@@ -14,8 +14,11 @@ from .anil import ANIL, ANILConfig
 from .common import FastWeights, InnerLoopConfig
 from .maml import MAML, MAMLConfig
 from .metasgd import MetaSGD, MetaSGDConfig
+from .metaoptnet import MetaOptNetSVM, SVMConfig, SVMWeights
 from .protonet import ProtoNet, ProtoNetConfig, Prototypes
+from .r2d2 import R2D2, RidgeConfig, RidgeWeights
 from .reptile import Reptile, ReptileConfig
+from .transfer import TaskHead, Transfer, TransferConfig
 
 __all__ = [
     "ALGORITHMS",
@@ -27,8 +30,17 @@ __all__ = [
     "MAMLConfig",
     "MetaSGD",
     "MetaSGDConfig",
+    "MetaOptNetSVM",
+    "SVMConfig",
+    "SVMWeights",
+    "R2D2",
+    "RidgeConfig",
+    "RidgeWeights",
     "Reptile",
     "ReptileConfig",
+    "TaskHead",
+    "Transfer",
+    "TransferConfig",
     "Adapted",
     "Algorithm",
     "AlgorithmConfig",
@@ -48,6 +60,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     ANIL.name: ANIL,
     MetaSGD.name: MetaSGD,
     Reptile.name: Reptile,
+    MetaOptNetSVM.name: MetaOptNetSVM,
+    R2D2.name: R2D2,
+    Transfer.name: Transfer,
 }
 
 

@@ -77,6 +77,9 @@ class Algorithm(nn.Module):
 
     #: the task kinds an algorithm supports
     task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    #: what ``meta_loss`` trains on: "episodes" (a ``TaskBatch``) or "batches" (a
+    #: ``LabelledBatch`` of base-class images, for supervised pretraining)
+    training_data: ClassVar[str] = "episodes"
 
     def __init__(self, config: AlgorithmConfig, backbone: nn.Module, n_outputs: int = 5,
                  task_kind: str = "classification") -> None:

@@ -6,14 +6,16 @@ Errors of metafit print as one line on stderr with exit code 1 (``--debug`` show
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from ..errors import MetafitError
+from ..errors import ConfigError, MetafitError
 
 __all__ = ["build_parser", "entrypoint", "main"]
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, help="number of fixed episodes (default: eval.test_episodes)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--inner-steps", type=int, help="adaptation steps of a gradient-based learner (default: its eval_inner_steps)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE",
+                   help="change an adaptation field for this evaluation (e.g. algorithm.head=centroid)")
     e.add_argument("--within-group", action="store_true", help="draw every task from one group (alphabet)")
     e.add_argument("--rotations", choices=["on", "off"], help="rotated classes in episodes (default: as trained)")
     e.add_argument("--seed", type=int, help="episode seed (default: the trainer's test seed)")
@@ -82,9 +86,28 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
     _print(f"metafit {__version__}: training {cfg.algorithm.name} ({cfg.task.n_ways}-way {cfg.task.k_shots}-shot "
            f"tasks) for {cfg.train.meta_steps} steps -> {cfg.out_dir}")
-    report = train(cfg, resume=args.resume, test=not args.no_test)
+    with _printing_log("metafit.training.pretrained"):  # the backbone weights report, once the model is built
+        report = train(cfg, resume=args.resume, test=not args.no_test)
     _print_train_report(report)
     return 0
+
+
+@contextlib.contextmanager
+def _printing_log(name: str):
+    """Print the INFO records of logger ``name`` (training code logs, the CLI prints)."""
+    class _Print(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _print(record.getMessage())
+
+    logger, handler = logging.getLogger(name), _Print(logging.INFO)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def _print_train_report(report: dict) -> None:
@@ -125,7 +148,7 @@ def _cmd_eval(args) -> int:
                 episodes=args.episodes, split=args.split, within_group=True if args.within_group else None,
                 rotations=None if args.rotations is None else args.rotations == "on",
                 seed=args.seed, data_root=args.data_dir, device=args.device, progress=bar.update,
-                inner_steps=args.inner_steps)
+                inner_steps=args.inner_steps, algorithm_overrides=_algorithm_overrides(args.overrides))
         finally:
             bar.close()
         steps = f", {report['inner_steps']} inner steps" if "inner_steps" in report else ""
@@ -140,6 +163,21 @@ def _cmd_eval(args) -> int:
         write_json(args.json, report)
         _print(f"report: {args.json}")
     return 0
+
+
+def _algorithm_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.startswith("algorithm.") or "." in key[len("algorithm."):]:
+            raise ConfigError(
+                f"Eval: --set must look like algorithm.KEY=VALUE; got {item!r}. Only algorithm fields "
+                "(e.g. algorithm.head=centroid) can change when evaluating a checkpoint."
+            )
+        out[key[len("algorithm."):]] = yaml.safe_load(raw) if raw.strip() else None
+    return out
 
 
 def _cmd_info(args) -> int:

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from ..errors import DataError
 from ..validation import ConfigModel
 from .augment import random_affine
+from .batches import ClassBatchSampler
 from .classes import ImageClasses
 from .download import download_file
 from .folder import load_image_folder, read_image
@@ -21,6 +22,7 @@ from .sampler import Episode, EpisodeSampler
 from .sinusoid import SinusoidEpisode, SinusoidFamily, SinusoidSampler
 
 __all__ = [
+    "ClassBatchSampler",
     "DataConfig",
     "Episode",
     "EpisodeSampler",

@@ -15,7 +15,7 @@ from .config import (
     make_config,
 )
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
-from .run import evaluate_checkpoint, evaluate_runs, train
+from .run import evaluate_checkpoint, evaluate_runs, train, with_algorithm_overrides
 from .trainer import Trainer, TrainResult, make_sampler, resolve_device
 
 __all__ = [
@@ -41,4 +41,5 @@ __all__ = [
     "resolve_device",
     "save_checkpoint",
     "train",
+    "with_algorithm_overrides",
 ]

@@ -11,13 +11,14 @@ import torch
 
 from ..data import ImageClasses, load_runs, load_splits
 from ..errors import ConfigError
+from ..algorithms import Algorithm
 from .checkpoint import load
-from .config import RunConfig, TaskConfig
+from .config import RunConfig, TaskConfig, build_model, make_config
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .metrics_log import write_json
 from .trainer import Trainer, make_sampler
 
-__all__ = ["evaluate_checkpoint", "evaluate_runs", "train"]
+__all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "with_algorithm_overrides"]
 
 TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide with validation
 
@@ -28,7 +29,7 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
           test: bool = True) -> dict[str, Any]:
     """Meta-train, then evaluate the best checkpoint on ``eval.test_episodes`` fixed test episodes.
     Returns (and writes to ``<out_dir>/report.json``) a summary."""
-    trainer = Trainer(config, splits)
+    trainer = Trainer(config, splits, pretrained=not resume)
     result = trainer.fit(resume=resume)
     report: dict[str, Any] = {
         "out_dir": str(result.out_dir),
@@ -59,19 +60,50 @@ def _evaluate(model, data, config: RunConfig, task: TaskConfig, episodes: int, s
     return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps)
 
 
+def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None) -> Algorithm:
+    """The trained ``model`` with some ``algorithm`` fields changed for evaluation only (e.g. a
+    transfer model's ``head``, a learner's ``eval_inner_steps``). Fields that would change the
+    learned parameters (their names or shapes) are refused."""
+    if not overrides:
+        return model
+    config: RunConfig = model.run_config
+    alg = {**config.algorithm.model_dump(mode="json"), **overrides}
+    if alg["name"] != config.algorithm.name:
+        raise ConfigError(
+            f"Eval: algorithm.name must stay {config.algorithm.name!r} when evaluating a checkpoint; got "
+            f"{alg['name']!r}. Override adaptation fields only (e.g. algorithm.head)."
+        )
+    new = make_config({**config.to_dict(), "algorithm": alg})
+    rebuilt = build_model(new, pretrained=False)
+    try:
+        rebuilt.load_state_dict(model.state_dict())
+    except RuntimeError as err:
+        raise ConfigError(
+            f"Eval: algorithm overrides must keep the trained parameters; got {sorted(overrides)} which "
+            f"change them ({str(err).splitlines()[-1].strip()}). Override adaptation fields only."
+        ) from err
+    device = next(iter(model.state_dict().values())).device
+    rebuilt.to(device).train(model.training)
+    rebuilt.run_config = new
+    rebuilt.checkpoint_meta = getattr(model, "checkpoint_meta", {})
+    return rebuilt
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = None, k_shots: int | None = None,
                         n_queries: int | None = None, episodes: int | None = None, split: str = "test",
                         within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
                         data_root: str | None = None, device: str = "cpu", progress=None,
                         splits: dict[str, ImageClasses] | None = None,
-                        inner_steps: int | None = None) -> dict[str, Any]:
+                        inner_steps: int | None = None,
+                        algorithm_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Accuracy (regression: mean squared error) of a checkpoint on fixed episodes of a split
     (task settings default to the checkpoint's ``eval`` section). Test episodes of the same seed
     are those the trainer reports. ``inner_steps`` overrides a gradient-based learner's
-    adaptation steps."""
+    adaptation steps; ``algorithm_overrides`` changes adaptation-only fields of the algorithm
+    (see :func:`with_algorithm_overrides`)."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"Eval: split must be one of 'train', 'val', 'test'; got {split!r}. Choose a listed split.")
-    model = load(checkpoint, device)
+    model = with_algorithm_overrides(load(checkpoint, device), algorithm_overrides)
     config: RunConfig = model.run_config
     if data_root is not None:
         config = config.model_copy(update={"data": config.data.model_copy(update={"root": data_root})})
@@ -104,6 +136,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
            **res.to_dict(), "seconds": time.perf_counter() - t0}
     if inner_steps is not None:
         out["inner_steps"] = inner_steps
+    if algorithm_overrides:
+        out["algorithm_overrides"] = dict(algorithm_overrides)
     return out
 
 

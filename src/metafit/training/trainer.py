@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms import Algorithm
-from ..data import EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, load_splits
+from ..algorithms import Algorithm, get_algorithm
+from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, load_splits
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..types import TaskBatch
+from ..types import LabelledBatch, TaskBatch
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import RunConfig, build_model
 from .evaluate import EvalResult, evaluate_episodes
@@ -46,12 +46,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_sampler(data: ImageClasses | SinusoidFamily, config: RunConfig, split: str,
-                 seed: int) -> EpisodeSampler | SinusoidSampler:
+                 seed: int) -> EpisodeSampler | SinusoidSampler | ClassBatchSampler:
     """The sampler for ``split``: training tasks (with augmentation) or evaluation tasks
-    (``val``/``test``: the ``eval`` section, no augmentation)."""
+    (``val``/``test``: the ``eval`` section, no augmentation). Algorithms that pretrain on
+    standard mini-batches (``training_data == "batches"``) get a :class:`ClassBatchSampler`
+    for the training split."""
     t = config.task if split == "train" else config.eval
     if isinstance(data, SinusoidFamily):
         return data.sampler(t.k_shots, t.n_queries, seed)
+    if split == "train" and get_algorithm(config.algorithm.name).training_data == "batches":
+        return ClassBatchSampler(data, rotations=config.data.rotations, augment=config.augment.sampler_kwargs(),
+                                 seed=seed, owner="Sampler (train split)")
     rotations = config.data.rotations
     if split != "train" and config.eval.rotations is not None:
         rotations = config.eval.rotations
@@ -61,6 +66,21 @@ def make_sampler(data: ImageClasses | SinusoidFamily, config: RunConfig, split: 
         augment=config.augment.sampler_kwargs() if split == "train" else None,
         seed=seed, owner=f"Sampler ({split} split)",
     )
+
+
+def _with_base_classes(config: RunConfig, train: ImageClasses) -> RunConfig:
+    """Record the number of pretraining classes (training classes x rotations) in the config, so
+    that checkpoints rebuild the same classifier; refuse a config that says otherwise."""
+    n = train.n_classes * (4 if config.data.rotations else 1)
+    have = config.algorithm.n_base_classes
+    if have is None:
+        return config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"n_base_classes": n})})
+    if have != n:
+        raise ConfigError(
+            f"Config: algorithm.n_base_classes must equal the training classes (x4 with rotations); got "
+            f"{have} for {n} classes in the data. Remove the field (it is filled in) or fix the data."
+        )
+    return config
 
 
 @dataclass(frozen=True)
@@ -77,7 +97,9 @@ class Trainer:
     """Meta-train ``config``'s algorithm. ``splits`` may be passed to bypass dataset loading."""
 
     def __init__(self, config: RunConfig, splits: dict[str, ImageClasses] | None = None,
-                 out_dir: str | Path | None = None) -> None:
+                 out_dir: str | Path | None = None, pretrained: bool = True) -> None:
+        """``pretrained=False`` skips reading ``backbone.weights`` (a run about to resume from
+        its own checkpoint)."""
         self.config = config
         self.out_dir = Path(out_dir or config.out_dir)
         tc = config.train
@@ -89,8 +111,10 @@ class Trainer:
             # record the channel count inferred from the images, so checkpoints rebuild the same model
             config = config.model_copy(update={"data": config.data.model_copy(update={"channels": channels})})
             self.config = config
+        if get_algorithm(config.algorithm.name).training_data == "batches":
+            config = self.config = _with_base_classes(config, self.splits["train"])
         torch.manual_seed(config.seed)
-        self.model: Algorithm = build_model(config).to(self.device)
+        self.model: Algorithm = build_model(config, pretrained=pretrained).to(self.device)
         self.channels_last = tc.channels_last and self.device.type in ("cpu", "cuda")
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -196,7 +220,12 @@ class Trainer:
         self.timing = dict(ts["timing"])
 
     # -- the loop -------------------------------------------------------------------------
-    def _batch(self) -> TaskBatch:
+    def _batch(self) -> TaskBatch | LabelledBatch:
+        if isinstance(self.train_sampler, ClassBatchSampler):
+            batch = self.train_sampler.sample(self.config.algorithm.batch_size).to(self.device)
+            if self.channels_last and batch.x.ndim == 4:
+                batch = LabelledBatch(batch.x.contiguous(memory_format=torch.channels_last), batch.y)
+            return batch
         batch = self.train_sampler.sample(self.config.train.meta_batch_size).to(self.device)
         if self.channels_last and batch.support_x.ndim == 5:  # [B, N, C, H, W] images
             cl = torch.channels_last

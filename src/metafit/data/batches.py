@@ -1,0 +1,64 @@
+"""Standard mini-batches over all base classes (supervised pretraining of transfer baselines).
+
+Every (class, rotation) pair is one base class, exactly the virtual classes the episode sampler
+draws from: with rotations, Omniglot's 1028 training characters become 4112 classes. Images are
+drawn uniformly at random with replacement from all (image, rotation) pairs, so the state of a
+sampler is its generator alone and resume is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DataError
+from ..types import LabelledBatch
+from .augment import random_affine
+from .classes import ImageClasses
+
+__all__ = ["ClassBatchSampler"]
+
+
+class ClassBatchSampler:
+    """Samples :class:`LabelledBatch` mini-batches with labels ``class * n_rot + rotation``."""
+
+    def __init__(self, data: ImageClasses, *, rotations: bool = False, augment: dict | None = None,
+                 seed: int = 0, owner: str = "ClassBatchSampler") -> None:
+        if data.n_classes < 2:
+            raise DataError(
+                f"{owner}: pretraining needs at least 2 classes; got {data.n_classes}. Add classes to the "
+                "training split."
+            )
+        self.data = data
+        self.n_rot = 4 if rotations else 1
+        self.augment = dict(augment) if augment else None
+        self.generator = torch.Generator().manual_seed(int(seed))
+        counts = data.class_count
+        # position of every image of the collection and its class, in class order
+        self.image_class = torch.arange(data.n_classes).repeat_interleave(counts)
+        offsets = torch.cumsum(counts, 0) - counts
+        within = torch.arange(int(counts.sum())) - offsets.repeat_interleave(counts)
+        self.image_index = data.class_start.repeat_interleave(counts) + within
+
+    @property
+    def n_classes(self) -> int:
+        """Base classes (rotations count as classes)."""
+        return self.data.n_classes * self.n_rot
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def sample(self, batch_size: int) -> LabelledBatch:
+        g = self.generator
+        pick = torch.randint(len(self.image_index), (batch_size,), generator=g)
+        rot = torch.randint(self.n_rot, (batch_size,), generator=g)
+        x = self.data.images[self.image_index[pick]].float().div_(255.0)
+        for r in range(1, self.n_rot):
+            sel = torch.nonzero(rot == r).flatten()
+            if len(sel):
+                x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+        if self.augment is not None:
+            x = random_affine(x, g, **self.augment)
+        return LabelledBatch(x, self.image_class[pick] * self.n_rot + rot)
