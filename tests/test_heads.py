@@ -261,4 +261,4 @@ def test_algorithm_classes_and_config_defaults():
     assert ridge.lambda_init > 0 and ridge.bias_feature
     assert isinstance(_model("svm"), MetaOptNetSVM) and isinstance(_model("ridge"), R2D2)
     frozen = _model("ridge", learn_lambda=False, learn_scale=False)
-    assert [n for n, p in frozen.named_parameters() if not p.requires_grad] == ["log_lambda", "log_scale", "bias"]
+    assert [n for n, p in frozen.named_parameters() if not p.requires_grad] == ["log_lambda", "log_scale"]

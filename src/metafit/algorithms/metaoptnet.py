@@ -7,18 +7,16 @@ solution by implicit differentiation (:func:`metafit.nn.solvers.svm_crammer_sing
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from ..nn.solvers import svm_crammer_singer
-from ..types import Task, TaskBatch
-from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
+from .base import AlgorithmConfig
+from .heads import HeadWeights, LinearSolverHead
 
 __all__ = ["MetaOptNetSVM", "SVMConfig", "SVMWeights"]
 
@@ -42,22 +40,11 @@ class SVMConfig(AlgorithmConfig):
 
 
 @dataclass(frozen=True)
-class SVMWeights(Adapted):
-    weights: torch.Tensor  # [d, n_ways] primal SVM weights W = support^T alpha
+class SVMWeights(HeadWeights):
+    """The task's primal weights [d, n_ways]."""
 
 
-def _head_precision(x: torch.Tensor):
-    """The head runs in at least float32, with autocast off (bfloat16 would spoil the solver)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _widen(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class MetaOptNetSVM(Algorithm):
+class MetaOptNetSVM(LinearSolverHead):
     """MetaOptNet-SVM (Lee et al., "Meta-Learning with Differentiable Convex Optimization", 2019).
 
     Per task, the support embeddings ``x_i`` with labels ``y_i`` give the Crammer-Singer SVM dual
@@ -76,6 +63,7 @@ class MetaOptNetSVM(Algorithm):
 
     name = "svm"
     Config = SVMConfig
+    adapted_type = SVMWeights
 
     def __init__(self, config: SVMConfig, backbone: nn.Module, n_outputs: int = 5,
                  task_kind: str = "classification") -> None:
@@ -83,48 +71,12 @@ class MetaOptNetSVM(Algorithm):
         self.log_scale = nn.Parameter(torch.tensor(float(config.scale_init)).log(),
                                       requires_grad=config.learn_scale)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def _weights(self, support: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
+    def solve(self, support: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
         """Primal SVM weights [B, d, n_ways] from support embeddings [B, n, d]."""
         cfg = self.config
         alpha = svm_crammer_singer(support, labels, n_ways, C=cfg.C, ridge=cfg.ridge,
                                    max_iter=cfg.max_iter, tol=cfg.tol)
         return support.transpose(-1, -2) @ alpha
 
-    def _scores(self, queries: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def scores(self, queries: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.log_scale.exp().to(queries.dtype) * (queries @ weights)
-
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> SVMWeights:
-        check_task(support_x, support_y, n_ways, "MetaOptNetSVM.adapt")
-        emb = _widen(self.embed(support_x))
-        with _head_precision(emb):
-            return SVMWeights(self._weights(emb[None], support_y[None], n_ways)[0])
-
-    def predict(self, adapted: SVMWeights, x: torch.Tensor) -> torch.Tensor:
-        emb = _widen(self.embed(x))
-        with _head_precision(emb):
-            return self._scores(emb, adapted.weights.to(emb.dtype))
-
-    def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
-        # One backbone pass over support and query of all tasks: [B, S + Q, ...] -> [B, S + Q, d]
-        b, s = sx.shape[:2]
-        x = torch.cat([sx, qx], dim=1)
-        emb = _widen(self.embed(x.flatten(0, 1)).unflatten(0, (b, x.shape[1])))
-        with _head_precision(emb):
-            return self._scores(emb[:, s:], self._weights(emb[:, :s], sy, n_ways))
-
-    def meta_loss(self, batch: TaskBatch) -> MetaOutput:
-        logits = self._logits(batch.support_x, batch.support_y, batch.query_x, batch.n_ways)
-        flat = logits.flatten(0, 1)
-        target = batch.query_y.flatten()
-        loss = F.cross_entropy(flat, target, label_smoothing=self.config.label_smoothing)
-        acc = (flat.argmax(-1) == target).float().mean()
-        return MetaOutput(loss, acc.detach())
-
-    def task_logits(self, task: Task) -> torch.Tensor:
-        check_task(task.support_x, task.support_y, task.n_ways, "MetaOptNetSVM.task_logits")
-        return self._logits(
-            task.support_x[None], task.support_y[None], task.query_x[None], task.n_ways
-        )[0]

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..types import Task, TaskBatch
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
+from .heads import episode_embeddings, query_output
 
 __all__ = ["ProtoNet", "ProtoNetConfig", "Prototypes", "class_means", "prototype_logits"]
 
@@ -90,22 +91,12 @@ class ProtoNet(Algorithm):
         return prototype_logits(self.embed(x), adapted.prototypes, self.config.distance, self._scale())
 
     def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
-        # One backbone pass over support and query of all tasks: [B, S + Q, ...] -> [B, S + Q, d]
-        b, s = sx.shape[:2]
-        x = torch.cat([sx, qx], dim=1)
-        emb = self.embed(x.flatten(0, 1)).unflatten(0, (b, x.shape[1]))
-        if emb.dtype in (torch.float16, torch.bfloat16):  # autocast: the head runs in float32
-            emb = emb.float()
-        protos = class_means(emb[:, :s], sy, n_ways)
-        return prototype_logits(emb[:, s:], protos, self.config.distance, self._scale())
+        support, queries = episode_embeddings(self.embed, sx, qx)
+        return prototype_logits(queries, class_means(support, sy, n_ways), self.config.distance, self._scale())
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
-        logits = self._logits(batch.support_x, batch.support_y, batch.query_x, batch.n_ways)
-        flat = logits.flatten(0, 1)
-        target = batch.query_y.flatten()
-        loss = F.cross_entropy(flat, target)
-        acc = (flat.argmax(-1) == target).float().mean()
-        return MetaOutput(loss, acc.detach())
+        return query_output(self._logits(batch.support_x, batch.support_y, batch.query_x, batch.n_ways),
+                            batch.query_y)
 
     def task_logits(self, task: Task) -> torch.Tensor:
         return self._logits(

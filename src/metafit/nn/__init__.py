@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..validation import ConfigModel, parse_config
-from .base import BackboneConfig
+from .base import BackboneConfig, BatchNormConfig
 from .conv4 import Conv4, Conv4Config
 from .mlp import MLP, MLPConfig
 from .resnet12 import ResNet12, ResNet12Config
@@ -17,6 +17,7 @@ from .resnet12 import ResNet12, ResNet12Config
 __all__ = [
     "BACKBONES",
     "BackboneConfig",
+    "BatchNormConfig",
     "MLP",
     "MLPConfig",
     "Conv4",

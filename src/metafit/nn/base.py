@@ -4,11 +4,13 @@ backbone config may subclass :class:`BackboneConfig` to get the same fields."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ..validation import ConfigModel
 
-__all__ = ["BackboneConfig"]
+__all__ = ["BackboneConfig", "BatchNormConfig"]
 
 
 class BackboneConfig(ConfigModel):
@@ -34,3 +36,16 @@ class BackboneConfig(ConfigModel):
         False,
         description="refuse a weights file that misses a backbone tensor or has unused ones under the prefix",
     )
+
+
+class BatchNormConfig(BackboneConfig):
+    """Base of convolutional backbones with BatchNorm layers (Conv4, ResNet-12)."""
+
+    bn_mode: Literal["running", "transductive"] = Field(
+        "running",
+        description=(
+            "running: batch statistics while training, running averages at evaluation; "
+            "transductive: always the statistics of the current task's batch"
+        ),
+    )
+    bn_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum")

@@ -8,24 +8,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import BackboneConfig
+from .base import BatchNormConfig
 from .layers import StableBatchNorm2d, to_channels_last_like
 
 __all__ = ["Conv4", "Conv4Config"]
 
 
-class Conv4Config(BackboneConfig):
+class Conv4Config(BatchNormConfig):
     name: Literal["conv4"] = "conv4"
     hidden_channels: int = Field(64, ge=1, le=4096, description="channels of every conv block")
     n_blocks: int = Field(4, ge=1, le=8, description="number of conv3x3-BN-ReLU-maxpool blocks")
-    bn_mode: Literal["running", "transductive"] = Field(
-        "running",
-        description=(
-            "running: batch statistics while training, running averages at evaluation; "
-            "transductive: always the statistics of the current task's batch"
-        ),
-    )
-    bn_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum")
 
 
 def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:

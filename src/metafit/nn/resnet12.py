@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BackboneConfig
+from .base import BatchNormConfig
 from .layers import StableBatchNorm2d, to_channels_last_like
 
 __all__ = ["ResNet12", "ResNet12Config", "drop_block"]
@@ -31,7 +31,7 @@ N_STAGES = 4
 SLOPE = 0.1  # LeakyReLU negative slope of the reference implementations
 
 
-class ResNet12Config(BackboneConfig):
+class ResNet12Config(BatchNormConfig):
     name: Literal["resnet12"] = "resnet12"
     channels: tuple[
         Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)],
@@ -51,14 +51,6 @@ class ResNet12Config(BackboneConfig):
     dropblock_size: int = Field(
         5, ge=1, le=64, description="side of DropBlock's square blocks (clamped to the feature map)"
     )
-    bn_mode: Literal["running", "transductive"] = Field(
-        "running",
-        description=(
-            "running: batch statistics while training, running averages at evaluation; "
-            "transductive: always the statistics of the current task's batch"
-        ),
-    )
-    bn_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum")
 
 
 def drop_block(x: torch.Tensor, drop_rate: float, block_size: int, training: bool) -> torch.Tensor:
