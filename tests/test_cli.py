@@ -94,3 +94,17 @@ def test_train_on_omniglot_and_eval_on_runs(omniglot_dir, tmp_path, capsys):
                  "--set", "train.progress=false"]) == 0
     assert main(["eval", str(tmp_path / "o" / "best.safetensors"), "--runs", str(runs)]) == 0
     assert "Lake one-shot runs (2 runs)" in capsys.readouterr().out
+
+
+def test_transfer_pretrains_then_evaluates_with_another_head(folder_config, capsys):
+    path, out = folder_config
+    assert main(["train", str(path), "--set", "algorithm.name=transfer", "--set", "algorithm.batch_size=16",
+                 "--set", "train.meta_steps=4", "--set", "train.eval_every=2", "--no-test"]) == 0
+    assert "mini-batches of 16 images over all training classes" in capsys.readouterr().out
+    assert main(["info", str(out / "best.safetensors")]) == 0
+    assert "mini-batches of 16 images over" in capsys.readouterr().out
+    assert main(["eval", str(out / "best.safetensors"), "--ways", "2", "--episodes", "3",
+                 "--set", "algorithm.head=finetune", "--set", "algorithm.finetune_steps=2"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", str(out / "best.safetensors"), "--set", "algorithm.n_base_classes=3"]) == 1
+    assert "must keep the trained parameters" in capsys.readouterr().err

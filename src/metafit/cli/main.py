@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
+    from ..algorithms import get_algorithm
     from ..training import load_config, train
 
     overrides = list(args.overrides)
@@ -84,8 +85,12 @@ def _cmd_train(args) -> int:
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
     cfg = load_config(args.config, overrides)
-    _print(f"metafit {__version__}: training {cfg.algorithm.name} ({cfg.task.n_ways}-way {cfg.task.k_shots}-shot "
-           f"tasks) for {cfg.train.meta_steps} steps -> {cfg.out_dir}")
+    if get_algorithm(cfg.algorithm.name).training_data == "batches":
+        what = f"mini-batches of {cfg.algorithm.batch_size} images over all training classes"
+    else:
+        what = f"{cfg.task.n_ways}-way {cfg.task.k_shots}-shot tasks"
+    _print(f"metafit {__version__}: training {cfg.algorithm.name} ({what}) for {cfg.train.meta_steps} steps "
+           f"-> {cfg.out_dir}")
     with _printing_log("metafit.training.pretrained"):  # the backbone weights report, once the model is built
         report = train(cfg, resume=args.resume, test=not args.no_test)
     _print_train_report(report)
@@ -196,7 +201,11 @@ def _cmd_info(args) -> int:
         _print(f"trained on   {t['k_shots']}-shot regression tasks ({t['n_queries']} query points)")
     else:
         _print(f"data         {d['name']} protocol={d['protocol']} image_size={d['image_size']}")
-        _print(f"trained on   {t['n_ways']}-way {t['k_shots']}-shot {t['n_queries']}-query tasks")
+        alg = cfg["algorithm"]
+        if alg.get("n_base_classes"):  # pretrained on standard mini-batches (transfer)
+            _print(f"trained on   mini-batches of {alg['batch_size']} images over {alg['n_base_classes']} base classes")
+        else:
+            _print(f"trained on   {t['n_ways']}-way {t['k_shots']}-shot {t['n_queries']}-query tasks")
     _print(f"step         {meta['step']}   values {n_params:,} (weights and buffers)   resumable {'train_state' in meta}")
     _print(f"metafit      {meta['metafit_version']} (format {meta['format_version']})")
     if meta.get("metrics"):
