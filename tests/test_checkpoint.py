@@ -26,7 +26,7 @@ def saved(tmp_path):
 
 def test_load_rebuilds_a_ready_model(saved):
     path, model, cfg = saved
-    loaded = metafit.load(path)
+    loaded = metafit.load(path).algorithm
     assert not loaded.training
     assert loaded.run_config == cfg and loaded.checkpoint_meta["step"] == 7
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -1,8 +1,9 @@
 """metafit: practical meta-learning.
 
-    model = metafit.load("runs/omniglot/best.safetensors")
-    adapted = model.adapt(support_x, support_y, n_ways)
-    logits = model.predict(adapted, query_x)
+    model = metafit.load("runs/omniglot_protonet_20w1s/best.safetensors")
+    task = model.adapt(["a1.png", "a2.png", "b1.png"], ["alpha", "alpha", "beta"])
+    print(task.predict(["query.png"]).labels)
+    task.save("task.safetensors"); task = metafit.load_task("task.safetensors")
 """
 
 __version__ = "0.1.0"
@@ -20,10 +21,19 @@ from .types import Task, TaskBatch  # noqa: E402
 
 
 def load(path, device="cpu"):
-    """Load a trained model from a metafit checkpoint (see :func:`metafit.training.load`)."""
-    from .training.checkpoint import load as _load
+    """A trained model from a metafit checkpoint, ready to ``adapt`` to labelled images and
+    predict (see :class:`metafit.training.inference.Model`; its ``algorithm`` attribute is the
+    tensor-level :class:`~metafit.algorithms.Algorithm`)."""
+    from .training.inference import load_model
 
-    return _load(path, device)
+    return load_model(path, device)
+
+
+def load_task(path, checkpoint=None, device="cpu"):
+    """An adapted task saved with ``task.save(path)`` (see :func:`metafit.training.inference.load_task`)."""
+    from .training.inference import load_task as _load_task
+
+    return _load_task(path, checkpoint, device)
 
 
 __all__ = [
@@ -38,4 +48,5 @@ __all__ = [
     "TrainingError",
     "__version__",
     "load",
+    "load_task",
 ]

@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="PATH", help="also write the report to this JSON file")
     e.add_argument("--device", default="cpu")
 
+    a = sub.add_parser("adapt", help="adapt a trained model to your labelled images; save the task")
+    a.add_argument("checkpoint")
+    a.add_argument("--support", required=True, metavar="DIR", help="support images, one folder per label: DIR/<label>/<image>")
+    a.add_argument("--out", required=True, metavar="TASK", help="where to save the adapted task (.safetensors)")
+    a.add_argument("--steps", type=int, help="adaptation steps of a gradient-based learner")
+    a.add_argument("--device", default="cpu")
+
+    pr = sub.add_parser("predict", help="predict labels of images with an adapted task (or checkpoint + --support)")
+    pr.add_argument("model", metavar="CHECKPOINT|TASK", help="a saved task, or a checkpoint together with --support")
+    pr.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    pr.add_argument("--support", metavar="DIR", help="with a checkpoint: support images, DIR/<label>/<image>")
+    pr.add_argument("--steps", type=int, help="with a checkpoint: adaptation steps of a gradient-based learner")
+    pr.add_argument("--out", metavar="FILE", help="write .csv or .json (default: CSV on standard output)")
+    pr.add_argument("--top-k", type=int, default=3, help="most probable labels listed per image")
+    pr.add_argument("--batch-size", type=int, default=256, help="images converted and predicted at a time")
+    pr.add_argument("--device", default="cpu")
+
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
 
@@ -185,6 +202,79 @@ def _algorithm_overrides(items: list[str]) -> dict:
     return out
 
 
+def _cmd_adapt(args) -> int:
+    from ..data import list_labelled_images
+    from ..training.inference import load_model
+
+    files, labels = list_labelled_images(args.support)
+    model = load_model(args.checkpoint, args.device)
+    task = model.adapt(files, labels, steps=args.steps)
+    path = task.save(args.out)
+    counts = {n: labels.count(n) for n in task.class_names}
+    _print(f"adapted {model.config.algorithm.name} to {task.n_classes} classes from {len(files)} images "
+           f"({', '.join(f'{n}: {c}' for n, c in counts.items())}); images read as {model.image_format.describe()}")
+    _print(f"task: {path}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    import csv
+    import io
+
+    from tqdm.auto import tqdm
+
+    from ..data import list_images, list_labelled_images
+    from ..training.inference import is_task_file, load_model, load_task
+    from ..training.metrics_log import write_json
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ConfigError(
+            f"Predict: --top-k and --batch-size must be >= 1; got {args.top_k} and {args.batch_size}. Pass positive values."
+        )
+    if is_task_file(args.model):
+        if args.support:
+            raise ConfigError(
+                f"Predict: --support must not be given with a saved task; got {args.model!r} (a task) and --support. "
+                "Drop --support, or pass the checkpoint instead of the task."
+            )
+        task = load_task(args.model, device=args.device)
+    else:
+        if not args.support:
+            raise ConfigError(
+                f"Predict: a checkpoint needs --support DIR to adapt first; got {args.model!r} without it. "
+                "Pass --support, or a task saved by `metafit adapt`."
+            )
+        files, labels = list_labelled_images(args.support)
+        task = load_model(args.model, args.device).adapt(files, labels, steps=args.steps)
+    images = list_images(args.images)
+    bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True, disable=None)
+    try:
+        pred = task.predict(images, batch_size=args.batch_size, progress=bar.update)
+    finally:
+        bar.close()
+    rows = [{"file": str(f), "label": label, "probability": float(p.max()),
+             "top_k": [{"label": n, "probability": q} for n, q in top]}
+            for f, label, p, top in zip(images, pred.labels, pred.probabilities, pred.top_k(args.top_k))]
+    if args.out and args.out.lower().endswith(".json"):
+        write_json(args.out, {"classes": list(task.class_names), "predictions": rows})
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "label", "probability", "top_k"])
+        for r in rows:
+            w.writerow([r["file"], r["label"], f"{r['probability']:.6f}",
+                        ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r["top_k"])])
+        if args.out:
+            from ..data.cache import atomic_write_bytes
+
+            atomic_write_bytes(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
+        else:
+            sys.stdout.write(buf.getvalue())
+    if args.out:
+        _print(f"{len(rows)} predictions over {task.n_classes} classes -> {args.out}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
 
@@ -201,6 +291,9 @@ def _cmd_info(args) -> int:
         _print(f"trained on   {t['k_shots']}-shot regression tasks ({t['n_queries']} query points)")
     else:
         _print(f"data         {d['name']} protocol={d['protocol']} image_size={d['image_size']}")
+        from ..data import DataConfig
+
+        _print(f"images       read as {DataConfig(**d).image_format().describe()} (metafit adapt/predict)")
         alg = cfg["algorithm"]
         if alg.get("n_base_classes"):  # pretrained on standard mini-batches (transfer)
             _print(f"trained on   mini-batches of {alg['batch_size']} images over {alg['n_base_classes']} base classes")
@@ -308,8 +401,8 @@ def _quickstart_omniglot(args, root) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "configs": _cmd_configs,
-            "quickstart": _cmd_quickstart}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
+            "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

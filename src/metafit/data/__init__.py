@@ -16,6 +16,7 @@ from .batches import ClassBatchSampler
 from .classes import ImageClasses
 from .download import download_file
 from .folder import load_image_folder, read_image
+from .images import ImageFormat, list_images, list_labelled_images
 from .omniglot import PROTOCOLS, find_omniglot, load_omniglot, omniglot_splits
 from .runs import load_runs
 from .sampler import Episode, EpisodeSampler
@@ -27,6 +28,9 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "ImageClasses",
+    "ImageFormat",
+    "list_images",
+    "list_labelled_images",
     "PROTOCOLS",
     "download_file",
     "find_omniglot",
@@ -96,6 +100,12 @@ class DataConfig(ConfigModel):
     def sinusoid_family(self) -> SinusoidFamily:
         return SinusoidFamily((self.amplitude_min, self.amplitude_max), (self.phase_min, self.phase_max),
                               (self.x_min, self.x_max))
+
+    def image_format(self) -> ImageFormat | None:
+        """How images are converted for a model trained on this data (None: vector inputs)."""
+        if self.name == "sinusoid":
+            return None
+        return ImageFormat(self.image_size, self.in_channels, self.name == "omniglot" or self.invert)
 
     @property
     def out_features(self) -> int:

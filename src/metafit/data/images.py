@@ -1,0 +1,138 @@
+"""Users' images -> model input, converted exactly as the training images were.
+
+A model's :class:`ImageFormat` (size, channels, ink polarity) follows from the data section of
+the config stored in its checkpoint, so nothing is guessed at prediction time: Omniglot models
+read grayscale with dark ink on a light background turned to high values; folder-trained models
+use the channels and ``invert`` they were trained with. Inputs may be file paths, PIL images,
+numpy arrays (H x W, H x W x C; uint8, or floats in [0, 1]) or torch tensors; a float tensor that
+already has the model's shape ([C, H, W] or [N, C, H, W] at the model's size, values in [0, 1])
+is taken as converted, like the tensors the episode samplers produce.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from .folder import IMAGE_SUFFIXES, read_image
+
+__all__ = ["ImageFormat", "list_images", "list_labelled_images"]
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    size: int
+    channels: int
+    invert: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        mode = "grayscale" if self.channels == 1 else "RGB"
+        ink = ", inverted (dark ink -> high)" if self.invert else ""
+        return f"{mode} {self.size}x{self.size}{ink}"
+
+    def _from_pil(self, im: Image.Image) -> np.ndarray:
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        if im.size != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.Resampling.LANCZOS)
+        arr = np.array(im, dtype=np.uint8)
+        if self.invert:
+            arr = 255 - arr
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def _one(self, item: Any, where: str) -> np.ndarray | torch.Tensor:
+        if isinstance(item, (str, os.PathLike)):
+            if not Path(item).is_file():
+                raise DataError(f"Images: {where} must be an existing image file; got {str(item)!r}. Check the path.")
+            return read_image(item, self.size, self.channels, self.invert)
+        if isinstance(item, Image.Image):
+            return self._from_pil(item)
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point() and tuple(item.shape) == (self.channels, self.size, self.size):
+                return item.detach().float()
+            item = item.detach().cpu().numpy()
+        if isinstance(item, np.ndarray):
+            arr = item
+            if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+                arr = arr.transpose(1, 2, 0)  # [C, H, W] -> [H, W, C]
+            if arr.ndim == 3 and arr.shape[-1] == 1:
+                arr = arr[..., 0]
+            if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+                raise DataError(
+                    f"Images: {where} must be an H x W or H x W x 3/4 array; got shape {tuple(item.shape)}. "
+                    "Pass one image per item."
+                )
+            if np.issubdtype(arr.dtype, np.floating):
+                arr = np.clip(np.nan_to_num(arr) * 255.0, 0, 255).round()
+            return self._from_pil(Image.fromarray(arr.astype(np.uint8)))
+        raise DataError(
+            f"Images: {where} must be a file path, PIL image, numpy array or tensor; got "
+            f"{type(item).__name__}. Convert it to one of those."
+        )
+
+    def convert(self, images: Any) -> torch.Tensor:
+        """Float tensor [N, channels, size, size] in [0, 1] from one image or a sequence of them
+        (or a batch tensor / array [N, ...])."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            if images.is_floating_point() and tuple(images.shape[1:]) == (self.channels, self.size, self.size):
+                return images.detach().float()
+            images = list(images)
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, (str, os.PathLike, Image.Image, torch.Tensor, np.ndarray)):
+            images = [images]
+        items = list(images)
+        if not items:
+            raise DataError("Images: at least one image must be given; got none. Pass files, arrays or tensors.")
+        out = []
+        for i, item in enumerate(items):
+            x = self._one(item, f"image {i}" if not isinstance(item, (str, os.PathLike)) else f"image {str(item)!r}")
+            out.append(x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements=["C", "W"])).float() / 255.0)
+        return torch.stack(out)
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"Images: {str(p)!r} must be an image file or a folder; got nothing there. Check the path.")
+    if not found:
+        raise DataError(
+            f"Images: the paths must hold at least one image ({', '.join(sorted(IMAGE_SUFFIXES))}); got none. "
+            "Point at image files or folders of them."
+        )
+    return found
+
+
+def list_labelled_images(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """A support set as a class-per-folder tree: ``root/<label>/<image>`` -> (files, labels)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"Support: {str(root)!r} must be a folder with one sub-folder per class; got no folder. Check the path."
+        )
+    files, labels = [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        imgs = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files += imgs
+        labels += [d.name] * len(imgs)
+    if not files:
+        raise DataError(
+            f"Support: {str(root)!r} must contain class folders with images (root/<label>/<image>); got none. "
+            "Arrange the support images one folder per label."
+        )
+    return files, labels

@@ -1,0 +1,301 @@
+"""Put a trained model to work: adapt it to a user's labelled examples, predict, and keep the
+adapted task for later.
+
+    model = metafit.load("runs/omniglot_protonet_20w1s/best.safetensors")
+    task = model.adapt(["a1.png", "a2.png", "b1.png"], ["alpha", "alpha", "beta"])
+    result = task.predict(["query.png"])        # result.labels, result.probabilities
+    task.save("my_task.safetensors")            # reuse later without the support set
+    task = metafit.load_task("my_task.safetensors")
+
+Images are converted the way the model's training images were (:class:`ImageFormat`, derived
+from the data section of the checkpoint's config). Labels may be any strings or integers; they
+are mapped to the model's classes in order of first appearance and reported back as
+``task.class_names``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from .. import __version__
+from ..algorithms import Adapted, Algorithm
+from ..data import ImageFormat
+from ..data.cache import atomic_write_bytes, file_digest
+from ..errors import CheckpointError, TaskError
+from .checkpoint import load as load_algorithm
+from .config import RunConfig
+
+__all__ = ["AdaptedTask", "Model", "Prediction", "is_task_file", "load_model", "load_task"]
+
+TASK_FORMAT = "metafit-task"
+TASK_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """``labels``: the predicted class name of every image; ``probabilities`` [N, n_classes] in
+    the order of ``class_names``."""
+
+    labels: list
+    probabilities: torch.Tensor
+    class_names: tuple
+
+    def top_k(self, k: int = 3) -> list[list[tuple[Any, float]]]:
+        """The ``k`` most probable (class name, probability) pairs of every image."""
+        k = max(1, min(int(k), len(self.class_names)))
+        p, idx = self.probabilities.topk(k, dim=-1)
+        return [[(self.class_names[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())]
+                for pr, ix in zip(p, idx)]
+
+
+def _label_key(label: Any) -> Any:
+    if isinstance(label, torch.Tensor) or hasattr(label, "item"):
+        label = label.item()
+    if not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise TaskError(
+            f"Adapt: labels must be strings or integers; got {label!r} ({type(label).__name__}). "
+            "Pass one class name or id per support image."
+        )
+    return label
+
+
+class Model:
+    """A trained model ready for new tasks: :meth:`adapt` on labelled examples, then predict.
+    ``algorithm`` is the underlying :class:`~metafit.algorithms.Algorithm` (tensor interface)."""
+
+    def __init__(self, algorithm: Algorithm, checkpoint: str | os.PathLike | None = None) -> None:
+        self.algorithm = algorithm.eval()
+        self.config: RunConfig = algorithm.run_config
+        self.checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
+        self.checkpoint_meta: dict = getattr(algorithm, "checkpoint_meta", {})
+        self.image_format: ImageFormat | None = self.config.data.image_format()
+        self._digest: str | None = None
+
+    @property
+    def run_config(self) -> RunConfig:
+        return self.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.algorithm.state_dict().values())).device
+
+    def checkpoint_digest(self) -> str | None:
+        if self._digest is None and self.checkpoint is not None:
+            self._digest = file_digest(self.checkpoint)
+        return self._digest
+
+    def images(self, images: Any) -> torch.Tensor:
+        """Model-ready tensor of ``images`` (see :mod:`metafit.data.images`)."""
+        if self.image_format is None:
+            raise TaskError(
+                f"Adapt: this {self.config.data.task_kind} model takes vectors, not images; got images. "
+                "Use model.algorithm.adapt(x, y, n_ways=1) with float tensors."
+            )
+        return self.image_format.convert(images).to(self.device)
+
+    def adapt(self, images: Any, labels: Sequence[Any], steps: int | None = None) -> "AdaptedTask":
+        """Learn a new task from labelled support images (paths, PIL images, arrays or tensors)
+        and arbitrary label names. ``steps`` overrides a gradient-based learner's adaptation steps."""
+        x = self.images(images)
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()
+        keys = [_label_key(v) for v in labels]
+        if len(keys) != x.shape[0]:
+            raise TaskError(
+                f"Adapt: labels must give one label per support image; got {len(keys)} labels for "
+                f"{x.shape[0]} images. Pass as many labels as images."
+            )
+        names = tuple(dict.fromkeys(keys))
+        if len(names) < 2:
+            raise TaskError(
+                f"Adapt: a task needs at least 2 classes; got {len(names)} ({list(names)}). "
+                "Add support images of another class."
+            )
+        index = {n: i for i, n in enumerate(names)}
+        y = torch.tensor([index[k] for k in keys], device=x.device)
+        kwargs = {} if steps is None else {"steps": int(steps)}
+        with torch.no_grad():
+            try:
+                adapted = self.algorithm.adapt(x, y, len(names), **kwargs)
+            except TypeError as err:
+                if kwargs and "steps" in str(err):
+                    raise TaskError(
+                        f"Adapt: steps only apply to gradient-based learners; got steps={steps} for "
+                        f"{self.config.algorithm.name!r}. Drop steps."
+                    ) from err
+                raise
+        return AdaptedTask(self, adapted, names)
+
+    def __repr__(self) -> str:
+        fmt = self.image_format.describe() if self.image_format else "vectors"
+        return f"Model({self.config.algorithm.name}, {fmt}, checkpoint={str(self.checkpoint)!r})"
+
+
+class AdaptedTask:
+    """A model adapted to one task: predicts its classes; :meth:`save` keeps it for later."""
+
+    def __init__(self, model: Model, adapted: Adapted, class_names: tuple) -> None:
+        self.model = model
+        self.adapted = adapted
+        self.class_names = tuple(class_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def logits(self, images: Any) -> torch.Tensor:
+        x = self.model.images(images)
+        with torch.no_grad():
+            return self.model.algorithm.predict(self.adapted, x).float()
+
+    def predict(self, images: Any, batch_size: int = 256,
+                progress: Callable[[int], Any] | None = None) -> Prediction:
+        """Class names and probabilities of ``images``, converted and run ``batch_size`` at a time."""
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
+            chunks = [images]
+        else:
+            chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        probs = []
+        for chunk in chunks:
+            probs.append(torch.softmax(self.logits(chunk), dim=-1).cpu())
+            if progress is not None:
+                progress(len(chunk) if isinstance(chunk, (list, tuple)) else 1)
+        p = torch.cat(probs)
+        return Prediction([self.class_names[i] for i in p.argmax(-1).tolist()], p, self.class_names)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the adapted task (tensors in safetensors, names and the checkpoint it belongs to
+        as JSON metadata); atomic. Loading needs the same checkpoint (its digest is checked)."""
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        dicts: list[str] = []
+        for f in fields(self.adapted):
+            v = getattr(self.adapted, f.name)
+            if isinstance(v, torch.Tensor):
+                tensors[f"adapted.{f.name}"] = v.detach().cpu().contiguous().clone()
+            elif isinstance(v, dict):
+                dicts.append(f.name)
+                for k, t in v.items():
+                    tensors[f"adapted.{f.name}.{k}"] = t.detach().cpu().contiguous().clone()
+            else:
+                values[f.name] = v
+        meta = {
+            "format": TASK_FORMAT, "format_version": TASK_FORMAT_VERSION, "metafit_version": __version__,
+            "algorithm": self.model.config.algorithm.name, "adapted_type": type(self.adapted).__name__,
+            "values": values, "dict_fields": dicts, "class_names": list(self.class_names),
+            "checkpoint": str(self.model.checkpoint) if self.model.checkpoint else None,
+            "checkpoint_sha256": self.model.checkpoint_digest(),
+        }
+        blob = st_save(tensors, metadata={"metafit_task": json.dumps(meta)})
+        atomic_write_bytes(path, lambda f: f.write(blob))
+        return path
+
+    def __repr__(self) -> str:
+        return f"AdaptedTask({self.model.config.algorithm.name}, classes={list(self.class_names)})"
+
+
+def _adapted_types() -> dict[str, type]:
+    out, todo = {}, [Adapted]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return out
+
+
+def _task_meta(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("metafit_task")
+    return json.loads(raw) if raw else None
+
+
+def is_task_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a task saved by :meth:`AdaptedTask.save` (not a model checkpoint)."""
+    try:
+        return Path(path).is_file() and _task_meta(Path(path)) is not None
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
+    """A trained :class:`Model` from a metafit checkpoint (safetensors; no code is executed)."""
+    return Model(load_algorithm(path, device), path)
+
+
+def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | None = None,
+              device: str | torch.device = "cpu") -> AdaptedTask:
+    """An :class:`AdaptedTask` saved by :meth:`AdaptedTask.save`. The model comes from
+    ``checkpoint`` (a path or a loaded :class:`Model`), else from the path recorded in the file;
+    either way it must be the checkpoint the task was adapted with (sha256 checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Task: {str(path)!r} must be a saved task file; got no file there. Check the path.")
+    try:
+        meta = _task_meta(path)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"Task: {str(path)!r} must be a task file written by task.save(); got an unreadable file ({err}). "
+            "Adapt again and save."
+        ) from err
+    if not meta or meta.get("format") != TASK_FORMAT:
+        raise CheckpointError(
+            f"Task: {str(path)!r} must be a task file written by task.save(); got a safetensors file without "
+            "metafit task metadata. Pass a saved task (a model checkpoint goes to metafit.load)."
+        )
+    if isinstance(checkpoint, Model):
+        model = checkpoint
+    else:
+        source = checkpoint or meta.get("checkpoint")
+        if not source or not Path(source).is_file():
+            raise CheckpointError(
+                f"Task: the model checkpoint of {str(path)!r} must be available; got {str(source)!r}, which does "
+                "not exist. Pass checkpoint=PATH (the file the task was adapted with)."
+            )
+        model = load_model(source, device)
+    want = meta.get("checkpoint_sha256")
+    if want and model.checkpoint_digest() not in (None, want):
+        raise CheckpointError(
+            f"Task: {str(path)!r} must be used with the checkpoint it was adapted with; got {str(model.checkpoint)!r} "
+            "whose contents differ. Pass that checkpoint, or adapt again with this one."
+        )
+    if meta.get("algorithm") != model.config.algorithm.name:
+        raise CheckpointError(
+            f"Task: {str(path)!r} must be used with a {meta.get('algorithm')} model; got a "
+            f"{model.config.algorithm.name} model. Pass the checkpoint the task was adapted with."
+        )
+    cls = _adapted_types().get(meta["adapted_type"])
+    if cls is None:
+        raise CheckpointError(
+            f"Task: {str(path)!r} must hold a known adapted state; got type {meta['adapted_type']!r}. "
+            "Use the metafit version that wrote it."
+        )
+    dev = model.device
+    kwargs: dict[str, Any] = dict(meta["values"])
+    for f in fields(cls):
+        if f.name in meta["dict_fields"]:
+            prefix = f"adapted.{f.name}."
+            kwargs[f.name] = {k[len(prefix):]: v.to(dev) for k, v in tensors.items() if k.startswith(prefix)}
+        elif f"adapted.{f.name}" in tensors:
+            kwargs[f.name] = tensors[f"adapted.{f.name}"].to(dev)
+    try:
+        adapted = cls(**kwargs)
+    except TypeError as err:
+        raise CheckpointError(
+            f"Task: {str(path)!r} must hold every field of {cls.__name__}; got {sorted(kwargs)} ({err}). "
+            "The file is damaged or from another version; adapt again."
+        ) from err
+    return AdaptedTask(model, adapted, tuple(meta["class_names"]))
