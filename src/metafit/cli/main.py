@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=256, help="images converted and predicted at a time")
     pr.add_argument("--device", default="cpu")
 
+    sv = sub.add_parser("serve", help="serve a checkpoint over HTTP: create tasks, predict (FastAPI)")
+    sv.add_argument("checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-tasks", type=int, default=64, help="adapted tasks kept (least recently used evicted)")
+    sv.add_argument("--max-images", type=int, default=256, help="images per request")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="request body size limit")
+    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image (width x height)")
+    sv.add_argument("--api-key-env", default="METAFIT_API_KEY", metavar="VAR",
+                    help="environment variable holding the API key (requests must send it when it is set)")
+    sv.add_argument("--device", default="cpu")
+
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
 
@@ -275,6 +287,36 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from ..serve import ServeLimits, create_app
+    except ImportError as err:
+        raise ConfigError(
+            f"Serve: the serve extra must be installed; got {err}. Run pip install -c constraints.txt -e \".[serve]\"."
+        ) from err
+    from ..training.inference import load_model
+
+    for name, value in (("--port", args.port), ("--max-tasks", args.max_tasks), ("--max-images", args.max_images),
+                        ("--max-body-mb", args.max_body_mb), ("--max-image-pixels", args.max_image_pixels)):
+        if value <= 0 or (name == "--port" and value > 65535):
+            raise ConfigError(f"Serve: {name} must be positive (a port at most 65535); got {value}. Fix the option.")
+    key = os.environ.get(args.api_key_env) or None
+    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
+                         max_image_pixels=args.max_image_pixels, max_tasks=args.max_tasks, api_key=key)
+    model = load_model(args.checkpoint, args.device)
+    app = create_app(model, limits)
+    _print(f"serving {model.config.algorithm.name} from {args.checkpoint} on http://{args.host}:{args.port} "
+           f"(API docs at /docs; API key {'required' if key else 'off'})")
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _print(f"warning: listening on {args.host} without an API key; set {args.api_key_env} to require one")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
 
@@ -402,7 +444,7 @@ def _quickstart_omniglot(args, root) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
-            "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
+            "serve": _cmd_serve, "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
