@@ -84,6 +84,10 @@ def test_create_predict_list_delete(tmp_path, support):
         r = c.post(f"/tasks/{task['task_id']}/predict", files=_files(files), params={"top_k": 2})
         preds = r.json()["predictions"]
         assert [p["label"] for p in preds] == labels and len(preds[0]["top_k"]) == 2
+        r = c.post(f"/tasks/{task['task_id']}/predict", files=_files(files), params={"abstain_below": 1.0})
+        assert all(p["label"] is None and p["abstained"] for p in r.json()["predictions"] if p["probability"] < 1.0)
+        r = c.post(f"/tasks/{task['task_id']}/predict", files=_files(files), params={"abstain_below": 2.0})
+        assert r.status_code == 400 and "abstain_below must be a probability" in r.json()["error"]
         assert [t["task_id"] for t in c.get("/tasks").json()["tasks"]] == [task["task_id"]]
         assert c.delete(f"/tasks/{task['task_id']}").status_code == 204
         r = c.post(f"/tasks/{task['task_id']}/predict", files=_files(files[:1]))

@@ -72,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, help="with a checkpoint: adaptation steps of a gradient-based learner")
     pr.add_argument("--out", metavar="FILE", help="write .csv or .json (default: CSV on standard output)")
     pr.add_argument("--top-k", type=int, default=3, help="most probable labels listed per image")
+    pr.add_argument("--abstain-below", type=float, metavar="P",
+                    help="answer 'unknown' where the top probability is below P (0 < P <= 1)")
     pr.add_argument("--batch-size", type=int, default=256, help="images converted and predicted at a time")
     pr.add_argument("--device", default="cpu")
+
+    cb = sub.add_parser("calibrate", help="fit a softmax temperature on validation episodes; store it in the checkpoint")
+    cb.add_argument("checkpoint")
+    cb.add_argument("--episodes", type=int, help="validation episodes (default: the checkpoint's eval.val_episodes)")
+    cb.add_argument("--ways", type=int, help="classes per task (default: the checkpoint's eval.n_ways)")
+    cb.add_argument("--shots", type=int, help="support examples per class")
+    cb.add_argument("--out", metavar="PATH", help="write a calibrated copy instead of updating the checkpoint")
+    cb.add_argument("--data-dir", help="dataset folder, if it moved since training")
+    cb.add_argument("--device", default="cpu")
 
     sv = sub.add_parser("serve", help="serve a checkpoint over HTTP: create tasks, predict (FastAPI)")
     sv.add_argument("checkpoint")
@@ -193,6 +204,11 @@ def _cmd_eval(args) -> int:
             _print(f"{report['split']} {report['n_ways']}-way {report['k_shots']}-shot"
                    f"{' within-group' if report['within_group'] else ''}{steps}: accuracy {100 * report['mean']:.2f}% "
                    f"+/- {100 * report['ci95']:.2f}% (95% CI over {report['episodes']} episodes, seed {report['seed']})")
+            if report.get("ece") is not None:
+                cal = (f", {100 * report['ece_calibrated']:.2f}% with the calibrated temperature "
+                       f"{report['temperature']:.3f}" if report.get("ece_calibrated") is not None else
+                       " (uncalibrated: run metafit calibrate)")
+                _print(f"expected calibration error {100 * report['ece']:.2f}%{cal}")
     if args.json:
         write_json(args.json, report)
         _print(f"report: {args.json}")
@@ -261,10 +277,10 @@ def _cmd_predict(args) -> int:
     images = list_images(args.images)
     bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True, disable=None)
     try:
-        pred = task.predict(images, batch_size=args.batch_size, progress=bar.update)
+        pred = task.predict(images, batch_size=args.batch_size, progress=bar.update, abstain_below=args.abstain_below)
     finally:
         bar.close()
-    rows = [{"file": str(f), "label": label, "probability": float(p.max()),
+    rows = [{"file": str(f), "label": label, "probability": float(p.max()), "abstained": label is None,
              "top_k": [{"label": n, "probability": q} for n, q in top]}
             for f, label, p, top in zip(images, pred.labels, pred.probabilities, pred.top_k(args.top_k))]
     if args.out and args.out.lower().endswith(".json"):
@@ -272,9 +288,9 @@ def _cmd_predict(args) -> int:
     else:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["file", "label", "probability", "top_k"])
+        w.writerow(["file", "label", "probability", "top_k"])  # label "unknown": abstained
         for r in rows:
-            w.writerow([r["file"], r["label"], f"{r['probability']:.6f}",
+            w.writerow([r["file"], "unknown" if r["abstained"] else r["label"], f"{r['probability']:.6f}",
                         ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r["top_k"])])
         if args.out:
             from ..data.cache import atomic_write_bytes
@@ -284,6 +300,18 @@ def _cmd_predict(args) -> int:
             sys.stdout.write(buf.getvalue())
     if args.out:
         _print(f"{len(rows)} predictions over {task.n_classes} classes -> {args.out}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from ..training.calibration import calibrate_checkpoint
+
+    r = calibrate_checkpoint(args.checkpoint, episodes=args.episodes, n_ways=args.ways, k_shots=args.shots,
+                             out=args.out, data_root=args.data_dir, device=args.device)
+    _print(f"temperature {r['temperature']:.4f} fitted on {r['episodes']} validation episodes "
+           f"({r['n_ways']}-way {r['k_shots']}-shot): ECE {100 * r['ece_before']:.2f}% -> {100 * r['ece_after']:.2f}%, "
+           f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}")
+    _print(f"stored in {r['checkpoint']}")
     return 0
 
 
@@ -444,7 +472,7 @@ def _quickstart_omniglot(args, root) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
-            "serve": _cmd_serve, "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
+            "calibrate": _cmd_calibrate, "serve": _cmd_serve, "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

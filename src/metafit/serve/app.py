@@ -8,7 +8,8 @@ Endpoints (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 - ``POST /tasks``: multipart ``images`` (files) and ``labels`` (one form field per image, or one
   JSON list) -> ``{task_id, class_names, ...}``.
 - ``GET /tasks``, ``DELETE /tasks/{task_id}``.
-- ``POST /tasks/{task_id}/predict``: multipart ``images`` -> per-image label, probability, top-k.
+- ``POST /tasks/{task_id}/predict``: multipart ``images`` -> per-image label, probability, top-k;
+  ``?abstain_below=P`` answers ``label: null, abstained: true`` below top probability P.
 
 Protection: a maximum request body (checked on ``Content-Length`` and while streaming), images
 per request, pixels per image (checked before decoding), tasks kept (least recently used are
@@ -254,7 +255,8 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
                 "algorithm_config": cfg.algorithm.model_dump(mode="json"),
                 "backbone": cfg.backbone.name, "image_format": model.image_format.to_dict(),
                 "checkpoint": str(model.checkpoint) if model.checkpoint else None,
-                "step": model.checkpoint_meta.get("step"), "tasks": len(store), "limits": limits.public()}
+                "step": model.checkpoint_meta.get("step"), "temperature": model.temperature,
+                "tasks": len(store), "limits": limits.public()}
 
     @app.post("/tasks", status_code=201, dependencies=[Depends(check_key)])
     def create_task(images: list[UploadFile] = File(...), labels: list[str] = Form(...)) -> dict[str, Any]:
@@ -274,15 +276,16 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
         store.delete(task_id)
 
     @app.post("/tasks/{task_id}/predict", dependencies=[Depends(check_key)])
-    def predict(task_id: str, images: list[UploadFile] = File(...), top_k: int = 3) -> dict[str, Any]:
+    def predict(task_id: str, images: list[UploadFile] = File(...), top_k: int = 3,
+                abstain_below: float | None = None) -> dict[str, Any]:
         task = store.get(task_id)
         if top_k < 1:
             raise TaskError(f"Serve: top_k must be >= 1; got {top_k}. Pass a positive top_k.")
         pics, names = read_images(images)
         with compute:
-            pred = task.predict(pics)
+            pred = task.predict(pics, abstain_below=abstain_below)
         return {"task_id": task_id, "predictions": [
-            {"file": n, "label": lab, "probability": float(p.max()),
+            {"file": n, "label": lab, "probability": float(p.max()), "abstained": lab is None,
              "top_k": [{"label": c, "probability": q} for c, q in top]}
             for n, lab, p, top in zip(names, pred.labels, pred.probabilities, pred.top_k(top_k))]}
 

@@ -21,7 +21,7 @@ from ..data.cache import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError
 from .config import RunConfig, build_model, make_config
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint", "update_checkpoint_meta"]
 
 FORMAT = "metafit-checkpoint"
 FORMAT_VERSION = 1
@@ -47,6 +47,18 @@ def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig
     blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
     atomic_write_bytes(path, lambda f: f.write(blob))
     return path
+
+
+def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any],
+                           out: str | os.PathLike | None = None) -> Path:
+    """Write ``path``'s checkpoint with metadata ``updates`` merged in, to ``out`` (default: in
+    place, atomically); the tensors are unchanged."""
+    meta, tensors = read_checkpoint(path)
+    meta.update(updates)
+    target = Path(out) if out is not None else Path(path)
+    blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
+    atomic_write_bytes(target, lambda f: f.write(blob))
+    return target
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -45,6 +45,10 @@ class EvalConfig(TaskConfig):
     val_episodes: int = Field(200, ge=1, description="fixed validation episodes used to pick the best checkpoint")
     test_episodes: int = Field(1000, ge=1, description="fixed test episodes for the final report")
     seed: int = Field(2024, ge=0, description="seed of the fixed validation/test episodes")
+    calibrate: bool = Field(
+        True, description="after training, fit a softmax temperature on the validation episodes and store it "
+        "in the best checkpoint (classification)"
+    )
 
 
 class AugmentConfig(ConfigModel):

@@ -42,12 +42,14 @@ TASK_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Prediction:
-    """``labels``: the predicted class name of every image; ``probabilities`` [N, n_classes] in
-    the order of ``class_names``."""
+    """``labels``: the predicted class name of every image (None where the model abstained:
+    top probability below ``abstain_below``); ``probabilities`` [N, n_classes] in the order of
+    ``class_names`` (temperature-calibrated when the checkpoint holds a temperature)."""
 
     labels: list
     probabilities: torch.Tensor
     class_names: tuple
+    abstain_below: float | None = None
 
     def top_k(self, k: int = 3) -> list[list[tuple[Any, float]]]:
         """The ``k`` most probable (class name, probability) pairs of every image."""
@@ -78,6 +80,9 @@ class Model:
         self.checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
         self.checkpoint_meta: dict = getattr(algorithm, "checkpoint_meta", {})
         self.image_format: ImageFormat | None = self.config.data.image_format()
+        calibration = self.checkpoint_meta.get("calibration") or {}
+        #: softmax temperature fitted on validation episodes (1.0: uncalibrated)
+        self.temperature: float = float(calibration.get("temperature", 1.0))
         self._digest: str | None = None
 
     @property
@@ -157,20 +162,29 @@ class AdaptedTask:
         with torch.no_grad():
             return self.model.algorithm.predict(self.adapted, x).float()
 
-    def predict(self, images: Any, batch_size: int = 256,
-                progress: Callable[[int], Any] | None = None) -> Prediction:
-        """Class names and probabilities of ``images``, converted and run ``batch_size`` at a time."""
+    def predict(self, images: Any, batch_size: int = 256, progress: Callable[[int], Any] | None = None,
+                abstain_below: float | None = None) -> Prediction:
+        """Class names and probabilities of ``images``, converted and run ``batch_size`` at a time;
+        with ``abstain_below`` in (0, 1], images whose top probability is lower get label None."""
+        if abstain_below is not None and not 0.0 < abstain_below <= 1.0:
+            raise TaskError(
+                f"Predict: abstain_below must be a probability in (0, 1]; got {abstain_below!r}. "
+                "Pass e.g. 0.5, or None to always answer."
+            )
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
             chunks = [images]
         else:
             chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         probs = []
         for chunk in chunks:
-            probs.append(torch.softmax(self.logits(chunk), dim=-1).cpu())
+            probs.append(torch.softmax(self.logits(chunk) / self.model.temperature, dim=-1).cpu())
             if progress is not None:
                 progress(len(chunk) if isinstance(chunk, (list, tuple)) else 1)
         p = torch.cat(probs)
-        return Prediction([self.class_names[i] for i in p.argmax(-1).tolist()], p, self.class_names)
+        top, idx = p.max(-1)
+        labels = [None if abstain_below is not None and float(q) < abstain_below else self.class_names[i]
+                  for q, i in zip(top.tolist(), idx.tolist())]
+        return Prediction(labels, p, self.class_names, abstain_below)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

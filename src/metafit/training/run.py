@@ -40,11 +40,19 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
         "best_checkpoint": str(result.checkpoint),
         "val": result.best_val.to_dict() if result.best_val else None,
     }
+    temperature = None
+    if config.eval.calibrate and config.data.task_kind == "classification":
+        from .calibration import calibrate_checkpoint
+
+        report["calibration"] = calibrate_checkpoint(result.checkpoint, splits=trainer.splits,
+                                                     device=str(trainer.device))
+        temperature = report["calibration"]["temperature"]
     if test:
         model = load(result.checkpoint, trainer.device)
         ec = config.eval
         test_res = _evaluate(model, trainer.splits["test"], config, ec, ec.test_episodes,
-                             ec.seed + TEST_SEED_OFFSET, trainer.device, trainer.channels_last)
+                             ec.seed + TEST_SEED_OFFSET, trainer.device, trainer.channels_last,
+                             temperature=temperature)
         report["test"] = {**test_res.to_dict(), "n_ways": ec.n_ways, "k_shots": ec.k_shots,
                           "n_queries": ec.n_queries, "within_group": ec.within_group}
     write_json(result.out_dir / "report.json", report)
@@ -53,11 +61,11 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
 
 def _evaluate(model, data, config: RunConfig, task: TaskConfig, episodes: int, seed: int,
               device, channels_last: bool, progress=None, split: str = "test",
-              inner_steps: int | None = None) -> EvalResult:
+              inner_steps: int | None = None, temperature: float | None = None) -> EvalResult:
     ev = config.model_copy(update={"eval": config.eval.model_copy(update=task.model_dump())})
     sampler = make_sampler(data, ev, split, 0)
     eps = sampler.fixed_episodes(episodes, seed)
-    return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps)
+    return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps, temperature)
 
 
 def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None) -> Algorithm:
@@ -129,8 +137,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
             f"Eval: inner steps only apply to gradient-based learners; got --inner-steps {inner_steps} for "
             f"{model.config.name!r}. Drop --inner-steps."
         )
+    temperature = (model.checkpoint_meta.get("calibration") or {}).get("temperature")
     res = _evaluate(model, data, config, task, n_eps, seed, dev, dev.type in ("cpu", "cuda"), progress, split,
-                    inner_steps)
+                    inner_steps, temperature)
     rot = ec.rotations if ec.rotations is not None else config.data.rotations
     out = {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
            **res.to_dict(), "seconds": time.perf_counter() - t0}

@@ -1,0 +1,81 @@
+"""Calibrated confidence: ECE, temperature scaling stored in checkpoints, abstaining."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metafit
+from conftest import tiny_config, write_image_tree
+from metafit import TaskError
+from metafit.cli.main import main
+from metafit.data import list_labelled_images
+from metafit.training import evaluate_checkpoint, make_config, read_checkpoint, train
+from metafit.training.calibration import calibrate_checkpoint, fit_temperature
+from metafit.training.evaluate import expected_calibration_error
+
+
+def test_ece_by_hand():
+    # bin (0.6, 0.6667]: two predictions at 0.65, one right -> |0.5 - 0.65| * 2/4
+    # bin (0.9333, 1.0]: two at 0.95, both right -> |1.0 - 0.95| * 2/4
+    conf = torch.tensor([0.65, 0.65, 0.95, 0.95])
+    correct = torch.tensor([1, 0, 1, 1])
+    assert expected_calibration_error(conf, correct) == pytest.approx(0.5 * 0.15 + 0.5 * 0.05)
+    assert expected_calibration_error(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_fitted_temperature_recovers_the_one_that_generated_the_labels():
+    g = torch.Generator().manual_seed(0)
+    z = 3.0 * torch.randn(20000, 5, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(z / 2.5, -1), 1, generator=g).flatten()
+    assert fit_temperature(z, labels) == pytest.approx(2.5, rel=0.05)
+
+
+@pytest.fixture
+def trained(tmp_path, synthetic_splits):
+    cfg = make_config(tiny_config(tmp_path / "run", train={"meta_steps": 30, "eval_every": 30, "save_interval": 30,
+                                                           "meta_lr": 3e-3}))
+    report = train(cfg, splits=synthetic_splits)
+    return report, synthetic_splits
+
+
+def test_training_calibrates_and_reports_ece_before_and_after(trained):
+    report, splits = trained
+    cal = report["calibration"]
+    assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9
+    meta, _ = read_checkpoint(report["best_checkpoint"])
+    assert meta["calibration"]["temperature"] == cal["temperature"]
+    assert report["test"]["temperature"] == cal["temperature"]
+    assert 0.0 <= report["test"]["ece"] <= 1.0 and 0.0 <= report["test"]["ece_calibrated"] <= 1.0
+    r = evaluate_checkpoint(report["best_checkpoint"], splits=splits, episodes=10)
+    assert r["temperature"] == cal["temperature"] and r["ece_calibrated"] is not None
+    assert metafit.load(report["best_checkpoint"]).temperature == cal["temperature"]
+
+
+def test_calibrate_writes_a_copy_and_predictions_use_the_temperature(trained, tmp_path, capsys):
+    report, splits = trained
+    ckpt = report["best_checkpoint"]
+    out = tmp_path / "calibrated.safetensors"
+    cal = calibrate_checkpoint(ckpt, splits=splits, episodes=5, out=out)
+    assert read_checkpoint(out)[0]["calibration"]["episodes"] == 5
+    support = write_image_tree(tmp_path / "support", n_classes=5, per_class=1, size=16)
+    files, labels = list_labelled_images(support)
+    model = metafit.load(out)
+    task = model.adapt(files, labels)
+    logits = task.logits(files)
+    torch.testing.assert_close(task.predict(files).probabilities, torch.softmax(logits / cal["temperature"], -1))
+    sure = task.predict(files, abstain_below=1.0)
+    assert all(lab is None for lab, p in zip(sure.labels, sure.probabilities) if float(p.max()) < 1.0)
+    with pytest.raises(TaskError, match="abstain_below must be a probability"):
+        task.predict(files, abstain_below=1.5)
+    task.save(tmp_path / "t.safetensors")
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", str(tmp_path / "t.safetensors"), "--images", str(support), "--abstain-below", "1.0",
+                 "--out", str(csv_out)]) == 0
+    assert "unknown" in csv_out.read_text()
+    sinusoid = make_config({"data": {"name": "sinusoid"}, "algorithm": {"name": "maml"}, "backbone": {"name": "mlp"}})
+    from metafit.training import build_model, save_checkpoint
+
+    reg = save_checkpoint(tmp_path / "reg.safetensors", build_model(sinusoid), sinusoid, step=0)
+    with pytest.raises(metafit.ConfigError, match="must be a classifier"):
+        calibrate_checkpoint(reg)
