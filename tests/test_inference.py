@@ -16,7 +16,7 @@ from conftest import tiny_config, write_image_tree
 from metafit import CheckpointError, DataError, TaskError
 from metafit.cli.main import main
 from metafit.data import ImageFormat, list_labelled_images
-from metafit.training import build_model, make_config, save_checkpoint
+from metafit.training import build_model, make_config, read_checkpoint, save_checkpoint
 
 
 def _checkpoint(tmp_path, name="protonet", **alg):
@@ -31,8 +31,10 @@ def support_tree(tmp_path):
 
 
 def test_adapt_on_files_with_names_predicts_names(tmp_path, support_tree):
-    model = metafit.load(_checkpoint(tmp_path))
+    ckpt = _checkpoint(tmp_path)
+    model = metafit.load(ckpt)
     assert model.image_format == ImageFormat(16, 1, False)
+    assert read_checkpoint(ckpt)[0]["image_format"] == {"size": 16, "channels": 1, "invert": False}
     files, labels = list_labelled_images(support_tree)
     names = [f"kind-{lab}" for lab in labels]
     task = model.adapt(files, names)

@@ -42,6 +42,8 @@ def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig
         "config": config.to_dict(),
         "step": int(step),
         "metrics": metrics or {},
+        # how user images are converted for this model (metafit.load / adapt / predict / serve)
+        "image_format": fmt.to_dict() if (fmt := config.data.image_format()) is not None else None,
         **(extra_meta or {}),
     }
     blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})

@@ -79,7 +79,9 @@ class Model:
         self.config: RunConfig = algorithm.run_config
         self.checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
         self.checkpoint_meta: dict = getattr(algorithm, "checkpoint_meta", {})
-        self.image_format: ImageFormat | None = self.config.data.image_format()
+        recorded = self.checkpoint_meta.get("image_format")  # older checkpoints: derived from the config
+        self.image_format: ImageFormat | None = (ImageFormat(**recorded) if recorded
+                                                 else self.config.data.image_format())
         calibration = self.checkpoint_meta.get("calibration") or {}
         #: softmax temperature fitted on validation episodes (1.0: uncalibrated)
         self.temperature: float = float(calibration.get("temperature", 1.0))
