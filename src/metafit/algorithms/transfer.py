@@ -26,6 +26,7 @@ pretraining like a BatchNorm running mean, then L2-normalise).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,6 +119,18 @@ def fit_head(feats: torch.Tensor, labels: torch.Tensor, n_ways: int, kind: str, 
     return TaskHead(kind, weight.detach(), None if bias is None else bias.detach())
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """``module`` in evaluation mode inside the block (BatchNorm keeps the pretraining statistics
+    and never updates them), its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 class Transfer(Algorithm):
     name = "transfer"
     Config = TransferConfig
@@ -189,36 +202,27 @@ class Transfer(Algorithm):
 
     def _finetune(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> TaskHead:
         cfg = self.config
-        was_training = self.backbone.training
-        self.backbone.eval()  # keep the pretraining BatchNorm statistics; never update them here
-        try:
-            with torch.enable_grad():
-                params = {n: p.detach().clone().requires_grad_() for n, p in self.backbone.named_parameters()}
-                params.update({n: b for n, b in self.backbone.named_buffers()})
-                with torch.no_grad():
-                    mu = class_means(self.features(support_x), support_y, n_ways)
-                weight = (2.0 * mu).requires_grad_()
-                bias = (-mu.pow(2).sum(-1)).requires_grad_()
-                trainable = [p for p in params.values() if p.requires_grad] + [weight, bias]
-                opt = torch.optim.Adam(trainable, lr=cfg.finetune_lr)
-                for _ in range(cfg.finetune_steps):
-                    opt.zero_grad()
-                    logits = self.features(support_x, params) @ weight.T + bias
-                    F.cross_entropy(logits, support_y).backward()
-                    opt.step()
-        finally:
-            self.backbone.train(was_training)
+        with _eval_mode(self.backbone), torch.enable_grad():
+            params = {n: p.detach().clone().requires_grad_() for n, p in self.backbone.named_parameters()}
+            params.update({n: b for n, b in self.backbone.named_buffers()})
+            with torch.no_grad():
+                mu = class_means(self.features(support_x), support_y, n_ways)
+            weight = (2.0 * mu).requires_grad_()
+            bias = (-mu.pow(2).sum(-1)).requires_grad_()
+            trainable = [p for p in params.values() if p.requires_grad] + [weight, bias]
+            opt = torch.optim.Adam(trainable, lr=cfg.finetune_lr)
+            for _ in range(cfg.finetune_steps):
+                opt.zero_grad()
+                logits = self.features(support_x, params) @ weight.T + bias
+                F.cross_entropy(logits, support_y).backward()
+                opt.step()
         tuned = {n: p.detach() for n, p in params.items()}
         return TaskHead("linear", weight.detach(), bias.detach(), tuned)
 
     def predict(self, adapted: TaskHead, x: torch.Tensor) -> torch.Tensor:
         if adapted.params is not None:
-            was_training = self.backbone.training
-            self.backbone.eval()
-            try:
+            with _eval_mode(self.backbone):
                 feats = self.features(x, adapted.params)
-            finally:
-                self.backbone.train(was_training)
         else:
             feats = self.features(x)
         return head_logits(feats, adapted, self.config.cosine_scale)

@@ -20,7 +20,7 @@ from .cache import cache_dir as default_cache_dir
 from .cache import cached
 from .classes import ImageClasses
 
-__all__ = ["IMAGE_SUFFIXES", "load_image_folder", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "image_array", "load_image_folder", "read_image"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F", "P;L"}
@@ -30,22 +30,28 @@ def _mode_channels(mode: str) -> int:
     return 1 if mode in _GRAY_MODES else 3
 
 
+def image_array(im: Image.Image, image_size: int, channels: int, invert: bool = False) -> np.ndarray:
+    """One PIL image as uint8 ``[channels, size, size]``: converted to grayscale or RGB, resized
+    with Lanczos, intensities inverted if asked. The one conversion every image reader uses."""
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    arr = np.array(im, dtype=np.uint8)
+    if invert:
+        arr = 255 - arr
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
 def read_image(path: str | os.PathLike, image_size: int, channels: int, invert: bool = False) -> np.ndarray:
     """Decode one image to uint8 ``[channels, size, size]``; a one-line DataError if unreadable."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
+            return image_array(im, image_size, channels, invert)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(
             f"Image folder: {str(path)!r} must be a readable image; got an unreadable file ({err}). "
             "Remove or replace the file."
         ) from err
-    if invert:
-        arr = 255 - arr
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def _scan(root: Path) -> list[tuple[str, str, list[Path]]]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .folder import IMAGE_SUFFIXES, read_image
+from .folder import IMAGE_SUFFIXES, image_array, read_image
 
 __all__ = ["ImageFormat", "list_images", "list_labelled_images"]
 
@@ -41,13 +41,7 @@ class ImageFormat:
         return f"{mode} {self.size}x{self.size}{ink}"
 
     def _from_pil(self, im: Image.Image) -> np.ndarray:
-        im = im.convert("L" if self.channels == 1 else "RGB")
-        if im.size != (self.size, self.size):
-            im = im.resize((self.size, self.size), Image.Resampling.LANCZOS)
-        arr = np.array(im, dtype=np.uint8)
-        if self.invert:
-            arr = 255 - arr
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return image_array(im, self.size, self.channels, self.invert)
 
     def _one(self, item: Any, where: str) -> np.ndarray | torch.Tensor:
         if isinstance(item, (str, os.PathLike)):

@@ -34,6 +34,7 @@ from .cache import cache_dir as default_cache_dir
 from .cache import cached, file_digest
 from .classes import ImageClasses
 from .download import download_file
+from .folder import image_array
 
 __all__ = [
     "OMNIGLOT_FILES",
@@ -82,11 +83,7 @@ def find_omniglot(root: str | os.PathLike | None = None, download: bool = False,
 
 def _decode(png: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.LANCZOS)
-        arr = np.asarray(im, dtype=np.uint8)
-    return 255 - arr  # ink (black) -> 255
+        return image_array(im, size, 1, invert=True)[0]  # ink (black) -> 255
 
 
 def _read_zip(path: Path, size: int) -> ImageClasses:
