@@ -419,3 +419,35 @@ def test_cli_train_prints_the_weights_report_once(tmp_path, capsys):
     assert f"backbone weights: {weights} (safetensors)" in out
     n = len(source.state_dict())
     assert f"loaded {n} of the backbone's {n} tensors; key prefix '' (auto-detected)" in out
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 28, 28), (5, 4, 7, 7), (3, 3, 21, 20)])
+def test_fast_max_pool_is_identical_to_torch_including_ties_nan_and_inf(shape):
+    import torch.nn.functional as F
+
+    from metafit.nn.layers import max_pool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    x[0] = torch.randint(0, 3, x[0].shape).float()  # many ties
+    x[1, 0, 0, 0] = float("nan")
+    x[1, 1, :2, :2] = float("nan")
+    x[2] = -float("inf")
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    ya, yb = F.max_pool2d(a, 2), max_pool2d(b, 2)
+    assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and yb.is_contiguous()
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(a.grad, b.grad)
+    with torch.no_grad():
+        assert torch.equal(F.max_pool2d(x, 2).nan_to_num(), max_pool2d(x, 2).nan_to_num())
+
+
+def test_fast_max_pool_first_and_second_derivatives_pass_gradcheck():
+    from metafit.nn.layers import max_pool2d
+
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(max_pool2d, (x,))
+    assert torch.autograd.gradgradcheck(max_pool2d, (x,))

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import BatchNormConfig
-from .layers import StableBatchNorm2d, to_channels_last_like
+from .layers import MaxPool2d, StableBatchNorm2d, to_channels_last_like
 
 __all__ = ["Conv4", "Conv4Config"]
 
@@ -28,7 +28,7 @@ def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
         StableBatchNorm2d(
             cout, momentum=cfg.bn_momentum, track_running_stats=cfg.bn_mode == "running"
         ),
-        nn.MaxPool2d(2),
+        MaxPool2d(2),
         nn.ReLU(inplace=True),
     )
 

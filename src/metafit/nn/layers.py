@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["StableBatchNorm2d", "to_channels_last_like"]
+__all__ = ["MaxPool2d", "StableBatchNorm2d", "max_pool2d", "to_channels_last_like"]
 
 
 class StableBatchNorm2d(nn.BatchNorm2d):
@@ -55,3 +55,53 @@ def to_channels_last_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
+
+
+_is_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+class _ContiguousMaxPool2x2(torch.autograd.Function):
+    """2x2/stride-2 max-pooling of a contiguous (NCHW) CPU tensor through the channels_last kernel.
+
+    Measured here (torch 2.13 CPU, 80x64x28x28, one thread): the contiguous forward kernel takes
+    17 ms, the channels_last one 1.8 ms, and the layout copy there and back less than the
+    difference; forward + backward 19.7 ms -> 9.2 ms. Output, indices and gradient are
+    identical to ``F.max_pool2d`` (both kernels scan the window in the same order with the same
+    NaN rule; tested with ties, NaN and -inf). The backward is the stock contiguous kernel on the
+    saved indices, whose own derivative PyTorch defines, so second-order gradients work.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, idx = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), [2, 2], [2, 2], [0, 0], [1, 1], False)
+        ctx.save_for_backward(x, idx.contiguous())
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, idx = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
+    """``F.max_pool2d(x, kernel_size)`` with a faster path for the 2x2 pooling of contiguous CPU
+    tensors (see :class:`_ContiguousMaxPool2x2`); every other case goes to ``F.max_pool2d``."""
+    if (kernel_size == 2 and x.dim() == 4 and x.device.type == "cpu" and x.is_floating_point()
+            and x.is_contiguous() and x.shape[1] > 1 and x.shape[2] >= 2 and x.shape[3] >= 2
+            and not _is_transformed(x)):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2).contiguous()
+        return _ContiguousMaxPool2x2.apply(x)
+    return torch.nn.functional.max_pool2d(x, kernel_size)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose 2x2 case uses :func:`max_pool2d` (same results, faster on CPU)."""
+
+    def __init__(self, kernel_size: int = 2) -> None:
+        super().__init__(kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2d(x, self.kernel_size)

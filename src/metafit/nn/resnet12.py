@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import BatchNormConfig
-from .layers import StableBatchNorm2d, to_channels_last_like
+from .layers import StableBatchNorm2d, max_pool2d, to_channels_last_like
 
 __all__ = ["ResNet12", "ResNet12Config", "drop_block"]
 
@@ -102,7 +102,7 @@ class _Block(nn.Module):
         shortcut = self.downsample[1](to_channels_last_like(self.downsample[0](x), ref))
         # max-pool before the activation: the same function (LeakyReLU is monotone, so it commutes
         # with max) with the activation and its backward on a 4x smaller tensor
-        out = F.leaky_relu(F.max_pool2d(out + shortcut, 2), SLOPE, inplace=True)
+        out = F.leaky_relu(max_pool2d(out + shortcut, 2), SLOPE, inplace=True)
         if self.drop_rate > 0.0:
             if self.dropblock:
                 out = drop_block(out, self.drop_rate, self.dropblock_size, self.training)
