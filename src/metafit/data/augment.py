@@ -12,10 +12,15 @@ __all__ = ["random_affine"]
 
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
                   translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1),
-                  shear: float = 0.0) -> torch.Tensor:
-    """Apply an independent random affine transform to every image of ``x`` [N, C, H, W]."""
+                  shear: float = 0.0, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Apply an independent random affine transform to every image of ``x`` [N, C, H, W].
+
+    ``shard=(rank, world_size)``: ``x`` is rank's slice of a batch ``world_size`` times larger;
+    the random draws of the whole batch are made and rank's share is used, so the union over
+    ranks is exactly the single-process result and every rank's generator stays in step."""
     n = x.shape[0]
-    u = torch.rand(n, 5, generator=generator)
+    rank, world = shard
+    u = torch.rand(n * world, 5, generator=generator)[rank * n:(rank + 1) * n]
     angle = (u[:, 0] * 2 - 1) * math.radians(degrees)
     sh = (u[:, 1] * 2 - 1) * math.radians(shear)
     s = scale[0] + u[:, 2] * (scale[1] - scale[0])

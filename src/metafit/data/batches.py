@@ -14,6 +14,7 @@ from ..errors import DataError
 from ..types import LabelledBatch
 from .augment import random_affine
 from .classes import ImageClasses
+from .sampler import _check_shard
 
 __all__ = ["ClassBatchSampler"]
 
@@ -50,15 +51,19 @@ class ClassBatchSampler:
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
-    def sample(self, batch_size: int) -> LabelledBatch:
+    def sample(self, batch_size: int, rank: int = 0, world_size: int = 1) -> LabelledBatch:
+        """``batch_size`` images; with ``world_size`` ranks, rank's slice of a global batch of
+        ``batch_size * world_size`` (see :meth:`EpisodeSampler.sample`)."""
+        _check_shard(rank, world_size)
         g = self.generator
-        pick = torch.randint(len(self.image_index), (batch_size,), generator=g)
-        rot = torch.randint(self.n_rot, (batch_size,), generator=g)
+        total, sl = batch_size * world_size, slice(rank * batch_size, (rank + 1) * batch_size)
+        pick = torch.randint(len(self.image_index), (total,), generator=g)[sl]
+        rot = torch.randint(self.n_rot, (total,), generator=g)[sl]
         x = self.data.images[self.image_index[pick]].float().div_(255.0)
         for r in range(1, self.n_rot):
             sel = torch.nonzero(rot == r).flatten()
             if len(sel):
                 x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
         if self.augment is not None:
-            x = random_affine(x, g, **self.augment)
+            x = random_affine(x, g, **self.augment, shard=(rank, world_size))
         return LabelledBatch(x, self.image_class[pick] * self.n_rot + rot)

@@ -21,6 +21,14 @@ from .classes import ImageClasses
 __all__ = ["Episode", "EpisodeSampler"]
 
 
+def _check_shard(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise DataError(
+            f"Sampler: rank must lie in 0..world_size-1 with world_size >= 1; got rank {rank!r} of "
+            f"{world_size!r}. Pass the process's rank and the number of processes."
+        )
+
+
 @dataclass(frozen=True)
 class Episode:
     classes: torch.Tensor  # [n_ways] virtual class ids (base * n_rot + rotation)
@@ -107,8 +115,10 @@ class EpisodeSampler:
         finally:
             self.generator.set_state(saved)
 
-    def materialize(self, episodes: list[Episode], augment: bool = False) -> TaskBatch:
-        """Turn episode descriptions into a float ``TaskBatch`` in [0, 1]."""
+    def materialize(self, episodes: list[Episode], augment: bool = False,
+                    shard: tuple[int, int] = (0, 1)) -> TaskBatch:
+        """Turn episode descriptions into a float ``TaskBatch`` in [0, 1] (``shard``: see
+        :meth:`sample`)."""
         classes = torch.stack([e.classes for e in episodes])  # [B, n]
         positions = torch.stack([e.positions for e in episodes])  # [B, n, k+q]
         base = classes // self.n_rot
@@ -123,7 +133,7 @@ class EpisodeSampler:
                 if len(sel):
                     x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
         if augment and self.augment is not None:
-            x = random_affine(x.flatten(0, 1), self.generator, **self.augment).view_as(x)
+            x = random_affine(x.flatten(0, 1), self.generator, **self.augment, shard=shard).view_as(x)
         x = x.view(b, n, m, *x.shape[2:])
         k = self.k_shots
         support = x[:, :, :k].flatten(1, 2)
@@ -133,9 +143,17 @@ class EpisodeSampler:
         qy = labels.repeat_interleave(m - k).expand(b, -1).contiguous()
         return TaskBatch(support, sy, query, qy, n)
 
-    def sample(self, meta_batch_size: int = 1) -> TaskBatch:
-        """Sample a training batch of tasks (augmented if the sampler has ``augment``)."""
-        return self.materialize([self.sample_episode() for _ in range(meta_batch_size)], augment=True)
+    def sample(self, meta_batch_size: int = 1, rank: int = 0, world_size: int = 1) -> TaskBatch:
+        """Sample a training batch of tasks (augmented if the sampler has ``augment``).
+
+        Distributed training: with ``world_size`` ranks, every rank draws the descriptions of the
+        global batch of ``meta_batch_size * world_size`` tasks (cheap index draws) and builds only
+        its own slice, so ranks train on different tasks, their generators stay in step, and the
+        union of the slices is exactly what one process would sample."""
+        _check_shard(rank, world_size)
+        episodes = [self.sample_episode() for _ in range(meta_batch_size * world_size)]
+        mine = episodes[rank * meta_batch_size:(rank + 1) * meta_batch_size]
+        return self.materialize(mine, augment=True, shard=(rank, world_size))
 
     def sample_task(self) -> Task:
         return self.sample(1)[0]

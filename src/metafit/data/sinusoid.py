@@ -15,6 +15,7 @@ import torch
 
 from ..errors import DataError
 from ..types import Task, TaskBatch
+from .sampler import _check_shard
 
 __all__ = ["SinusoidEpisode", "SinusoidFamily", "SinusoidSampler"]
 
@@ -82,8 +83,12 @@ class SinusoidSampler:
         curve = self.family.curve
         return TaskBatch(xs, curve(amp, phase, xs), xq, curve(amp, phase, xq), 1)
 
-    def sample(self, meta_batch_size: int = 1) -> TaskBatch:
-        return self._batch(*self._draw(meta_batch_size, self.generator))
+    def sample(self, meta_batch_size: int = 1, rank: int = 0, world_size: int = 1) -> TaskBatch:
+        """``meta_batch_size`` tasks; with ``world_size`` ranks, rank's slice of the global batch
+        (see :meth:`EpisodeSampler.sample`)."""
+        _check_shard(rank, world_size)
+        sl = slice(rank * meta_batch_size, (rank + 1) * meta_batch_size)
+        return self._batch(*(t[sl] for t in self._draw(meta_batch_size * world_size, self.generator)))
 
     def sample_task(self) -> Task:
         return self.sample(1)[0]

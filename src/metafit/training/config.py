@@ -16,11 +16,13 @@ from ..data import DataConfig
 from ..errors import ConfigError
 from ..nn import backbone_config, build_backbone
 from ..validation import ConfigModel, parse_config, set_by_path
+from .monitor import MonitorConfig
 from .pretrained import load_backbone_weights
 
 __all__ = [
     "AugmentConfig",
     "EvalConfig",
+    "MonitorConfig",
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
@@ -97,6 +99,9 @@ class TrainConfig(ConfigModel):
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     progress: bool = Field(True, description="show a progress bar")
+    tensorboard: bool = Field(
+        True, description="write TensorBoard event files to <out_dir>/tensorboard (needs the tensorboard package)"
+    )
 
 
 class RunConfig(ConfigModel):
@@ -109,6 +114,7 @@ class RunConfig(ConfigModel):
     algorithm: SerializeAsAny[AlgorithmConfig] = Field(default_factory=lambda: algorithm_config({}))
     backbone: SerializeAsAny[ConfigModel] = Field(default_factory=lambda: backbone_config({}))
     train: TrainConfig = TrainConfig()
+    monitor: MonitorConfig = Field(MonitorConfig(), description="loss/gradient spike detection and its policy")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -21,8 +21,8 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
     return path
 
-CSV_COLUMNS = ["step", "split", "loss", "accuracy", "ci95", "lr", "grad_norm", "elapsed_s",
-               "data_s", "forward_s", "backward_s", "optimizer_s"]
+CSV_COLUMNS = ["step", "split", "loss", "accuracy", "mse", "ci95", "lr", "grad_norm", "step_s", "elapsed_s",
+               "data_s", "forward_s", "backward_s", "optimizer_s", "event", "action"]
 
 
 class MetricsLog:

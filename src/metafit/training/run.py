@@ -26,10 +26,11 @@ TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide w
 
 
 def train(config: RunConfig, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,
-          test: bool = True) -> dict[str, Any]:
+          test: bool = True, on_validate=None) -> dict[str, Any]:
     """Meta-train, then evaluate the best checkpoint on ``eval.test_episodes`` fixed test episodes.
-    Returns (and writes to ``<out_dir>/report.json``) a summary."""
-    trainer = Trainer(config, splits, pretrained=not resume)
+    Returns (and writes to ``<out_dir>/report.json``) a summary. ``on_validate(step, result)``
+    is called after every validation (see :class:`Trainer`)."""
+    trainer = Trainer(config, splits, pretrained=not resume, on_validate=on_validate)
     result = trainer.fit(resume=resume)
     report: dict[str, Any] = {
         "out_dir": str(result.out_dir),

@@ -6,11 +6,12 @@ Algorithms only provide ``meta_loss`` (or ``meta_step``); everything else happen
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -21,10 +22,15 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..types import LabelledBatch, TaskBatch
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import RunConfig, build_model
+from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate_episodes
 from .metrics_log import MetricsLog, write_json
+from .monitor import Finding, Monitor
+from .tracking import TensorBoardLog
 
 __all__ = ["Trainer", "TrainResult", "make_sampler", "resolve_device"]
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,15 +103,22 @@ class Trainer:
     """Meta-train ``config``'s algorithm. ``splits`` may be passed to bypass dataset loading."""
 
     def __init__(self, config: RunConfig, splits: dict[str, ImageClasses] | None = None,
-                 out_dir: str | Path | None = None, pretrained: bool = True) -> None:
+                 out_dir: str | Path | None = None, pretrained: bool = True,
+                 on_validate: Callable[[int, EvalResult], None] | None = None) -> None:
         """``pretrained=False`` skips reading ``backbone.weights`` (a run about to resume from
-        its own checkpoint)."""
+        its own checkpoint). ``on_validate(step, result)`` is called after every validation (on
+        every rank, with the same result); an exception it raises (e.g. ``optuna.TrialPruned``)
+        stops training and propagates after the log is closed."""
         self.config = config
+        self.on_validate = on_validate
         self.out_dir = Path(out_dir or config.out_dir)
         tc = config.train
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device)
+        self.dist: DistContext = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.splits = splits if splits is not None else load_splits(config.data)
         if config.data.name == "folder" and config.data.channels != (channels := int(self.splits["train"].images.shape[1])):
             # record the channel count inferred from the images, so checkpoints rebuild the same model
@@ -113,8 +126,10 @@ class Trainer:
             self.config = config
         if get_algorithm(config.algorithm.name).training_data == "batches":
             config = self.config = _with_base_classes(config, self.splits["train"])
+        self._check_divisible(config)
         torch.manual_seed(config.seed)
         self.model: Algorithm = build_model(config, pretrained=pretrained).to(self.device)
+        self.dist.broadcast_module(self.model)
         self.channels_last = tc.channels_last and self.device.type in ("cpu", "cuda")
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -133,6 +148,22 @@ class Trainer:
         self.best_result: EvalResult | None = None
         self.train_seconds = 0.0
         self.timing = {"data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+        self.monitor = Monitor(config.monitor)
+        self.events = {"skipped": 0, "rolled_back": 0, "flagged": 0}
+
+    def _check_divisible(self, config: RunConfig) -> None:
+        world = self.dist.world_size
+        if world == 1:
+            return
+        batches = get_algorithm(config.algorithm.name).training_data == "batches"
+        field, size = (("algorithm.batch_size", config.algorithm.batch_size) if batches
+                       else ("train.meta_batch_size", config.train.meta_batch_size))
+        if size % world:
+            raise ConfigError(
+                f"Config: {field} must be divisible by the number of processes ({world}); got {size}. "
+                f"It is the global batch, split evenly across ranks: use a multiple of {world} or change "
+                "--nproc_per_node."
+            )
 
     # -- schedule -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -169,15 +200,22 @@ class Trainer:
                 "best_result": self.best_result.to_dict() if self.best_result else None,
                 "train_seconds": self.train_seconds,
                 "timing": self.timing,
+                "monitor": self.monitor.state(),
+                "events": self.events,
             }
         }
 
     def save(self, name: str, metrics: dict | None = None, resumable: bool = True) -> Path:
-        return save_checkpoint(
-            self.out_dir / name, self.model, self.config, step=self.step, metrics=metrics or {},
-            extra_tensors=self._resume_tensors() if resumable else None,
-            extra_meta=self._resume_meta() if resumable else None,
-        )
+        """Write a checkpoint (rank 0 only; the other ranks wait until it is on disk)."""
+        path = self.out_dir / name
+        if self.dist.is_main:
+            save_checkpoint(
+                path, self.model, self.config, step=self.step, metrics=metrics or {},
+                extra_tensors=self._resume_tensors() if resumable else None,
+                extra_meta=self._resume_meta() if resumable else None,
+            )
+        self.dist.barrier()
+        return path
 
     def resume(self, path: str | Path | None = None) -> None:
         """Restore model, optimizer, RNG and sampler state from ``path`` (default: last.safetensors)."""
@@ -187,6 +225,11 @@ class Trainer:
                 f"Trainer: resume needs an existing checkpoint; got no file at {str(path)!r}. "
                 "Run without --resume first, or point --resume at a last.safetensors file."
             )
+        self._restore(path, everything=True)
+
+    def _restore(self, path: Path, everything: bool) -> None:
+        """Load model and optimizer state from ``path``; ``everything`` also restores the RNG and
+        sampler streams, timings and best-so-far (resume) rather than continuing them (rollback)."""
         meta, tensors = read_checkpoint(path)
         ts = meta.get("train_state")
         if ts is None:
@@ -210,9 +253,13 @@ class Trainer:
         for pid, scalars in ts["optimizer_scalars"].items():
             opt_state.setdefault(int(pid), {}).update(scalars)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": ts["param_groups"]})
+        self.step = int(meta["step"])
+        if not everything:
+            return
         torch.set_rng_state(tensors["rng.torch"])
         self.train_sampler.set_state(tensors["rng.sampler"])
-        self.step = int(meta["step"])
+        self.monitor.load_state(ts.get("monitor"))
+        self.events = {**self.events, **ts.get("events", {})}
         self.best_val = ts["best_val"] if ts["best_val"] is not None else -math.inf
         self.best_step = ts["best_step"]
         self.best_result = EvalResult(**ts["best_result"]) if ts["best_result"] else None
@@ -222,11 +269,13 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def _batch(self) -> TaskBatch | LabelledBatch:
         if isinstance(self.train_sampler, ClassBatchSampler):
-            batch = self.train_sampler.sample(self.config.algorithm.batch_size).to(self.device)
+            batch = self.train_sampler.sample(self.config.algorithm.batch_size // self.dist.world_size,
+                                              self.dist.rank, self.dist.world_size).to(self.device)
             if self.channels_last and batch.x.ndim == 4:
                 batch = LabelledBatch(batch.x.contiguous(memory_format=torch.channels_last), batch.y)
             return batch
-        batch = self.train_sampler.sample(self.config.train.meta_batch_size).to(self.device)
+        batch = self.train_sampler.sample(self.config.train.meta_batch_size // self.dist.world_size,
+                                          self.dist.rank, self.dist.world_size).to(self.device)
         if self.channels_last and batch.support_x.ndim == 5:  # [B, N, C, H, W] images
             cl = torch.channels_last
             b = batch
@@ -244,20 +293,25 @@ class Trainer:
 
     def fit(self, resume: bool | str | Path = False) -> TrainResult:
         tc = self.config.train
+        main = self.dist.is_main
         if resume:
             self.resume(None if resume is True else resume)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / "config.json", self.config.to_dict())
-        log = MetricsLog(self.out_dir, append=bool(resume))
-        bar = tqdm(total=tc.meta_steps, initial=self.step, disable=not tc.progress, desc="meta-train",
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.out_dir / "config.json", self.config.to_dict())
+        log = MetricsLog(self.out_dir, append=bool(resume)) if main else None
+        tb = TensorBoardLog(self.out_dir, main and tc.tensorboard, purge_step=self.step + 1 if resume else None)
+        bar = tqdm(total=tc.meta_steps, initial=self.step, disable=not (tc.progress and main), desc="meta-train",
                    dynamic_ncols=True)
-        window_loss, window_acc, window_n = 0.0, 0.0, 0
+        if self.config.monitor.policy == "rollback" and not (self.out_dir / "last.safetensors").exists():
+            self.save("last.safetensors", self._metrics())  # the state a rollback before the first save returns to
+        window_loss, window_acc, window_n, window_steps, window_s = 0.0, 0.0, 0, 0, 0.0
         fit_start, seconds_before = time.perf_counter(), self.train_seconds
         try:
             while self.step < tc.meta_steps:
-                if tc.max_minutes is not None and self.train_seconds >= 60.0 * tc.max_minutes:
-                    log.write({"step": self.step, "split": "stop", "elapsed_s": self.train_seconds})
-                    self._validate_and_keep_best(log)
+                if tc.max_minutes is not None and self.dist.broadcast(self.train_seconds >= 60.0 * tc.max_minutes):
+                    self._write(log, tb, {"step": self.step, "split": "stop", "elapsed_s": self.train_seconds})
+                    self._validate_and_keep_best(log, tb)
                     break
                 t0 = time.perf_counter()
                 lr = self.lr_at(self.step)
@@ -270,43 +324,52 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
                     out = self.model.meta_loss(batch)
-                loss_value = float(out.loss.detach())
                 self._sync()
                 t2 = time.perf_counter()
-                if not math.isfinite(loss_value):
-                    self._diverged(log, loss_value, "loss")
                 out.loss.backward()
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                self.dist.all_reduce_grads(params)
+                loss_value, acc_value = self.dist.mean([float(out.loss.detach()), float(out.accuracy)], self.device)
                 self._sync()
                 t3 = time.perf_counter()
-                params = [p for p in self.model.parameters() if p.grad is not None]
                 if tc.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
                 else:
                     grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-                if not math.isfinite(grad_norm):
-                    self._diverged(log, grad_norm, "gradient norm")
-                self.optimizer.step()
+                action = self._judge(log, tb, loss_value, grad_norm)
+                if action == "rollback":
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                if action == "apply":
+                    self.optimizer.step()
+                self.dist.average_buffers(self.model)
                 self._sync()
                 t4 = time.perf_counter()
                 self.step += 1
                 for key, dt in zip(self.timing, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     self.timing[key] += dt
                 self.train_seconds = seconds_before + (t4 - fit_start)
-                window_loss += loss_value
-                window_acc += float(out.accuracy)
-                window_n += 1
+                window_steps += 1
+                window_s += t4 - t0
+                if action == "apply":
+                    window_loss += loss_value
+                    window_acc += acc_value
+                    window_n += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.meta_steps:
                     metric = "mse" if self.model.task_kind == "regression" else "accuracy"
-                    row = {"step": self.step, "split": "train", "loss": window_loss / window_n,
-                           metric: window_acc / window_n, "lr": lr, "grad_norm": grad_norm,
-                           "elapsed_s": self.train_seconds, **self.timing}
-                    log.write(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", **{metric[:3]: f"{row[metric]:.3f}"},
-                                    best_val=f"{self.best_result.mean:.3f}" if self.best_result else "-")
-                    window_loss, window_acc, window_n = 0.0, 0.0, 0
+                    n = max(window_n, 1)
+                    row = {"step": self.step, "split": "train", "loss": window_loss / n if window_n else None,
+                           metric: window_acc / n if window_n else None, "lr": lr, "grad_norm": grad_norm,
+                           "step_s": window_s / window_steps, "elapsed_s": self.train_seconds, **self.timing}
+                    self._write(log, tb, row)
+                    if window_n:
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", **{metric[:3]: f"{row[metric]:.3f}"},
+                                        best_val=f"{self.best_result.mean:.3f}" if self.best_result else "-")
+                    window_loss, window_acc, window_n, window_steps, window_s = 0.0, 0.0, 0, 0, 0.0
                 if self.step % tc.eval_every == 0 or self.step == tc.meta_steps:
-                    self._validate_and_keep_best(log)
+                    self._validate_and_keep_best(log, tb)
                 if self.step % tc.save_interval == 0:
                     self.save(f"step-{self.step:07d}.safetensors", self._metrics(), resumable=False)
                     self.save("last.safetensors", self._metrics())
@@ -314,32 +377,106 @@ class Trainer:
             last = self.save("last.safetensors", self._metrics())
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
+            tb.close()
         best = self.out_dir / "best.safetensors"
         return TrainResult(self.out_dir, self.step, self.best_step, self.best_result,
                            self.train_seconds, best if best.exists() else last)
+
+    @staticmethod
+    def _write(log: MetricsLog | None, tb: TensorBoardLog, row: dict) -> None:
+        if log is not None:
+            log.write(row)
+        split = row.get("split")
+        if split in ("train", "val"):
+            tb.scalars(split, row, row["step"])
+
+    # -- monitoring ------------------------------------------------------------------------
+    def _judge(self, log: MetricsLog | None, tb: TensorBoardLog, loss: float, grad_norm: float) -> str:
+        """Apply the monitor's verdict on this step: "apply", "skip" or "rollback" (or raise).
+        Loss and gradient norm are already averaged over ranks, so every rank decides alike."""
+        mc = self.config.monitor
+        findings = self.monitor.check(loss, grad_norm)
+        if not findings:
+            self.monitor.accept(loss, grad_norm)
+            return "apply"
+        nonfinite = any(f.event.startswith("nonfinite") for f in findings)
+        action = {"warn": "stop" if nonfinite else "apply", "skip": "skip", "rollback": "rollback"}[mc.policy]
+        self.monitor.in_a_row += 1
+        self.events["flagged"] += 1
+        if action == "rollback" and self.monitor.rollbacks >= mc.max_rollbacks:
+            action = "stop"
+        step = self.step + 1
+        for f in findings:
+            row = {"step": step, "split": "monitor", "event": f.event, "value": f.value,
+                   "threshold": f.threshold, "median": f.median, "action": action, "loss": loss,
+                   "grad_norm": grad_norm, "elapsed_s": self.train_seconds}
+            if log is not None:
+                log.write(row)
+                tqdm.write(f"step {step}: {f.describe()} -> {action}")
+            logger.warning("step %d: %s -> %s", step, f.describe(), action)
+        tb.scalars("monitor", {"flagged": self.events["flagged"], "skipped": self.events["skipped"],
+                               "rolled_back": self.events["rolled_back"]}, step)
+        if action == "stop":
+            self._stop(findings, nonfinite)
+        if self.monitor.in_a_row > mc.patience:
+            raise TrainingError(
+                f"Trainer: flagged steps must not follow each other more than monitor.patience={mc.patience} "
+                f"times; got {self.monitor.in_a_row} in a row, the last at step {step} ({findings[0].describe()}). "
+                "Training stopped; lower train.meta_lr, set train.grad_clip, or relax the monitor thresholds "
+                "(monitor.loss_spike, monitor.grad_spike), then run again with --resume."
+            )
+        if action == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.events["skipped"] += 1
+        elif action == "rollback":
+            self._rollback(log, step)
+        return action
+
+    def _stop(self, findings: list[Finding], nonfinite: bool) -> None:
+        last = self.out_dir / "last.safetensors"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        f = findings[0]
+        if nonfinite:
+            what = "loss" if f.event == "nonfinite_loss" else "gradient norm"
+            raise TrainingError(
+                f"Trainer: the {what} must be finite; got {f.value} at step {self.step + 1}. Training "
+                f"stopped and {kept}. Lower train.meta_lr or set train.grad_clip (or monitor.policy=skip "
+                "or rollback to step over such batches), then run again (with --resume to continue from "
+                "the last checkpoint)."
+            )
+        raise TrainingError(
+            f"Trainer: rollbacks must not exceed monitor.max_rollbacks={self.config.monitor.max_rollbacks}; got "
+            f"another at step {self.step + 1} ({f.describe()}). Training stopped and {kept}. Lower "
+            "train.meta_lr or set train.grad_clip, then run again with --resume."
+        )
+
+    def _rollback(self, log: MetricsLog | None, step: int) -> None:
+        """Reload weights and optimizer state from ``last.safetensors``; the task stream, timers
+        and best-so-far continue (the batches that caused the trouble are not replayed)."""
+        path = self.out_dir / "last.safetensors"
+        self.monitor.rollbacks += 1
+        self.events["rolled_back"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self._restore(path, everything=False)
+        if log is not None:
+            log.write({"step": step, "split": "monitor", "event": "rollback", "action": "rollback",
+                       "to_step": self.step, "elapsed_s": self.train_seconds})
 
     def _metrics(self) -> dict:
         return {"best_val": self.best_result.to_dict() if self.best_result else None,
                 "best_step": self.best_step, "train_seconds": self.train_seconds}
 
-    def _validate_and_keep_best(self, log: MetricsLog) -> None:
+    def _validate_and_keep_best(self, log: MetricsLog | None, tb: TensorBoardLog) -> None:
         if self.best_step == self.step and self.best_result is not None:
             return  # already validated at this step
-        res = self.validate()
-        log.write({"step": self.step, "split": "val", "loss": res.loss, res.metric: res.mean,
-                   "ci95": res.ci95, "elapsed_s": self.train_seconds})
+        res = self.validate()  # every rank: the same model on the same episodes
+        self._write(log, tb, {"step": self.step, "split": "val", "loss": res.loss, res.metric: res.mean,
+                              "ci95": res.ci95, "elapsed_s": self.train_seconds})
         if res.score > self.best_val:
             self.best_val, self.best_step, self.best_result = res.score, self.step, res
             self.save("best.safetensors", {"val": res.to_dict(), "train_seconds": self.train_seconds},
                       resumable=False)
-
-    def _diverged(self, log: MetricsLog, value: float, what: str) -> None:
-        log.write({"step": self.step + 1, "split": "train", "loss": value})
-        last = self.out_dir / "last.safetensors"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise TrainingError(
-            f"Trainer: the {what} must be finite; got {value} at step {self.step + 1}. Training "
-            f"stopped and {kept}. Lower train.meta_lr or set train.grad_clip, then run again "
-            "(with --resume to continue from the last checkpoint)."
-        )
+        if self.on_validate is not None:
+            self.on_validate(self.step, res)
