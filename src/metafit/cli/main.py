@@ -1,4 +1,4 @@
-"""``metafit`` command line: train, eval, info, configs, quickstart.
+"""``metafit`` command line: train, eval, tune, report, info, configs, quickstart.
 
 Errors of metafit print as one line on stderr with exit code 1 (``--debug`` shows the traceback).
 """
@@ -97,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-env", default="METAFIT_API_KEY", metavar="VAR",
                     help="environment variable holding the API key (requests must send it when it is set)")
     sv.add_argument("--device", default="cpu")
+
+    tu = sub.add_parser("tune", help="hyperparameter search with Optuna (TPE sampler, median pruner); resumable",
+                        description="Search config fields: every trial trains CONFIG with sampled values into "
+                                    "OUT/trial-<n>; unpromising trials are pruned at validations. Running the same "
+                                    "command again resumes the study; --storage shares it between machines.")
+    tu.add_argument("config", help="YAML file or built-in name (see `metafit configs`)")
+    tu.add_argument("--space", required=True, metavar="SPACE",
+                    help="YAML mapping config fields to distributions, e.g. 'train.meta_lr: {type: float, low: 1.0e-4, "
+                         "high: 1.0e-2, log: true}' (or a built-in space name)")
+    tu.add_argument("--trials", type=int, required=True, metavar="N",
+                    help="finished (complete + pruned) trials the study should hold in total; a resumed study runs "
+                         "only the missing ones")
+    tu.add_argument("--storage", metavar="URL", help="database URL of the study (default sqlite:///OUT/study.db); "
+                                                     "e.g. postgresql://user@host/db to share it between machines")
+    tu.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the config's name)")
+    tu.add_argument("--out", metavar="DIR", help="output folder (default runs/tune-<config name>)")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="fixed config value for every trial, e.g. --set train.meta_steps=2000 (repeatable)")
+    tu.add_argument("--data-dir", help="dataset folder (sets data.root)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the sampler (use a different one on each machine "
+                                                         "sharing a study)")
+
+    rp = sub.add_parser("report", help="Markdown table and learning curves (PNG) of one or several run folders")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (the out_dir of `metafit train`)")
+    rp.add_argument("--out", metavar="DIR", help="where report.md and curves.png go (default: <parent of the "
+                                                 "first run>/report)")
+    rp.add_argument("--metric", choices=["accuracy", "loss"], default="accuracy",
+                    help="curves of the task metric (accuracy, or MSE for regression) or of the loss")
 
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
@@ -345,6 +373,50 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from ..training import tune
+    from ..training.tune import trials_table
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.root={json.dumps(args.data_dir)}")  # a JSON string is a quoted YAML scalar
+    _print(f"metafit {__version__}: tuning {args.config} over {args.space} until the study holds {args.trials} "
+           "finished trials")
+    try:
+        with _printing_log("metafit.training.tune"):
+            summary = tune(args.config, args.space, args.trials, storage=args.storage, study_name=args.study_name,
+                           out_dir=args.out, overrides=overrides, seed=args.seed)
+    except KeyboardInterrupt:
+        print("interrupted; finished trials are kept in the study: run the same command to resume",
+              file=sys.stderr, flush=True)
+        return 130
+    counts = summary["n_trials"]
+    _print(f"\nstudy {summary['study_name']}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+           + f" (objective: {summary['objective']})")
+    if summary["trials"]:
+        _print(trials_table(summary, limit=10, best_first=True))
+    best = summary["best"]
+    files = summary["files"]
+    if best:
+        _print(f"best: trial {best['number']} -> {files['best']}\n"
+               f"train it: metafit train {files['best']}")
+    else:
+        _print("no trial completed yet (all pruned or failed): widen the space or raise train.meta_steps")
+    _print(f"tables: {files['trials_md']}, {files['trials_csv']}; plot: {files['history']}; summary: {files['summary']}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from ..training import report_runs
+
+    result = report_runs(args.runs, args.out, metric=args.metric)
+    _print(result["table"])
+    for note in result["notes"]:
+        _print(note)
+    _print(f"report: {result['report']}\ncurves: {result['curves']}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
 
@@ -472,7 +544,8 @@ def _quickstart_omniglot(args, root) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
-            "calibrate": _cmd_calibrate, "serve": _cmd_serve, "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
+            "calibrate": _cmd_calibrate, "serve": _cmd_serve, "tune": _cmd_tune, "report": _cmd_report,
+            "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

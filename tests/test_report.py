@@ -1,0 +1,141 @@
+"""metafit report: the table matches report.json, curves are a real PNG, damaged or unfinished
+run folders are read tolerantly, and mistakes give one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import tiny_config, write_image_tree
+from metafit import DataError
+from metafit.cli import main
+from metafit.training import load_config, make_config, read_run, report_runs, train
+
+FAST = ["train.eval_every=10", "train.log_every=2", "eval.val_episodes=10", "eval.test_episodes=12",
+        "train.progress=false", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two short sinusoid runs (different lengths and step sizes) and a small image classification run."""
+    root = tmp_path_factory.mktemp("runs")
+    a = train(load_config("sinusoid_maml", FAST + ["train.meta_steps=30", f"out_dir={root / 'maml-a'}"]))
+    b = train(load_config("sinusoid_maml", FAST + ["train.meta_steps=40", "train.meta_lr=0.003",
+                                                   f"out_dir={root / 'maml-b'}"]))
+    data = write_image_tree(root / "images", n_classes=12, per_class=6, size=16, groups=2)
+    cfg = tiny_config(root / "proto", data={"root": str(data), "val_fraction": 0.25, "test_fraction": 0.25},
+                      train={"meta_steps": 12, "eval_every": 4, "log_every": 2})
+    cfg["eval"].update({"n_ways": 3, "val_episodes": 6, "test_episodes": 8})
+    cfg["task"]["n_ways"] = 4
+    c = train(make_config(cfg))
+    return {"maml-a": (root / "maml-a", a), "maml-b": (root / "maml-b", b), "proto": (root / "proto", c)}
+
+
+def _row(table: str, run: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == run:
+            return cells
+    raise AssertionError(f"{run} not in\n{table}")
+
+
+def test_two_runs_table_matches_report_json(runs, tmp_path):
+    dirs = [runs["maml-a"][0], runs["maml-b"][0]]
+    result = report_runs(dirs, tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert result["table"] in md and "![learning curves](curves.png)" in md
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert header == ["run", "algorithm", "task", "steps", "train min", "best val", "best step", "test"]
+    for name in ("maml-a", "maml-b"):
+        report = runs[name][1]
+        cells = _row(result["table"], name)
+        val, test = report["val"], report["test"]
+        assert cells[1:5] == ["maml (mlp)", "sinusoid 5-shot", str(report["steps"]),
+                              f"{report['train_seconds'] / 60:.2f}"]
+        assert cells[5] == f"MSE {val['mean']:.4f} ± {val['ci95']:.4f}"
+        assert cells[6] == str(report["best_step"])
+        assert cells[7] == f"MSE {test['mean']:.4f} ± {test['ci95']:.4f} (12 tasks)"
+        summary = next(s for s in result["runs"] if s["run"] == name)
+        assert summary["finished"] and summary["best_val"]["mean"] == val["mean"]
+    assert _row(result["table"], "maml-a")[3] == "30" and _row(result["table"], "maml-b")[3] == "40"
+    with Image.open(result["curves"]) as img:
+        img.load()
+        assert img.format == "PNG" and img.size[0] > 800
+
+
+def test_classification_and_regression_runs_get_separate_panels(runs, tmp_path):
+    one = report_runs([runs["maml-a"][0]], tmp_path / "one")
+    mixed = report_runs([runs["proto"][0], runs["maml-a"][0]], tmp_path / "mixed")
+    _, report = runs["proto"]
+    cells = _row(mixed["table"], "proto")
+    assert cells[1:3] == ["protonet (conv4)", "folder 3-way 1-shot (trained 4-way 1-shot)"]
+    assert cells[5] == f"{100 * report['val']['mean']:.2f}% ± {100 * report['val']['ci95']:.2f}%"
+    assert cells[7] == f"{100 * report['test']['mean']:.2f}% ± {100 * report['test']['ci95']:.2f}% (8 episodes)"
+    with Image.open(one["curves"]) as a, Image.open(mixed["curves"]) as b:
+        assert b.size[1] > 1.6 * a.size[1]  # a second row of panels for the second metric
+
+
+def test_unfinished_and_damaged_runs_are_read_tolerantly(runs, tmp_path):
+    path, report = runs["maml-b"]
+    crashed = tmp_path / "crashed"
+    shutil.copytree(path, crashed)
+    (crashed / "report.json").unlink()
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    extra = [json.dumps({"step": 7, "split": "monitor", "event": "loss_spike", "action": "skip"}),
+             json.dumps({"event": "note", "text": "rows without a split are ignored"}),
+             "[1, 2]"]
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:3] + extra + lines[3:]) + '\n{"step": 42, "split": "tr')
+    run = read_run(crashed)
+    assert run.skipped_lines == 1 and not run.finished and run.metric == "mse"
+    assert [r["step"] for r in run.val] == [10, 20, 30, 40]
+    result = report_runs([crashed], tmp_path / "rep")
+    cells = _row(result["table"], "crashed (unfinished)")
+    # without report.json the best validation row gives the same answer as the trainer's report
+    assert cells[5] == f"MSE {report['val']['mean']:.4f} ± {report['val']['ci95']:.4f}"
+    assert cells[6] == str(report["best_step"]) and cells[3] == "40" and cells[7] == "-"
+    assert any("1 damaged line" in n for n in result["notes"]) and any("no report.json" in n for n in result["notes"])
+
+    # a crash and a resume: rows logged after the last checkpoint are repeated; the resumed ones win
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    rows = [{"step": s, "split": "train", "loss": 1.0, "mse": 1.0} for s in (2, 4, 6)]
+    rows += [{"step": 4, "split": "val", "loss": 9.0, "mse": 9.0, "ci95": 1.0}]
+    rows += [{"step": s, "split": "train", "loss": 0.5, "mse": 0.5} for s in (4, 6, 8)]
+    rows += [{"step": 4, "split": "val", "loss": 3.0, "mse": 3.0, "ci95": 1.0}]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = read_run(resumed)
+    assert [(r["step"], r["loss"]) for r in run.train] == [(2, 1.0), (4, 0.5), (6, 0.5), (8, 0.5)]
+    assert [(r["step"], r["mse"]) for r in run.val] == [(4, 3.0)] and run.last_step == 8
+    assert report_runs([resumed, crashed], tmp_path / "rep2")["runs"][0]["best_val"]["mean"] == 3.0
+
+
+def test_missing_metrics_is_an_error_naming_the_folder(runs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"^Report: '.*empty' must be a run folder with metrics.jsonl; got a folder "
+                                        r"without it\. Pass the out_dir of a `metafit train` run"):
+        report_runs([empty])
+    parent = runs["maml-a"][0].parent
+    with pytest.raises(DataError, match=r"It holds 3 run folder\(s\) \(maml-a, maml-b, proto\): pass them instead"):
+        report_runs([parent])
+    with pytest.raises(DataError, match=r"^Report: run folder '.*nowhere' must exist; got a missing path\."):
+        report_runs([tmp_path / "nowhere"])
+
+
+def test_cli_report(runs, tmp_path, capsys):
+    a, b = runs["maml-a"][0], runs["maml-b"][0]
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "r"), "--metric", "loss"]) == 0
+    text = capsys.readouterr().out
+    assert "| maml-a " in text and "| maml-b " in text and f"curves: {tmp_path / 'r' / 'curves.png'}" in text
+    with Image.open(tmp_path / "r" / "curves.png") as img:
+        assert img.format == "PNG"
+    assert main(["report", str(a)]) == 0  # default folder: beside the runs
+    assert (a.parent / "report" / "report.md").is_file()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Report: ") and "must be a run folder with metrics.jsonl" in err
+    assert err.count("\n") == 1
