@@ -139,3 +139,11 @@ def test_cli_report(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: Report: ") and "must be a run folder with metrics.jsonl" in err
     assert err.count("\n") == 1
+
+
+def test_algorithm_label_names_the_variant():
+    from metafit.training.report import _algorithm_label
+
+    assert _algorithm_label({"name": "maml", "first_order": True}) == "maml, first order"
+    assert _algorithm_label({"name": "maml", "first_order": False}) == "maml"
+    assert _algorithm_label({"name": "transfer", "head": "finetune"}) == "transfer, finetune head"

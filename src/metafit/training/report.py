@@ -201,7 +201,7 @@ def _summary(run: RunLog) -> dict[str, Any]:
         "run": run.name,
         "path": str(run.path),
         "finished": run.finished,
-        "algorithm": (config.get("algorithm") or {}).get("name"),
+        "algorithm": _algorithm_label(config.get("algorithm") or {}),
         "backbone": (config.get("backbone") or {}).get("name"),
         "task": _task(run.config),
         "metric": run.metric,
@@ -225,6 +225,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def _algorithm_label(alg: dict) -> str | None:
+    """The algorithm's name, with the variant that changes what it is (first-order MAML, a
+    transfer head)."""
+    name = alg.get("name")
+    if name and alg.get("first_order"):
+        return f"{name}, first order"
+    if name == "transfer" and alg.get("head"):
+        return f"{name}, {alg['head']} head"
+    return name
 
 
 RUN_COLUMNS = ["run", "algorithm", "task", "steps", "train min", "best val", "best step", "test"]
