@@ -1,0 +1,284 @@
+"""Classical baselines of RL² (Duan et al. 2016) on our environment families: total reward per
+trial on Bernoulli bandits (table 1: n pulls, k arms) and random tabular MDPs (table 2: n
+episodes of 10 steps, 10 states, 5 actions), plus the throughput of the batched environments.
+
+    python benchmarks/rl_baselines.py            # full run (a few minutes on 2 cores)
+    python benchmarks/rl_baselines.py --quick    # smoke run: fewer instances, coarse grids
+
+Protocol: every agent plays the same 1000 evaluation instances (tasks and environment noise from
+fixed seeds); tuned parameters (UCB1's c, epsilon, OPSRL's samples, UCRL2/BEB scaling) are chosen
+on a grid using 500 *separate* tuning instances (another seed) -- the RL² authors' scripts tuned
+on the evaluation seeds themselves, which flatters tuned baselines a little. Cells are the mean
+total reward with a 95% confidence half-width (1.96 sd / sqrt(instances)). "Oracle" knows the
+task (n * max p for bandits; n times the optimal episode value for MDPs). See
+metafit.rl.baselines for each agent's exact variant. Writes benchmarks/results/rl_baselines.json.
+
+Paper columns: the RL² paper's table 1 and table 2 baseline numbers could not be retrieved from
+the sources available when this was written; only the RL² column of table 2 for n = 10 and 25
+(156.2, 445.7, quoted in the issue) is printed beside ours. Fill PAPER_* below from the paper to
+compare the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metafit import rl
+from metafit.rl.gittins import MAX_GITTINS_PULLS
+
+HERE = Path(__file__).resolve().parent
+
+# verified paper numbers only: {setting: {column: value}}
+PAPER_BANDITS: dict[str, dict[str, float]] = {}
+PAPER_MDPS: dict[str, dict[str, float]] = {"n=10": {"RL2": 156.2}, "n=25": {"RL2": 445.7}}
+
+EVAL_TASK_SEED, EVAL_ENV_SEED = 1000, 1001
+TUNE_TASK_SEED, TUNE_ENV_SEED = 2000, 2001
+AGENT_SEED = 7
+
+
+def _bandit_agents(quick: bool):
+    grid01 = [round(0.1 * i, 1) for i in range(11)]  # the authors' grids for c and epsilon
+    if quick:
+        grid01 = [0.0, 0.2, 0.5, 1.0]
+    return [
+        ("Random", lambda _: rl.RandomBandit(), None, None),
+        ("Gittins (finite horizon)", lambda _: rl.GittinsBandit(), None, None),
+        ("Thompson", lambda _: rl.ThompsonBandit(), None, None),
+        ("UCB1", lambda c: rl.UCB1Bandit(c=c), "c", grid01),
+        ("epsilon-greedy", lambda e: rl.EpsilonGreedyBandit(epsilon=e), "epsilon", grid01),
+        ("Greedy", lambda _: rl.EpsilonGreedyBandit(epsilon=0.0), None, None),
+    ]
+
+
+def _mdp_agents(quick: bool):
+    log_grid = [float(x) for x in np.exp(np.linspace(np.log(1e-4), np.log(1.0), 21))]  # TabulaRL / authors
+    samples = [1, 2, 3, 5, 7, 10, 15, 20]
+    eps = [round(0.1 * i, 1) for i in range(1, 11)]
+    if quick:
+        log_grid, samples, eps = log_grid[::5], [1, 3, 10], [0.1, 0.3, 0.6]
+    return [
+        ("Random", lambda _: rl.RandomMDP(), None, None),
+        ("PSRL", lambda _: rl.PSRL(), None, None),
+        ("PSRL (matched prior mu0=1)", lambda _: rl.PSRL(reward_prior_mean=1.0), None, None),
+        ("OPSRL", lambda k: rl.OptimisticPSRL(n_samples=int(k)), "n_samples", samples),
+        ("UCRL2", lambda s: rl.UCRL2(scaling=s), "scaling", log_grid),
+        ("BEB", lambda s: rl.BEB(scaling=s), "scaling", log_grid),
+        ("epsilon-greedy", lambda e: rl.EpsilonGreedyMDP(epsilon=e), "epsilon", eps),
+        ("Greedy", lambda _: rl.EpsilonGreedyMDP(epsilon=0.0), None, None),
+    ]
+
+
+def _cell(make, param, grid, run_tune, run_eval) -> dict:
+    out: dict = {}
+    value = None
+    if grid is not None:
+        value, scores = rl.tune(make, grid, run_tune)
+        out["param"] = {param: value}
+        out["tuning_means"] = {str(k): round(v, 4) for k, v in scores.items()}
+    mean, ci = rl.mean_ci(run_eval(make(value)))
+    out.update(mean=mean, ci95=ci)
+    return out
+
+
+def run_bandits(ns, ks, n_eval, n_tune, quick) -> dict:
+    results = {}
+    for n in ns:
+        for k in ks:
+            key = f"n={n},k={k}"
+            fam = rl.BanditFamily(n_arms=k)
+            eval_tasks = fam.sample_tasks(n_eval, torch.Generator().manual_seed(EVAL_TASK_SEED + 31 * k))
+            tune_tasks = fam.sample_tasks(n_tune, torch.Generator().manual_seed(TUNE_TASK_SEED + 31 * k))
+
+            def run_eval(agent, n=n, tasks=eval_tasks):
+                return rl.run_bandit_trials(rl.BatchedBandit(tasks, seed=EVAL_ENV_SEED), agent, n, seed=AGENT_SEED)
+
+            def run_tune(agent, n=n, tasks=tune_tasks):
+                return rl.run_bandit_trials(rl.BatchedBandit(tasks, seed=TUNE_ENV_SEED), agent, n, seed=AGENT_SEED)
+
+            t0 = time.perf_counter()
+            row = {}
+            for name, make, param, grid in _bandit_agents(quick):
+                if name.startswith("Gittins") and n > MAX_GITTINS_PULLS:
+                    row[name] = {"skipped": f"the finite-horizon table is limited to {MAX_GITTINS_PULLS} pulls"}
+                    continue
+                row[name] = _cell(make, param, grid, run_tune, run_eval)
+            oracle = rl.BatchedBandit(eval_tasks).optimal_trial_reward(n)
+            m, ci = rl.mean_ci(oracle)
+            row["Oracle (knows p)"] = {"mean": m, "ci95": ci}
+            row["_seconds"] = time.perf_counter() - t0
+            results[key] = row
+            print(f"  bandits {key}: {row['_seconds']:.1f}s", flush=True)
+    return results
+
+
+def run_mdps(ns, n_eval, n_tune, quick) -> dict:
+    fam = rl.TabularMDPFamily()
+    eval_tasks = fam.sample_tasks(n_eval, torch.Generator().manual_seed(EVAL_TASK_SEED))
+    tune_tasks = fam.sample_tasks(n_tune, torch.Generator().manual_seed(TUNE_TASK_SEED))
+    results = {}
+    for n in ns:
+        key = f"n={n}"
+
+        def run_eval(agent, n=n):
+            return rl.run_mdp_trials(fam.batched(eval_tasks, seed=EVAL_ENV_SEED), agent, n, seed=AGENT_SEED)
+
+        def run_tune(agent, n=n):
+            return rl.run_mdp_trials(fam.batched(tune_tasks, seed=TUNE_ENV_SEED), agent, n, seed=AGENT_SEED)
+
+        t0 = time.perf_counter()
+        row = {name: _cell(make, param, grid, run_tune, run_eval) for name, make, param, grid in _mdp_agents(quick)}
+        m, ci = rl.mean_ci(n * fam.batched(eval_tasks).optimal_values().double())
+        row["Oracle (knows the MDP)"] = {"mean": m, "ci95": ci}
+        row["_seconds"] = time.perf_counter() - t0
+        results[key] = row
+        print(f"  MDPs {key}: {row['_seconds']:.1f}s", flush=True)
+    return results
+
+
+def _rate(step, n_envs: int, steps: int) -> float:
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return n_envs * steps / (time.perf_counter() - t0)
+
+
+def throughput(sizes, steps) -> dict:
+    out: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for n_envs in sizes:
+        bandit = rl.BatchedBandit(rl.BanditFamily(10).sample_tasks(n_envs, g), seed=0)
+        bandit.reset()
+        a_b = torch.randint(0, 10, (n_envs,), generator=g)
+        mdp = rl.TabularMDPFamily().batched(rl.TabularMDPFamily().sample_tasks(n_envs, g), seed=0)
+        mdp.reset()
+        a_m = torch.randint(0, 5, (n_envs,), generator=g)
+        nav = rl.NavigationFamily().batched(rl.NavigationFamily().sample_tasks(n_envs, g))
+        nav.reset()
+        a_n = torch.rand(n_envs, 2, generator=g) * 0.2 - 0.1
+        out[str(n_envs)] = {
+            "bandit_k10": _rate(lambda: bandit.step(a_b), n_envs, steps),
+            "mdp_10x5": _rate(lambda: mdp.step(a_m), n_envs, steps),
+            "navigation": _rate(lambda: nav.step(a_n), n_envs, steps),
+        }
+    try:  # one Gymnasium env, one step at a time, for reference
+        envs = {"bandit_k10": rl.BanditFamily(10).make_env(), "mdp_10x5": rl.TabularMDPFamily().make_env(),
+                "navigation": rl.NavigationFamily().make_env()}
+        single = {}
+        for name, env in envs.items():
+            env.reset(seed=0)
+            action = np.zeros(2, np.float32) if name == "navigation" else 0
+
+            def step(env=env, action=action):
+                _, _, term, trunc, _ = env.step(action)
+                if term or trunc:
+                    env.reset()
+            single[name] = _rate(step, 1, 2000)
+        out["gymnasium_single_env"] = single
+    except rl.MissingExtraError:
+        pass
+    return out
+
+
+def _fmt(cell: dict) -> str:
+    if "skipped" in cell:
+        return "n/a"
+    s = f"{cell['mean']:.1f}±{cell['ci95']:.1f}"
+    if "param" in cell:
+        (name, value), = cell["param"].items()
+        s += f" ({name[:1] if name != 'n_samples' else 'K'}={value:.3g})"
+    return s
+
+
+def print_table(title: str, results: dict, paper: dict) -> None:
+    settings = list(results)
+    rows = [r for r in results[settings[0]] if not r.startswith("_")]
+    width = max(len(r) for r in rows + ["paper RL2"]) + 2
+    colw = max(24, *(len(s) + 2 for s in settings))
+    print(f"\n{title}")
+    print("".ljust(width) + "".join(s.rjust(colw) for s in settings))
+    for r in rows:
+        print(r.ljust(width) + "".join(_fmt(results[s][r]).rjust(colw) for s in settings))
+    columns = sorted({c for s in settings for c in paper.get(s, {})})
+    for c in columns:
+        print(f"paper {c}".ljust(width) + "".join(
+            (f"{paper[s][c]:.1f}" if c in paper.get(s, {}) else "n/a").rjust(colw) for s in settings))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="200 evaluation / 100 tuning instances, coarse grids")
+    ap.add_argument("--instances", type=int, default=1000, help="evaluation instances per setting")
+    ap.add_argument("--tune-instances", type=int, default=500, help="tuning instances (a separate seed)")
+    ap.add_argument("--bandit-n", default="10,100", help="pulls per trial (the paper also has 500)")
+    ap.add_argument("--bandit-k", default="5,10,50", help="arms")
+    ap.add_argument("--mdp-n", default="10,25", help="episodes per trial (the paper also has 50,75,100)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: these small tensors gain nothing from more, and a shared CPU thrashes)")
+    ap.add_argument("--out", default=str(HERE / "results" / "rl_baselines.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.instances, args.tune_instances = min(args.instances, 200), min(args.tune_instances, 100)
+    torch.set_num_threads(args.threads)
+    bandit_n = [int(x) for x in args.bandit_n.split(",")]
+    bandit_k = [int(x) for x in args.bandit_k.split(",")]
+    mdp_n = [int(x) for x in args.mdp_n.split(",")]
+
+    t0 = time.perf_counter()
+    print("throughput (env steps/s) ...", flush=True)
+    speed = throughput([1000, 10000] if not args.quick else [1000], 200 if not args.quick else 50)
+    print("bandits ...", flush=True)
+    bandits = run_bandits(bandit_n, bandit_k, args.instances, args.tune_instances, args.quick)
+    print("MDPs ...", flush=True)
+    mdps = run_mdps(mdp_n, args.instances, args.tune_instances, args.quick)
+    total = time.perf_counter() - t0
+
+    print_table(f"Bernoulli bandits, total reward over n pulls ({args.instances} instances; tuned on "
+                f"{args.tune_instances} others)", bandits, PAPER_BANDITS)
+    print_table(f"Random tabular MDPs (10 states, 5 actions, horizon 10), total reward over n episodes "
+                f"({args.instances} instances)", mdps, PAPER_MDPS)
+    print("\nbatched environment throughput, env steps/s (torch threads = %d):" % args.threads)
+    for n_envs, rates in speed.items():
+        print(f"  {n_envs:>22}: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()))
+    print(f"\ntotal {total:.0f}s")
+
+    report = {
+        "benchmark": "rl_baselines",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/rl_baselines.py" + (" --quick" if args.quick else ""),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": args.threads},
+        "protocol": {"eval_instances": args.instances, "tune_instances": args.tune_instances,
+                     "seeds": {"eval_tasks": EVAL_TASK_SEED, "eval_env": EVAL_ENV_SEED, "tune_tasks": TUNE_TASK_SEED,
+                               "tune_env": TUNE_ENV_SEED, "agents": AGENT_SEED},
+                     "ci": "95% normal half-width over instances", "quick": args.quick},
+        "bandits": bandits,
+        "mdps": mdps,
+        "paper": {"bandits": PAPER_BANDITS, "mdps": PAPER_MDPS,
+                  "note": "only numbers verified from the sources at hand; table 1/2 baseline columns not found"},
+        "throughput_env_steps_per_s": speed,
+        "seconds": total,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

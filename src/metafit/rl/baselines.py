@@ -1,0 +1,483 @@
+"""Classical baselines for Bernoulli bandits and random tabular MDPs -- the comparison columns of
+RL² (Duan et al. 2016, tables 1 and 2) -- as agents that play a whole trial in a
+:class:`~metafit.rl.BatchedBandit` / :class:`~metafit.rl.BatchedMDP`, vectorised over environments.
+
+Variants (following the code the RL² authors ran their baselines with: their bandit script and
+Ian Osband's TabulaRL agents; differences are stated):
+
+Bandits (Beta(1, 1) pseudo-counts wherever a prior enters, as in the authors' script):
+
+* ``RandomBandit``: uniform arm.
+* ``GittinsBandit``: the arm with the largest *finite-horizon* Gittins index given the pulls left
+  (:mod:`metafit.rl.gittins`; exact up to a 2e-4 grid error). The authors' script used a
+  discounted index table; the finite-horizon index needs no discount to tune and is within a
+  fraction of a percent of Bayes-optimal on the cases we can solve exactly.
+* ``ThompsonBandit``: sample each arm's Beta posterior, play the argmax.
+* ``UCB1Bandit``: ``(s + 1) / (n + 2) + c * sqrt(2 ln t / (n + 2))`` with ``t`` the pulls so far
+  (the authors' pseudo-counts; ``prior=(0, 0)`` gives textbook UCB1, untried arms first);
+  ``c`` tuned on a grid.
+* ``EpsilonGreedyBandit``: posterior mean ``(s + 1) / (n + 2)``, a uniform arm with probability
+  ``epsilon`` (tuned); ``epsilon = 0`` is the paper's "Greedy" column (the 0.5 prior mean of an
+  untried arm makes it mildly optimistic).
+
+MDPs (priors of TabulaRL, which the authors used: reward means ``N(0, 1)`` prior with known noise
+precision 1, Dirichlet(1) transitions; the task distribution itself has reward means ``N(1, 1)``
+-- pass ``reward_prior_mean=1.0`` for the matched prior):
+
+* ``RandomMDP``: uniform actions.
+* ``PSRL``: at the start of each episode sample rewards and transitions from the posterior, solve
+  the sampled finite-horizon MDP by backward induction, act greedily.
+* ``OptimisticPSRL``: ``n_samples`` posterior samples, the pointwise maximum of their Q tables.
+* ``UCRL2``: extended value iteration on the empirical MDP with an L1 transition ball and a reward
+  bonus, radii ``scaling * sqrt(4 S log(2 S A (k+1) / 0.05) / n)`` and
+  ``scaling * sqrt(4 log(2 S A (k+1) / 0.05) / n)`` (``k`` the episode, ``n`` the visits) as in
+  TabulaRL; ``scaling`` tuned on a log grid. (TabulaRL's loop mutates the estimated transition row
+  in place across the backward-induction steps; we do not reproduce that bug.)
+* ``BEB``: TabulaRL's Bayesian exploration bonus: posterior-mean MDP, reward bonus
+  ``1 / (precision + 1)``, transition bonus ``beta * H / (1 + sum alpha)`` per remaining step with
+  ``beta = 2 H^2 * scaling``; ``scaling`` tuned.
+* ``EpsilonGreedyMDP``: greedy on the (vague-prior) posterior-mean MDP, uniform action with
+  probability ``epsilon`` (tuned); ``epsilon = 0`` is "Greedy".
+
+Runners: :func:`run_bandit_trials`, :func:`run_mdp_trials`; :func:`tune` picks a parameter on a
+grid, :func:`mean_ci` gives the mean and the 95% confidence half-width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, constraint_message
+from ._common import check_int, check_nonnegative, check_positive, random_argmax
+from .bandits import BatchedBandit
+from .gittins import finite_horizon_gittins_table
+from .mdp import BatchedMDP, solve_finite_horizon
+
+__all__ = [
+    "BanditAgent",
+    "RandomBandit",
+    "GittinsBandit",
+    "ThompsonBandit",
+    "UCB1Bandit",
+    "EpsilonGreedyBandit",
+    "MDPAgent",
+    "RandomMDP",
+    "PSRL",
+    "OptimisticPSRL",
+    "UCRL2",
+    "BEB",
+    "EpsilonGreedyMDP",
+    "run_bandit_trials",
+    "run_mdp_trials",
+    "tune",
+    "mean_ci",
+]
+
+
+def _check_prior(owner: str, prior: Sequence[float]) -> tuple[float, float]:
+    if len(prior) != 2:
+        raise ConfigError(constraint_message(owner, "prior", "a pair (alpha, beta)", prior, "Pass two numbers."))
+    return check_nonnegative(owner, "prior[0]", prior[0]), check_nonnegative(owner, "prior[1]", prior[1])
+
+
+def _check_probability(owner: str, name: str, value: float) -> float:
+    value = check_nonnegative(owner, name, value)
+    if value > 1:
+        raise ConfigError(constraint_message(owner, name, "in [0, 1]", value, "Pass a probability."))
+    return value
+
+
+# --------------------------------------------------------------------------------------- bandits
+
+
+class BanditAgent:
+    """Base: Beta-Bernoulli counts per environment and arm, updated after every pull."""
+
+    name = "agent"
+
+    def __init__(self, prior: Sequence[float] = (1.0, 1.0)) -> None:
+        self.prior = _check_prior(type(self).__name__, prior)
+
+    def begin_trial(self, num_envs: int, n_arms: int, n_pulls: int, *, seed: int = 0,
+                    device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.num_envs, self.n_arms, self.n_pulls = num_envs, n_arms, n_pulls
+        self.successes = torch.zeros(num_envs, n_arms, device=self.device)
+        self.failures = torch.zeros(num_envs, n_arms, device=self.device)
+        self.t = 0
+        self.generator = torch.Generator(self.device).manual_seed(int(seed))
+        self.np_rng = np.random.default_rng(int(seed))
+
+    def posterior_mean(self) -> torch.Tensor:
+        a0, b0 = self.prior
+        n = self.successes + self.failures
+        return (self.successes + a0) / (n + a0 + b0).clamp_min(1e-12)
+
+    def act(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe(self, actions: torch.Tensor, rewards: torch.Tensor) -> None:
+        r = rewards.to(self.successes.dtype).view(-1, 1)
+        idx = actions.view(-1, 1)
+        self.successes.scatter_add_(1, idx, r)
+        self.failures.scatter_add_(1, idx, 1.0 - r)
+        self.t += 1
+
+
+class RandomBandit(BanditAgent):
+    name = "random"
+
+    def act(self) -> torch.Tensor:
+        return torch.randint(0, self.n_arms, (self.num_envs,), generator=self.generator, device=self.device)
+
+
+class EpsilonGreedyBandit(BanditAgent):
+    """Posterior-mean greedy with probability ``1 - epsilon``, uniform otherwise."""
+
+    def __init__(self, epsilon: float = 0.0, prior: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__(prior)
+        self.epsilon = _check_probability("EpsilonGreedyBandit", "epsilon", epsilon)
+        self.name = "greedy" if self.epsilon == 0 else "epsilon-greedy"
+
+    def act(self) -> torch.Tensor:
+        greedy = random_argmax(self.posterior_mean(), self.generator)
+        if self.epsilon == 0:
+            return greedy
+        explore = torch.rand(self.num_envs, generator=self.generator, device=self.device) < self.epsilon
+        uniform = torch.randint(0, self.n_arms, (self.num_envs,), generator=self.generator, device=self.device)
+        return torch.where(explore, uniform, greedy)
+
+
+class UCB1Bandit(BanditAgent):
+    """``mean + c * sqrt(2 ln t / n)`` with pseudo-counts ``prior`` (``t`` = pulls so far)."""
+
+    name = "ucb1"
+
+    def __init__(self, c: float = 1.0, prior: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__(prior)
+        self.c = check_nonnegative("UCB1Bandit", "c", c)
+
+    def act(self) -> torch.Tensor:
+        a0, b0 = self.prior
+        n = self.successes + self.failures + a0 + b0
+        mean = (self.successes + a0) / n.clamp_min(1e-12)
+        log_t = math.log(self.t) if self.t > 0 else 0.0
+        index = mean + self.c * torch.sqrt(2.0 * log_t / n.clamp_min(1e-12))
+        index = torch.where(n > 0, index, torch.full_like(index, float("inf")))
+        return random_argmax(index, self.generator)
+
+
+class ThompsonBandit(BanditAgent):
+    """One sample from each arm's Beta posterior; play the largest."""
+
+    name = "thompson"
+
+    def __init__(self, prior: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__(prior)
+        if min(self.prior) <= 0:
+            raise ConfigError(constraint_message("ThompsonBandit", "prior", "two positive numbers", self.prior,
+                                                 "Use a proper Beta prior such as (1, 1)."))
+
+    def act(self) -> torch.Tensor:
+        a0, b0 = self.prior
+        a = (self.successes + a0).cpu().numpy().astype(np.float64)
+        b = (self.failures + b0).cpu().numpy().astype(np.float64)
+        theta = torch.from_numpy(self.np_rng.beta(a, b)).to(self.device)
+        return random_argmax(theta, self.generator)
+
+
+class GittinsBandit(BanditAgent):
+    """Largest finite-horizon Gittins index (see :mod:`metafit.rl.gittins`)."""
+
+    name = "gittins"
+
+    def __init__(self, prior: Sequence[float] = (1.0, 1.0), grid: int = 201) -> None:
+        super().__init__(prior)
+        if min(self.prior) <= 0:
+            raise ConfigError(constraint_message("GittinsBandit", "prior", "two positive numbers", self.prior,
+                                                 "Use a proper Beta prior such as (1, 1)."))
+        self.grid = check_int("GittinsBandit", "grid", grid, 3)
+
+    def begin_trial(self, num_envs: int, n_arms: int, n_pulls: int, *, seed: int = 0,
+                    device: torch.device | str = "cpu") -> None:
+        super().begin_trial(num_envs, n_arms, n_pulls, seed=seed, device=device)
+        table = finite_horizon_gittins_table(n_pulls, self.prior, self.grid)
+        self._table = table.to(self.device, torch.float32).reshape(n_pulls + 1, -1)
+        self._side = n_pulls + 1
+
+    def act(self) -> torch.Tensor:
+        remaining = self.n_pulls - self.t
+        if remaining < 1:
+            raise ConfigError(constraint_message("GittinsBandit", "pulls", f"at most n_pulls = {self.n_pulls}",
+                                                 self.t + 1, "Start a new trial with begin_trial()."))
+        flat = self.successes.long() * self._side + self.failures.long()
+        return random_argmax(self._table[remaining][flat], self.generator)
+
+
+def run_bandit_trials(env: BatchedBandit, agent: BanditAgent, n_pulls: int, seed: int = 0) -> torch.Tensor:
+    """Play one trial of ``n_pulls`` in every environment; total reward per environment ``[N]``."""
+    check_int("run_bandit_trials", "n_pulls", n_pulls, 1)
+    env.reset()
+    agent.begin_trial(env.num_envs, env.n_arms, n_pulls, seed=seed, device=env.device)
+    total = torch.zeros(env.num_envs, dtype=torch.float64, device=env.device)
+    for _ in range(n_pulls):
+        actions = agent.act()
+        _, reward, _, _, _ = env.step(actions)
+        agent.observe(actions, reward)
+        total += reward
+    return total
+
+
+# ------------------------------------------------------------------------------------------ MDPs
+
+
+class MDPAgent:
+    """Base: conjugate statistics per environment -- visit counts, reward sums and transition
+    counts -- with a Normal prior ``N(reward_prior_mean, 1 / reward_prior_precision)`` on each mean
+    reward (known noise precision ``noise_precision``) and ``Dirichlet(dirichlet_prior)`` rows."""
+
+    name = "agent"
+
+    def __init__(self, reward_prior_mean: float = 0.0, reward_prior_precision: float = 1.0,
+                 noise_precision: float = 1.0, dirichlet_prior: float = 1.0) -> None:
+        owner = type(self).__name__
+        self.mu0 = float(reward_prior_mean)
+        if not math.isfinite(self.mu0):
+            raise ConfigError(constraint_message(owner, "reward_prior_mean", "finite", reward_prior_mean,
+                                                 "Pass a finite number."))
+        self.tau0 = check_positive(owner, "reward_prior_precision", reward_prior_precision)
+        self.tau = check_positive(owner, "noise_precision", noise_precision)
+        self.alpha0 = check_positive(owner, "dirichlet_prior", dirichlet_prior)
+
+    def begin_trial(self, num_envs: int, n_states: int, n_actions: int, horizon: int, *, seed: int = 0,
+                    device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.num_envs, self.n_states, self.n_actions, self.horizon = num_envs, n_states, n_actions, horizon
+        N, S, A = num_envs, n_states, n_actions
+        self.visits = torch.zeros(N, S, A, dtype=torch.float64, device=self.device)
+        self.reward_sum = torch.zeros(N, S, A, dtype=torch.float64, device=self.device)
+        self.trans_counts = torch.zeros(N, S, A, S, dtype=torch.float64, device=self.device)
+        self.generator = torch.Generator(self.device).manual_seed(int(seed))
+        self.np_rng = np.random.default_rng(int(seed))
+        self._rows = torch.arange(N, device=self.device)
+        self.Q: torch.Tensor | None = None
+
+    # posterior --------------------------------------------------------------------------------
+    def reward_posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        precision = self.tau0 + self.tau * self.visits
+        mean = (self.tau0 * self.mu0 + self.tau * self.reward_sum) / precision
+        return mean, precision
+
+    def transition_posterior(self) -> torch.Tensor:
+        return self.trans_counts + self.alpha0
+
+    def posterior_mean_mdp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, _ = self.reward_posterior()
+        alpha = self.transition_posterior()
+        return mean, alpha / alpha.sum(-1, keepdim=True)
+
+    def sample_mdp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, precision = self.reward_posterior()
+        noise = torch.randn(mean.shape, generator=self.generator, dtype=torch.float64, device=self.device)
+        rewards = mean + noise / precision.sqrt()
+        gam = self.np_rng.standard_gamma(self.transition_posterior().cpu().numpy())
+        trans = torch.from_numpy(gam).to(self.device)
+        trans = trans / trans.sum(-1, keepdim=True).clamp_min(1e-300)
+        return rewards, trans
+
+    # acting -----------------------------------------------------------------------------------
+    def plan(self, episode: int) -> torch.Tensor:
+        """Q values ``[N, H, S, A]`` for the coming episode."""
+        raise NotImplementedError
+
+    def begin_episode(self, episode: int) -> None:
+        self.Q = self.plan(episode)
+
+    def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        return random_argmax(self.Q[self._rows, t, states], self.generator)
+
+    def observe(self, states: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                next_states: torch.Tensor) -> None:
+        S, A = self.n_states, self.n_actions
+        sa = states * A + actions
+        ones = torch.ones(self.num_envs, 1, dtype=torch.float64, device=self.device)
+        self.visits.view(-1, S * A).scatter_add_(1, sa.view(-1, 1), ones)
+        self.reward_sum.view(-1, S * A).scatter_add_(1, sa.view(-1, 1), rewards.to(torch.float64).view(-1, 1))
+        self.trans_counts.view(-1, S * A * S).scatter_add_(1, (sa * S + next_states).view(-1, 1), ones)
+
+
+class RandomMDP(MDPAgent):
+    name = "random"
+
+    def begin_episode(self, episode: int) -> None:
+        pass
+
+    def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.randint(0, self.n_actions, (self.num_envs,), generator=self.generator, device=self.device)
+
+
+class PSRL(MDPAgent):
+    """Posterior sampling for RL (Osband et al. 2013): one posterior MDP per episode."""
+
+    name = "psrl"
+
+    def plan(self, episode: int) -> torch.Tensor:
+        rewards, trans = self.sample_mdp()
+        return solve_finite_horizon(rewards, trans, self.horizon)[0]
+
+
+class OptimisticPSRL(MDPAgent):
+    """``n_samples`` posterior MDPs per episode; act on the pointwise maximum of their Q tables."""
+
+    name = "optimistic-psrl"
+
+    def __init__(self, n_samples: int = 2, **prior) -> None:
+        super().__init__(**prior)
+        self.n_samples = check_int("OptimisticPSRL", "n_samples", n_samples, 1)
+
+    def plan(self, episode: int) -> torch.Tensor:
+        Q = None
+        for _ in range(self.n_samples):
+            q = solve_finite_horizon(*self.sample_mdp(), self.horizon)[0]
+            Q = q if Q is None else torch.maximum(Q, q)
+        return Q
+
+
+class EpsilonGreedyMDP(MDPAgent):
+    """Greedy on the posterior-mean MDP (vague priors, as TabulaRL), uniform with prob. ``epsilon``."""
+
+    def __init__(self, epsilon: float = 0.0, reward_prior_mean: float = 0.0, reward_prior_precision: float = 1e-4,
+                 noise_precision: float = 1.0, dirichlet_prior: float = 1e-4) -> None:
+        super().__init__(reward_prior_mean, reward_prior_precision, noise_precision, dirichlet_prior)
+        self.epsilon = _check_probability("EpsilonGreedyMDP", "epsilon", epsilon)
+        self.name = "greedy" if self.epsilon == 0 else "epsilon-greedy"
+
+    def plan(self, episode: int) -> torch.Tensor:
+        return solve_finite_horizon(*self.posterior_mean_mdp(), self.horizon)[0]
+
+    def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        greedy = super().act(states, t)
+        if self.epsilon == 0:
+            return greedy
+        explore = torch.rand(self.num_envs, generator=self.generator, device=self.device) < self.epsilon
+        uniform = torch.randint(0, self.n_actions, (self.num_envs,), generator=self.generator, device=self.device)
+        return torch.where(explore, uniform, greedy)
+
+
+class UCRL2(MDPAgent):
+    """Optimism with L1 transition confidence sets (Jaksch et al. 2010), finite-horizon form."""
+
+    name = "ucrl2"
+
+    def __init__(self, scaling: float = 1.0, delta: float = 0.05, reward_prior_mean: float = 0.0,
+                 reward_prior_precision: float = 1e-4, noise_precision: float = 1.0,
+                 dirichlet_prior: float = 1e-5) -> None:
+        super().__init__(reward_prior_mean, reward_prior_precision, noise_precision, dirichlet_prior)
+        self.scaling = check_nonnegative("UCRL2", "scaling", scaling)
+        self.delta = _check_probability("UCRL2", "delta", delta)
+
+    def plan(self, episode: int) -> torch.Tensor:
+        S, A, H = self.n_states, self.n_actions, self.horizon
+        R, P = self.posterior_mean_mdp()
+        n = self.visits.clamp_min(1.0)
+        log_term = math.log(2 * S * A * (episode + 2) / self.delta)  # TabulaRL's (time + 1), time = 1-based episode
+        r_slack = self.scaling * torch.sqrt(4 * log_term / n)
+        p_slack = self.scaling * torch.sqrt(4 * S * log_term / n)
+        return extended_value_iteration(R + r_slack, P, p_slack, H)
+
+
+def extended_value_iteration(rewards: torch.Tensor, transitions: torch.Tensor, p_slack: torch.Tensor,
+                             horizon: int) -> torch.Tensor:
+    """Optimistic backward induction: at each step every row ``P[s, a]`` moves up to
+    ``p_slack[s, a] / 2`` of probability onto the best next state, taken from the worst ones
+    (Jaksch et al. 2010). ``rewards [N, S, A]`` (bonus included). Returns ``Q [N, H, S, A]``."""
+    N, S, A = rewards.shape
+    V = rewards.new_zeros(N, S)
+    Q = rewards.new_zeros(N, horizon, S, A)
+    for h in range(horizon - 1, -1, -1):
+        order = V.argsort(dim=1)  # ascending value
+        v_sorted = V.gather(1, order)  # [N, S]
+        p_sorted = transitions.gather(3, order.view(N, 1, 1, S).expand(N, S, A, S))
+        best = p_sorted[..., -1]
+        new_best = torch.minimum(best + p_slack / 2, torch.ones_like(best))
+        excess = (new_best - best).unsqueeze(-1)
+        others = p_sorted.clone()
+        others[..., -1] = 0.0
+        before = others.cumsum(-1) - others
+        removed = torch.minimum((excess - before).clamp_min(0.0), others)
+        p_opt = others - removed
+        p_opt[..., -1] = new_best
+        Q[:, h] = rewards + (p_opt * v_sorted.view(N, 1, 1, S)).sum(-1)
+        V = Q[:, h].amax(dim=-1)
+    return Q
+
+
+class BEB(MDPAgent):
+    """Bayesian exploration bonus in TabulaRL's form (see the module docstring)."""
+
+    name = "beb"
+
+    def __init__(self, scaling: float = 1.0, **prior) -> None:
+        super().__init__(**prior)
+        self.scaling = check_nonnegative("BEB", "scaling", scaling)
+
+    def plan(self, episode: int) -> torch.Tensor:
+        H = self.horizon
+        R, P = self.posterior_mean_mdp()
+        _, precision = self.reward_posterior()
+        r_bonus = 1.0 / (precision + 1.0)
+        beta = 2.0 * H * H * self.scaling
+        p_bonus = beta * H / (1.0 + self.transition_posterior().sum(-1))
+        N, S, A = R.shape
+        V = R.new_zeros(N, S)
+        Q = R.new_zeros(N, H, S, A)
+        for h in range(H - 1, -1, -1):
+            steps_after = H - h - 1
+            Q[:, h] = R + r_bonus + (P @ V.view(N, 1, S, 1)).squeeze(-1) + p_bonus * steps_after
+            V = Q[:, h].amax(dim=-1)
+        return Q
+
+
+def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int = 0) -> torch.Tensor:
+    """Play one trial of ``n_episodes`` episodes in every environment (all start together, every
+    episode lasts ``env.horizon`` steps); total reward per environment ``[N]``."""
+    check_int("run_mdp_trials", "n_episodes", n_episodes, 1)
+    states = env.reset()
+    agent.begin_trial(env.num_envs, env.n_states, env.n_actions, env.horizon, seed=seed, device=env.device)
+    total = torch.zeros(env.num_envs, dtype=torch.float64, device=env.device)
+    for episode in range(n_episodes):
+        agent.begin_episode(episode)
+        for t in range(env.horizon):
+            actions = agent.act(states, t)
+            nxt, reward, _, _, info = env.step(actions)
+            agent.observe(states, actions, reward, info["final_obs"])
+            total += reward
+            states = nxt
+    return total
+
+
+# ------------------------------------------------------------------------------------- utilities
+
+
+def mean_ci(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (normal approximation, ``1.96 * sd / sqrt(n)``)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(1.96 * v.std(unbiased=True) / math.sqrt(v.numel()))
+
+
+def tune(make_agent: Callable[[float], object], grid: Sequence[float],
+         evaluate: Callable[[object], torch.Tensor]) -> tuple[float, dict[float, float]]:
+    """Evaluate ``make_agent(value)`` for every grid value (``evaluate`` returns per-instance
+    totals); returns the value with the highest mean (first on ties) and all means. Tune on
+    instances other than the ones you report."""
+    if len(grid) == 0:
+        raise ConfigError(constraint_message("tune", "grid", "non-empty", list(grid), "Pass at least one value."))
+    scores = {v: float(evaluate(make_agent(v)).double().mean()) for v in grid}
+    best = max(scores, key=lambda v: scores[v])
+    return best, scores

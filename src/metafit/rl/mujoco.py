@@ -1,0 +1,127 @@
+"""HalfCheetah velocity and direction tasks (Finn et al. 2017, MAML, section 5.3; Rothfuss et
+al. 2019, ProMP), on Gymnasium's ``HalfCheetah-v5`` (needs ``pip install "metafit[mujoco]"``).
+
+Variant implemented (where the papers' code differ):
+
+* forward velocity = ``(x_after - x_before) / dt`` of the root body, Gymnasium's
+  ``info["x_velocity"]`` (ProMP's definition; MAML's rllab env used the torso's centre-of-mass
+  velocity, which differs slightly within a gait cycle);
+* velocity task: target ``v ~ U[0, 2]``, reward ``-|v_fwd - v| - 0.05 * |a|^2``;
+* direction task: ``d = +1`` or ``-1`` with probability 1/2, reward ``d * v_fwd - 0.05 * |a|^2``;
+* the control cost ``0.05 * |a|^2`` (MAML/ProMP's ``0.5 * 1e-1 * sum(a^2)``) uses the action
+  clipped to the action box ``[-1, 1]^6``, as MuJoCo applies it;
+* episodes are truncated after ``horizon = 200`` steps (MAML; Gymnasium's default is 1000);
+  observations are Gymnasium v5's 17 numbers (position without the root x, velocities).
+
+Tasks and families (this module) need only torch; the environments are
+:class:`metafit.rl.HalfCheetahVelEnv` and :class:`metafit.rl.HalfCheetahDirEnv`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._common import MissingExtraError, check_int, check_nonnegative, check_range
+
+__all__ = [
+    "VelocityTask",
+    "DirectionTask",
+    "HalfCheetahVelFamily",
+    "HalfCheetahDirFamily",
+    "velocity_reward",
+    "direction_reward",
+    "require_mujoco",
+]
+
+
+@dataclass(frozen=True)
+class VelocityTask:
+    """Target forward velocity."""
+
+    target: float
+
+
+@dataclass(frozen=True)
+class DirectionTask:
+    """Running direction: +1 (forward) or -1 (backward)."""
+
+    direction: float
+
+
+def velocity_reward(forward_velocity: float, action: np.ndarray, target: float, ctrl_cost_weight: float = 0.05):
+    ctrl = ctrl_cost_weight * float(np.square(action).sum())
+    return -abs(forward_velocity - target) - ctrl, ctrl
+
+
+def direction_reward(forward_velocity: float, action: np.ndarray, direction: float, ctrl_cost_weight: float = 0.05):
+    ctrl = ctrl_cost_weight * float(np.square(action).sum())
+    return direction * forward_velocity - ctrl, ctrl
+
+
+def require_mujoco(owner: str):
+    """Import Gymnasium's MuJoCo HalfCheetah, or fail naming the extra to install."""
+    try:
+        import mujoco  # noqa: F401
+        from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+    except ImportError as err:
+        raise MissingExtraError(
+            f"{owner}: MuJoCo environments need the gymnasium[mujoco] packages, which are not installed "
+            f"({err}). Install them with: pip install \"metafit[mujoco]\"."
+        ) from err
+    return HalfCheetahEnv
+
+
+@dataclass(frozen=True)
+class HalfCheetahVelFamily:
+    """Target velocities ``U[target_range]`` (MAML: ``[0, 2]``)."""
+
+    target_range: tuple[float, float] = (0.0, 2.0)
+    horizon: int = 200
+    ctrl_cost_weight: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_range("HalfCheetahVelFamily", "target_range", self.target_range)
+        check_int("HalfCheetahVelFamily", "horizon", self.horizon, 1)
+        check_nonnegative("HalfCheetahVelFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
+
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[VelocityTask]:
+        check_int("HalfCheetahVelFamily", "n", n, 1)
+        lo, hi = self.target_range
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return [VelocityTask(float(lo + (hi - lo) * x)) for x in u]
+
+    def make_env(self, task: VelocityTask | None = None):
+        from ._common import require_gymnasium
+
+        require_gymnasium("HalfCheetahVelFamily.make_env")
+        from .gym_envs import HalfCheetahVelEnv
+
+        return HalfCheetahVelEnv(self, task)
+
+
+@dataclass(frozen=True)
+class HalfCheetahDirFamily:
+    """Directions ``+1`` / ``-1`` with equal probability."""
+
+    horizon: int = 200
+    ctrl_cost_weight: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_int("HalfCheetahDirFamily", "horizon", self.horizon, 1)
+        check_nonnegative("HalfCheetahDirFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
+
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[DirectionTask]:
+        check_int("HalfCheetahDirFamily", "n", n, 1)
+        signs = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+        return [DirectionTask(float(s)) for s in signs]
+
+    def make_env(self, task: DirectionTask | None = None):
+        from ._common import require_gymnasium
+
+        require_gymnasium("HalfCheetahDirFamily.make_env")
+        from .gym_envs import HalfCheetahDirEnv
+
+        return HalfCheetahDirEnv(self, task)
