@@ -132,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("configs", help="list the built-in configs, or every config field with --fields")
     c.add_argument("--fields", action="store_true", help="list every config key with its default and meaning")
 
+    rl = sub.add_parser("rl", help="meta-reinforcement learning: train / eval / configs (RL2, MAML-RL)")
+    rsub = rl.add_subparsers(dest="rl_command", required=True, metavar="RL_COMMAND")
+    rt = rsub.add_parser("train", help="train a meta-RL learner from a YAML config (or a built-in name)")
+    rt.add_argument("config", help="YAML file or built-in name (see `metafit rl configs`)")
+    rt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.iterations=200 (repeatable)")
+    rt.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/last.safetensors")
+    rt.add_argument("--out-dir", help="run folder (sets out_dir)")
+    rt.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+    re_ = rsub.add_parser("eval", help="returns per adaptation step (mean and 95%% CI) on fixed test tasks")
+    re_.add_argument("checkpoint")
+    re_.add_argument("--tasks", type=int, help="test tasks (default: the run's train.test_tasks)")
+    re_.add_argument("--seed", type=int, help="seed of the test tasks (default: the run's eval_seed + 1)")
+    re_.add_argument("--out", help="also write the result as JSON here")
+    rsub.add_parser("configs", help="list the built-in meta-RL configs")
+
     q = sub.add_parser("quickstart", help="a short real run: MAML on sinusoids (built in), or ProtoNet on Omniglot")
     q.add_argument("--task", choices=["auto", "sinusoid", "omniglot"], default="auto",
                    help="auto: Omniglot when a data folder is given (--data-dir, METAFIT_DATA_DIR, --download) "
@@ -543,7 +559,45 @@ def _quickstart_omniglot(args, root) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
+def _cmd_rl(args) -> int:
+    from ..training import rl_run
+
+    if args.rl_command == "configs":
+        for name, path in sorted(rl_run.builtin_rl_configs().items()):
+            first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+            _print(f"{name:28s} {first}")
+        return 0
+    if args.rl_command == "train":
+        overrides = list(args.overrides) + ([f"out_dir={args.out_dir}"] if args.out_dir else [])
+        cfg = rl_run.load_rl_config(args.config, overrides)
+        _print(f"metafit {__version__}: training {cfg.learner.name} on {cfg.family.name} "
+               f"{cfg.family.settings or ''} for {cfg.train.iterations} iterations -> {cfg.out_dir}")
+        report = rl_run.train_rl(cfg, resume=args.resume, test=not args.no_test)
+        _print(f"best validation score {report['val']['score']:.4g} at iteration {report['best_iteration']} "
+               f"-> {report['best_checkpoint']}" if report["val"]["score"] is not None else "no validation yet")
+        if "test" in report:
+            _print_rl_eval(report["test"])
+        _print(f"training time {report['train_seconds'] / 60:.1f} min, {report['env_steps']:,} environment steps; "
+               f"learning curve: {Path(report['out_dir']) / 'learning_curve.png'}")
+        return 0
+    res = rl_run.evaluate_rl_checkpoint(args.checkpoint, tasks=args.tasks, seed=args.seed)
+    _print_rl_eval(res)
+    if args.out:
+        from ..training.metrics_log import write_json
+
+        write_json(args.out, res)
+        _print(f"wrote {args.out}")
+    return 0
+
+
+def _print_rl_eval(res: dict) -> None:
+    _print(f"{res['tasks']} test tasks: score {res['score']:.4g} +/- {res['ci95']:.3g} (95% CI)")
+    _print("| adaptation point | mean return | 95% CI |\n|---|---|---|")
+    for name, v in res["points"].items():
+        _print(f"| {name} | {v['mean']:.4g} | +/- {v['ci95']:.3g} |")
+
+
+COMMANDS = {"rl": _cmd_rl, "train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
             "calibrate": _cmd_calibrate, "serve": _cmd_serve, "tune": _cmd_tune, "report": _cmd_report,
             "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
 

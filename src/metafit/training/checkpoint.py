@@ -21,7 +21,8 @@ from ..data.cache import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError
 from .config import RunConfig, build_model, make_config
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint", "update_checkpoint_meta"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint", "update_checkpoint_meta",
+           "write_checkpoint"]
 
 FORMAT = "metafit-checkpoint"
 FORMAT_VERSION = 1
@@ -46,6 +47,13 @@ def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig
         "image_format": fmt.to_dict() if (fmt := config.data.image_format()) is not None else None,
         **(extra_meta or {}),
     }
+    return write_checkpoint(path, tensors, meta)
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` with ``meta`` as JSON header metadata, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
     atomic_write_bytes(path, lambda f: f.write(blob))
     return path
@@ -108,6 +116,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
     ``checkpoint_meta`` (step, metrics, ...).
     """
     meta, tensors = read_checkpoint(path)
+    if meta.get("kind") == "rl":
+        raise CheckpointError(
+            f"Checkpoint: {str(path)!r} must be a few-shot checkpoint here; got a meta-RL checkpoint "
+            f"({meta.get('learner')}). Use metafit rl eval, or metafit.training.rl_run.load_rl."
+        )
     try:
         config = make_config(meta["config"])
     except (ConfigError, KeyError) as err:

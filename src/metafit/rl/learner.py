@@ -1,0 +1,72 @@
+"""The interface every meta-RL learner implements, and their registry.
+
+A learner is an ``nn.Module`` built from a frozen config (a :class:`~metafit.validation.ConfigModel`
+with a ``name`` literal) and an environment family (see :data:`metafit.rl.FAMILIES`):
+
+- ``train_iteration(generator) -> dict``: one outer update on freshly sampled tasks; returns
+  scalar statistics for the log, at least ``"return"`` (the mean return per trial of the data the
+  update used, for RL² the whole trial, for MAML-RL after adaptation) and ``"env_steps"``;
+- ``evaluate(tasks, generator) -> Tensor [len(tasks), len(eval_points())]``: returns at each
+  adaptation point on the given tasks, e.g. every episode of an RL² trial, or MAML-RL before
+  adaptation and after 1, 2, 3 inner steps;
+- ``eval_points() -> list[str]``: the names of those points ("episode 1", "0 steps", ...).
+
+The training layer (``metafit rl train / eval``) owns the loop, logs, checkpoints and resume;
+learners hold no optimizer state outside ``optimizer_state_dict`` / ``load_optimizer_state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..validation import ConfigModel
+
+__all__ = ["RL_LEARNERS", "RLLearner", "get_rl_learner", "register_rl_learner"]
+
+
+class RLLearner(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type[ConfigModel]]
+    #: how a task's returns at the evaluation points become its score: "last" (the return after
+    #: the last adaptation point, MAML-RL) or "sum" (the whole trial's reward, RL²)
+    score_reduction: ClassVar[str] = "last"
+
+    def __init__(self, config: ConfigModel, family: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.family = family
+
+    def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, tasks: list, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_points(self) -> list[str]:
+        raise NotImplementedError
+
+    def optimizer_state_dict(self) -> dict:
+        return {}
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        pass
+
+
+RL_LEARNERS: dict[str, type[RLLearner]] = {}
+
+
+def register_rl_learner(cls: type[RLLearner]) -> type[RLLearner]:
+    RL_LEARNERS[cls.name] = cls
+    return cls
+
+
+def get_rl_learner(name: str) -> type[RLLearner]:
+    if name not in RL_LEARNERS:
+        raise ConfigError(
+            f"Config: learner.name must be one of {sorted(RL_LEARNERS)}; got {name!r}. Choose a listed learner."
+        )
+    return RL_LEARNERS[name]

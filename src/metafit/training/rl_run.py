@@ -1,0 +1,386 @@
+"""Meta-RL runs: config, training loop, checkpoints, evaluation (``metafit rl train / eval``).
+
+A run config names an environment family (``family: {name, settings}``), a learner
+(``learner: {name, ...}``, see :data:`metafit.rl.learner.RL_LEARNERS`) and the loop (``train``).
+The loop calls ``learner.train_iteration`` and, every ``eval_every`` iterations, evaluates on
+``eval_tasks`` fixed validation tasks (returns at every adaptation point: each episode of an
+RL² trial, MAML-RL before and after each inner step); the best validation score is kept as
+``best.safetensors``, ``last.safetensors`` holds everything needed to resume exactly (learner,
+its optimizer, the task and torch RNG streams). Logs: ``metrics.jsonl``, TensorBoard, and a
+learning-curve PNG. Test: ``test_tasks`` fixed tasks from another seed, mean and 95% CI at every
+adaptation point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import Field, SerializeAsAny, field_validator
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import CheckpointError, ConfigError
+from ..rl import FAMILIES, make_family
+from ..rl.learner import RLLearner, get_rl_learner
+from ..validation import ConfigModel, parse_config, set_by_path
+from .checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, write_checkpoint
+from .metrics_log import write_json
+from .tracking import TensorBoardLog
+
+__all__ = ["RLRunConfig", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl", "load_rl_config",
+           "mean_ci95", "train_rl"]
+
+
+class RLFamilyConfig(ConfigModel):
+    name: str = Field("bandit", description="environment family: " + ", ".join(sorted(FAMILIES)))
+    settings: dict[str, Any] = Field(default_factory=dict, description="family settings, e.g. {n_arms: 10}")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"must be one of {sorted(FAMILIES)}")
+        return v
+
+
+class RLTrainConfig(ConfigModel):
+    iterations: int = Field(500, ge=1, description="outer updates")
+    eval_every: int = Field(50, ge=1, description="validate every this many iterations")
+    save_interval: int = Field(100, ge=1, description="keep a numbered checkpoint every this many iterations")
+    eval_tasks: int = Field(200, ge=1, description="fixed validation tasks")
+    test_tasks: int = Field(1000, ge=1, description="fixed test tasks for the final report")
+    eval_seed: int = Field(2024, ge=0, description="seed of the validation tasks (test: eval_seed + 1)")
+    max_minutes: float | None = Field(None, gt=0.0, description="wall-clock budget; stops (and validates) when spent")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    progress: bool = Field(True, description="show a progress bar")
+    tensorboard: bool = Field(True, description="write TensorBoard event files (needs the tensorboard package)")
+
+
+class RLRunConfig(ConfigModel):
+    kind: Literal["rl"] = "rl"
+    seed: int = Field(0, ge=0, description="seed of initialisation and training tasks")
+    out_dir: str = Field("runs/rl", description="where checkpoints and logs go")
+    family: RLFamilyConfig = RLFamilyConfig()
+    learner: SerializeAsAny[ConfigModel] = Field(default_factory=lambda: rl_learner_config({"name": "rl2"}))
+    train: RLTrainConfig = RLTrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def rl_learner_config(data: Any) -> ConfigModel:
+    if isinstance(data, ConfigModel) and hasattr(data, "name"):
+        return data
+    data = dict(data or {})
+    cls = get_rl_learner(data.get("name", "rl2"))
+    return parse_config(cls.Config, data, "learner")
+
+
+def make_rl_config(data: Any) -> RLRunConfig:
+    if isinstance(data, RLRunConfig):
+        return data
+    data = dict(data or {})
+    data["learner"] = rl_learner_config(data.get("learner"))
+    return parse_config(RLRunConfig, data)
+
+
+def builtin_rl_configs() -> dict[str, Path]:
+    root = resources.files("metafit") / "configs" / "rl"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_rl_config(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> RLRunConfig:
+    """A meta-RL run config from a YAML path, a built-in name or a mapping, with ``key=value``
+    overrides (values parsed as YAML)."""
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path, builtins = Path(source), builtin_rl_configs()
+        if path.is_file():
+            text = path.read_text()
+        elif str(source) in builtins:
+            text = builtins[str(source)].read_text()
+        else:
+            raise ConfigError(
+                f"Config: the RL config must be a YAML file or a built-in name; got {str(source)!r}. "
+                f"Built-in RL configs: {', '.join(sorted(builtins))}."
+            )
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config: {str(source)!r} must be valid YAML; got a parse error ({err}). Fix the file.") from err
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"Config: an override must look like key=value; got {item!r}. Write e.g. --set train.iterations=100."
+            )
+        set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return make_rl_config(data)
+
+
+def build_learner(config: RLRunConfig) -> RLLearner:
+    family = make_family(config.family.name, **config.family.settings)
+    return get_rl_learner(config.learner.name)(config.learner, family)
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    v = values.double().flatten()
+    n = v.numel()
+    mean = float(v.mean())
+    return mean, (1.96 * float(v.std(unbiased=True)) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def _score(learner: RLLearner, returns: torch.Tensor) -> torch.Tensor:
+    """Per-task score: the whole trial's reward for learners whose points are episodes of one
+    trial (RL²), the return after the last adaptation point otherwise."""
+    return returns.sum(1) if getattr(learner, "score_reduction", "last") == "sum" else returns[:, -1]
+
+
+def _evaluate(learner: RLLearner, tasks: list, seed: int) -> dict[str, Any]:
+    was = learner.training
+    learner.eval()
+    try:
+        returns = learner.evaluate(tasks, torch.Generator().manual_seed(seed)).detach()
+    finally:
+        learner.train(was)
+    points = learner.eval_points()
+    per_point = {}
+    for name, col in zip(points, returns.T):
+        m, ci = mean_ci95(col)
+        per_point[name] = {"mean": m, "ci95": ci}
+    score, score_ci = mean_ci95(_score(learner, returns))
+    return {"score": score, "ci95": score_ci, "tasks": len(tasks), "points": per_point}
+
+
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for pid, st in state.get("state", {}).items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, scalars in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(scalars)
+    return {"state": state, "param_groups": meta.get("param_groups", [])}
+
+
+def _save(path: Path, learner: RLLearner, config: RLRunConfig, iteration: int, metrics: dict,
+          resume: dict | None = None) -> Path:
+    tensors = {f"model.{k}": v for k, v in learner.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "metafit_version": __version__, "kind": "rl",
+            "learner": config.learner.name, "config": config.to_dict(), "step": int(iteration), "metrics": metrics}
+    if resume is not None:
+        opt_tensors, opt_meta = _optimizer_tensors(learner.optimizer_state_dict())
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.tasks"] = resume.pop("generator").get_state()
+        meta["train_state"] = {**resume, "optimizer": opt_meta}
+    return write_checkpoint(path, tensors, meta)
+
+
+def load_rl(path: str | os.PathLike) -> RLLearner:
+    """The learner of a meta-RL checkpoint (eval mode), with ``run_config`` and ``checkpoint_meta``."""
+    meta, tensors = read_checkpoint(path)
+    if meta.get("kind") != "rl":
+        raise CheckpointError(
+            f"Checkpoint: {str(path)!r} must be a meta-RL checkpoint for metafit rl; got a "
+            f"{meta.get('algorithm', 'few-shot')} checkpoint. Use metafit eval / metafit.load for it."
+        )
+    try:
+        config = make_rl_config(meta["config"])
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(
+            f"Checkpoint: the RL config stored in {str(path)!r} must be valid for this metafit version; got: {err}. "
+            f"Use the metafit version that wrote it ({meta.get('metafit_version')})."
+        ) from err
+    learner = build_learner(config)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"Checkpoint: tensors of {str(path)!r} must match the learner its config describes; got "
+            f"{str(err).splitlines()[-1].strip()}. The file is damaged or from another version."
+        ) from err
+    learner.eval()
+    learner.run_config = config
+    learner.checkpoint_meta = {k: v for k, v in meta.items() if k != "config"}
+    learner._tensors = tensors  # for resume
+    return learner
+
+
+def _plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import _save as save_fig
+
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    try:
+        if train:
+            ax.plot([r["iteration"] for r in train], [r["return"] for r in train], lw=1, alpha=0.6,
+                    label="training batches")
+        if val:
+            xs = [r["iteration"] for r in val]
+            ys = [r["score"] for r in val]
+            ci = [r["ci95"] for r in val]
+            ax.plot(xs, ys, marker="o", lw=1.6, label="validation tasks (95% CI)")
+            ax.fill_between(xs, [y - c for y, c in zip(ys, ci)], [y + c for y, c in zip(ys, ci)], alpha=0.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("return")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save_fig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> dict[str, Any]:
+    """Train, keep the best checkpoint on the validation tasks, then test it; returns (and writes
+    to ``<out_dir>/report.json``) a summary."""
+    tc, out = config.train, Path(config.out_dir)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(config.seed)
+    learner = build_learner(config)
+    learner.train()
+    family = learner.family
+    val_tasks = family.sample_tasks(tc.eval_tasks, torch.Generator().manual_seed(tc.eval_seed))
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    iteration, best, best_iter, seconds, env_steps, rows = 0, -math.inf, 0, 0.0, 0, []
+    last = out / "last.safetensors"
+    if resume:
+        if not last.is_file():
+            raise CheckpointError(
+                f"RL: resume needs {str(last)!r}; got no such file. Run without --resume first."
+            )
+        meta, tensors = read_checkpoint(last)
+        ts = meta.get("train_state")
+        if meta.get("kind") != "rl" or ts is None or meta.get("learner") != config.learner.name:
+            raise CheckpointError(
+                f"RL: resume needs a meta-RL last.safetensors of learner {config.learner.name!r}; got "
+                f"{meta.get('learner') or meta.get('algorithm')!r}. Resume with the original config."
+            )
+        learner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        learner.load_optimizer_state_dict(_optimizer_state(tensors, ts["optimizer"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        gen.set_state(tensors["rng.tasks"])
+        iteration, best, best_iter = int(meta["step"]), ts["best"], ts["best_iteration"]
+        best = -math.inf if best is None else best
+        seconds, env_steps = ts["seconds"], ts["env_steps"]
+        if (out / "metrics.jsonl").is_file():
+            for line in (out / "metrics.jsonl").read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("iteration", 0) <= iteration:
+                    rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    log = open(out / "metrics.jsonl", "w")
+    for row in rows:  # the log up to the resumed iteration (drops what a crash left beyond it)
+        log.write(json.dumps(row) + "\n")
+    tb = TensorBoardLog(out, tc.tensorboard, purge_step=iteration + 1 if resume else None)
+    bar = tqdm(total=tc.iterations, initial=iteration, disable=not tc.progress, desc=f"rl {config.learner.name}",
+               dynamic_ncols=True)
+
+    def write(row: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        log.write(json.dumps(clean) + "\n")
+        log.flush()
+        rows.append(clean)
+        tb.scalars(row["split"], {k: v for k, v in row.items() if k not in ("points",)}, row["iteration"],
+                   skip=("iteration", "split"))
+
+    def validate() -> None:
+        nonlocal best, best_iter
+        res = _evaluate(learner, val_tasks, tc.eval_seed + 7)
+        write({"iteration": iteration, "split": "val", "score": res["score"], "ci95": res["ci95"],
+               "points": {k: v["mean"] for k, v in res["points"].items()}, "elapsed_s": seconds})
+        if res["score"] > best:
+            best, best_iter = res["score"], iteration
+            _save(out / "best.safetensors", learner, config, iteration, {"val": res})
+
+    def state() -> dict:
+        return {"generator": gen, "best": best if math.isfinite(best) else None, "best_iteration": best_iter,
+                "seconds": seconds, "env_steps": env_steps}
+
+    start, seconds_before = time.perf_counter(), seconds
+    try:
+        while iteration < tc.iterations:
+            if tc.max_minutes is not None and seconds >= 60 * tc.max_minutes:
+                write({"iteration": iteration, "split": "stop", "elapsed_s": seconds})
+                if best_iter != iteration:
+                    validate()
+                break
+            stats = learner.train_iteration(gen)
+            iteration += 1
+            seconds = seconds_before + time.perf_counter() - start
+            env_steps += int(stats.get("env_steps", 0))
+            write({"iteration": iteration, "split": "train", **{k: float(v) for k, v in stats.items()},
+                   "total_env_steps": env_steps, "elapsed_s": seconds})
+            bar.update(1)
+            bar.set_postfix(ret=f"{stats.get('return', float('nan')):.3f}",
+                            best=f"{best:.3f}" if math.isfinite(best) else "-")
+            if iteration % tc.eval_every == 0 or iteration == tc.iterations:
+                validate()
+            if iteration % tc.save_interval == 0:
+                _save(out / f"step-{iteration:07d}.safetensors", learner, config, iteration, {})
+                _save(last, learner, config, iteration, {}, state())
+        _save(last, learner, config, iteration, {}, state())
+    finally:
+        bar.close()
+        log.close()
+        tb.close()
+    _plot_curve(rows, out / "learning_curve.png",
+                f"{config.learner.name} on {config.family.name} {config.family.settings or ''}".strip())
+    report: dict[str, Any] = {"out_dir": str(out), "iterations": iteration, "train_seconds": seconds,
+                              "env_steps": env_steps, "best_iteration": best_iter,
+                              "best_checkpoint": str(out / "best.safetensors"),
+                              "val": {"score": best if math.isfinite(best) else None}}
+    if test and (out / "best.safetensors").is_file():
+        report["test"] = evaluate_rl_checkpoint(out / "best.safetensors")
+    write_json(out / "report.json", report)
+    return report
+
+
+def evaluate_rl_checkpoint(path: str | os.PathLike, tasks: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Returns at every adaptation point (mean, 95% CI) on fixed test tasks (default: the run's
+    ``test_tasks`` from ``eval_seed + 1``)."""
+    learner = load_rl(path)
+    tc = learner.run_config.train
+    n = tasks if tasks is not None else tc.test_tasks
+    if n < 1:
+        raise ConfigError(f"RL eval: tasks must be >= 1; got {n}. Pass a positive --tasks.")
+    s = seed if seed is not None else tc.eval_seed + 1
+    task_list = learner.family.sample_tasks(n, torch.Generator().manual_seed(s))
+    t0 = time.perf_counter()
+    res = _evaluate(learner, task_list, s + 7)
+    return {"checkpoint": str(path), "learner": learner.run_config.learner.name,
+            "family": learner.run_config.family.model_dump(mode="json"),
+            "seed": s, **res, "seconds": time.perf_counter() - t0}

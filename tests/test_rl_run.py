@@ -1,0 +1,135 @@
+"""The meta-RL training layer (metafit rl train / eval): loop, validation, checkpoints, exact
+resume, learning curve, test report and the CLI, driven by a small learner defined here so that
+they are tested independently of RL2 and MAML-RL."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import metafit
+from metafit import CheckpointError, ConfigError
+from metafit.cli import main
+from metafit.rl.learner import RL_LEARNERS, RLLearner, register_rl_learner
+from metafit.training.rl_run import evaluate_rl_checkpoint, load_rl, load_rl_config, train_rl
+from metafit.training.checkpoint import read_checkpoint
+from metafit.validation import ConfigModel
+
+
+class ArmPickerConfig(ConfigModel):
+    name: Literal["arm-picker"] = "arm-picker"
+    lr: float = 0.1
+
+
+@register_rl_learner
+class ArmPicker(RLLearner):
+    """Softmax preferences over arms trained by policy gradient on expected reward; the
+    evaluation points are 'before' and 'after' one greedy look at the task's arms."""
+
+    name = "arm-picker"
+    Config = ArmPickerConfig
+
+    def __init__(self, config, family):
+        super().__init__(config, family)
+        self.logits = torch.nn.Parameter(torch.zeros(family.n_arms))
+        self.opt = torch.optim.Adam([self.logits], lr=config.lr)
+
+    def train_iteration(self, generator):
+        tasks = self.family.sample_tasks(16, generator)
+        probs = torch.stack([t.probs for t in tasks])
+        noise = torch.rand(probs.shape, generator=generator) * 0.1
+        expected = (torch.softmax(self.logits, 0) * (probs + noise)).sum(1).mean()
+        self.opt.zero_grad()
+        (-expected).backward()
+        self.opt.step()
+        return {"return": float(expected.detach()), "env_steps": 16}
+
+    def evaluate(self, tasks, generator):
+        probs = torch.stack([t.probs for t in tasks])
+        before = (torch.softmax(self.logits.detach(), 0) * probs).sum(1)
+        return torch.stack([before, probs.max(1).values], 1)
+
+    def eval_points(self):
+        return ["0 steps", "1 step"]
+
+    def optimizer_state_dict(self):
+        return self.opt.state_dict()
+
+    def load_optimizer_state_dict(self, state):
+        self.opt.load_state_dict(state)
+
+
+def _cfg(tmp_path, name="run", **train):
+    t = {"iterations": 6, "eval_every": 2, "save_interval": 2, "eval_tasks": 20, "test_tasks": 30, "progress": False}
+    t.update(train)
+    return {"seed": 3, "out_dir": str(tmp_path / name), "family": {"name": "bandit", "settings": {"n_arms": 4}},
+            "learner": {"name": "arm-picker", "lr": 0.2}, "train": t}
+
+
+def test_training_keeps_best_and_interval_checkpoints_logs_and_tests(tmp_path):
+    report = train_rl(load_rl_config(_cfg(tmp_path)))
+    out = tmp_path / "run"
+    assert {"best.safetensors", "last.safetensors", "step-0000002.safetensors", "step-0000006.safetensors",
+            "metrics.jsonl", "config.json", "report.json", "learning_curve.png"} <= {p.name for p in out.iterdir()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["iteration"] for r in val] == [2, 4, 6]
+    best = max(val, key=lambda r: r["score"])
+    assert report["best_iteration"] == best["iteration"] and report["val"]["score"] == pytest.approx(best["score"])
+    assert list(report["test"]["points"]) == ["0 steps", "1 step"] and report["test"]["tasks"] == 30
+    assert report["env_steps"] == 6 * 16
+    Image.open(out / "learning_curve.png").verify()
+    # the test report is the best checkpoint on test tasks from eval_seed + 1
+    again = evaluate_rl_checkpoint(out / "best.safetensors")
+    assert again["score"] == pytest.approx(report["test"]["score"]) and again["seed"] == 2025
+
+
+def test_resume_is_exact(tmp_path):
+    straight = train_rl(load_rl_config(_cfg(tmp_path, "straight")), test=False)
+    train_rl(load_rl_config(_cfg(tmp_path, "halves", iterations=3)), test=False)
+    resumed = train_rl(load_rl_config(_cfg(tmp_path, "halves")), resume=True, test=False)
+    a, b = read_checkpoint(tmp_path / "straight" / "last.safetensors"), read_checkpoint(tmp_path / "halves" / "last.safetensors")
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+    assert straight["best_iteration"] == resumed["best_iteration"]
+    lines = (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines if json.loads(x)["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_configs_and_checkpoints_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="family.name|name"):
+        load_rl_config({**_cfg(tmp_path), "family": {"name": "chess"}})
+    with pytest.raises(ConfigError, match="learner.name must be one of"):
+        load_rl_config({**_cfg(tmp_path), "learner": {"name": "alphazero"}})
+    with pytest.raises(ConfigError, match="RL config must be a YAML file or a built-in name"):
+        load_rl_config("no-such-config")
+    with pytest.raises(CheckpointError, match="resume needs"):
+        train_rl(load_rl_config(_cfg(tmp_path, "fresh")), resume=True)
+    train_rl(load_rl_config(_cfg(tmp_path, iterations=2)), test=False)
+    with pytest.raises(CheckpointError, match="meta-RL checkpoint"):
+        metafit.load(tmp_path / "run" / "best.safetensors")
+    learner = load_rl(tmp_path / "run" / "best.safetensors")
+    assert learner.run_config.learner.name == "arm-picker" and not learner.training
+
+
+def test_cli_rl_train_eval_and_configs(tmp_path, capsys):
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path)))
+    assert main(["rl", "train", str(path), "--set", "train.iterations=4"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 steps |" in out and "learning curve" in out
+    assert main(["rl", "eval", str(tmp_path / "run" / "best.safetensors"), "--tasks", "12",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["tasks"] == 12
+    assert main(["rl", "configs"]) == 0
+    assert main(["rl", "eval", str(tmp_path / "missing.safetensors")]) == 1
+
+
+def teardown_module(module):
+    RL_LEARNERS.pop("arm-picker", None)
