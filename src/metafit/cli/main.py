@@ -173,11 +173,15 @@ def _cmd_train(args) -> int:
         what = f"mini-batches of {cfg.algorithm.batch_size} images over all training classes"
     else:
         what = f"{cfg.task.n_ways}-way {cfg.task.k_shots}-shot tasks"
-    _print(f"metafit {__version__}: training {cfg.algorithm.name} ({what}) for {cfg.train.meta_steps} steps "
-           f"-> {cfg.out_dir}")
-    with _printing_log("metafit.training.pretrained"):  # the backbone weights report, once the model is built
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if main_rank:
+        _print(f"metafit {__version__}: training {cfg.algorithm.name} ({what}) for {cfg.train.meta_steps} steps "
+               f"-> {cfg.out_dir}" + (f" on {world} processes" if world > 1 else ""))
+    with _printing_log("metafit.training.pretrained") if main_rank else contextlib.nullcontext():
         report = train(cfg, resume=args.resume, test=not args.no_test)
-    _print_train_report(report)
+    if main_rank:
+        _print_train_report(report)
     return 0
 
 

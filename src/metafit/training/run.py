@@ -32,6 +32,10 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
     is called after every validation (see :class:`Trainer`)."""
     trainer = Trainer(config, splits, pretrained=not resume, on_validate=on_validate)
     result = trainer.fit(resume=resume)
+    if not trainer.dist.is_main:  # distributed: rank 0 calibrates, tests and writes the report
+        return {"out_dir": str(result.out_dir), "steps": result.steps, "rank": trainer.dist.rank,
+                "best_checkpoint": str(result.checkpoint), "val": result.best_val.to_dict() if result.best_val else None,
+                "train_seconds": result.train_seconds, "best_step": result.best_step, "timing": trainer.timing}
     report: dict[str, Any] = {
         "out_dir": str(result.out_dir),
         "steps": result.steps,

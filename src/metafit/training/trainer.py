@@ -412,10 +412,10 @@ class Trainer:
             row = {"step": step, "split": "monitor", "event": f.event, "value": f.value,
                    "threshold": f.threshold, "median": f.median, "action": action, "loss": loss,
                    "grad_norm": grad_norm, "elapsed_s": self.train_seconds}
-            if log is not None:
+            if log is not None:  # rank 0
                 log.write(row)
                 tqdm.write(f"step {step}: {f.describe()} -> {action}")
-            logger.warning("step %d: %s -> %s", step, f.describe(), action)
+                logger.warning("step %d: %s -> %s", step, f.describe(), action)
         tb.scalars("monitor", {"flagged": self.events["flagged"], "skipped": self.events["skipped"],
                                "rolled_back": self.events["rolled_back"]}, step)
         if action == "stop":
