@@ -45,6 +45,7 @@ from .baselines import (
     tune,
 )
 from .gittins import finite_horizon_gittins_table
+from .maml_rl import MAMLRL, MAMLRLConfig
 from .mdp import BatchedMDP, MDPTask, TabularMDPFamily, solve_finite_horizon
 from .mujoco import DirectionTask, HalfCheetahDirFamily, HalfCheetahVelFamily, VelocityTask
 from .navigation import (
@@ -95,6 +96,8 @@ __all__ = [
     "GittinsBandit",
     "HalfCheetahDirFamily",
     "HalfCheetahVelFamily",
+    "MAMLRL",
+    "MAMLRLConfig",
     "MDPAgent",
     "MDPTask",
     "MissingExtraError",
