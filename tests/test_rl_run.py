@@ -133,3 +133,24 @@ def test_cli_rl_train_eval_and_configs(tmp_path, capsys):
 
 def teardown_module(module):
     RL_LEARNERS.pop("arm-picker", None)
+
+
+def test_builtin_rl_configs_validate_and_the_real_learners_run_through_the_cli(tmp_path, capsys):
+    from metafit.training.rl_run import builtin_rl_configs
+
+    names = builtin_rl_configs()
+    assert {"rl2_bandit_k5_n10", "rl2_mdp_n10", "maml_rl_navigation", "maml_rl_cheetah_vel"} <= set(names)
+    for name in names:
+        assert load_rl_config(name).learner.name in ("rl2", "maml-rl")
+    tiny = ["train.iterations=2", "train.eval_every=1", "train.save_interval=2", "train.eval_tasks=4",
+            "train.test_tasks=4", "train.progress=false", "train.tensorboard=false"]
+    assert main(["rl", "train", "rl2_bandit_k5_n10", "--out-dir", str(tmp_path / "rl2"),
+                 "--set", "learner.meta_batch_size=8", "--set", "learner.hidden_size=8", *sum((["--set", s] for s in tiny), [])]) == 0
+    assert main(["rl", "train", "maml_rl_navigation", "--out-dir", str(tmp_path / "maml"),
+                 "--set", "learner.meta_batch_size=2", "--set", "learner.trajectories_per_task=2",
+                 "--set", "learner.inner_steps=1", "--set", "learner.eval_steps=1",
+                 *sum((["--set", s] for s in tiny), [])]) == 0
+    out = capsys.readouterr().out
+    assert "| episode 10 |" in out and "| 1 step |" in out
+    rl2 = json.loads((tmp_path / "rl2" / "report.json").read_text())
+    assert rl2["test"]["score"] == pytest.approx(sum(v["mean"] for v in rl2["test"]["points"].values()), rel=1e-6)

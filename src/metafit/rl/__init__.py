@@ -55,6 +55,7 @@ from .navigation import (
     expected_standing_still_return,
     oracle_action,
 )
+from .rl2 import RL2, RL2Config
 
 _GYM_ENVS = ("BanditEnv", "TabularMDPEnv", "NavigationEnv", "HalfCheetahVelEnv", "HalfCheetahDirEnv")
 
@@ -82,6 +83,8 @@ def make_family(name: str, **settings):
 __all__ = [
     "BEB",
     "PSRL",
+    "RL2",
+    "RL2Config",
     "UCRL2",
     "BanditAgent",
     "BanditFamily",

@@ -1,0 +1,289 @@
+"""RL² (metafit.rl.rl2): hidden-state handling across episodes and trials, GAE, the PPO loss
+gradient, a learning test that can fail, evaluate() shape/determinism, config errors and an exact
+state round trip."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from metafit.errors import ConfigError, TaskError
+from metafit.rl import BanditFamily, BanditTask, NavigationFamily, RL2, RL2Config, TabularMDPFamily
+from metafit.rl.learner import RL_LEARNERS, get_rl_learner
+from metafit.rl.rl2 import gae, ppo_loss
+from metafit.validation import parse_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _learner(family, seed=0, **cfg):
+    torch.manual_seed(seed)
+    base = dict(hidden_size=8, meta_batch_size=8, ppo_minibatches=2, ppo_epochs=2)
+    base.update(cfg)
+    return RL2(base, family)
+
+
+def test_registered():
+    assert RL_LEARNERS["rl2"] is RL2 and get_rl_learner("rl2") is RL2
+    assert RL2.Config is RL2Config and RL2.name == "rl2"
+
+
+# ------------------------------------------------------------------------- hidden state / inputs
+
+
+def test_inputs_and_hidden_state_carry_across_episodes():
+    fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
+    learner = _learner(fam, n_episodes=3)
+    tasks = fam.sample_tasks(5, torch.Generator().manual_seed(1))
+    ro = learner.rollout(tasks, torch.Generator().manual_seed(2))
+    T, N, D = ro.inputs.shape
+    assert (T, N, D) == (9, 5, 4 + 3 + 2) and bool(ro.mask.all())
+    S, A = 4, 3
+    x = ro.inputs
+    # first step of the trial: start state, no previous action, reward or done flag
+    assert torch.equal(x[0, :, :S], torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), S).float())
+    assert torch.equal(x[0, :, S:], torch.zeros(N, A + 2))
+    for t in range(1, T):
+        # previous action one-hot, previous reward, done flag exactly where an episode ended
+        assert torch.equal(x[t, :, S:S + A], torch.nn.functional.one_hot(ro.actions[t - 1], A).float())
+        assert torch.allclose(x[t, :, S + A], ro.rewards[t - 1])
+        assert torch.equal(x[t, :, S + A + 1], torch.full((N,), float(t % 3 == 0)))
+    for t in (3, 6):  # a new episode starts in the start state
+        assert torch.equal(x[t, :, :S].argmax(1), torch.zeros(N, dtype=torch.long))
+    # episode returns partition the trial's rewards
+    per_ep = ro.rewards.reshape(3, 3, N).sum(1).T
+    assert torch.allclose(ro.episode_returns, per_ep, atol=1e-5)
+
+    with torch.no_grad():
+        # one GRU state over the whole trial: recomputing from a zero state at t=0 reproduces every
+        # log-probability of the collection (the PPO update relies on this) ...
+        h = learner.sequence(x)
+        logp, _ = learner._log_prob_entropy(learner._dist(h), ro.actions)
+        assert torch.allclose(logp, ro.log_probs, atol=1e-5)
+        # ... and the state is NOT reset at the episode boundary t=3: restarting there differs
+        h_reset = learner.sequence(x[3:])
+        assert not torch.allclose(h_reset[0], h[3], atol=1e-3)
+        # step_hidden (collection) equals nn.GRUCell with the same weights
+        cell = torch.nn.GRUCell(D, 8)
+        cell.load_state_dict({k.replace("_l0", ""): v for k, v in learner.gru.state_dict().items()})
+        h0 = torch.randn(N, 8)
+        assert torch.allclose(cell(x[1], h0), learner.step_hidden(x[1], h0), atol=1e-6)
+
+
+def test_hidden_state_reset_between_trials():
+    fam = BanditFamily(n_arms=3)
+    learner = _learner(fam, n_episodes=6)
+    tasks = fam.sample_tasks(7, torch.Generator().manual_seed(3))
+    a = learner.rollout(tasks, torch.Generator().manual_seed(5))
+    learner.rollout(tasks, torch.Generator().manual_seed(6))  # another trial in between
+    b = learner.rollout(tasks, torch.Generator().manual_seed(5))
+    assert a.inputs.shape[0] == 6  # one pull per episode
+    for name in ("inputs", "actions", "log_probs", "values", "rewards", "episode_returns"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.inputs[0, :, 1:], torch.zeros(7, 3 + 2))  # fresh trial: zero previous inputs
+
+
+# ---------------------------------------------------------------------------------- GAE / PPO
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.5], [1.0, 1.0], [1.5, 1.5]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, True], [True, False]])  # trial 2 ends after step 1
+    adv, tgt = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # trial 1: d2 = 3 - 1.5 = 1.5 (terminal); d1 = 2 + .9*1.5 - 1 = 2.35; d0 = 1 + .9*1 - .5 = 1.4
+    #          A2 = 1.5, A1 = 2.35 + .45*1.5 = 3.025, A0 = 1.4 + .45*3.025 = 2.76125
+    # trial 2: d1 = 2 - 1 = 1 (terminal), A1 = 1, A0 = 1.4 + .45*1 = 1.85, A2 = 0 (masked)
+    expected = torch.tensor([[2.76125, 1.85], [3.025, 1.0], [1.5, 0.0]], dtype=torch.float64)
+    assert torch.allclose(adv, expected, atol=1e-12)
+    assert torch.allclose(tgt, (expected + values) * mask, atol=1e-12)
+    # lambda = 1, gamma = 1: advantages are Monte-Carlo returns minus values
+    adv1, tgt1 = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(tgt1[:, 0], torch.tensor([6.0, 5.0, 3.0], dtype=torch.float64))
+    assert torch.allclose(tgt1[:, 1], torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64))
+
+
+def test_ppo_surrogate_gradient_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    new = (old + 0.3 * torch.randn(6, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    adv = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 4, generator=g) < 0.8
+    zeros = torch.zeros(6, 4, dtype=torch.float64)
+    clip = 0.1
+    loss, stats = ppo_loss(new, old, adv, zeros, zeros, zeros, mask, clip, 0.0, 0.0)
+    loss.backward()
+    r = torch.exp(new.detach() - old)
+    # d/dlogp of -min(rA, clip(r)A): -rA/n where the unclipped term is the minimum and r is inside
+    # the clip range or the clipped side is not the smaller one, else 0
+    unclipped_active = (r * adv <= r.clamp(1 - clip, 1 + clip) * adv) | ((r >= 1 - clip) & (r <= 1 + clip))
+    expected = -(r * adv) * unclipped_active * mask / mask.sum()
+    assert torch.allclose(new.grad, expected, atol=1e-12)
+    assert 0 < float(stats["clip_fraction"]) < 1
+
+
+def test_ppo_loss_gradient_finite_differences_float64():
+    fam = TabularMDPFamily(n_states=3, n_actions=2, horizon=2)
+    learner = _learner(fam, n_episodes=2, hidden_size=4, ppo_clip=0.05, entropy_coef=0.1, time_input=True).double()
+    tasks = fam.sample_tasks(3, torch.Generator().manual_seed(0))
+    ro = learner.rollout(tasks, torch.Generator().manual_seed(1))
+    adv, tgt = gae(ro.rewards, ro.values, ro.mask, 0.9, 0.5)
+    learner._update_value_stats(tgt[ro.mask])
+    with torch.no_grad():  # move away from the collecting policy so ratios differ from 1
+        g = torch.Generator().manual_seed(2)
+        for p in learner.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    params = [p for p in learner.parameters()]
+    learner.zero_grad()
+    loss, stats = learner.loss(ro, adv, tgt)
+    loss.backward()
+    assert 0 < float(stats["clip_fraction"]) < 1  # both branches of the clipped objective are exercised
+    eps = 1e-6
+    g = torch.Generator().manual_seed(3)
+    checked = 0
+    for p in params:
+        flat, grad = p.data.view(-1), p.grad.view(-1)
+        for i in torch.randperm(flat.numel(), generator=g)[:4].tolist():
+            old = float(flat[i])
+            with torch.no_grad():
+                flat[i] = old + eps
+                up = float(learner.loss(ro, adv, tgt)[0])
+                flat[i] = old - eps
+                down = float(learner.loss(ro, adv, tgt)[0])
+                flat[i] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(fd - float(grad[i])) <= 1e-6 + 1e-5 * abs(fd), (p.shape, i, fd, float(grad[i]))
+            checked += 1
+    assert checked >= 12
+
+
+# ------------------------------------------------------------------------------------ learning
+
+
+@dataclass(frozen=True)
+class _EasyBandit(BanditFamily):
+    """Two arms, one pays with p = 0.9 and the other with 0.1; which one varies per task."""
+
+    n_arms: int = 2
+
+    def sample_tasks(self, n, generator=None):
+        good = torch.randint(0, 2, (n,), generator=generator)
+        probs = torch.where(good.unsqueeze(1) == torch.arange(2), 0.9, 0.1).double()
+        return [BanditTask(p) for p in probs]
+
+
+def test_learns_an_easy_bandit_above_random():
+    fam = _EasyBandit()
+    learner = _learner(fam, seed=0, n_episodes=10, hidden_size=16, meta_batch_size=64, ppo_minibatches=2,
+                       ppo_epochs=4, meta_lr=1e-2, entropy_coef=0.01)
+    tasks = fam.sample_tasks(400, torch.Generator().manual_seed(9))
+    before = float(learner.evaluate(tasks, torch.Generator().manual_seed(1)).sum(1).mean())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        stats = learner.train_iteration(g)
+    after = float(learner.evaluate(tasks, torch.Generator().manual_seed(1)).sum(1).mean())
+    # random play earns 5 per trial; identifying the good arm after one or two pulls earns ~8.5
+    assert before < 5.6
+    assert after > 7.5, (before, after)
+    assert {"return", "env_steps", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
+            "seconds"} <= set(stats)
+    assert stats["env_steps"] == 64 * 10
+
+
+# --------------------------------------------------------------------------- evaluate / state
+
+
+@pytest.mark.parametrize("mode", ["sample", "greedy"])
+def test_evaluate_shape_and_determinism(mode):
+    fam = TabularMDPFamily(horizon=4)
+    learner = _learner(fam, n_episodes=3, eval_actions=mode)
+    tasks = fam.sample_tasks(6, torch.Generator().manual_seed(0))
+    a = learner.evaluate(tasks, torch.Generator().manual_seed(4))
+    b = learner.evaluate(tasks, torch.Generator().manual_seed(4))
+    assert a.shape == (6, 3) and torch.equal(a, b)
+    assert learner.eval_points() == ["episode 1", "episode 2", "episode 3"]
+    if mode == "sample":
+        assert not torch.equal(a, learner.evaluate(tasks, torch.Generator().manual_seed(5)))
+
+
+def test_navigation_gaussian_policy_runs():
+    fam = NavigationFamily(horizon=5)
+    learner = _learner(fam, n_episodes=2)
+    tasks = fam.sample_tasks(4, torch.Generator().manual_seed(0))
+    out = learner.evaluate(tasks, torch.Generator().manual_seed(1))
+    assert out.shape == (4, 2) and bool((out < 0).all())
+    stats = learner.train_iteration(torch.Generator().manual_seed(2))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert stats["env_steps"] <= 8 * 2 * 5
+
+
+def test_state_round_trip_reproduces_evaluate_and_training():
+    fam = BanditFamily(n_arms=4)
+    a = _learner(fam, seed=0, n_episodes=5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        a.train_iteration(g)
+    model, optim, gstate = copy.deepcopy(a.state_dict()), copy.deepcopy(a.optimizer_state_dict()), g.get_state()
+    assert int(model["value_stats_count"]) == 2
+
+    b = _learner(fam, seed=123, n_episodes=5)  # different initialisation, then loaded
+    b.load_state_dict(model)
+    b.load_optimizer_state_dict(optim)
+    tasks = fam.sample_tasks(20, torch.Generator().manual_seed(7))
+    assert torch.equal(a.evaluate(tasks, torch.Generator().manual_seed(3)),
+                       b.evaluate(tasks, torch.Generator().manual_seed(3)))
+    # resuming continues exactly as the uninterrupted run
+    sa = a.train_iteration(g)
+    g2 = torch.Generator()
+    g2.set_state(gstate)
+    sb = b.train_iteration(g2)
+    assert sa["return"] == sb["return"] and sa["policy_loss"] == sb["policy_loss"]
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), k
+
+
+# -------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", 0), ("gamma", 1.5), ("gae_lambda", -0.1),
+                                          ("ppo_clip", 0.0), ("meta_lr", 0.0), ("n_episodes", 0),
+                                          ("eval_actions", "argmax")])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ConfigError) as err:
+        parse_config(RL2Config, {field: value})
+    msg = str(err.value)
+    assert field in msg and ("--set" in msg or "Choose" in msg)
+    with pytest.raises(ConfigError, match=field):
+        RL2({field: value}, BanditFamily())
+
+
+def test_unknown_config_key():
+    with pytest.raises(ConfigError, match="hidden_units"):
+        RL2({"hidden_units": 3}, BanditFamily())
+
+
+def test_user_errors_name_problem_and_fix():
+    with pytest.raises(ConfigError, match=r"RL2: ppo_minibatches must be <= meta_batch_size \(8\); got 16\. Lower"):
+        RL2({"meta_batch_size": 8, "ppo_minibatches": 16}, BanditFamily())
+
+    class Other:
+        pass
+
+    with pytest.raises(ConfigError, match=r"RL2: family must be a BanditFamily, TabularMDPFamily or "
+                                          r"NavigationFamily; got 'Other'\. Build"):
+        RL2({}, Other())
+    learner = _learner(BanditFamily(3), n_episodes=2)
+    with pytest.raises(TaskError, match=r"RL2: tasks must be a non-empty list of BanditTask; got .*MDPTask"):
+        learner.evaluate(TabularMDPFamily().sample_tasks(2, torch.Generator().manual_seed(0)),
+                         torch.Generator().manual_seed(0))
+    with pytest.raises(TaskError, match="non-empty list"):
+        learner.evaluate([], torch.Generator().manual_seed(0))
