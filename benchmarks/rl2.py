@@ -104,6 +104,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
     curve, val_curve = [], []
     best, best_state, best_iter = -float("inf"), None, 0
     train_s, val_s, env_steps, it = 0.0, 0.0, 0, 0
+    iter_seconds: list[float] = []
     next_val = budget / val_points
 
     def validate() -> None:
@@ -123,7 +124,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
     while train_s < budget and (max_iterations is None or it < max_iterations):
         t0 = time.perf_counter()
         stats = learner.train_iteration(gen)
-        train_s += time.perf_counter() - t0
+        iter_seconds.append(time.perf_counter() - t0)
+        train_s += iter_seconds[-1]
         it += 1
         env_steps += int(stats["env_steps"])
         curve.append((it, round(stats["return"], 4)))
@@ -145,6 +147,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         "validation_minutes": round(val_s / 60, 3),
         "eval_seconds": round(eval_s, 2),
         "env_steps": env_steps,
+        "iteration_seconds": {"median": round(sorted(iter_seconds)[len(iter_seconds) // 2], 4),
+                              "max": round(max(iter_seconds), 4)} if iter_seconds else None,
         "best_iteration": best_iter,
         "best_val_return": best,
         "learning_curve": curve,
