@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from .config import RunConfig, build_model, make_config
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint", "update_checkpoint_meta",
-           "write_checkpoint"]
+           "join_optimizer_state", "split_optimizer_state", "write_checkpoint"]
 
 FORMAT = "metafit-checkpoint"
 FORMAT_VERSION = 1
@@ -57,6 +57,33 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
     atomic_write_bytes(path, lambda f: f.write(blob))
     return path
+
+
+def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """An optimizer ``state_dict()``'s per-parameter state as checkpoint tensors
+    (``optim.<pid>.<name>``) and JSON scalars (``{pid: {name: value}}``); param_groups are JSON."""
+    tensors, scalars = {}, {}
+    for pid, st in state.get("state", {}).items():
+        scalars[str(pid)] = {}
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars[str(pid)][name] = value
+    return tensors, scalars
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict[str, dict], param_groups: list,
+                         device: str | torch.device | None = None) -> dict:
+    """The inverse of :func:`split_optimizer_state`: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.to(device) if device is not None else v
+    for pid, values in scalars.items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": param_groups}
 
 
 def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any],

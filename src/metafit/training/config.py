@@ -150,30 +150,38 @@ def _read_yaml(path: Path) -> dict:
 def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a config from a YAML path, a built-in name (see ``builtin_configs``) or a mapping,
     apply ``key=value`` overrides (values parsed as YAML), and validate."""
+    data = config_source(source, builtin_configs(), "config")
+    apply_overrides(data, overrides, "train.meta_lr=0.001")
+    return make_config(data)
+
+
+def config_source(source: str | os.PathLike | dict | None, builtins: Mapping[str, Path], what: str) -> dict:
+    """The mapping behind ``source``: a dict (copied), a YAML path, or a name in ``builtins``."""
     if source is None:
-        data: dict = {}
-    elif isinstance(source, dict):
-        data = dict(source)
-    else:
-        path = Path(source)
-        builtins = builtin_configs()
-        if path.is_file():
-            data = _read_yaml(path)
-        elif str(source) in builtins:
-            data = _read_yaml(builtins[str(source)])
-        else:
-            raise ConfigError(
-                f"Config: the config must be a YAML file or a built-in name; got {str(source)!r}. "
-                f"Built-in configs: {', '.join(sorted(builtins))}."
-            )
+        return {}
+    if isinstance(source, dict):
+        return dict(source)
+    path = Path(source)
+    if path.is_file():
+        return _read_yaml(path)
+    if str(source) in builtins:
+        return _read_yaml(builtins[str(source)])
+    raise ConfigError(
+        f"Config: the {what} must be a YAML file or a built-in name; got {str(source)!r}. "
+        f"Built-in {what}s: {', '.join(sorted(builtins))}."
+    )
+
+
+def apply_overrides(data: dict, overrides: list[str] | None, example: str) -> dict:
+    """Apply ``key=value`` overrides (values parsed as YAML) to ``data`` in place."""
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(
-                f"Config: an override must look like key=value; got {item!r}. Write e.g. --set train.meta_lr=0.001."
+                f"Config: an override must look like key=value; got {item!r}. Write e.g. --set {example}."
             )
         set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return make_config(data)
+    return data
 
 
 def build_model(config: RunConfig, pretrained: bool = True) -> Algorithm:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, SerializeAsAny, field_validator
 from tqdm.auto import tqdm
 
@@ -30,8 +29,10 @@ from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..rl import FAMILIES, make_family
 from ..rl.learner import RLLearner, get_rl_learner
-from ..validation import ConfigModel, parse_config, set_by_path
-from .checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, write_checkpoint
+from ..validation import ConfigModel, parse_config
+from .checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, read_checkpoint, split_optimizer_state,
+                         write_checkpoint)
+from .config import apply_overrides, config_source
 from .metrics_log import write_json
 from .tracking import TensorBoardLog
 
@@ -100,30 +101,8 @@ def builtin_rl_configs() -> dict[str, Path]:
 def load_rl_config(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> RLRunConfig:
     """A meta-RL run config from a YAML path, a built-in name or a mapping, with ``key=value``
     overrides (values parsed as YAML)."""
-    if isinstance(source, dict):
-        data = dict(source)
-    else:
-        path, builtins = Path(source), builtin_rl_configs()
-        if path.is_file():
-            text = path.read_text()
-        elif str(source) in builtins:
-            text = builtins[str(source)].read_text()
-        else:
-            raise ConfigError(
-                f"Config: the RL config must be a YAML file or a built-in name; got {str(source)!r}. "
-                f"Built-in RL configs: {', '.join(sorted(builtins))}."
-            )
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Config: {str(source)!r} must be valid YAML; got a parse error ({err}). Fix the file.") from err
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(
-                f"Config: an override must look like key=value; got {item!r}. Write e.g. --set train.iterations=100."
-            )
-        set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    data = config_source(source, builtin_rl_configs(), "RL config")
+    apply_overrides(data, overrides, "train.iterations=100")
     return make_rl_config(data)
 
 
@@ -161,35 +140,15 @@ def _evaluate(learner: RLLearner, tasks: list, seed: int) -> dict[str, Any]:
     return {"score": score, "ci95": score_ci, "tasks": len(tasks), "points": per_point}
 
 
-def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for pid, st in state.get("state", {}).items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{name}"] = value
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for pid, scalars in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(scalars)
-    return {"state": state, "param_groups": meta.get("param_groups", [])}
-
-
 def _save(path: Path, learner: RLLearner, config: RLRunConfig, iteration: int, metrics: dict,
           resume: dict | None = None) -> Path:
     tensors = {f"model.{k}": v for k, v in learner.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "metafit_version": __version__, "kind": "rl",
             "learner": config.learner.name, "config": config.to_dict(), "step": int(iteration), "metrics": metrics}
     if resume is not None:
-        opt_tensors, opt_meta = _optimizer_tensors(learner.optimizer_state_dict())
+        opt_state = learner.optimizer_state_dict()
+        opt_tensors, scalars = split_optimizer_state(opt_state)
+        opt_meta = {"param_groups": opt_state.get("param_groups", []), "scalars": scalars}
         tensors.update(opt_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.tasks"] = resume.pop("generator").get_state()
@@ -286,7 +245,9 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                 f"{meta.get('learner') or meta.get('algorithm')!r}. Resume with the original config."
             )
         learner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        learner.load_optimizer_state_dict(_optimizer_state(tensors, ts["optimizer"]))
+        opt = ts["optimizer"]
+        learner.load_optimizer_state_dict(join_optimizer_state(tensors, opt.get("scalars", {}),
+                                                               opt.get("param_groups", [])))
         torch.set_rng_state(tensors["rng.torch"])
         gen.set_state(tensors["rng.tasks"])
         iteration, best, best_iter = int(meta["step"]), ts["best"], ts["best_iteration"]

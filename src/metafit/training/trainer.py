@@ -20,7 +20,7 @@ from ..algorithms import Algorithm, get_algorithm
 from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, load_splits
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..types import LabelledBatch, TaskBatch
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import join_optimizer_state, read_checkpoint, save_checkpoint, split_optimizer_state
 from .config import RunConfig, build_model
 from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate_episodes
@@ -180,16 +180,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _resume_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"rng.torch": torch.get_rng_state(), "rng.sampler": self.train_sampler.get_state()}
-        for pid, state in self.optimizer.state_dict()["state"].items():
-            for name, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[f"optim.{pid}.{name}"] = value
-        return tensors
+        optim, _ = split_optimizer_state(self.optimizer.state_dict())
+        return {"rng.torch": torch.get_rng_state(), "rng.sampler": self.train_sampler.get_state(), **optim}
 
     def _resume_meta(self) -> dict[str, Any]:
         sd = self.optimizer.state_dict()
-        scalars = {str(pid): {k: v for k, v in st.items() if not torch.is_tensor(v)} for pid, st in sd["state"].items()}
+        _, scalars = split_optimizer_state(sd)
         return {
             "train_state": {
                 "optimizer": self.config.train.optimizer,
@@ -245,14 +241,8 @@ class Trainer:
             )
         state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(state)
-        opt_state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, name = k.split(".", 2)
-                opt_state.setdefault(int(pid), {})[name] = v.to(self.device)
-        for pid, scalars in ts["optimizer_scalars"].items():
-            opt_state.setdefault(int(pid), {}).update(scalars)
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": ts["param_groups"]})
+        self.optimizer.load_state_dict(join_optimizer_state(tensors, ts["optimizer_scalars"], ts["param_groups"],
+                                                            self.device))
         self.step = int(meta["step"])
         if not everything:
             return
