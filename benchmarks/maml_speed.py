@@ -9,11 +9,14 @@ achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter on the plain loop) a
 of the fp32 matmul peak measured in the same run, and each contender's meta-gradient error
 against a float64 computation of the same meta-gradient.
 
-    python benchmarks/maml_speed.py [--rounds 7] [--data-dir PATH]
+    python benchmarks/maml_speed.py [--rounds 7] [--data-dir PATH] [--device cuda]
 
 Peers are optional imports (pip install higher torchopt); learn2learn is included when it
 imports. Omniglot episodes are used when the zips are found (--data-dir, METAFIT_DATA_DIR or
-../shared/data/omniglot), else synthetic binary images. Writes benchmarks/results/maml_speed.json.
+../shared/data/omniglot), else synthetic binary images. Writes benchmarks/results/maml_speed.json
+(maml_speed_cuda.json with --device cuda). On a GPU, cuDNN's TF32 convolutions are switched off so
+every contender computes in true fp32 (the same numerics as on the CPU), the threads variants are
+left out (threads are a CPU strategy) and the timer waits for the device before reading the clock.
 """
 
 from __future__ import annotations
@@ -40,10 +43,16 @@ N_WAYS, K_SHOTS, N_QUERIES, META_BATCH, INNER_LR = 5, 1, 15, 32, 0.4
 # (label, algorithm.execution, memory layout). The contiguous layout gives peer-identical numerics;
 # channels_last is faster on this CPU but PyTorch's channels_last BatchNorm statistics kernel
 # sums in float32 (the table's float64 error column shows the cost).
-METAFIT_VARIANTS = [
+# "metafit auto" is what a config with the default execution gets on that device.
+CPU_VARIANTS = [
     ("metafit loop", "loop", "contiguous"),
-    ("metafit threads", "auto", "contiguous"),
+    ("metafit vmap", "vmap", "contiguous"),
+    ("metafit threads (auto)", "auto", "contiguous"),
     ("metafit threads, channels_last", "auto", "channels_last"),
+]
+GPU_VARIANTS = [
+    ("metafit loop", "loop", "contiguous"),
+    ("metafit vmap (auto)", "auto", "contiguous"),
 ]
 
 
@@ -148,20 +157,30 @@ def flat_grad(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten().double() for p in model.parameters()])
 
 
-def matmul_peak(seconds: float = 2.0) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
+    size = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     for _ in range(3):
         a @ b
+    synchronize(device)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return 2 * 2048 ** 3 * n / (time.perf_counter() - t0) / 1e9
+        if device.type != "cpu" and n % 10 == 0:
+            synchronize(device)
+    synchronize(device)
+    return 2 * size ** 3 * n / (time.perf_counter() - t0) / 1e9
 
 
 def count_flops(batch, first_order) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    model = standard_conv4(N_WAYS)
+    model = standard_conv4(N_WAYS).to(batch[0].device)
     with FlopCounterMode(display=False) as fc:
         plain_loop(model, batch, first_order)
     return float(fc.get_total_flops())
@@ -171,18 +190,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--data-dir", default=os.environ.get("METAFIT_DATA_DIR", str(HERE.parent.parent / "shared/data/omniglot")))
-    ap.add_argument("--out", default=str(HERE / "results" / "maml_speed.json"))
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/maml_speed[_cuda].json)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # true fp32 convolutions, as on the CPU
+        torch.backends.cuda.matmul.allow_tf32 = False
+    out_path = Path(args.out) if args.out else HERE / "results" / (
+        "maml_speed.json" if device.type == "cpu" else f"maml_speed_{device.type}.json")
     *batch, source = load_batch(args.data_dir)
-    batch = tuple(batch)
+    batch = tuple(t.to(device) for t in batch)
     batch_cl = (batch[0].flatten(0, 1).contiguous(memory_format=torch.channels_last).view_as(batch[0]), batch[1],
                 batch[2].flatten(0, 1).contiguous(memory_format=torch.channels_last).view_as(batch[2]), batch[3])
-    peak = matmul_peak()
-    print(f"data: {source}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s")
+    peak = matmul_peak(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"data: {source}; torch {torch.__version__}; {where}; fp32 matmul peak {peak:.0f} GFLOP/s")
+    variants = CPU_VARIANTS if device.type == "cpu" else GPU_VARIANTS
 
     torch.manual_seed(0)
-    reference = standard_conv4(N_WAYS)
+    reference = standard_conv4(N_WAYS).to(device)
     peers = {"plain loop": plain_loop}
     for name, mod, fn in (("higher", "higher", higher_step), ("torchopt", "torchopt", torchopt_step),
                           ("learn2learn", "learn2learn", l2l_step)):
@@ -202,8 +229,8 @@ def main() -> None:
         for name, fn in peers.items():
             m = copy.deepcopy(reference)
             contenders[name] = (m, fn, batch)
-        for label, execution, layout in METAFIT_VARIANTS:
-            m = metafit_model(execution, first_order)
+        for label, execution, layout in variants:
+            m = metafit_model(execution, first_order).to(device)
             if layout == "channels_last":
                 m = m.to(memory_format=torch.channels_last)
             copy_weights(reference, m)
@@ -220,10 +247,12 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(args.rounds + 1):
             for name, (m, fn, b) in contenders.items():
+                synchronize(device)
                 t0 = time.perf_counter()
                 opts[name].zero_grad(set_to_none=True)
                 fn(m, b, first_order)
                 opts[name].step()
+                synchronize(device)
                 dt = time.perf_counter() - t0
                 if r:  # round 0 warms up
                     times[name].append(dt)
@@ -249,15 +278,16 @@ def main() -> None:
     out = {
         "benchmark": "maml_speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "setting": {"n_ways": N_WAYS, "k_shots": K_SHOTS, "n_queries": N_QUERIES, "meta_batch": META_BATCH,
                     "inner_lr": INNER_LR, "inner_steps": 1, "outer": "adam", "dtype": "float32", "data": source,
                     "rounds": args.rounds},
         "fp32_matmul_peak_gflops": peak, "results": results,
     }
     from metafit.training.metrics_log import write_json
-    write_json(Path(args.out), out)
-    print(f"\nwrote {args.out}")
+    write_json(out_path, out)
+    print(f"\nwrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python benchmarks/rl2.py                                   # every setting, default budgets
     python benchmarks/rl2.py --settings bandit-n10-k5,mdp-n10 --minutes 3
     python benchmarks/rl2.py --quick                            # smoke run: seconds per setting
+    python benchmarks/rl2.py --settings bandit-n100-k5 --device cuda --set meta_batch_size=2000 \
+        --out benchmarks/results/rl2_gpu.json                   # a GPU run with other hyperparameters
 
 Protocol. Each setting trains a fresh learner for a wall-clock budget (``--minutes``, training
 time only) on tasks sampled from the family. Every tenth of the budget the policy is scored on
@@ -95,10 +97,12 @@ def make_setting(name: str, val_instances: int, eval_instances: int):
 
 
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
-                eval_instances: int, val_points: int) -> dict:
+                eval_instances: int, val_points: int, overrides: dict | None = None,
+                device: str = "cpu") -> dict:
     family, cfg, eval_tasks, val_tasks = make_setting(name, val_instances, eval_instances)
+    cfg.update(overrides or {})
     torch.manual_seed(INIT_SEED)
-    learner = RL2(cfg, family)
+    learner = RL2(cfg, family).to(device)
     gen = torch.Generator().manual_seed(TRAIN_SEED)
     budget = 60.0 * minutes
     curve, val_curve = [], []
@@ -206,6 +210,9 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=1000, help="evaluation instances")
     ap.add_argument("--val-points", type=int, default=10, help="validations per setting")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 minutes, 100/200 instances")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an RL2Config field for every setting (e.g. hidden_size=128)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -214,6 +221,13 @@ def main() -> None:
         ap.error(f"--settings must name settings from {', '.join(SETTINGS)}; got {', '.join(unknown)}")
     if args.quick:
         args.minutes, args.val_instances, args.instances, args.val_points = 0.1, 100, 200, 2
+    import yaml
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--set must be KEY=VALUE; got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
@@ -227,12 +241,15 @@ def main() -> None:
         print(f"{name}: training {minutes:g} min ...", flush=True)
         t0 = time.perf_counter()
         results[name] = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
-                                    args.val_points)
+                                    args.val_points, overrides, args.device)
         results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
                                     + (f" --iterations {args.iterations}" if args.iterations else "")
-                                    + (" --quick" if args.quick else "") + f" --threads {args.threads}")
+                                    + (" --quick" if args.quick else "") + f" --threads {args.threads}"
+                                    + (f" --device {args.device}" if args.device != "cpu" else "")
+                                    + "".join(f" --set {item}" for item in args.set))
+        results[name]["device"] = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
         r = results[name]
         print(f"  {name}: {r['eval']['mean']:.2f} ± {r['eval']['ci95']:.2f} (paper {PAPER[name]}) after "
               f"{r['iterations']} iterations, {r['train_minutes']:.1f} training min", flush=True)

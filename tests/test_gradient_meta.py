@@ -1,5 +1,5 @@
 """Meta-gradients of MAML, ANIL, Meta-SGD and Reptile proven in float64, for every execution
-path that ships (per-task loop and CPU threads), with BatchNorm in the backbone."""
+path that ships (per-task loop, CPU threads, vmap over tasks), with BatchNorm in the backbone."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from metafit.data import EpisodeSampler
 from metafit.nn import Conv4, Conv4Config
 from metafit.nn.layers import StableBatchNorm2d
 
-PATHS = ["loop", "threads"]
+PATHS = ["loop", "threads", "vmap"]
 
 
 def _model(name, execution="loop", dtype=torch.float64, seed=0, **kw):
@@ -188,6 +188,21 @@ def test_out_of_memory_suggests_first_order(monkeypatch):
         model.meta_loss(_batch())
 
 
+@pytest.mark.parametrize("name", ["maml", "anil", "reptile"])
+def test_out_of_memory_under_vmap_suggests_the_loop(monkeypatch, name):
+    import metafit.algorithms.common as common
+    import metafit.algorithms.anil as anil
+    import metafit.algorithms.reptile as reptile
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    for module in (common, anil, reptile):
+        monkeypatch.setattr(module, "batched_inner_loop", boom)
+    with pytest.raises(TrainingError, match="execution=loop"):
+        _model(name, "vmap", **({} if name == "reptile" else {"first_order": True})).meta_loss(_batch())
+
+
 def test_stable_batchnorm_matches_batchnorm_and_is_accurate_in_channels_last():
     torch.manual_seed(0)
     ref, ours = torch.nn.BatchNorm2d(6).double(), StableBatchNorm2d(6)
@@ -245,12 +260,30 @@ def test_vmap_equals_the_per_task_loop(name, first_order):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_auto_execution_picks_vmap_only_without_batchnorm():
-    assert _mlp_model("maml", "auto").executor.resolve(torch.device("cpu"))[0] == "vmap"
-    assert _model("maml", "auto").executor.resolve(torch.device("cpu"))[0] in ("threads", "loop")
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "reptile"])
+def test_vmap_with_batchnorm_equals_the_per_task_loop(name, first_order):
+    """vmap over tasks with transductive BatchNorm: every task normalised with its own images."""
+    kw = {} if name == "reptile" else {"first_order": first_order, "inner_steps": 2}
+    batch = _batch(b=4)
+    vm = _model(name, "vmap", **kw)
+    assert vm.executor.resolve(torch.device("cpu"))[0] == "vmap"
+    loss_v, grad_v = _meta_grad(vm, batch)
+    loss_l, grad_l = _meta_grad(_model(name, "loop", **kw), batch)
+    assert abs(loss_v - loss_l) < 1e-12
+    for a, b in zip(grad_v, grad_l):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_execution_picks_the_strategy_per_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert _mlp_model("maml", "auto").executor.resolve(cpu)[0] == "vmap"
+    assert _model("maml", "auto").executor.resolve(cpu)[0] in ("threads", "loop")  # BatchNorm on a CPU
+    assert _model("maml", "auto").executor.resolve(gpu)[0] == "vmap"  # resolve() allocates nothing
+    assert _model("maml", "auto", bn_mode="per_step").executor.resolve(gpu)[0] == "loop"
     from metafit import ConfigError
-    with pytest.raises(ConfigError, match="execution 'vmap' must be used with a backbone without BatchNorm"):
-        _model("maml", "vmap")
+    with pytest.raises(ConfigError, match="execution 'vmap' must be used with bn_mode 'transductive'"):
+        _model("maml", "vmap", bn_mode="per_step")
 
 
 # ---- training-level guarantees for the gradient-based learners ---------------------------------

@@ -142,3 +142,14 @@ def test_bf16_autocast_training_matches_fp32_loss_closely(tmp_path, synthetic_sp
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     result = Trainer(_cfg(tmp_path, "bf16", precision="bf16"), splits=synthetic_splits).fit()
     assert result.steps == 8 and result.best_val is not None
+
+
+def test_vmap_execution_trains_with_the_default_channels_last_setting(tmp_path, synthetic_splits):
+    """vmap over tasks cannot query memory formats: the trainer keeps the contiguous layout for it
+    (on a GPU, where vmap is the default for MAML, this was a crash)."""
+    cfg = make_config(tiny_config(tmp_path / "vm", algorithm={"name": "maml", "execution": "vmap", "inner_steps": 1},
+                                  train={"meta_steps": 2, "eval_every": 2, "save_interval": 2, "channels_last": True}))
+    trainer = Trainer(cfg, splits=synthetic_splits)
+    assert not trainer.channels_last
+    trainer.fit()
+    assert trainer.step == 2

@@ -92,9 +92,10 @@ def batched_inner_loop(forward: Callable[[Params, torch.Tensor, int], torch.Tens
 
     ``params`` carry a leading task dimension (e.g. ``p.expand(B, *p.shape)``: no copies);
     ``forward`` sees one task's parameters. The gradient of the summed task losses with respect
-    to the batched parameters is every task's own gradient, in one backward pass. Not for
-    models with BatchNorm: measured here, vmap's second-order gradient through BatchNorm was
-    wrong (finite-difference error 1.6e-4 against 3.5e-8 for a loop).
+    to the batched parameters is every task's own gradient, in one backward pass. BatchNorm
+    with batch statistics is exact here (each task is normalised with its own images; float64
+    tests against the loop and finite differences, torch 2.13); BatchNorm that updates running
+    statistics in place is not supported under vmap.
     """
     for step in range(steps):
         def one(p, xi, yi, step=step):
@@ -153,22 +154,28 @@ class TaskExecutor:
     thread ``t``, each with its own replica of the module and one intra-op thread: small
     per-task convolutions use two cores better side by side than split in two), ``vmap`` (all
     tasks in one vectorised pass; the algorithm runs it, see :func:`batched_inner_loop`), or
-    ``auto`` (``vmap`` for models without BatchNorm, else ``threads`` on CPU with more than one
-    torch thread, else ``loop``). Each task's graph is freed as soon as its gradients are taken,
-    so memory does not grow with the meta-batch.
+    ``auto``, chosen per device from measurements (docs/benchmarks.md sections 3 and 5):
+    ``vmap`` where it is exact (``vmap_ok``) and either the device is not a CPU (on a GPU one
+    launch for all tasks beats a launch-bound loop) or the model has no BatchNorm
+    (``vmap_on_cpu``: small MLPs); else ``threads`` on a CPU with more than one torch thread
+    (vmap with BatchNorm was 2.7-3x slower there than a loop); else ``loop``. Each task's
+    graph is freed as soon as its gradients are taken, so memory does not grow with the
+    meta-batch (except under vmap, which holds the whole meta-batch's graph at once).
     """
 
     def __init__(self, strategy: Literal["auto", "loop", "threads", "vmap"] = "auto", threads: int | None = None,
-                 vmap_ok: bool = False) -> None:
+                 vmap_ok: bool = False, vmap_on_cpu: bool | None = None) -> None:
         self.strategy = strategy
         self.threads = threads
         self.vmap_ok = vmap_ok
+        self.vmap_on_cpu = vmap_ok if vmap_on_cpu is None else vmap_on_cpu
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._replicas: dict[int, nn.Module] = {}
 
     def resolve(self, device: torch.device) -> tuple[str, int]:
-        if self.strategy == "vmap" or (self.strategy == "auto" and self.vmap_ok):
+        if self.strategy == "vmap" or (self.strategy == "auto" and self.vmap_ok
+                                       and (device.type != "cpu" or self.vmap_on_cpu)):
             return "vmap", 1
         n = self.threads or min(torch.get_num_threads(), os.cpu_count() or 1)
         if self.strategy == "loop" or device.type != "cpu" or n < 2:
@@ -176,10 +183,11 @@ class TaskExecutor:
         return "threads", n
 
     def __getstate__(self):  # deepcopy/pickle: no pool, no replicas
-        return {"strategy": self.strategy, "threads": self.threads, "vmap_ok": self.vmap_ok}
+        return {"strategy": self.strategy, "threads": self.threads, "vmap_ok": self.vmap_ok,
+                "vmap_on_cpu": self.vmap_on_cpu}
 
     def __setstate__(self, state):
-        self.__init__(state["strategy"], state["threads"], state["vmap_ok"])
+        self.__init__(state["strategy"], state["threads"], state["vmap_ok"], state.get("vmap_on_cpu"))
 
     def _replica(self, module: nn.Module, slot: int) -> nn.Module:
         rep = self._replicas.get(slot)

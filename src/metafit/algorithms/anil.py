@@ -24,6 +24,7 @@ from .common import (
     check_support,
     check_ways,
     functional_forward,
+    oom_guard,
     run_meta_batch,
     setup_fast_weight_model,
 )
@@ -90,14 +91,19 @@ class ANIL(Algorithm):
         names = list(main)
         bb = self._backbone_params(main)
         b = batch.meta_batch_size
-        if self.executor.resolve(batch.support_x.device)[0] == "vmap":  # no BatchNorm: one backbone pass
-            s, q = batch.support_x.shape[1], batch.query_x.shape[1]
-            feats = self.backbone(torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)).unflatten(0, (b, s + q))
-            fast = batched_inner_loop(_head, {n: main[n].expand(b, *main[n].shape) for n in HEAD}, feats[:, :s],
-                                      batch.support_y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr, adapt=HEAD,
-                                      create_graph=not cfg.first_order)
-            losses, metrics = batched_task_loss(_head, fast, feats[:, s:], batch.query_y, cfg.inner_steps, kind)
-            return MetaOutput(losses.mean(), metrics.mean())
+        if self.executor.resolve(batch.support_x.device)[0] == "vmap":
+            with oom_guard("ANIL", not cfg.first_order, vmap=True):
+                s, q = batch.support_x.shape[1], batch.query_x.shape[1]
+                if self.executor.vmap_on_cpu:  # no BatchNorm: one backbone pass over every image
+                    feats = self.backbone(torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)).unflatten(0, (b, s + q))
+                else:  # BatchNorm (batch statistics): each task's support and query sets on their own, as the loop
+                    feat = torch.func.vmap(lambda x: self._features(self, bb, x))
+                    feats = torch.cat([feat(batch.support_x), feat(batch.query_x)], 1)
+                fast = batched_inner_loop(_head, {n: main[n].expand(b, *main[n].shape) for n in HEAD}, feats[:, :s],
+                                          batch.support_y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr, adapt=HEAD,
+                                          create_graph=not cfg.first_order)
+                losses, metrics = batched_task_loss(_head, fast, feats[:, s:], batch.query_y, cfg.inner_steps, kind)
+                return MetaOutput(losses.mean(), metrics.mean())
 
         def one_task(module: nn.Module, i: int) -> TaskResult:
             fs = self._features(module, bb, batch.support_x[i])

@@ -5,6 +5,7 @@ parameter dict that works with any backbone ``nn.Module``."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +54,10 @@ OOM_HINT = (
     "Set algorithm.first_order=true, or lower algorithm.inner_steps, train.meta_batch_size or the "
     "task size (n_ways, n_queries)."
 )
+VMAP_OOM_HINT = (
+    "execution 'vmap' (the default on a GPU) holds the graphs of every task of the meta-batch at once: "
+    "set algorithm.execution=loop to hold one task at a time, or lower train.meta_batch_size."
+)
 
 
 class InnerLoopConfig(AlgorithmConfig):
@@ -70,8 +75,8 @@ class InnerLoopConfig(AlgorithmConfig):
         "auto",
         description=(
             "how tasks of a meta-batch run: loop (one after another), threads (CPU: tasks side by side, "
-            "one core each), vmap (all tasks in one vectorised pass; backbones without BatchNorm only), "
-            "auto (vmap without BatchNorm, else threads on a multi-core CPU, else loop)"
+            "one core each), vmap (all tasks in one vectorised pass; not with bn_mode per_step), "
+            "auto (vmap on a GPU or without BatchNorm, else threads on a multi-core CPU, else loop)"
         ),
     )
     threads: int | None = Field(None, ge=1, le=256, description="threads for execution=threads (None: torch's thread count)")
@@ -139,17 +144,21 @@ def functional_forward(module: nn.Module, params: Params, x: torch.Tensor, bank:
 
 def executor_for(config: InnerLoopConfig, backbone: nn.Module) -> TaskExecutor:
     has_bn = bool(batchnorm_layers(backbone))
-    if config.execution == "vmap" and has_bn:
+    # vmap over tasks is exact with transductive BatchNorm (batch statistics of each task's own
+    # images: float64 tests against the loop and finite differences); per-step running statistics
+    # are updated in place, which vmap cannot do per task
+    vmap_ok = not has_bn or config.bn_mode == "transductive"
+    if config.execution == "vmap" and not vmap_ok:
         raise ConfigError(
-            "Config: algorithm.execution 'vmap' must be used with a backbone without BatchNorm; got a backbone "
-            "with BatchNorm layers (vmap's second-order gradient through BatchNorm was measured wrong). "
-            "Use execution=auto, threads or loop."
+            "Config: algorithm.execution 'vmap' must be used with bn_mode 'transductive' (or a backbone without "
+            "BatchNorm); got bn_mode 'per_step', whose running statistics are updated in place per task. "
+            "Use execution=auto or loop, or bn_mode=transductive."
         )
     strategy = config.execution
     if config.bn_mode == "per_step" and strategy in ("auto", "threads"):
         # running statistics are updated in place: tasks must run one after another
         strategy = "loop" if has_bn else strategy
-    return TaskExecutor(strategy, config.threads, vmap_ok=not has_bn)
+    return TaskExecutor(strategy, config.threads, vmap_ok=vmap_ok, vmap_on_cpu=not has_bn)
 
 
 def check_ways(owner: str, n_ways: int, n_outputs: int, kind: TaskKind) -> None:
@@ -221,17 +230,37 @@ def adapt_fast_weights(model: nn.Module, owner: str, support_x: torch.Tensor, su
     return FastWeights(fit_fast_weights(model, model, support_x, support_y, n_steps, adapt, lr), n_steps)
 
 
+@contextmanager
+def oom_guard(owner: str, second_order: bool, vmap: bool = False):
+    """Turn an out-of-memory error into a TrainingError that says how to need less memory."""
+    try:
+        yield
+    except RuntimeError as err:
+        if is_oom(err) and (second_order or vmap):
+            hints = " ".join(h for h, on in ((OOM_HINT, second_order), (VMAP_OOM_HINT, vmap)) if on)
+            raise TrainingError(f"{owner}: the meta-gradient must fit in memory; got {err}. {hints}") from err
+        raise
+
+
 def run_meta_batch(model: nn.Module, owner: str, one_task, batch: TaskBatch, main: dict[str, torch.Tensor],
                    names: list[str], second_order: bool) -> MetaOutput:
     """Run ``one_task`` over the meta-batch with the model's executor; the returned loss carries
     the summed per-task gradients (:func:`gradient_as_loss`)."""
-    try:
+    with oom_guard(owner, second_order):
         res = model.executor.run(model, one_task, batch.meta_batch_size, batch.support_x.device)
-    except RuntimeError as err:
-        if is_oom(err) and second_order:
-            raise TrainingError(f"{owner}: the meta-gradient must fit in memory; got {err}. {OOM_HINT}") from err
-        raise
     return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads), res.metric)
+
+
+def _vmap_meta_loss(model: nn.Module, batch: TaskBatch, main: dict[str, torch.Tensor], adapt: list[str], lr,
+                    first_order: bool) -> MetaOutput:
+    """:func:`fast_weight_meta_loss` for the whole meta-batch in one vectorised pass."""
+    cfg, kind, b = model.config, model.task_kind, batch.meta_batch_size
+    fwd = forward_with(model, model)
+    fast = batched_inner_loop(fwd, {n: main[n].expand(b, *main[n].shape) for n in adapt},
+                              batch.support_x, batch.support_y, kind=kind, steps=cfg.inner_steps,
+                              lr=lr, adapt=adapt, create_graph=not first_order)
+    losses, metrics = batched_task_loss(fwd, fast, batch.query_x, batch.query_y, cfg.inner_steps, kind)
+    return MetaOutput(losses.mean(), metrics.mean())
 
 
 def fast_weight_meta_loss(model: nn.Module, owner: str, batch: TaskBatch, adapt: list[str], lr,
@@ -245,12 +274,8 @@ def fast_weight_meta_loss(model: nn.Module, owner: str, batch: TaskBatch, adapt:
     main = dict(model.named_parameters())
     b = batch.meta_batch_size
     if model.executor.resolve(batch.support_x.device)[0] == "vmap":
-        fwd = forward_with(model, model)
-        fast = batched_inner_loop(fwd, {n: main[n].expand(b, *main[n].shape) for n in adapt},
-                                  batch.support_x, batch.support_y, kind=kind, steps=cfg.inner_steps,
-                                  lr=lr, adapt=adapt, create_graph=not first_order)
-        losses, metrics = batched_task_loss(fwd, fast, batch.query_x, batch.query_y, cfg.inner_steps, kind)
-        return MetaOutput(losses.mean(), metrics.mean())
+        with oom_guard(owner, not first_order, vmap=True):
+            return _vmap_meta_loss(model, batch, main, adapt, lr, first_order)
 
     def one_task(module: nn.Module, i: int) -> TaskResult:
         fwd = forward_with(model, module)

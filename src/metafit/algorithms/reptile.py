@@ -27,6 +27,7 @@ from .common import (
     check_ways,
     fit_fast_weights,
     forward_with,
+    oom_guard,
     run_meta_batch,
     setup_fast_weight_model,
     trainable_names,
@@ -71,18 +72,19 @@ class Reptile(Algorithm):
         main = dict(self.named_parameters())
         b = batch.meta_batch_size
         if self.executor.resolve(batch.support_x.device)[0] == "vmap":
-            x = torch.cat([batch.support_x, batch.query_x], 1)
-            y = torch.cat([batch.support_y, batch.query_y], 1)
-            fwd = forward_with(self, self)
-            with torch.enable_grad():
-                start = {n: main[n].detach().expand(b, *main[n].shape).requires_grad_() for n in names}
-                fast = batched_inner_loop(fwd, start, x, y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr,
-                                          adapt=names, create_graph=False)
-            with torch.no_grad():
-                losses, metrics = batched_task_loss(fwd, {n: t.detach() for n, t in fast.items()}, x, y,
-                                                    cfg.inner_steps, kind)
-                grads = [main[n].detach() - fast[n].detach().mean(0) for n in names]
-            return MetaOutput(gradient_as_loss(losses.mean(), [main[n] for n in names], grads), metrics.mean())
+            with oom_guard("Reptile", False, vmap=True):
+                x = torch.cat([batch.support_x, batch.query_x], 1)
+                y = torch.cat([batch.support_y, batch.query_y], 1)
+                fwd = forward_with(self, self)
+                with torch.enable_grad():
+                    start = {n: main[n].detach().expand(b, *main[n].shape).requires_grad_() for n in names}
+                    fast = batched_inner_loop(fwd, start, x, y, kind=kind, steps=cfg.inner_steps, lr=cfg.inner_lr,
+                                              adapt=names, create_graph=False)
+                with torch.no_grad():
+                    losses, metrics = batched_task_loss(fwd, {n: t.detach() for n, t in fast.items()}, x, y,
+                                                        cfg.inner_steps, kind)
+                    grads = [main[n].detach() - fast[n].detach().mean(0) for n in names]
+                return MetaOutput(gradient_as_loss(losses.mean(), [main[n] for n in names], grads), metrics.mean())
 
         def one_task(module: nn.Module, i: int) -> TaskResult:
             x = torch.cat([batch.support_x[i], batch.query_x[i]])

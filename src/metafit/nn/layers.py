@@ -7,6 +7,10 @@ from torch import nn
 
 __all__ = ["MaxPool2d", "StableBatchNorm2d", "max_pool2d", "to_channels_last_like"]
 
+# a tensor inside torch.func.vmap/grad: memory-format queries are not implemented there, and the
+# layout fast paths below do not apply
+_is_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
 
 class StableBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that avoids catastrophic cancellation on channels_last CPU tensors.
@@ -25,7 +29,7 @@ class StableBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_stats = self.training or self.running_mean is None
-        if not (batch_stats and x.dim() == 4 and x.shape[0] > 0 and x.shape[1] > 1
+        if not (batch_stats and x.dim() == 4 and not _is_transformed(x) and x.shape[0] > 0 and x.shape[1] > 1
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return super().forward(x)
         shift = x.detach()[0].mean((1, 2))
@@ -50,14 +54,13 @@ def to_channels_last_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """Make a conv output channels_last when the model's weights are: with one input channel
     (Omniglot), PyTorch cannot tell the input's layout and falls back to the slow contiguous
     path for the first, largest activations."""
+    if _is_transformed(x) or _is_transformed(weight):
+        return x
     if x.dim() == 4 and weight.dim() == 4 and weight.shape[1] > 1 and not weight.is_contiguous() \
             and weight.is_contiguous(memory_format=torch.channels_last):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
-
-
-_is_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
 class _ContiguousMaxPool2x2(torch.autograd.Function):

@@ -24,6 +24,11 @@ stored inputs, with the same weights.
 
 Determinism: every random choice (tasks, environment noise, actions, minibatch order) comes from
 the ``torch.Generator`` passed in; the environment's seed is drawn from it.
+
+Devices: move the learner with ``.to(device)``; environments, rollouts and the PPO update then
+run there (tasks are sampled on the CPU and copied once). On a GPU the action noise comes from a
+generator on that device seeded from the one passed in, so runs are reproducible per device but
+not bit-identical across devices.
 """
 
 from __future__ import annotations
@@ -231,9 +236,13 @@ class RL2(RLLearner):
 
     @torch.no_grad()
     def evaluate(self, tasks: list, generator: torch.Generator) -> torch.Tensor:
-        """Per-episode returns ``[len(tasks), n_episodes]`` of one trial in each task."""
+        """Per-episode returns ``[len(tasks), n_episodes]`` (on the CPU) of one trial in each task."""
         greedy = self.config.eval_actions == "greedy"
-        return self.rollout(tasks, generator, greedy=greedy).episode_returns
+        return self.rollout(tasks, generator, greedy=greedy).episode_returns.cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
 
     def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
         """Collect ``meta_batch_size`` trials on freshly sampled tasks and make one PPO update."""
@@ -254,7 +263,7 @@ class RL2(RLLearner):
         stop = False
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=generator)
-            for idx in order.chunk(cfg.ppo_minibatches):
+            for idx in order.to(self.device).chunk(cfg.ppo_minibatches):
                 loss, stats = self.loss(ro, adv, targets, idx)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -291,8 +300,15 @@ class RL2(RLLearner):
     def _make_env(self, tasks: list, generator: torch.Generator):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         if self.spec.discrete_obs:
-            return self.family.batched(tasks, 1, seed=seed)
-        return self.family.batched(tasks, 1)  # navigation: deterministic dynamics
+            return self.family.batched(tasks, 1, seed=seed, device=self.device)
+        return self.family.batched(tasks, 1, device=self.device)  # navigation: deterministic dynamics
+
+    def _action_generator(self, generator: torch.Generator) -> torch.Generator:
+        """``generator`` itself on the CPU; on another device a generator there, seeded from it."""
+        if self.device.type == "cpu":
+            return generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def encode(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
                prev_done: torch.Tensor, t: int) -> torch.Tensor:
@@ -334,7 +350,7 @@ class RL2(RLLearner):
             return torch.multinomial(dist.probs, 1, generator=generator).squeeze(1)
         if greedy:
             return dist.mean
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype, device=dist.mean.device)
         return dist.mean + dist.stddev * noise
 
     def _encode_action(self, actions: torch.Tensor) -> torch.Tensor:
@@ -360,21 +376,22 @@ class RL2(RLLearner):
         self._check_tasks(tasks)
         spec, n_ep = self.spec, self.config.n_episodes
         env = self._make_env(list(tasks), generator)
+        agen = self._action_generator(generator)
         N = env.num_envs
-        dtype = self.value_head.weight.dtype
+        dtype, dev = self.value_head.weight.dtype, self.device
         obs = env.reset()
-        h = torch.zeros(N, self.config.hidden_size, dtype=dtype)
-        prev_a = torch.zeros(N, spec.action_dim, dtype=dtype)
-        prev_r = torch.zeros(N, dtype=dtype)
-        prev_d = torch.zeros(N, dtype=dtype)
-        alive = torch.ones(N, dtype=torch.bool)
-        ep_returns = torch.zeros(N, n_ep, dtype=torch.float32)
+        h = torch.zeros(N, self.config.hidden_size, dtype=dtype, device=dev)
+        prev_a = torch.zeros(N, spec.action_dim, dtype=dtype, device=dev)
+        prev_r = torch.zeros(N, dtype=dtype, device=dev)
+        prev_d = torch.zeros(N, dtype=dtype, device=dev)
+        alive = torch.ones(N, dtype=torch.bool, device=dev)
+        ep_returns = torch.zeros(N, n_ep, dtype=torch.float32, device=dev)
         xs, acts, logps, vals, rews, masks = [], [], [], [], [], []
         for t in range(self.max_steps):
             x = self.encode(obs, prev_a, prev_r, prev_d, t)
             h = self.step_hidden(x, h)
             dist = self._dist(h)
-            a = self._sample(dist, generator, greedy)
+            a = self._sample(dist, agen, greedy)
             logp, _ = self._log_prob_entropy(dist, a)
             episode = env.episode_count.clone()
             obs, r, term, trunc, _ = env.step(a)
@@ -390,7 +407,7 @@ class RL2(RLLearner):
             prev_r = r.to(dtype)
             prev_d = (term | trunc).to(dtype)
             alive = alive & (env.episode_count < n_ep)
-            if not bool(alive.any()):
+            if not spec.discrete_obs and not bool(alive.any()):  # navigation: trials may end early
                 break
         return RL2Rollout(torch.stack(xs), torch.stack(acts), torch.stack(logps), torch.stack(vals),
                           torch.stack(rews), torch.stack(masks), ep_returns)
@@ -411,7 +428,7 @@ class RL2(RLLearner):
         """The PPO loss on the trials ``idx`` of a rollout (all when None), recomputing the GRU
         over the whole trials."""
         if idx is None:
-            idx = torch.arange(ro.mask.shape[1])
+            idx = torch.arange(ro.mask.shape[1], device=ro.mask.device)
         h = self.sequence(ro.inputs[:, idx])
         dist = self._dist(h)
         logp, ent = self._log_prob_entropy(dist, ro.actions[:, idx])

@@ -131,6 +131,10 @@ class Trainer:
         self.model: Algorithm = build_model(config, pretrained=pretrained).to(self.device)
         self.dist.broadcast_module(self.model)
         self.channels_last = tc.channels_last and self.device.type in ("cpu", "cuda")
+        executor = getattr(self.model, "executor", None)
+        if self.channels_last and executor is not None and executor.resolve(self.device)[0] == "vmap":
+            # memory-format queries are not implemented under torch.func.vmap (cuDNN BatchNorm asks)
+            self.channels_last = False
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.train_sampler = make_sampler(self.splits["train"], config, "train", config.seed + 1)
