@@ -146,6 +146,47 @@ def test_one_task_one_step_reptile_is_the_interpolation():
         torch.testing.assert_close(p.detach(), e.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_reptile_with_the_papers_inner_adam_equals_torch_adam_on_stratified_minibatches():
+    lr, steps, size = 0.01, 4, 3
+    model = _model("reptile", inner_steps=steps, inner_lr=lr, inner_optimizer="adam", inner_batch_size=size,
+                   adam_beta1=0.0)
+    assert model.executor.resolve(torch.device("cuda"))[0] != "vmap"  # per-task optimiser state
+    batch = _batch(b=1)
+    x = torch.cat([batch.support_x[0], batch.query_x[0]])
+    y = torch.cat([batch.support_y[0], batch.query_y[0]])
+    copy_ = copy.deepcopy(model)
+    opt = torch.optim.Adam(copy_.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    order = [i for j in range(4) for c in range(3) for i in [int(torch.nonzero(y == c)[j])]]
+    for step in range(steps):
+        idx = [order[(step * size + k) % len(order)] for k in range(size)]
+        assert sorted(int(y[i]) for i in idx) == [0, 1, 2]  # one example of every class
+        opt.zero_grad()
+        F.cross_entropy(copy_(x[idx]), y[idx]).backward()
+        opt.step()
+    _, grads = _meta_grad(model, batch)
+    for g, p, q in zip(grads, model.parameters(), copy_.parameters()):
+        # atol: the conv biases before BatchNorm have zero gradient up to rounding (1e-17), which
+        # Adam divides by eps = 1e-8 -- steps of 1e-10 that follow the rounding
+        torch.testing.assert_close(g, (p - q).detach(), rtol=1e-9, atol=1e-9)
+    # adapt() uses the same optimiser, on mini-batches of eval_batch_size
+    adapted = model.adapt(x, y, 3, steps=steps)
+    for (n, a), q in zip(adapted.params.items(), copy_.parameters()):
+        assert a.shape == q.shape
+
+
+def test_reptile_stratified_minibatches():
+    from metafit.algorithms.reptile import minibatch, stratified_order
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    order = stratified_order(y, "classification")
+    assert order.tolist() == [0, 2, 4, 1, 3, 5, 6]
+    assert minibatch(order, 0, 3).tolist() == [0, 2, 4]
+    assert minibatch(order, 2, 3).tolist() == [6, 0, 2]  # cycles
+    assert minibatch(order, 5, None) is None and minibatch(order, 0, 7) is None
+    from metafit import ConfigError
+    with pytest.raises(ConfigError, match="execution 'vmap' must be used with Reptile's full-batch SGD"):
+        _model("reptile", "vmap", inner_optimizer="adam")
+
+
 def test_metasgd_step_sizes_learn_in_first_order_mode():
     model = _model("metasgd", first_order=True)
     _meta_grad(model, _batch())

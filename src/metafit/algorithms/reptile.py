@@ -7,6 +7,14 @@ optimizer (``train.optimizer=sgd``, ``train.momentum=0``) and ``train.meta_lr = 
 outer step is the paper's interpolation ``theta + epsilon * (mean(theta~) - theta)``; Adam on
 this direction is the paper's other variant. At evaluation the model is fine-tuned on the
 support set for ``eval_inner_steps`` steps.
+
+The inner optimiser is plain full-batch SGD by default. ``inner_optimizer: adam`` with
+``inner_batch_size`` is the paper's (supervised-reptile: Adam with beta1 = 0, mini-batches of the
+task's examples). Two deliberate differences from that code: Adam's moments start from zero for
+every task (there they carried over from task to task, an artefact of saving only the trainable
+variables), and mini-batches are drawn in a fixed class-stratified order (the j-th example of
+every class, then the (j+1)-th, ...; consecutive chunks, cycling) instead of a random shuffle, so
+every mini-batch is balanced and a run needs no extra random state to resume exactly.
 """
 
 from __future__ import annotations
@@ -17,15 +25,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..errors import ConfigError
 from ..functional import TaskResult, batched_inner_loop, batched_task_loss, gradient_as_loss, task_loss, task_metric
 from ..types import TaskBatch
 from .base import Algorithm, MetaOutput
 from .common import (
     FastWeights,
     InnerLoopConfig,
-    adapt_fast_weights,
+    check_support,
     check_ways,
-    fit_fast_weights,
     forward_with,
     oom_guard,
     run_meta_batch,
@@ -38,9 +46,43 @@ __all__ = ["Reptile", "ReptileConfig"]
 
 class ReptileConfig(InnerLoopConfig):
     name: Literal["reptile"] = "reptile"
-    inner_lr: float = Field(0.1, gt=0.0, le=100.0, description="inner-loop SGD step size")
+    inner_lr: float = Field(0.1, gt=0.0, le=100.0, description="step size of the inner optimiser")
     inner_steps: int = Field(5, ge=1, le=1000, description="inner-loop steps on each training task")
     eval_inner_steps: int = Field(50, ge=0, le=10000, description="fine-tuning steps on the support set at evaluation")
+    inner_optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd, or adam (the paper's; moments from zero for every task)")
+    inner_batch_size: int | None = Field(
+        None, ge=1, description="examples per inner step while meta-training, in class-stratified mini-batches "
+                                "(None: all of the task's examples every step)")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="examples per fine-tuning step at evaluation (None: the whole support set)")
+    adam_beta1: float = Field(0.0, ge=0.0, lt=1.0, description="Adam beta1 of the inner optimiser (paper: 0)")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2 of the inner optimiser")
+    adam_eps: float = Field(1e-8, gt=0.0, description="Adam epsilon of the inner optimiser")
+
+    @property
+    def plain_sgd(self) -> bool:
+        """Full-batch SGD (the vectorised path can run it)."""
+        return self.inner_optimizer == "sgd" and self.inner_batch_size is None
+
+
+def stratified_order(y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Example indices in class-stratified order: the first example of every class, then the
+    second of every class, ... (classes in label order; regression: the given order)."""
+    if kind != "classification" or y.numel() == 0:
+        return torch.arange(y.shape[0], device=y.device)
+    n_classes = int(y.max()) + 1
+    onehot = torch.nn.functional.one_hot(y, n_classes)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # position of each example within its class
+    return torch.argsort(rank * n_classes + y, stable=True)
+
+
+def minibatch(order: torch.Tensor, step: int, size: int | None) -> torch.Tensor | None:
+    """Indices of the ``step``-th mini-batch: consecutive chunks of ``order``, cycling (None: all)."""
+    n = order.shape[0]
+    if size is None or size >= n:
+        return None
+    return order[(step * size + torch.arange(size, device=order.device)) % n]
 
 
 class Reptile(Algorithm):
@@ -52,15 +94,60 @@ class Reptile(Algorithm):
                  task_kind: str = "classification") -> None:
         super().__init__(config, backbone, n_outputs, task_kind)
         setup_fast_weight_model(self, config, backbone, config.inner_steps + 1)
+        if not config.plain_sgd:  # per-task optimiser state and mini-batches: no vectorised path
+            if config.execution == "vmap":
+                raise ConfigError(
+                    "Config: algorithm.execution 'vmap' must be used with Reptile's full-batch SGD inner loop; got "
+                    f"inner_optimizer={config.inner_optimizer!r}, inner_batch_size={config.inner_batch_size}. "
+                    "Use execution=auto, threads or loop.")
+            self.executor.vmap_ok = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
-        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
-        return adapt_fast_weights(self, "Reptile.adapt", support_x, support_y, n_ways, steps,
-                                  trainable_names(self), self.config.inner_lr)
+        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)
+        with the inner optimiser, in mini-batches of ``eval_batch_size``."""
+        check_support("Reptile.adapt", support_x, support_y, n_ways, self.task_kind)
+        check_ways("Reptile.adapt", n_ways, self.n_outputs, self.task_kind)
+        n_steps = self.config.eval_inner_steps if steps is None else int(steps)
+        fast = self._fit(self, support_x, support_y, n_steps, self.config.eval_batch_size)
+        return FastWeights(fast, n_steps)
+
+    def _fit(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+             batch_size: int | None) -> dict[str, torch.Tensor]:
+        """``steps`` steps of the inner optimiser from the model's weights on ``(x, y)``, run on
+        ``module`` (the model or a thread's replica); returns detached fast weights."""
+        cfg, kind = self.config, self.task_kind
+        fwd = forward_with(self, module)
+        names = trainable_names(self)
+        params = {n: p.detach() for n, p in self.named_parameters() if n in names}
+        order = stratified_order(y, kind)
+        adam = cfg.inner_optimizer == "adam"
+        m = {n: torch.zeros_like(p) for n, p in params.items()} if adam else {}
+        v = {n: torch.zeros_like(p) for n, p in params.items()} if adam else {}
+        b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+        for step in range(steps):
+            idx = minibatch(order, step, batch_size)
+            xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+            with torch.enable_grad():
+                live = {n: p.requires_grad_() for n, p in ((n, p.detach()) for n, p in params.items())}
+                loss = task_loss(fwd(live, xb, step), yb, kind)
+                grads = torch.autograd.grad(loss, [live[n] for n in names])
+            with torch.no_grad():
+                new = {}
+                for n, g in zip(names, grads):
+                    if adam:
+                        m[n] = b1 * m[n] + (1 - b1) * g
+                        v[n] = b2 * v[n] + (1 - b2) * g * g
+                        m_hat = m[n] / (1 - b1 ** (step + 1))
+                        v_hat = v[n] / (1 - b2 ** (step + 1))
+                        new[n] = params[n] - cfg.inner_lr * m_hat / (v_hat.sqrt() + cfg.adam_eps)
+                    else:
+                        new[n] = params[n] - cfg.inner_lr * g
+                params = new
+        return params
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         return forward_with(self, self)(adapted.params, x, adapted.steps)
@@ -89,7 +176,7 @@ class Reptile(Algorithm):
         def one_task(module: nn.Module, i: int) -> TaskResult:
             x = torch.cat([batch.support_x[i], batch.query_x[i]])
             y = torch.cat([batch.support_y[i], batch.query_y[i]])
-            fast = fit_fast_weights(self, module, x, y, cfg.inner_steps, names, cfg.inner_lr)
+            fast = self._fit(module, x, y, cfg.inner_steps, cfg.inner_batch_size)
             with torch.no_grad():
                 out = forward_with(self, module)(fast, x, cfg.inner_steps)
                 loss = task_loss(out, y, kind) / b
