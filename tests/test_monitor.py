@@ -156,3 +156,28 @@ def test_tensorboard_event_files_hold_the_training_scalars(tmp_path, synthetic_s
 def test_tensorboard_can_be_turned_off(tmp_path, synthetic_splits):
     Trainer(_cfg(tmp_path, meta_steps=4, tensorboard=False), splits=synthetic_splits).fit()
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_a_flagged_step_is_printed_once(tmp_path):
+    """Console output once per finding (it was printed twice: by tqdm and by logging's
+    last-resort handler when nobody configured logging); a subprocess, because pytest's own log
+    capture would hide the second copy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import conftest
+from metafit.training import Trainer, make_config
+data = conftest.synthetic_classes(n_classes=30); ids = torch.arange(data.n_classes)
+splits = {{"train": data.subset(ids[:18]), "val": data.subset(ids[18:24]), "test": data.subset(ids[24:])}}
+cfg = make_config(conftest.tiny_config({str(tmp_path / "run")!r}, train={{"meta_steps": 6, "eval_every": 6,
+    "save_interval": 6, "tensorboard": False}}, monitor={{"grad_spike": 1.0001, "min_history": 3, "patience": 100}}))
+Trainer(cfg, splits=splits).fit()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    printed = [line for line in (out.stdout + out.stderr).splitlines() if "spike" in line]
+    flagged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+               if r["split"] == "monitor"]
+    assert flagged and len(printed) == len(flagged), (printed, flagged)

@@ -409,7 +409,8 @@ class Trainer:
             if log is not None:  # rank 0
                 log.write(row)
                 tqdm.write(f"step {step}: {f.describe()} -> {action}")
-                logger.warning("step %d: %s -> %s", step, f.describe(), action)
+                if logger.hasHandlers():  # else logging's last-resort handler would print it a second time
+                    logger.warning("step %d: %s -> %s", step, f.describe(), action)
         tb.scalars("monitor", {"flagged": self.events["flagged"], "skipped": self.events["skipped"],
                                "rolled_back": self.events["rolled_back"]}, step)
         if action == "stop":
