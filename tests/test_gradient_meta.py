@@ -168,10 +168,42 @@ def test_reptile_with_the_papers_inner_adam_equals_torch_adam_on_stratified_mini
         # atol: the conv biases before BatchNorm have zero gradient up to rounding (1e-17), which
         # Adam divides by eps = 1e-8 -- steps of 1e-10 that follow the rounding
         torch.testing.assert_close(g, (p - q).detach(), rtol=1e-9, atol=1e-9)
-    # adapt() uses the same optimiser, on mini-batches of eval_batch_size
-    adapted = model.adapt(x, y, 3, steps=steps)
-    for (n, a), q in zip(adapted.params.items(), copy_.parameters()):
-        assert a.shape == q.shape
+    # the moments carry over to the next meta-batch (as in supervised-reptile): here Adam's own
+    st = model.inner_adam
+    assert int(st.t) == steps
+    for (n, p), q in zip(model.named_parameters(), copy_.parameters()):
+        torch.testing.assert_close(getattr(st, "v__" + n.replace(".", "__")), opt.state[q]["exp_avg_sq"],
+                                   rtol=1e-9, atol=1e-15)
+    # adaptation starts from them and leaves them alone
+    before = {k: t.clone() for k, t in st.state_dict().items()}
+    model.adapt(x, y, 3, steps=2)
+    assert all(torch.equal(before[k], t) for k, t in st.state_dict().items())
+    assert "inner_adam.t" in model.state_dict()  # saved in checkpoints
+
+
+def test_reptile_adam_moments_are_the_mean_over_tasks_and_independent_of_threads():
+    kw = dict(inner_steps=2, inner_lr=0.01, inner_optimizer="adam", inner_batch_size=3)
+    batch = _batch(b=4)
+    loop, thr = _model("reptile", "loop", **kw), _model("reptile", "threads", **kw)
+    for _ in range(2):
+        _, gl = _meta_grad(loop, batch)
+        _, gt = _meta_grad(thr, batch)
+    for a, b in zip(gl, gt):  # atol: Adam amplifies the rounding-level gradients of pre-BatchNorm biases
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for (k, a), (_, b) in zip(loop.inner_adam.state_dict().items(), thr.inner_adam.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
+    # one task at a time from the same start: the mean of their moments
+    single = []
+    for i in range(4):
+        m = _model("reptile", "loop", **kw)
+        m.meta_loss(type(batch)(batch.support_x[i:i + 1], batch.support_y[i:i + 1], batch.query_x[i:i + 1],
+                                batch.query_y[i:i + 1], batch.n_ways))
+        single.append(m.inner_adam.state_dict())
+    fresh = _model("reptile", "loop", **kw)
+    fresh.meta_loss(batch)
+    for k, t in fresh.inner_adam.state_dict().items():
+        if k != "t":
+            torch.testing.assert_close(t, torch.stack([s_[k] for s_ in single]).mean(0), rtol=1e-10, atol=1e-15)
 
 
 def test_reptile_stratified_minibatches():

@@ -153,3 +153,25 @@ def test_vmap_execution_trains_with_the_default_channels_last_setting(tmp_path, 
     assert not trainer.channels_last
     trainer.fit()
     assert trainer.step == 2
+
+
+def test_reptile_with_inner_adam_resumes_exactly_and_loads(tmp_path, synthetic_splits):
+    """Reptile's carried-over inner Adam moments are model state: checkpointed and resumed."""
+    algo = {"name": "reptile", "inner_optimizer": "adam", "inner_lr": 0.001, "inner_batch_size": 5,
+            "inner_steps": 2, "eval_inner_steps": 3}
+
+    def cfg(name, steps):
+        return make_config(tiny_config(tmp_path / name, algorithm=algo,
+                                       train={"meta_steps": steps, "eval_every": 2, "save_interval": 2,
+                                              "optimizer": "sgd", "meta_lr": 1.0}))
+
+    straight = Trainer(cfg("straight", 4), splits=synthetic_splits)
+    straight.fit()
+    Trainer(cfg("halves", 2), splits=synthetic_splits).fit()
+    resumed = Trainer(cfg("halves", 4), splits=synthetic_splits)
+    resumed.fit(resume=True)
+    assert int(straight.model.inner_adam.t) == 8
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    loaded = metafit.load(tmp_path / "straight" / "last.safetensors")
+    assert torch.equal(loaded.algorithm.inner_adam.t, straight.model.inner_adam.t)

@@ -10,11 +10,17 @@ support set for ``eval_inner_steps`` steps.
 
 The inner optimiser is plain full-batch SGD by default. ``inner_optimizer: adam`` with
 ``inner_batch_size`` is the paper's (supervised-reptile: Adam with beta1 = 0, mini-batches of the
-task's examples). Two deliberate differences from that code: Adam's moments start from zero for
-every task (there they carried over from task to task, an artefact of saving only the trainable
-variables), and mini-batches are drawn in a fixed class-stratified order (the j-th example of
-every class, then the (j+1)-th, ...; consecutive chunks, cycling) instead of a random shuffle, so
-every mini-batch is balanced and a run needs no extra random state to resume exactly.
+task's examples). As in that code, Adam's moments are *not* reset between tasks: they are part of
+the model (buffers, saved in checkpoints), every task of a meta-batch starts from them, and after
+the meta-batch they become the mean of the tasks' final moments (the reference code ran the tasks
+one after another, each continuing the last one's moments; the mean does not depend on the order
+in which threads or ranks finish). Without that carried-over second moment the first steps of
+every task are sign steps of size ``inner_lr`` for every weight, and Omniglot validation accuracy
+fell while training (72.6% after 2,500 meta-steps, 69.7% after 5,000). Adaptation at evaluation
+starts from the stored moments and leaves them unchanged. Mini-batches are drawn in a fixed
+class-stratified order (the j-th example of every class, then the (j+1)-th, ...; consecutive
+chunks, cycling) instead of a random shuffle, so every mini-batch is balanced and a run needs no
+extra random state to resume exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class ReptileConfig(InnerLoopConfig):
     inner_steps: int = Field(5, ge=1, le=1000, description="inner-loop steps on each training task")
     eval_inner_steps: int = Field(50, ge=0, le=10000, description="fine-tuning steps on the support set at evaluation")
     inner_optimizer: Literal["sgd", "adam"] = Field(
-        "sgd", description="sgd, or adam (the paper's; moments from zero for every task)")
+        "sgd", description="sgd, or adam (the paper's; its moments carry over from meta-batch to meta-batch)")
     inner_batch_size: int | None = Field(
         None, ge=1, description="examples per inner step while meta-training, in class-stratified mini-batches "
                                 "(None: all of the task's examples every step)")
@@ -101,6 +107,22 @@ class Reptile(Algorithm):
                     f"inner_optimizer={config.inner_optimizer!r}, inner_batch_size={config.inner_batch_size}. "
                     "Use execution=auto, threads or loop.")
             self.executor.vmap_ok = False
+        if config.inner_optimizer == "adam":  # moments shared by all tasks, carried across meta-batches
+            self.inner_adam = nn.Module()
+            for n, p in self.named_parameters():
+                if p.requires_grad:
+                    key = n.replace(".", "__")
+                    self.inner_adam.register_buffer(f"m__{key}", torch.zeros_like(p.detach()))
+                    self.inner_adam.register_buffer(f"v__{key}", torch.zeros_like(p.detach()))
+            self.inner_adam.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+    def _moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """The shared Adam moments (by parameter name) and step count."""
+        st = self.inner_adam
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        m = {n: getattr(st, "m__" + n.replace(".", "__")) for n in names}
+        v = {n: getattr(st, "v__" + n.replace(".", "__")) for n in names}
+        return m, v, int(st.t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -112,21 +134,21 @@ class Reptile(Algorithm):
         check_support("Reptile.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("Reptile.adapt", n_ways, self.n_outputs, self.task_kind)
         n_steps = self.config.eval_inner_steps if steps is None else int(steps)
-        fast = self._fit(self, support_x, support_y, n_steps, self.config.eval_batch_size)
+        fast, _ = self._fit(self, support_x, support_y, n_steps, self.config.eval_batch_size)
         return FastWeights(fast, n_steps)
 
     def _fit(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-             batch_size: int | None) -> dict[str, torch.Tensor]:
+             batch_size: int | None) -> tuple[dict[str, torch.Tensor], tuple[dict, dict] | None]:
         """``steps`` steps of the inner optimiser from the model's weights on ``(x, y)``, run on
-        ``module`` (the model or a thread's replica); returns detached fast weights."""
+        ``module`` (the model or a thread's replica); returns detached fast weights and, for
+        Adam, the final moments (the shared ones are not modified here)."""
         cfg, kind = self.config, self.task_kind
         fwd = forward_with(self, module)
         names = trainable_names(self)
         params = {n: p.detach() for n, p in self.named_parameters() if n in names}
         order = stratified_order(y, kind)
         adam = cfg.inner_optimizer == "adam"
-        m = {n: torch.zeros_like(p) for n, p in params.items()} if adam else {}
-        v = {n: torch.zeros_like(p) for n, p in params.items()} if adam else {}
+        m, v, t0 = self._moments() if adam else ({}, {}, 0)
         b1, b2 = cfg.adam_beta1, cfg.adam_beta2
         for step in range(steps):
             idx = minibatch(order, step, batch_size)
@@ -141,13 +163,13 @@ class Reptile(Algorithm):
                     if adam:
                         m[n] = b1 * m[n] + (1 - b1) * g
                         v[n] = b2 * v[n] + (1 - b2) * g * g
-                        m_hat = m[n] / (1 - b1 ** (step + 1))
-                        v_hat = v[n] / (1 - b2 ** (step + 1))
+                        m_hat = m[n] / (1 - b1 ** (t0 + step + 1))
+                        v_hat = v[n] / (1 - b2 ** (t0 + step + 1))
                         new[n] = params[n] - cfg.inner_lr * m_hat / (v_hat.sqrt() + cfg.adam_eps)
                     else:
                         new[n] = params[n] - cfg.inner_lr * g
                 params = new
-        return params
+        return params, ((m, v) if adam else None)
 
     def predict(self, adapted: FastWeights, x: torch.Tensor) -> torch.Tensor:
         return forward_with(self, self)(adapted.params, x, adapted.steps)
@@ -176,11 +198,25 @@ class Reptile(Algorithm):
         def one_task(module: nn.Module, i: int) -> TaskResult:
             x = torch.cat([batch.support_x[i], batch.query_x[i]])
             y = torch.cat([batch.support_y[i], batch.query_y[i]])
-            fast = self._fit(module, x, y, cfg.inner_steps, cfg.inner_batch_size)
+            fast, moments = self._fit(module, x, y, cfg.inner_steps, cfg.inner_batch_size)
             with torch.no_grad():
                 out = forward_with(self, module)(fast, x, cfg.inner_steps)
                 loss = task_loss(out, y, kind) / b
                 grads = [(main[n].detach() - fast[n]) / b for n in names]
+                if moments is not None:  # summed over tasks by the executor with the gradients: their mean
+                    grads += [moments[0][n] / b for n in names] + [moments[1][n] / b for n in names]
             return TaskResult(loss, task_metric(out, y, kind) / b, grads)
 
-        return run_meta_batch(self, "Reptile", one_task, batch, main, names, False)
+        if cfg.inner_optimizer != "adam":
+            return run_meta_batch(self, "Reptile", one_task, batch, main, names, False)
+        with oom_guard("Reptile", False):
+            res = self.executor.run(self, one_task, b, batch.support_x.device)
+        k = len(names)
+        if self.training:  # the shared moments <- the mean of the tasks' final moments
+            m, v, _ = self._moments()
+            with torch.no_grad():
+                for j, n in enumerate(names):
+                    m[n].copy_(res.grads[k + j])
+                    v[n].copy_(res.grads[2 * k + j])
+                self.inner_adam.t.add_(cfg.inner_steps)
+        return MetaOutput(gradient_as_loss(res.loss, [main[n] for n in names], res.grads[:k]), res.metric)
