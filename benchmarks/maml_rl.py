@@ -168,23 +168,26 @@ def plot(path: Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     maml = result["runs"]["maml"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
     curve = maml["curve"]
-    if curve:
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 6, 4), squeeze=False)
+    axes = axes[0]
+    ax = axes[0]
+    if curve:  # validation curve (navigation); HalfCheetah has only the training batches
         for name in curve[0]["points"]:
             ax.plot([c["train_minutes"] for c in curve], [c["points"][name] for c in curve], marker="o", ms=3,
                     label=f"MAML, {name}")
+        refs = result.get("references", {})
+        if "oracle" in refs:
+            ax.axhline(refs["oracle"]["mean"], color="k", ls="--", lw=1, label="oracle")
+            ax.axhline(refs["standing_still"]["mean"], color="gray", ls=":", lw=1, label="standing still")
+        threads = result.get("threads", 1)
+        ax.set_xlabel(f"training minutes ({threads} CPU thread{'s' if threads != 1 else ''})")
+        ax.set_ylabel(f"average return ({result['curve_tasks']} validation tasks)")
+        ax.set_title(f"MAML-RL on {result['family']}: validation return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax = axes[1]
     refs = result.get("references", {})
-    if "oracle" in refs:
-        ax.axhline(refs["oracle"]["mean"], color="k", ls="--", lw=1, label="oracle")
-        ax.axhline(refs["standing_still"]["mean"], color="gray", ls=":", lw=1, label="standing still")
-    ax.set_xlabel("training minutes (1 CPU thread)")
-    ax.set_ylabel(f"average return ({result['curve_tasks']} validation tasks)")
-    ax.set_title(f"MAML-RL on {result['family']}: validation return")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax = axes[1]
     log = maml["log"]
     if log:
         k = max(1, len(log) // 200)
@@ -198,9 +201,10 @@ def plot(path: Path, result: dict) -> None:
         ax.plot(its, smooth("return"), lw=1, label="training batch, after adaptation")
         if "oracle" in refs:
             ax.axhline(refs["oracle"]["mean"], color="k", ls="--", lw=1)
-    ax.set_xlabel("outer iteration")
+    minutes = maml["train_seconds"] / 60
+    ax.set_xlabel(f"outer iteration ({len(log)} in {minutes:.1f} training minutes)")
     ax.set_ylabel("average return")
-    ax.set_title("meta-training batches")
+    ax.set_title("meta-training batches" if curve else f"MAML-RL on {result['family']}: meta-training batches")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -279,7 +283,7 @@ def main(argv=None) -> dict:
             r["log"] = r["log"][::step] + r["log"][-1:]
     out.write_text(json.dumps(slim, indent=1))
     print(f"wrote {out}")
-    if not args.no_plot and nav:
+    if not args.no_plot:
         plot(out.with_suffix(".png"), result)
         print(f"wrote {out.with_suffix('.png')}")
     maml.close()
