@@ -210,8 +210,7 @@ class Reptile(Algorithm):
 
         if cfg.inner_optimizer != "adam":
             return run_meta_batch(self, "Reptile", one_task, batch, main, names, False)
-        with oom_guard("Reptile", False):
-            res = self.executor.run(self, one_task, b, batch.support_x.device)
+        res = self.executor.run(self, one_task, b, batch.support_x.device)
         k = len(names)
         if self.training:  # the shared moments <- the mean of the tasks' final moments
             m, v, _ = self._moments()

@@ -78,6 +78,13 @@ Params = dict[str, torch.Tensor]
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def _task_major(obs, act, rew, mask, logp, mean) -> tuple[torch.Tensor, ...]:
+    """Time-major ``[H, T, E, ...]`` buffers to task-major ``[T, E, H, ...]`` (contiguous)."""
+    return (obs.permute(1, 2, 0, 3).contiguous(), act.permute(1, 2, 0, 3).contiguous(),
+            rew.permute(1, 2, 0).contiguous(), mask.permute(1, 2, 0).contiguous(),
+            logp.permute(1, 2, 0).contiguous(), mean.permute(1, 2, 0, 3).contiguous())
+
+
 class MAMLRLConfig(ConfigModel):
     name: Literal["maml-rl"] = "maml-rl"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(
@@ -389,18 +396,20 @@ class MAMLRL(RLLearner):
         logp = (-0.5 * noise * noise - log_std.unsqueeze(1) - 0.5 * _LOG_2PI).sum(-1)
         return actions, logp, mean
 
+    def _rollout_buffers(self, H: int, T: int, E: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Time-major rollout buffers: observations, actions, means ``[H, T, E, dim]``; rewards,
+        masks, log-probabilities ``[H, T, E]``."""
+        return (torch.zeros(H, T, E, self.obs_dim, dtype=dtype), torch.zeros(H, T, E, self.act_dim, dtype=dtype),
+                torch.zeros(H, T, E, self.act_dim, dtype=dtype), torch.zeros(H, T, E, dtype=dtype),
+                torch.zeros(H, T, E, dtype=dtype), torch.zeros(H, T, E, dtype=dtype))
+
     def _sample_navigation(self, params_t, tasks, E, generator):
         fam, T, H = self.family, len(tasks), self.horizon
         dtype = params_t["w0"].dtype
         env = BatchedNavigation(tasks, E, max_action=fam.max_action, horizon=fam.horizon,
                                 goal_tolerance=fam.goal_tolerance, dtype=dtype, check_actions=False)
         N = T * E
-        obs_buf = torch.zeros(H, T, E, self.obs_dim, dtype=dtype)
-        act_buf = torch.zeros(H, T, E, self.act_dim, dtype=dtype)
-        mean_buf = torch.zeros(H, T, E, self.act_dim, dtype=dtype)
-        rew_buf = torch.zeros(H, T, E, dtype=dtype)
-        mask_buf = torch.zeros(H, T, E, dtype=dtype)
-        logp_buf = torch.zeros(H, T, E, dtype=dtype)
+        obs_buf, act_buf, mean_buf, rew_buf, mask_buf, logp_buf = self._rollout_buffers(H, T, E, dtype)
         obs = env.reset().view(T, E, self.obs_dim)
         alive = torch.ones(N, dtype=torch.bool)
         for t in range(H):
@@ -413,10 +422,7 @@ class MAMLRL(RLLearner):
             if not bool(alive.any()):
                 break
             obs = nxt.view(T, E, self.obs_dim)
-        perm = (1, 2, 0)
-        return (obs_buf.permute(1, 2, 0, 3).contiguous(), act_buf.permute(1, 2, 0, 3).contiguous(),
-                rew_buf.permute(perm).contiguous(), mask_buf.permute(perm).contiguous(),
-                logp_buf.permute(perm).contiguous(), mean_buf.permute(1, 2, 0, 3).contiguous())
+        return _task_major(obs_buf, act_buf, rew_buf, mask_buf, logp_buf, mean_buf)
 
     def _sample_gym(self, params_t, tasks, E, generator):
         T, H, N = len(tasks), self.horizon, len(tasks) * E
@@ -435,12 +441,7 @@ class MAMLRL(RLLearner):
                     "Pass the list returned by family.sample_tasks(n).")) from err
             first.append(env.reset(seed=int(seeds[i]))[0])
         obs_np = np.stack(first).astype(np.float64)
-        obs_buf = torch.zeros(H, T, E, self.obs_dim, dtype=dtype)
-        act_buf = torch.zeros(H, T, E, self.act_dim, dtype=dtype)
-        mean_buf = torch.zeros(H, T, E, self.act_dim, dtype=dtype)
-        rew_buf = torch.zeros(H, T, E, dtype=dtype)
-        mask_buf = torch.zeros(H, T, E, dtype=dtype)
-        logp_buf = torch.zeros(H, T, E, dtype=dtype)
+        obs_buf, act_buf, mean_buf, rew_buf, mask_buf, logp_buf = self._rollout_buffers(H, T, E, dtype)
         alive = np.ones(N, dtype=bool)
         rewards = np.zeros(N)
         for t in range(H):
@@ -460,10 +461,7 @@ class MAMLRL(RLLearner):
             mask_buf[t] = torch.as_tensor(mask_now, dtype=dtype).view(T, E)
             if not alive.any():
                 break
-        perm = (1, 2, 0)
-        return (obs_buf.permute(1, 2, 0, 3).contiguous(), act_buf.permute(1, 2, 0, 3).contiguous(),
-                rew_buf.permute(perm).contiguous(), mask_buf.permute(perm).contiguous(),
-                logp_buf.permute(perm).contiguous(), mean_buf.permute(1, 2, 0, 3).contiguous())
+        return _task_major(obs_buf, act_buf, rew_buf, mask_buf, logp_buf, mean_buf)
 
     # -- adaptation and the meta-loss --
     def adapt(self, batches: Sequence[RolloutBatch], params: Params | None = None, create_graph: bool = True,
