@@ -16,7 +16,7 @@ import metafit
 from metafit import CheckpointError, ConfigError
 from metafit.cli import main
 from metafit.rl.learner import RL_LEARNERS, RLLearner, register_rl_learner
-from metafit.training.rl_run import evaluate_rl_checkpoint, load_rl, load_rl_config, train_rl
+from metafit.training.rl_run import evaluate_rl_checkpoint, load_rl, load_rl_config, rl_device, train_rl
 from metafit.training.checkpoint import read_checkpoint
 from metafit.validation import ConfigModel
 
@@ -129,6 +129,21 @@ def test_cli_rl_train_eval_and_configs(tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["tasks"] == 12
     assert main(["rl", "configs"]) == 0
     assert main(["rl", "eval", str(tmp_path / "missing.safetensors")]) == 1
+
+
+def test_device_setting_is_checked_against_the_learner_and_the_machine(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"train.device must be one that learner 'arm-picker' runs on \(cpu\); "
+                                          r"got 'cuda'. Use --set train.device=cpu"):
+        train_rl(load_rl_config(_cfg(tmp_path, device="cuda")))
+    report = train_rl(load_rl_config(_cfg(tmp_path, device="auto", iterations=2)))  # auto: the CPU for this learner
+    assert report["test"]["device"] == "cpu"
+    assert rl_device("auto", "maml-rl").type == "cpu" and rl_device("cpu", "rl2").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device must be available on this machine; got 'cuda' without"):
+            rl_device("cuda", "rl2")
+        assert rl_device("auto", "rl2").type == "cpu"
+    assert main(["rl", "eval", str(tmp_path / "run" / "best.safetensors"), "--device", "cuda"]) == 1
+    assert "evaluation device must be one that learner 'arm-picker' runs on" in capsys.readouterr().err
 
 
 def teardown_module(module):

@@ -94,6 +94,9 @@ def test_learning_rate_schedules(tmp_path, synthetic_splits):
     assert t.lr_at(0) == pytest.approx(0.01) and t.lr_at(9) == pytest.approx(0.1)
     assert t.lr_at(10) == pytest.approx(0.1) and t.lr_at(55) == pytest.approx(0.05)
     assert t.lr_at(100) == pytest.approx(0.0, abs=1e-12)
+    t = Trainer(_cfg(tmp_path, meta_steps=100, lr_schedule="linear", meta_lr=1.0), splits=synthetic_splits)
+    assert t.lr_at(0) == 1.0 and t.lr_at(25) == pytest.approx(0.75) and t.lr_at(99) == pytest.approx(0.01)
+    assert t.lr_at(100) == 0.0 and t.lr_at(150) == 0.0
 
 
 def test_time_budget_stops_and_validates(tmp_path, synthetic_splits):

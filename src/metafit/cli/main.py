@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--tasks", type=int, help="test tasks (default: the run's train.test_tasks)")
     re_.add_argument("--seed", type=int, help="seed of the test tasks (default: the run's eval_seed + 1)")
     re_.add_argument("--out", help="also write the result as JSON here")
+    re_.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                     help="where to run the evaluation (RL2: cpu or cuda; default cpu)")
     rsub.add_parser("configs", help="list the built-in meta-RL configs")
 
     q = sub.add_parser("quickstart", help="a short real run: MAML on sinusoids (built in), or ProtoNet on Omniglot")
@@ -584,7 +586,7 @@ def _cmd_rl(args) -> int:
         _print(f"training time {report['train_seconds'] / 60:.1f} min, {report['env_steps']:,} environment steps; "
                f"learning curve: {Path(report['out_dir']) / 'learning_curve.png'}")
         return 0
-    res = rl_run.evaluate_rl_checkpoint(args.checkpoint, tasks=args.tasks, seed=args.seed)
+    res = rl_run.evaluate_rl_checkpoint(args.checkpoint, tasks=args.tasks, seed=args.seed, device=args.device)
     _print_rl_eval(res)
     if args.out:
         from ..training.metrics_log import write_json

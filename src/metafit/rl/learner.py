@@ -34,6 +34,8 @@ class RLLearner(nn.Module):
     #: how a task's returns at the evaluation points become its score: "last" (the return after
     #: the last adaptation point, MAML-RL) or "sum" (the whole trial's reward, RL²)
     score_reduction: ClassVar[str] = "last"
+    #: device types the learner runs on (``train.device`` of ``metafit rl train``)
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     def __init__(self, config: ConfigModel, family: Any) -> None:
         super().__init__()

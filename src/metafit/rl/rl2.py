@@ -193,6 +193,7 @@ class RL2(RLLearner):
     name = "rl2"
     Config = RL2Config
     score_reduction = "sum"
+    devices = ("cpu", "cuda")
 
     def __init__(self, config: RL2Config | dict, family: Any) -> None:
         config = parse_config(RL2Config, config, "learner")

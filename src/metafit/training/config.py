@@ -81,7 +81,7 @@ class TrainConfig(ConfigModel):
     meta_lr: float = Field(1e-3, gt=0.0, description="outer-loop learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     weight_decay: float = Field(0.0, ge=0.0)
-    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "step", "cosine", "linear"] = "constant"
     lr_step_size: int = Field(2000, ge=1, description="step schedule: steps between decays")
     lr_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")

@@ -36,7 +36,7 @@ from .config import apply_overrides, config_source
 from .metrics_log import write_json
 from .tracking import TensorBoardLog
 
-__all__ = ["RLRunConfig", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl", "load_rl_config",
+__all__ = ["RLRunConfig", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl", "load_rl_config", "rl_device",
            "mean_ci95", "train_rl"]
 
 
@@ -61,6 +61,9 @@ class RLTrainConfig(ConfigModel):
     eval_seed: int = Field(2024, ge=0, description="seed of the validation tasks (test: eval_seed + 1)")
     max_minutes: float | None = Field(None, gt=0.0, description="wall-clock budget; stops (and validates) when spent")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="where the learner, its environments and updates run (RL2: cpu or cuda; MAML-RL: "
+                           "cpu); auto: cuda when available and supported. A GPU pays off for large batches only")
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(True, description="write TensorBoard event files (needs the tensorboard package)")
 
@@ -111,6 +114,27 @@ def build_learner(config: RLRunConfig) -> RLLearner:
     return get_rl_learner(config.learner.name)(config.learner, family)
 
 
+def rl_device(name: str, learner_name: str, field: str = "train.device",
+              fix: str = "Use --set train.device=cpu.") -> torch.device:
+    """The device ``train.device`` names for a learner: checks the learner runs there and the
+    machine has it; ``auto`` is cuda when both hold, else the CPU."""
+    supported = get_rl_learner(learner_name).devices
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in supported and torch.cuda.is_available() else "cpu")
+    if name not in supported:
+        raise ConfigError(
+            f"Config: {field} must be one that learner {learner_name!r} runs on ({', '.join(supported)}); "
+            f"got {name!r}. {fix}"
+        )
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Config: {field} must be available on this machine; got 'cuda' without a CUDA GPU. {fix}")
+    return torch.device(name)
+
+
+def learner_device(learner: RLLearner) -> torch.device:
+    return next(iter(learner.parameters()), torch.empty(0)).device
+
+
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     v = values.double().flatten()
     n = v.numel()
@@ -156,8 +180,9 @@ def _save(path: Path, learner: RLLearner, config: RLRunConfig, iteration: int, m
     return write_checkpoint(path, tensors, meta)
 
 
-def load_rl(path: str | os.PathLike) -> RLLearner:
-    """The learner of a meta-RL checkpoint (eval mode), with ``run_config`` and ``checkpoint_meta``."""
+def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
+    """The learner of a meta-RL checkpoint (eval mode), with ``run_config`` and ``checkpoint_meta``,
+    on ``device`` ("cpu", "cuda", "auto"; default the CPU)."""
     meta, tensors = read_checkpoint(path)
     if meta.get("kind") != "rl":
         raise CheckpointError(
@@ -180,6 +205,7 @@ def load_rl(path: str | os.PathLike) -> RLLearner:
             f"Checkpoint: tensors of {str(path)!r} must match the learner its config describes; got "
             f"{str(err).splitlines()[-1].strip()}. The file is damaged or from another version."
         ) from err
+    learner.to(rl_device(device or "cpu", config.learner.name, "the evaluation device", "Use --device cpu."))
     learner.eval()
     learner.run_config = config
     learner.checkpoint_meta = {k: v for k, v in meta.items() if k != "config"}
@@ -225,7 +251,8 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(config.seed)
-    learner = build_learner(config)
+    device = rl_device(tc.device, config.learner.name)
+    learner = build_learner(config).to(device)
     learner.train()
     family = learner.family
     val_tasks = family.sample_tasks(tc.eval_tasks, torch.Generator().manual_seed(tc.eval_seed))
@@ -325,15 +352,16 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                               "best_checkpoint": str(out / "best.safetensors"),
                               "val": {"score": best if math.isfinite(best) else None}}
     if test and (out / "best.safetensors").is_file():
-        report["test"] = evaluate_rl_checkpoint(out / "best.safetensors")
+        report["test"] = evaluate_rl_checkpoint(out / "best.safetensors", device=device.type)
     write_json(out / "report.json", report)
     return report
 
 
-def evaluate_rl_checkpoint(path: str | os.PathLike, tasks: int | None = None, seed: int | None = None) -> dict[str, Any]:
+def evaluate_rl_checkpoint(path: str | os.PathLike, tasks: int | None = None, seed: int | None = None,
+                           device: str | None = None) -> dict[str, Any]:
     """Returns at every adaptation point (mean, 95% CI) on fixed test tasks (default: the run's
-    ``test_tasks`` from ``eval_seed + 1``)."""
-    learner = load_rl(path)
+    ``test_tasks`` from ``eval_seed + 1``), on ``device`` (default the CPU)."""
+    learner = load_rl(path, device)
     tc = learner.run_config.train
     n = tasks if tasks is not None else tc.test_tasks
     if n < 1:
@@ -342,6 +370,6 @@ def evaluate_rl_checkpoint(path: str | os.PathLike, tasks: int | None = None, se
     task_list = learner.family.sample_tasks(n, torch.Generator().manual_seed(s))
     t0 = time.perf_counter()
     res = _evaluate(learner, task_list, s + 7)
-    return {"checkpoint": str(path), "learner": learner.run_config.learner.name,
+    return {"checkpoint": str(path), "learner": learner.run_config.learner.name, "device": str(learner_device(learner)),
             "family": learner.run_config.family.model_dump(mode="json"),
             "seed": s, **res, "seconds": time.perf_counter() - t0}

@@ -180,6 +180,9 @@ class Trainer:
         elif tc.lr_schedule == "cosine":
             span = max(1, tc.meta_steps - tc.warmup_steps)
             lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / span)))
+        elif tc.lr_schedule == "linear":  # Reptile's anneal to 0 over meta_steps
+            span = max(1, tc.meta_steps - tc.warmup_steps)
+            lr *= max(0.0, 1.0 - (step - tc.warmup_steps) / span)
         return lr
 
     # -- checkpoints ----------------------------------------------------------------------
