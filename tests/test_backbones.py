@@ -451,3 +451,110 @@ def test_fast_max_pool_first_and_second_derivatives_pass_gradcheck():
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(max_pool2d, (x,))
     assert torch.autograd.gradgradcheck(max_pool2d, (x,))
+
+
+# ---- the first Conv4 block with BatchNorm folded into the convolution ----------------------------
+
+def _conv_bn(cin, kernel, padding, affine, track, bias=True):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, 6, kernel, padding=padding, bias=bias).double()
+    bn = torch.nn.BatchNorm2d(6, affine=affine, track_running_stats=track).double()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return conv, bn
+
+
+@pytest.mark.parametrize("cin,kernel,padding,affine,track,bias", [
+    (1, 3, 1, True, False, True), (1, 3, 1, True, True, True), (3, 3, 1, True, True, False),
+    (1, 5, 0, False, False, True), (2, 3, 1, True, True, True)])
+def test_folded_conv_batchnorm_equals_conv_then_batchnorm_to_second_order(cin, kernel, padding, affine, track, bias):
+    from metafit.nn.layers import conv_bn_fusable, conv_then_batch_norm
+    import copy
+    conv, bn = _conv_bn(cin, kernel, padding, affine, track, bias)
+    conv2, bn2 = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = (torch.rand(7, cin, 9, 10) > 0.6).double() + 0.3 * torch.rand(7, cin, 9, 10).double()
+    assert conv_bn_fusable(x, conv, bn)
+    ours, ref = conv_then_batch_norm(x, conv, bn), bn2(conv2(x))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-11)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    params = [p for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None]
+    params2 = [p for p in (conv2.weight, conv2.bias, bn2.weight, bn2.bias) if p is not None]
+    probe = torch.randn_like(ref)
+    g = torch.autograd.grad((ours * probe).sum(), params, create_graph=True)
+    g2 = torch.autograd.grad((ref * probe).sum(), params2, create_graph=True)
+    for a, b in zip(g, g2):  # conv bias: zero in both (exactly here, rounding-level there)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    h = torch.autograd.grad(sum((t ** 2).sum() for t in g), params, allow_unused=True)
+    h2 = torch.autograd.grad(sum((t ** 2).sum() for t in g2), params2, allow_unused=True)
+    for a, b, p in zip(h, h2, params):  # None: a gradient that depends on no parameter (zero)
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=1e-8, atol=1e-8)
+    if track:  # running statistics updated as nn.BatchNorm2d updates them
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, name), getattr(bn2, name), rtol=1e-12, atol=1e-14)
+
+
+def test_folded_conv_batchnorm_is_as_accurate_as_batchnorm_in_float32():
+    from metafit.nn.layers import conv_then_batch_norm
+    conv, bn = _conv_bn(1, 3, 1, True, False)
+    x = (torch.rand(80, 1, 28, 28) > 0.8).double()
+    with torch.no_grad():
+        truth = bn(conv(x))
+        conv32, bn32 = conv.float(), bn.float()
+        err_ref = float((bn32(conv32(x.float())).double() - truth).norm() / truth.norm())
+        err_ours = float((conv_then_batch_norm(x.float(), conv32, bn32).double() - truth).norm() / truth.norm())
+    assert err_ours < 1e-6 and err_ref < 1e-6  # measured: 2e-7 and 1.5e-7
+
+
+def test_folding_is_used_only_where_it_is_the_same_function():
+    from metafit.nn.layers import conv_bn_fusable
+    conv, bn = _conv_bn(1, 3, 1, True, True)
+    x = torch.rand(4, 1, 8, 8).double()
+    assert conv_bn_fusable(x, conv, bn)
+    assert not conv_bn_fusable(x.requires_grad_(), conv, bn)  # input gradients need the statistics' derivative
+    x = x.detach()
+    bn.eval()
+    assert not conv_bn_fusable(x, conv, bn)  # running statistics at evaluation: plain BatchNorm
+    bn.train()
+    assert not conv_bn_fusable(x, torch.nn.Conv2d(1, 6, 3, stride=2).double(), bn)
+    assert not conv_bn_fusable(torch.rand(4, 8, 8, 8).double(), torch.nn.Conv2d(8, 6, 3).double(), bn)  # 72 > 32
+    seen = []
+    torch.func.vmap(lambda t: (seen.append(conv_bn_fusable(t, conv, bn)), t.sum())[1])(x[None])
+    assert seen == [False]  # inside vmap (the GPU path): plain layers
+
+
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_first_block_folding_keeps_outputs_and_gradients(monkeypatch, backbone):
+    import metafit.nn.conv4 as conv4
+    import metafit.nn.resnet12 as resnet12
+    from metafit.nn import Conv4, Conv4Config
+    cin = 1 if backbone == "conv4" else 3
+
+    def build(mode):
+        torch.manual_seed(1)
+        if backbone == "conv4":
+            return Conv4(Conv4Config(hidden_channels=5, n_blocks=3, bn_mode=mode), 1, 16).double()
+        return ResNet12(ResNet12Config(channels=(4, 5, 4, 3), bn_mode=mode), 3, 16).double()
+
+    for mode, channels_last in (("transductive", False), ("running", False), ("running", True)):
+        model = build(mode)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        x = (torch.rand(6, cin, 16, 16) > 0.7).double()
+        out = model(x)
+        g = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
+        module = conv4 if backbone == "conv4" else resnet12
+        monkeypatch.setattr(module, "conv_bn_fusable", lambda *a: False)
+        plain = build(mode)
+        ref = plain(x)
+        g2 = torch.autograd.grad(ref.square().sum(), list(plain.parameters()))
+        monkeypatch.undo()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        for a, b in zip(g, g2):
+            torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b, rtol=1e-9, atol=1e-11)
+        if mode == "transductive":  # the folded path was taken
+            first = model.blocks[0] if backbone == "conv4" else model.layer1[0]
+            conv, bn = (first[0], first[1]) if backbone == "conv4" else (first.conv1, first.bn1)
+            assert module.conv_bn_fusable(x, conv, bn)

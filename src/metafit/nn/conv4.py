@@ -9,7 +9,8 @@ from pydantic import Field
 from torch import nn
 
 from .base import BatchNormConfig
-from .layers import MaxPool2d, StableBatchNorm2d, to_channels_last_like
+from .layers import (MaxPool2d, StableBatchNorm2d, conv_bn_fusable, conv_then_batch_norm, is_channels_last,
+                     to_channels_last_like)
 
 __all__ = ["Conv4", "Conv4Config"]
 
@@ -58,6 +59,13 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ref = self.blocks[-1][0].weight  # a weight whose layout is unambiguous (hidden input channels)
-        for conv, bn, pool, relu in self.blocks:
-            x = relu(pool(bn(to_channels_last_like(conv(x), ref))))
+        for i, (conv, bn, pool, relu) in enumerate(self.blocks):
+            if i == 0 and conv_bn_fusable(x, conv, bn):
+                # the first block on images: BatchNorm folded into the convolution (same function,
+                # no pass over the largest activation); its channels_last output is pooled there
+                x = relu(pool(conv_then_batch_norm(x, conv, bn)))
+                if not is_channels_last(ref):
+                    x = x.contiguous()  # the contiguous kernels downstream (accurate BatchNorm)
+            else:
+                x = relu(pool(bn(to_channels_last_like(conv(x), ref))))
         return x.flatten(1)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MaxPool2d", "StableBatchNorm2d", "max_pool2d", "to_channels_last_like"]
+__all__ = ["MaxPool2d", "StableBatchNorm2d", "conv_bn_fusable", "conv_then_batch_norm", "is_channels_last",
+           "max_pool2d", "to_channels_last_like"]
 
 # a tensor inside torch.func.vmap/grad: memory-format queries are not implemented there, and the
 # layout fast paths below do not apply
@@ -48,6 +50,12 @@ class StableBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.mul_(1 - factor).add_((var * n / max(n - 1, 1)).to(self.running_var.dtype),
                                                        alpha=factor)
         return out
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels_last (and not also contiguous, as size-1 dimensions allow)."""
+    return (t.dim() == 4 and not _is_transformed(t) and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def to_channels_last_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -108,3 +116,75 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return max_pool2d(x, self.kernel_size)
+
+
+#: patch sizes (in_channels x kernel area) up to which :func:`conv_then_batch_norm` is used
+FUSE_MAX_PATCH = 32
+
+
+def conv_bn_fusable(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn(conv(x))`` can go through :func:`conv_then_batch_norm`: a CPU input that
+    needs no gradient (images, not activations), a plain stride-1 zero-padded convolution
+    with few input channels, and a BatchNorm that normalises with the batch's statistics."""
+    if not (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and x.dim() == 4
+            and x.device.type == "cpu" and x.is_floating_point() and not x.requires_grad):
+        return False
+    if _is_transformed(x) or _is_transformed(conv.weight) or (bn.weight is not None and _is_transformed(bn.weight)):
+        return False
+    kh, kw = conv.kernel_size
+    return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.in_channels * kh * kw <= FUSE_MAX_PATCH
+            and (bn.training or bn.running_mean is None)
+            and x.shape[0] * (x.shape[2] + 2 * conv.padding[0] - kh + 1) * (x.shape[3] + 2 * conv.padding[1] - kw + 1) > 1)
+
+
+def conv_then_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(x))`` with batch statistics, computed as one matrix product on ``x``'s patches.
+
+    With batch statistics BatchNorm of a convolution is again a convolution: channel ``c`` has
+    mean ``w_c . m + b_c`` and variance ``w_c^T S w_c``, where ``m`` and ``S`` are the mean and
+    covariance of the input patches (in_channels x kernel area numbers each, 9 for one-channel
+    3x3), so the layer is ``patches @ (w_c * s_c) + (beta_c - (w_c . m) s_c)`` with
+    ``s_c = gamma_c / sqrt(var_c + eps)`` (the conv bias cancels, as in BatchNorm). The patch
+    statistics do not depend on the weights and are computed without autograd (two-level sums,
+    per image then over the batch: 2e-6 relative in float32 where a single long matrix product
+    gave 6e-4); gradients and second-order gradients flow through the small per-channel
+    formulas and one matrix product. It skips BatchNorm's passes over the layer's output, the
+    largest activation of a Conv4 on Omniglot: measured here (80 x 1 x 28 x 28 images, one
+    thread, conv-BatchNorm-pool-ReLU forward + backward) 35 ms -> 19 ms. Returns a channels_last
+    tensor. Running statistics are updated as ``nn.BatchNorm2d`` updates them.
+    """
+    n, cin, h, w_in = x.shape
+    cout = conv.out_channels
+    kh, kw = conv.kernel_size
+    ph, pw = conv.padding
+    k = cin * kh * kw
+    ho, wo = h + 2 * ph - kh + 1, w_in + 2 * pw - kw + 1
+    with torch.no_grad():
+        patches = F.unfold(x, (kh, kw), padding=(ph, pw))  # [n, k, ho*wo]
+        count = n * ho * wo
+        mean = patches.mean((0, 2))
+        centred = patches - mean[None, :, None]
+        cov = torch.bmm(centred, centred.transpose(1, 2)).sum(0) / count
+        rows = patches.transpose(1, 2).reshape(count, k)
+    weight = conv.weight.reshape(cout, k)
+    var = ((weight @ cov) * weight).sum(1)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -(weight @ mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if conv.bias is not None:  # cancelled by the normalisation: its gradient is exactly zero, but defined
+        shift = shift + 0.0 * conv.bias
+    out = torch.addmm(shift, rows, (weight * scale[:, None]).t())  # [n*ho*wo, cout]: NHWC
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            batch_mean = weight @ mean + (conv.bias if conv.bias is not None else 0.0)
+            bn.running_mean.mul_(1 - factor).add_(batch_mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_((var * count / max(count - 1, 1)).to(bn.running_var.dtype),
+                                                 alpha=factor)
+    return out.view(n, ho, wo, cout).permute(0, 3, 1, 2)

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import BatchNormConfig
-from .layers import StableBatchNorm2d, max_pool2d, to_channels_last_like
+from .layers import (StableBatchNorm2d, conv_bn_fusable, conv_then_batch_norm, is_channels_last, max_pool2d,
+                     to_channels_last_like)
 
 __all__ = ["ResNet12", "ResNet12Config", "drop_block"]
 
@@ -96,10 +97,10 @@ class _Block(nn.Module):
         # with one input channel PyTorch cannot tell the input's layout: keep the conv outputs
         # channels_last when the weights are (a weight with several input channels tells)
         ref = self.conv2.weight
-        out = F.leaky_relu(self.bn1(to_channels_last_like(self.conv1(x), ref)), SLOPE, inplace=True)
+        out = F.leaky_relu(self._conv_bn(self.conv1, self.bn1, x, ref), SLOPE, inplace=True)
         out = F.leaky_relu(self.bn2(self.conv2(out)), SLOPE, inplace=True)
         out = self.bn3(self.conv3(out))
-        shortcut = self.downsample[1](to_channels_last_like(self.downsample[0](x), ref))
+        shortcut = self._conv_bn(self.downsample[0], self.downsample[1], x, ref)
         # max-pool before the activation: the same function (LeakyReLU is monotone, so it commutes
         # with max) with the activation and its backward on a 4x smaller tensor
         out = F.leaky_relu(max_pool2d(out + shortcut, 2), SLOPE, inplace=True)
@@ -109,6 +110,13 @@ class _Block(nn.Module):
             else:
                 out = F.dropout(out, self.drop_rate, self.training)
         return out
+
+    @staticmethod
+    def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if conv_bn_fusable(x, conv, bn):  # the first block on images: BatchNorm folded into the conv
+            out = conv_then_batch_norm(x, conv, bn)
+            return out if is_channels_last(ref) else out.contiguous()
+        return bn(to_channels_last_like(conv(x), ref))
 
 
 class ResNet12(nn.Module):
