@@ -147,13 +147,15 @@ def conv_then_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
     covariance of the input patches (in_channels x kernel area numbers each, 9 for one-channel
     3x3), so the layer is ``patches @ (w_c * s_c) + (beta_c - (w_c . m) s_c)`` with
     ``s_c = gamma_c / sqrt(var_c + eps)`` (the conv bias cancels, as in BatchNorm). The patch
-    statistics do not depend on the weights and are computed without autograd (two-level sums,
-    per image then over the batch: 2e-6 relative in float32 where a single long matrix product
-    gave 6e-4); gradients and second-order gradients flow through the small per-channel
-    formulas and one matrix product. It skips BatchNorm's passes over the layer's output, the
-    largest activation of a Conv4 on Omniglot: measured here (80 x 1 x 28 x 28 images, one
-    thread, conv-BatchNorm-pool-ReLU forward + backward) 35 ms -> 19 ms. Returns a channels_last
-    tensor. Running statistics are updated as ``nn.BatchNorm2d`` updates them.
+    statistics do not depend on the weights and are computed without autograd, in float64: the
+    meta-gradient of MAML is sensitive to them (float32 patch covariances, 1e-6 off on Omniglot,
+    moved it 3.5e-5 away from the unfused computation; float64 ones: 4e-6, and the layer's
+    output is then closer to a float64 BatchNorm than float32 BatchNorm is, 1e-7). Gradients
+    and second-order gradients flow through the small per-channel formulas and one matrix product
+    per image. It skips BatchNorm's passes over the layer's output, the largest activation of a
+    Conv4 on Omniglot: measured here (80 x 1 x 28 x 28 images, one thread, the whole Conv4
+    forward + backward) 72 -> 60 ms. Returns a channels_last tensor. Running statistics are
+    updated as ``nn.BatchNorm2d`` updates them.
     """
     n, cin, h, w_in = x.shape
     cout = conv.out_channels
@@ -164,10 +166,13 @@ def conv_then_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
     with torch.no_grad():
         patches = F.unfold(x, (kh, kw), padding=(ph, pw))  # [n, k, ho*wo]
         count = n * ho * wo
-        mean = patches.mean((0, 2))
-        centred = patches - mean[None, :, None]
-        cov = torch.bmm(centred, centred.transpose(1, 2)).sum(0) / count
-        rows = patches.transpose(1, 2).reshape(count, k)
+        p64 = patches.double()
+        mean64 = p64.mean((0, 2))
+        centred = p64 - mean64[None, :, None]
+        cov = (torch.bmm(centred, centred.transpose(1, 2)).sum(0) / count).to(x.dtype)
+        mean = mean64.to(x.dtype)
+        # [n, ho*wo, k + 1]: each position's patch and a 1 that picks up the per-channel shift
+        rows = torch.cat([patches.transpose(1, 2), patches.new_ones(n, ho * wo, 1)], 2)
     weight = conv.weight.reshape(cout, k)
     var = ((weight @ cov) * weight).sum(1)
     scale = torch.rsqrt(var + bn.eps)
@@ -178,7 +183,11 @@ def conv_then_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
         shift = shift + bn.bias
     if conv.bias is not None:  # cancelled by the normalisation: its gradient is exactly zero, but defined
         shift = shift + 0.0 * conv.bias
-    out = torch.addmm(shift, rows, (weight * scale[:, None]).t())  # [n*ho*wo, cout]: NHWC
+    # one product per image: the weight gradient sums per image, then over the batch (one long
+    # float32 sum over all n*ho*wo rows was 15x less accurate, and slower); the shift rides in the
+    # product (baddbmm's broadcast bias cost 3.7x the product itself)
+    mixed = torch.cat([(weight * scale[:, None]).t(), shift[None]], 0)  # [k + 1, cout]
+    out = torch.bmm(rows, mixed.expand(n, k + 1, cout))  # [n, ho*wo, cout]: NHWC
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
