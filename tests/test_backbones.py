@@ -508,6 +508,17 @@ def test_folded_conv_batchnorm_is_as_accurate_as_batchnorm_in_float32():
     assert err_ours < 1e-6 and err_ref < 1e-6  # measured: 2e-7 and 1.5e-7
 
 
+def test_folded_conv_batchnorm_under_bf16_autocast_stays_close():
+    from metafit.nn.layers import conv_then_batch_norm
+    conv, bn = _conv_bn(1, 3, 1, True, False)
+    conv, bn = conv.float(), bn.float()
+    x = (torch.rand(16, 1, 12, 12) > 0.7).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = bn(conv(x)).float()
+        ours = conv_then_batch_norm(x, conv, bn).float()
+    torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05)  # bfloat16 keeps 8 bits
+
+
 def test_folding_is_used_only_where_it_is_the_same_function():
     from metafit.nn.layers import conv_bn_fusable
     conv, bn = _conv_bn(1, 3, 1, True, True)

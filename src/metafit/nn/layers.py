@@ -174,19 +174,21 @@ def conv_then_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
         # [n, ho*wo, k + 1]: each position's patch and a 1 that picks up the per-channel shift
         rows = torch.cat([patches.transpose(1, 2), patches.new_ones(n, ho * wo, 1)], 2)
     weight = conv.weight.reshape(cout, k)
-    var = ((weight @ cov) * weight).sum(1)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -(weight @ mean) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    if conv.bias is not None:  # cancelled by the normalisation: its gradient is exactly zero, but defined
-        shift = shift + 0.0 * conv.bias
+    with torch.autocast(x.device.type, enabled=False):  # statistics at full precision, as BatchNorm's under autocast
+        var = ((weight @ cov) * weight).sum(1)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -(weight @ mean) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        if conv.bias is not None:  # cancelled by the normalisation: its gradient is exactly zero, but defined
+            shift = shift + 0.0 * conv.bias
+        # [k + 1, cout]: the scaled weights, and the shift as the weight of the constant column
+        mixed = torch.cat([(weight * scale[:, None]).t(), shift[None]], 0)
     # one product per image: the weight gradient sums per image, then over the batch (one long
     # float32 sum over all n*ho*wo rows was 15x less accurate, and slower); the shift rides in the
     # product (baddbmm's broadcast bias cost 3.7x the product itself)
-    mixed = torch.cat([(weight * scale[:, None]).t(), shift[None]], 0)  # [k + 1, cout]
     out = torch.bmm(rows, mixed.expand(n, k + 1, cout))  # [n, ho*wo, cout]: NHWC
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
