@@ -35,6 +35,7 @@ from .checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, read_chec
 from .config import apply_overrides, config_source
 from .metrics_log import write_json
 from .tracking import TensorBoardLog
+from .trainer import resolve_device
 
 __all__ = ["RLRunConfig", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl", "load_rl_config", "rl_device",
            "mean_ci95", "train_rl"]
@@ -126,9 +127,7 @@ def rl_device(name: str, learner_name: str, field: str = "train.device",
             f"Config: {field} must be one that learner {learner_name!r} runs on ({', '.join(supported)}); "
             f"got {name!r}. {fix}"
         )
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Config: {field} must be available on this machine; got 'cuda' without a CUDA GPU. {fix}")
-    return torch.device(name)
+    return resolve_device(name, field, fix)
 
 
 def learner_device(learner: RLLearner) -> torch.device:

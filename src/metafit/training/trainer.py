@@ -33,21 +33,18 @@ __all__ = ["Trainer", "TrainResult", "make_sampler", "resolve_device"]
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, field: str = "train.device",
+                   fix: str = "Use --set train.device=cpu (or auto).") -> torch.device:
+    """The torch device a config's ``field`` names; ``auto`` is cuda when available. A device this
+    machine lacks is a ConfigError that names ``field`` and ends with ``fix``."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "Config: train.device must be available on this machine; got 'cuda' without a CUDA GPU. "
-            "Use --set train.device=cpu (or auto)."
-        )
+        raise ConfigError(f"Config: {field} must be available on this machine; got 'cuda' without a CUDA GPU. {fix}")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            "Config: train.device must be available on this machine; got 'mps' without Apple MPS. "
-            "Use --set train.device=cpu (or auto)."
-        )
+        raise ConfigError(f"Config: {field} must be available on this machine; got 'mps' without Apple MPS. {fix}")
     return torch.device(name)
 
 
@@ -175,14 +172,13 @@ class Trainer:
         lr = tc.meta_lr
         if tc.warmup_steps and step < tc.warmup_steps:
             return lr * (step + 1) / tc.warmup_steps
+        progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.meta_steps - tc.warmup_steps))
         if tc.lr_schedule == "step":
             lr *= tc.lr_gamma ** (step // tc.lr_step_size)
         elif tc.lr_schedule == "cosine":
-            span = max(1, tc.meta_steps - tc.warmup_steps)
-            lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / span)))
+            lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
         elif tc.lr_schedule == "linear":  # Reptile's anneal to 0 over meta_steps
-            span = max(1, tc.meta_steps - tc.warmup_steps)
-            lr *= max(0.0, 1.0 - (step - tc.warmup_steps) / span)
+            lr *= 1.0 - progress
         return lr
 
     # -- checkpoints ----------------------------------------------------------------------
