@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metafit.errors import ConfigError, TaskError
-from metafit.rl import BanditFamily, BanditTask, NavigationFamily, RL2, RL2Config, TabularMDPFamily
+from metafit.rl import BanditFamily, BanditTask, NavigationFamily, NavTask, RL2, RL2Config, TabularMDPFamily
 from metafit.rl.learner import RL_LEARNERS, get_rl_learner
 from metafit.rl.rl2 import gae, ppo_loss
 from metafit.validation import parse_config
@@ -77,6 +77,30 @@ def test_inputs_and_hidden_state_carry_across_episodes():
         cell.load_state_dict({k.replace("_l0", ""): v for k, v in learner.gru.state_dict().items()})
         h0 = torch.randn(N, 8)
         assert torch.allclose(cell(x[1], h0), learner.step_hidden(x[1], h0), atol=1e-6)
+
+
+def test_time_inputs_trial_and_episode_fractions():
+    fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
+    learner = _learner(fam, n_episodes=2, time_input=True, episode_time_input=True)
+    ro = learner.rollout(fam.sample_tasks(2, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
+    assert ro.inputs.shape == (6, 2, 4 + 3 + 2 + 2)
+    assert torch.allclose(ro.inputs[:, 0, -2], torch.arange(6) / 6)  # fraction of the trial
+    assert torch.allclose(ro.inputs[:, 0, -1], torch.tensor([0, 1, 2, 0, 1, 2]) / 3)  # of the episode
+    # navigation episodes can end early (goal reached): the episode clock restarts after every done
+    nav = NavigationFamily(horizon=4)
+    learner = _learner(nav, n_episodes=3, episode_time_input=True)
+    goals = [NavTask(torch.tensor([0.0, 0.0])), NavTask(torch.tensor([0.3, -0.2]))]
+    ro = learner.rollout(goals, torch.Generator().manual_seed(0))
+    done = ro.inputs[1:, :, -2] > 0  # previous done flag at t+1
+    clock = ro.inputs[:, :, -1] * 4
+    for i in range(2):
+        expected, step = [], 0
+        for t in range(ro.inputs.shape[0]):
+            expected.append(step)
+            step = 0 if t + 1 < ro.inputs.shape[0] and bool(done[t, i]) else step + 1
+        valid = ro.mask[:, i]
+        assert torch.allclose(clock[valid, i], torch.tensor(expected, dtype=torch.float32)[valid]), i
+    assert bool(done[:, 0].any())  # the goal at the origin ends episodes at once: the clock restarted
 
 
 def test_hidden_state_reset_between_trials():

@@ -84,6 +84,10 @@ class RL2Config(ConfigModel):
     normalize_values: bool = Field(True, description="the value head predicts returns standardised by running "
                                                      "statistics of the value targets (robust to reward scale)")
     time_input: bool = Field(False, description="also feed the fraction of the trial elapsed (not in the paper)")
+    episode_time_input: bool = Field(
+        False, description="also feed the fraction of the current episode elapsed (step in the episode / the "
+                           "family's horizon), so that the policy need not count steps to plan within a "
+                           "finite-horizon episode (not in the paper)")
     eval_actions: Literal["sample", "greedy"] = Field(
         "sample", description="evaluate() samples actions from the policy (as the paper) or takes the most "
                               "likely action (the Gaussian mean for continuous actions)")
@@ -204,7 +208,7 @@ class RL2(RLLearner):
                 OWNER, "ppo_minibatches", f"<= meta_batch_size ({config.meta_batch_size})", config.ppo_minibatches,
                 "Lower ppo_minibatches or raise meta_batch_size (each minibatch holds whole trials)."))
         self.max_steps = config.n_episodes * spec.horizon
-        self.input_dim = spec.obs_dim + spec.action_dim + 2 + int(config.time_input)
+        self.input_dim = spec.obs_dim + spec.action_dim + 2 + int(config.time_input) + int(config.episode_time_input)
         H = config.hidden_size
         self.gru = nn.GRU(self.input_dim, H)
         self.policy_head = nn.Linear(H, spec.action_dim)
@@ -312,10 +316,11 @@ class RL2(RLLearner):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def encode(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
-               prev_done: torch.Tensor, t: int) -> torch.Tensor:
+               prev_done: torch.Tensor, t: int, episode_step: torch.Tensor | None = None) -> torch.Tensor:
         """The GRU input ``[N, input_dim]`` of one step: observation, previous action (one-hot, or
         the clipped continuous action / max_action), previous reward and done flag, and optionally
-        the elapsed fraction of the trial. ``prev_action`` is already encoded ``[N, action_dim]``."""
+        the elapsed fraction of the trial and of the episode (``episode_step [N]``: steps taken in
+        the current episode). ``prev_action`` is already encoded ``[N, action_dim]``."""
         dtype = self.value_head.weight.dtype
         if self.spec.discrete_obs:
             o = nn.functional.one_hot(obs.long(), self.spec.obs_dim).to(dtype)
@@ -324,6 +329,8 @@ class RL2(RLLearner):
         parts = [o, prev_action.to(dtype), prev_reward.to(dtype).unsqueeze(1), prev_done.to(dtype).unsqueeze(1)]
         if self.config.time_input:
             parts.append(o.new_full((o.shape[0], 1), t / self.max_steps))
+        if self.config.episode_time_input:
+            parts.append((episode_step.to(dtype) / self.spec.horizon).unsqueeze(1))
         return torch.cat(parts, dim=1)
 
     def _value(self, h: torch.Tensor) -> torch.Tensor:
@@ -386,10 +393,11 @@ class RL2(RLLearner):
         prev_r = torch.zeros(N, dtype=dtype, device=dev)
         prev_d = torch.zeros(N, dtype=dtype, device=dev)
         alive = torch.ones(N, dtype=torch.bool, device=dev)
+        ep_step = torch.zeros(N, dtype=torch.long, device=dev)  # steps taken in the current episode
         ep_returns = torch.zeros(N, n_ep, dtype=torch.float32, device=dev)
         xs, acts, logps, vals, rews, masks = [], [], [], [], [], []
         for t in range(self.max_steps):
-            x = self.encode(obs, prev_a, prev_r, prev_d, t)
+            x = self.encode(obs, prev_a, prev_r, prev_d, t, ep_step)
             h = self.step_hidden(x, h)
             dist = self._dist(h)
             a = self._sample(dist, agen, greedy)
@@ -407,6 +415,7 @@ class RL2(RLLearner):
             prev_a = self._encode_action(a).to(dtype)
             prev_r = r.to(dtype)
             prev_d = (term | trunc).to(dtype)
+            ep_step = torch.where(term | trunc, 0, ep_step + 1)
             alive = alive & (env.episode_count < n_ep)
             if not spec.discrete_obs and not bool(alive.any()):  # navigation: trials may end early
                 break
