@@ -166,7 +166,9 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
                               "max": round(max(iter_seconds), 4)} if iter_seconds else None,
         "best_iteration": best_iter,
         "best_val_return": best,
-        "learning_curve": curve,
+        # (iteration, mean training return), at most ~1000 points: every stride-th iteration, and the last
+        "learning_curve_stride": (stride := -(-len(curve) // 1000) or 1),
+        "learning_curve": curve[::stride] + ([curve[-1]] if curve and (len(curve) - 1) % stride else []),
         "validation_curve": val_curve,
         "eval": {"mean": mean, "ci95": ci, "instances": len(eval_tasks),
                  "per_episode_mean": [round(float(x), 4) for x in returns.double().mean(0)]},
