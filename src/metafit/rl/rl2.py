@@ -415,7 +415,8 @@ class RL2(RLLearner):
             prev_a = self._encode_action(a).to(dtype)
             prev_r = r.to(dtype)
             prev_d = (term | trunc).to(dtype)
-            ep_step = torch.where(term | trunc, 0, ep_step + 1)
+            if self.config.episode_time_input:
+                ep_step = torch.where(term | trunc, 0, ep_step + 1)
             alive = alive & (env.episode_count < n_ep)
             if not spec.discrete_obs and not bool(alive.any()):  # navigation: trials may end early
                 break
