@@ -275,6 +275,38 @@ def test_state_round_trip_reproduces_evaluate_and_training():
         assert torch.equal(pa, pb), k
 
 
+def test_learning_rate_decays_linearly_and_resumes_with_the_schedule():
+    fam = BanditFamily(n_arms=3)
+    a = _learner(fam, n_episodes=3, meta_lr=1e-2, lr_decay_iterations=4, final_lr_fraction=0.25)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for _ in range(3):
+        seen.append(a.train_iteration(g)["lr"])
+        assert a.optimizer.param_groups[0]["lr"] == seen[-1]
+    assert seen == pytest.approx([1e-2, 1e-2 * (1 - 0.75 / 4), 1e-2 * (1 - 1.5 / 4)])
+    assert int(a.state_dict()["iterations_done"]) == 3
+    # a learner rebuilt from the state continues the schedule where it stopped, then holds the floor
+    b = _learner(fam, n_episodes=3, meta_lr=1e-2, lr_decay_iterations=4, final_lr_fraction=0.25)
+    b.load_state_dict(a.state_dict())
+    assert [b.train_iteration(g)["lr"] for _ in range(3)] == pytest.approx([1e-2 * (1 - 2.25 / 4), 2.5e-3, 2.5e-3])
+    # the default is a constant rate
+    c = _learner(fam, n_episodes=3, meta_lr=3e-3)
+    assert [c.train_iteration(g)["lr"] for _ in range(2)] == [3e-3, 3e-3]
+
+
+def test_state_without_the_iteration_counter_still_loads():
+    """Checkpoints written before the schedule existed have no ``iterations_done``: they load
+    (strictly) and count from zero."""
+    fam = BanditFamily(n_arms=3)
+    a = _learner(fam, n_episodes=3)
+    a.train_iteration(torch.Generator().manual_seed(0))
+    old = {k: v for k, v in a.state_dict().items() if k != "iterations_done"}
+    b = _learner(fam, seed=5, n_episodes=3)
+    b.load_state_dict(old)
+    assert int(b.iterations_done) == 0
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in old.items())
+
+
 # -------------------------------------------------------------------------------------- errors
 
 

@@ -69,6 +69,11 @@ class RL2Config(ConfigModel):
     meta_batch_size: int = Field(250, ge=1, description="trials (one task each) collected per PPO update")
     meta_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the slow (outer) learner")
     adam_eps: float = Field(1e-5, gt=0.0, description="Adam epsilon")
+    lr_decay_iterations: int = Field(
+        0, ge=0, description="decay the learning rate linearly from meta_lr to final_lr_fraction * meta_lr over "
+                             "this many updates, then hold it (0: constant meta_lr)")
+    final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="the learning rate after lr_decay_iterations, "
+                                                                     "as a fraction of meta_lr")
     ppo_epochs: int = Field(4, ge=1, description="passes over the collected trials per update")
     ppo_minibatches: int = Field(4, ge=1, description="minibatches per epoch (whole trials each; "
                                                       "must be <= meta_batch_size)")
@@ -226,6 +231,8 @@ class RL2(RLLearner):
         self.register_buffer("value_mean", torch.zeros(()))
         self.register_buffer("value_std", torch.ones(()))
         self.register_buffer("value_stats_count", torch.zeros((), dtype=torch.long))
+        # PPO updates made so far: drives the learning-rate schedule, so a resumed run continues it
+        self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.meta_lr, eps=config.adam_eps)
 
     # -------------------------------------------------------------------------------- interface
@@ -245,6 +252,23 @@ class RL2(RLLearner):
         greedy = self.config.eval_actions == "greedy"
         return self.rollout(tasks, generator, greedy=greedy).episode_returns.cpu()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the learning-rate schedule existed lack the counter: their
+        # runs had a constant rate, so resuming them starts the count at zero
+        key = prefix + "iterations_done"
+        if key not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[key] = torch.zeros((), dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def current_lr(self) -> float:
+        """The learning rate the next update uses (``meta_lr``, or its linear decay)."""
+        cfg = self.config
+        if cfg.lr_decay_iterations == 0:
+            return cfg.meta_lr
+        frac = min(int(self.iterations_done) / cfg.lr_decay_iterations, 1.0)
+        return cfg.meta_lr * (1.0 - (1.0 - cfg.final_lr_fraction) * frac)
+
     @property
     def device(self) -> torch.device:
         return self.value_head.weight.device
@@ -263,6 +287,9 @@ class RL2(RLLearner):
                 valid = adv[ro.mask]
                 adv = (adv - valid.mean()) / (valid.std(unbiased=False) + 1e-8) * ro.mask
         n = ro.mask.shape[1]
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         sums: dict[str, float] = {}
         updates = 0
         stop = False
@@ -283,11 +310,13 @@ class RL2(RLLearner):
                     break
             if stop:
                 break
+        self.iterations_done.add_(1)
         out = {k: v / updates for k, v in sums.items()}
         out.update({
             "return": float(ro.episode_returns.sum(1).mean()),
             "env_steps": float(ro.env_steps),
             "updates": float(updates),
+            "lr": lr,
             "seconds": time.perf_counter() - t0,
         })
         return out
