@@ -56,7 +56,8 @@ PAPER_MDPS: dict[str, dict[str, float]] = {
         "n=25": (250.2, 408.8, 425.2, 424.1, 427.8, 377.3, 368.8, 445.7),
     }.items()}
 # our row -> the paper's column for the same agent
-PAPER_COLUMN = {"Random": "Random", "Gittins (finite horizon)": "Gittins", "Thompson": "TS", "UCB1": "UCB1",
+PAPER_COLUMN = {"Random": "Random", "Gittins (finite horizon)": "Gittins", "Thompson": "TS",
+                "Optimistic Thompson": "OTS", "UCB1": "UCB1",
                 "epsilon-greedy": "eps-Greedy", "Greedy": "Greedy", "PSRL": "PSRL", "OPSRL": "OPSRL",
                 "UCRL2": "UCRL2", "BEB": "BEB"}
 
@@ -73,6 +74,7 @@ def _bandit_agents(quick: bool):
         ("Random", lambda _: rl.RandomBandit(), None, None),
         ("Gittins (finite horizon)", lambda _: rl.GittinsBandit(), None, None),
         ("Thompson", lambda _: rl.ThompsonBandit(), None, None),
+        ("Optimistic Thompson", lambda _: rl.ThompsonBandit(optimistic=True), None, None),
         ("UCB1", lambda c: rl.UCB1Bandit(c=c), "c", grid01),
         ("epsilon-greedy", lambda e: rl.EpsilonGreedyBandit(epsilon=e), "epsilon", grid01),
         ("Greedy", lambda _: rl.EpsilonGreedyBandit(epsilon=0.0), None, None),

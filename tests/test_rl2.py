@@ -289,6 +289,9 @@ def test_learning_rate_decays_linearly_and_resumes_with_the_schedule():
     b = _learner(fam, n_episodes=3, meta_lr=1e-2, lr_decay_iterations=4, final_lr_fraction=0.25)
     b.load_state_dict(a.state_dict())
     assert [b.train_iteration(g)["lr"] for _ in range(3)] == pytest.approx([1e-2 * (1 - 2.25 / 4), 2.5e-3, 2.5e-3])
+    # a delayed decay holds meta_lr for lr_decay_start updates first
+    d = _learner(fam, n_episodes=3, meta_lr=1e-2, lr_decay_start=2, lr_decay_iterations=2)
+    assert [d.train_iteration(g)["lr"] for _ in range(5)] == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3, 0.0])
     # the default is a constant rate
     c = _learner(fam, n_episodes=3, meta_lr=3e-3)
     assert [c.train_iteration(g)["lr"] for _ in range(2)] == [3e-3, 3e-3]

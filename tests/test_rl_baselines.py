@@ -147,6 +147,7 @@ AGENTS = {
     "random": rl.RandomBandit,
     "gittins": rl.GittinsBandit,
     "thompson": rl.ThompsonBandit,
+    "optimistic-thompson": lambda: rl.ThompsonBandit(optimistic=True),
     "ucb1": lambda: rl.UCB1Bandit(c=0.2),
     "ucb1-textbook": lambda: rl.UCB1Bandit(c=1.0, prior=(0.0, 0.0)),
     "greedy": rl.EpsilonGreedyBandit,
@@ -167,6 +168,24 @@ def test_bandit_agents_on_an_obvious_task(name):
         assert n - 10 < mean < n - 1
     else:
         assert mean >= n - 3, (name, mean)
+
+
+def test_optimistic_thompson_never_values_an_arm_below_its_posterior_mean():
+    torch.manual_seed(0)
+    agents = [rl.ThompsonBandit(), rl.ThompsonBandit(optimistic=True)]
+    draws = []
+    for agent in agents:
+        agent.begin_trial(4000, 3, 10, seed=3)
+        agent.successes = torch.tensor([3.0, 0.0, 8.0]).expand(4000, 3).clone()
+        agent.failures = torch.tensor([1.0, 2.0, 8.0]).expand(4000, 3).clone()
+        draws.append(agent.index())
+    plain, optimistic = draws
+    mean = agents[1].posterior_mean().double()
+    assert bool((optimistic >= mean - 1e-12).all())
+    assert bool((plain < mean - 1e-3).any())  # plain Thompson draws do fall below the mean
+    # same random draws, raised where they were below the mean
+    assert torch.equal(optimistic, torch.maximum(plain, mean))
+    assert agents[1].name == "optimistic-thompson" and agents[0].name == "thompson"
 
 
 def test_random_bandit_earns_the_mean_probability():

@@ -12,7 +12,9 @@ Bandits (Beta(1, 1) pseudo-counts wherever a prior enters, as in the authors' sc
   (:mod:`metafit.rl.gittins`; exact up to a 2e-4 grid error). The authors' script used a
   discounted index table; the finite-horizon index needs no discount to tune and is within a
   fraction of a percent of Bayes-optimal on the cases we can solve exactly.
-* ``ThompsonBandit``: sample each arm's Beta posterior, play the argmax.
+* ``ThompsonBandit``: sample each arm's Beta posterior, play the argmax. ``optimistic=True`` is
+  optimistic Thompson sampling (the paper's "OTS" column), in the form of Chapelle and Li (2011)
+  and May et al. (2012): an arm's sample is raised to its posterior mean when it falls below it.
 * ``UCB1Bandit``: ``(s + 1) / (n + 2) + c * sqrt(2 ln t / (n + 2))`` with ``t`` the pulls so far
   (the authors' pseudo-counts; ``prior=(0, 0)`` gives textbook UCB1, untried arms first);
   ``c`` tuned on a grid.
@@ -172,22 +174,29 @@ class UCB1Bandit(BanditAgent):
 
 
 class ThompsonBandit(BanditAgent):
-    """One sample from each arm's Beta posterior; play the largest."""
+    """One sample from each arm's Beta posterior; play the largest. With ``optimistic=True`` each
+    sample is first raised to the arm's posterior mean (optimistic Thompson sampling)."""
 
-    name = "thompson"
-
-    def __init__(self, prior: Sequence[float] = (1.0, 1.0)) -> None:
+    def __init__(self, prior: Sequence[float] = (1.0, 1.0), optimistic: bool = False) -> None:
         super().__init__(prior)
         if min(self.prior) <= 0:
             raise ConfigError(constraint_message("ThompsonBandit", "prior", "two positive numbers", self.prior,
                                                  "Use a proper Beta prior such as (1, 1)."))
+        self.optimistic = bool(optimistic)
+        self.name = "optimistic-thompson" if self.optimistic else "thompson"
 
-    def act(self) -> torch.Tensor:
+    def index(self) -> torch.Tensor:
+        """The values the next pull maximises ``[num_envs, n_arms]`` (draws from the posterior)."""
         a0, b0 = self.prior
         a = (self.successes + a0).cpu().numpy().astype(np.float64)
         b = (self.failures + b0).cpu().numpy().astype(np.float64)
         theta = torch.from_numpy(self.np_rng.beta(a, b)).to(self.device)
-        return random_argmax(theta, self.generator)
+        if self.optimistic:
+            theta = torch.maximum(theta, self.posterior_mean().to(theta.dtype))
+        return theta
+
+    def act(self) -> torch.Tensor:
+        return random_argmax(self.index(), self.generator)
 
 
 class GittinsBandit(BanditAgent):

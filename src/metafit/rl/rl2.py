@@ -72,6 +72,7 @@ class RL2Config(ConfigModel):
     lr_decay_iterations: int = Field(
         0, ge=0, description="decay the learning rate linearly from meta_lr to final_lr_fraction * meta_lr over "
                              "this many updates, then hold it (0: constant meta_lr)")
+    lr_decay_start: int = Field(0, ge=0, description="updates at the constant meta_lr before the decay begins")
     final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="the learning rate after lr_decay_iterations, "
                                                                      "as a fraction of meta_lr")
     ppo_epochs: int = Field(4, ge=1, description="passes over the collected trials per update")
@@ -266,7 +267,7 @@ class RL2(RLLearner):
         cfg = self.config
         if cfg.lr_decay_iterations == 0:
             return cfg.meta_lr
-        frac = min(int(self.iterations_done) / cfg.lr_decay_iterations, 1.0)
+        frac = min(max(int(self.iterations_done) - cfg.lr_decay_start, 0) / cfg.lr_decay_iterations, 1.0)
         return cfg.meta_lr * (1.0 - (1.0 - cfg.final_lr_fraction) * frac)
 
     @property
