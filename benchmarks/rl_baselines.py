@@ -68,13 +68,14 @@ AGENT_SEED = 7
 
 def _bandit_agents(quick: bool):
     grid01 = [round(0.1 * i, 1) for i in range(11)]  # the authors' grids for c and epsilon
+    ots_grid = [2, 3, 5, 7, 10, 15, 20, 30]  # draws per pull (the authors' script used 7)
     if quick:
-        grid01 = [0.0, 0.2, 0.5, 1.0]
+        grid01, ots_grid = [0.0, 0.2, 0.5, 1.0], [3, 7]
     return [
         ("Random", lambda _: rl.RandomBandit(), None, None),
         ("Gittins (finite horizon)", lambda _: rl.GittinsBandit(), None, None),
         ("Thompson", lambda _: rl.ThompsonBandit(), None, None),
-        ("Optimistic Thompson", lambda _: rl.ThompsonBandit(optimistic=True), None, None),
+        ("Optimistic Thompson", lambda k: rl.ThompsonBandit(n_samples=int(k)), "n_samples", ots_grid),
         ("UCB1", lambda c: rl.UCB1Bandit(c=c), "c", grid01),
         ("epsilon-greedy", lambda e: rl.EpsilonGreedyBandit(epsilon=e), "epsilon", grid01),
         ("Greedy", lambda _: rl.EpsilonGreedyBandit(epsilon=0.0), None, None),

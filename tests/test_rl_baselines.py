@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +148,7 @@ AGENTS = {
     "random": rl.RandomBandit,
     "gittins": rl.GittinsBandit,
     "thompson": rl.ThompsonBandit,
-    "optimistic-thompson": lambda: rl.ThompsonBandit(optimistic=True),
+    "optimistic-thompson": lambda: rl.ThompsonBandit(n_samples=7),
     "ucb1": lambda: rl.UCB1Bandit(c=0.2),
     "ucb1-textbook": lambda: rl.UCB1Bandit(c=1.0, prior=(0.0, 0.0)),
     "greedy": rl.EpsilonGreedyBandit,
@@ -170,22 +171,27 @@ def test_bandit_agents_on_an_obvious_task(name):
         assert mean >= n - 3, (name, mean)
 
 
-def test_optimistic_thompson_never_values_an_arm_below_its_posterior_mean():
-    torch.manual_seed(0)
-    agents = [rl.ThompsonBandit(), rl.ThompsonBandit(optimistic=True)]
-    draws = []
-    for agent in agents:
-        agent.begin_trial(4000, 3, 10, seed=3)
-        agent.successes = torch.tensor([3.0, 0.0, 8.0]).expand(4000, 3).clone()
-        agent.failures = torch.tensor([1.0, 2.0, 8.0]).expand(4000, 3).clone()
-        draws.append(agent.index())
-    plain, optimistic = draws
-    mean = agents[1].posterior_mean().double()
-    assert bool((optimistic >= mean - 1e-12).all())
-    assert bool((plain < mean - 1e-3).any())  # plain Thompson draws do fall below the mean
-    # same random draws, raised where they were below the mean
-    assert torch.equal(optimistic, torch.maximum(plain, mean))
-    assert agents[1].name == "optimistic-thompson" and agents[0].name == "thompson"
+def test_optimistic_thompson_keeps_the_most_probable_of_its_draws():
+    """The RL² authors' OTS: of n_samples joint posterior draws, the one with the highest density."""
+    succ, fail = torch.tensor([3.0, 0.0, 8.0]), torch.tensor([1.0, 2.0, 8.0])
+    agents = {k: rl.ThompsonBandit(n_samples=k) for k in (1, 5, 50)}
+    draws = {}
+    for k, agent in agents.items():
+        agent.begin_trial(2000, 3, 10, seed=3)
+        agent.successes, agent.failures = succ.expand(2000, 3).clone(), fail.expand(2000, 3).clone()
+        draws[k] = agent.index().double()
+    # reference: the same numpy draws, densities from torch.distributions.Beta
+    rng = np.random.default_rng(3)
+    a, b = (succ + 1).double().expand(2000, 3).numpy(), (fail + 1).double().expand(2000, 3).numpy()
+    theta = torch.from_numpy(rng.beta(a, b, size=(5, 2000, 3)))
+    logp = torch.distributions.Beta(torch.from_numpy(a), torch.from_numpy(b)).log_prob(theta).sum(-1)
+    expected = theta[logp.argmax(0), torch.arange(2000)]
+    assert torch.allclose(draws[5], expected)
+    # more draws: closer to the posterior mode (greedier); one draw is plain Thompson sampling
+    mode = torch.tensor([3 / 4, 0.0, 8 / 16], dtype=torch.float64)
+    dist = {k: (d - mode).abs().sum(-1).mean().item() for k, d in draws.items()}
+    assert dist[50] < dist[5] < dist[1]
+    assert agents[1].name == "thompson" and agents[5].name == "optimistic-thompson"
 
 
 def test_random_bandit_earns_the_mean_probability():
