@@ -71,8 +71,8 @@ class RL2Config(ConfigModel):
     adam_eps: float = Field(1e-5, gt=0.0, description="Adam epsilon")
     lr_decay_iterations: int = Field(
         0, ge=0, description="decay the learning rate linearly from meta_lr to final_lr_fraction * meta_lr over "
-                             "this many updates, then hold it (0: constant meta_lr)")
-    lr_decay_start: int = Field(0, ge=0, description="updates at the constant meta_lr before the decay begins")
+                             "this many training iterations (one PPO update each), then hold it (0: constant)")
+    lr_decay_start: int = Field(0, ge=0, description="training iterations at the constant meta_lr before the decay begins")
     final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="the learning rate after lr_decay_iterations, "
                                                                      "as a fraction of meta_lr")
     ppo_epochs: int = Field(4, ge=1, description="passes over the collected trials per update")
@@ -232,7 +232,7 @@ class RL2(RLLearner):
         self.register_buffer("value_mean", torch.zeros(()))
         self.register_buffer("value_std", torch.ones(()))
         self.register_buffer("value_stats_count", torch.zeros((), dtype=torch.long))
-        # PPO updates made so far: drives the learning-rate schedule, so a resumed run continues it
+        # training iterations made so far: drives the learning-rate schedule, so a resumed run continues it
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.meta_lr, eps=config.adam_eps)
 
