@@ -199,8 +199,7 @@ class ThompsonBandit(BanditAgent):
         at, bt = torch.from_numpy(a), torch.from_numpy(b)
         # joint log density up to the per-environment constant (the same for every draw)
         logp = (torch.special.xlogy(at - 1, theta) + torch.special.xlogy(bt - 1, 1 - theta)).sum(-1)  # [K, N]
-        best = logp.argmax(0)
-        return theta.gather(0, best.view(1, -1, 1).expand(1, *a.shape)).squeeze(0).to(self.device)
+        return theta[logp.argmax(0), torch.arange(theta.shape[1])].to(self.device)
 
     def act(self) -> torch.Tensor:
         return random_argmax(self.index(), self.generator)

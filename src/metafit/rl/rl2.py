@@ -72,7 +72,8 @@ class RL2Config(ConfigModel):
     lr_decay_iterations: int = Field(
         0, ge=0, description="decay the learning rate linearly from meta_lr to final_lr_fraction * meta_lr over "
                              "this many training iterations (one PPO update each), then hold it (0: constant)")
-    lr_decay_start: int = Field(0, ge=0, description="training iterations at the constant meta_lr before the decay begins")
+    lr_decay_start: int = Field(0, ge=0, description="training iterations at the constant meta_lr before the "
+                                                     "decay begins")
     final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="the learning rate after lr_decay_iterations, "
                                                                      "as a fraction of meta_lr")
     ppo_epochs: int = Field(4, ge=1, description="passes over the collected trials per update")
