@@ -146,8 +146,99 @@ def test_device_setting_is_checked_against_the_learner_and_the_machine(tmp_path,
     assert "evaluation device must be one that learner 'arm-picker' runs on" in capsys.readouterr().err
 
 
+class SwingerConfig(ConfigModel):
+    name: Literal["swinger"] = "swinger"
+
+
+@register_rl_learner
+class Swinger(RLLearner):
+    """A parameter that overshoots its target by +/-1 on alternate updates while drifting
+    towards it (the score is minus its distance to 1): the kind of swinging that a weight
+    average smooths out, so the average must score higher than the live weights."""
+
+    name = "swinger"
+    Config = SwingerConfig
+
+    def __init__(self, config, family):
+        super().__init__(config, family)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def train_iteration(self, generator):
+        self.updates += 1
+        t = int(self.updates)
+        with torch.no_grad():
+            self.w.copy_(1.0 - 0.5 ** t + (-1.0) ** t)
+        return {"return": float(-abs(self.w.detach() - 1.0)), "env_steps": 1}
+
+    def evaluate(self, tasks, generator):
+        return torch.full((len(tasks), 1), -abs(float(self.w.detach()) - 1.0))
+
+    def eval_points(self):
+        return ["trial"]
+
+    def optimizer_state_dict(self):
+        return {"state": {}, "param_groups": []}
+
+    def load_optimizer_state_dict(self, state):
+        pass
+
+
+def _swinger(tmp_path, name, **train):
+    cfg = _cfg(tmp_path, name, save_interval=1, **train)
+    cfg["learner"] = {"name": "swinger"}
+    return load_rl_config(cfg)
+
+
+def test_weight_average_is_scored_kept_when_better_and_leaves_training_unchanged(tmp_path):
+    decay = 0.6
+    plain = train_rl(_swinger(tmp_path, "plain"))
+    avg = train_rl(_swinger(tmp_path, "avg", weight_average=decay))
+    # the average is an exponential moving average of the live weights after each update
+    live = [float(read_checkpoint(tmp_path / "avg" / f"step-{i:07d}.safetensors")[1]["model.w"]) for i in range(1, 7)]
+    expected = [live[0]]
+    for w in live[1:]:
+        expected.append(decay * expected[-1] + (1 - decay) * w)
+    _, last = read_checkpoint(tmp_path / "avg" / "last.safetensors")
+    assert float(last["average.w"]) == pytest.approx(expected[-1]) and int(last["average.n_averaged"]) == 6
+    # scoring the average leaves the live weights (and so training) exactly as without it
+    _, last_plain = read_checkpoint(tmp_path / "plain" / "last.safetensors")
+    for k in ("model.w", "model.updates"):
+        assert torch.equal(last[k], last_plain[k]), k
+    rows = [json.loads(x) for x in (tmp_path / "avg" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["score_average"] for r in val] == pytest.approx([-abs(expected[i - 1] - 1) for i in (2, 4, 6)])
+    assert [r["score"] for r in val] == pytest.approx([-abs(live[i - 1] - 1) for i in (2, 4, 6)])
+    # the average scored higher, so best.safetensors holds it (with the live buffers) and says so
+    best_i = max(val, key=lambda r: r["score_average"])["iteration"]
+    assert avg["best_weights"] == "average" and avg["best_iteration"] == best_i and plain["best_weights"] == "live"
+    assert avg["val"]["score"] > plain["val"]["score"]
+    meta, best = read_checkpoint(tmp_path / "avg" / "best.safetensors")
+    assert float(best["model.w"]) == pytest.approx(expected[best_i - 1]) and int(best["model.updates"]) == best_i
+    assert meta["metrics"]["weights"] == "average"
+    assert avg["test"]["score"] == pytest.approx(-abs(expected[best_i - 1] - 1))
+
+
+def test_weight_average_resumes_exactly_and_needs_a_run_that_kept_one(tmp_path):
+    train_rl(_swinger(tmp_path, "straight", weight_average=0.9), test=False)
+    train_rl(_swinger(tmp_path, "halves", weight_average=0.9, iterations=3), test=False)
+    resumed = train_rl(_swinger(tmp_path, "halves", weight_average=0.9), resume=True, test=False)
+    a = read_checkpoint(tmp_path / "straight" / "last.safetensors")
+    b = read_checkpoint(tmp_path / "halves" / "last.safetensors")
+    assert set(a[1]) == set(b[1]) and "average.w" in a[1]
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+    assert resumed["best_weights"] == a[0]["train_state"]["best_weights"]
+    train_rl(_swinger(tmp_path, "without", iterations=3), test=False)
+    with pytest.raises(CheckpointError, match="resume with train.weight_average needs the average"):
+        train_rl(_swinger(tmp_path, "without", weight_average=0.9), resume=True, test=False)
+    with pytest.raises(ConfigError, match="weight_average"):
+        _swinger(tmp_path, "bad", weight_average=1.0)
+
+
 def teardown_module(module):
     RL_LEARNERS.pop("arm-picker", None)
+    RL_LEARNERS.pop("swinger", None)
 
 
 def test_builtin_rl_configs_validate_and_the_real_learners_run_through_the_cli(tmp_path, capsys):

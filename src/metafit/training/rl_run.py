@@ -6,7 +6,9 @@ The loop calls ``learner.train_iteration`` and, every ``eval_every`` iterations,
 ``eval_tasks`` fixed validation tasks (returns at every adaptation point: each episode of an
 RL² trial, MAML-RL before and after each inner step); the best validation score is kept as
 ``best.safetensors``, ``last.safetensors`` holds everything needed to resume exactly (learner,
-its optimizer, the task and torch RNG streams). Logs: ``metrics.jsonl``, TensorBoard, and a
+its optimizer, the task and torch RNG streams, the weight average). With ``train.weight_average``
+an exponential moving average of the weights is scored beside the live weights at every
+validation, and ``best.safetensors`` keeps whichever scored higher. Logs: ``metrics.jsonl``, TensorBoard, and a
 learning-curve PNG. Test: ``test_tasks`` fixed tasks from another seed, mean and 95% CI at every
 adaptation point.
 """
@@ -17,12 +19,15 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, SerializeAsAny, field_validator
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -65,6 +70,12 @@ class RLTrainConfig(ConfigModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="where the learner, its environments and updates run (RL2: cpu or cuda; MAML-RL: "
                            "cpu); auto: cuda when available and supported. A GPU pays off for large batches only")
+    weight_average: float = Field(
+        0.0, ge=0.0, lt=1.0, description="decay of an exponential moving average of the learner's weights, "
+                                         "updated after every iteration (e.g. 0.995; 0: off). Each validation "
+                                         "scores it beside the live weights and best.safetensors keeps whichever "
+                                         "scores higher: policies trained by PPO swing between updates, and the "
+                                         "average swings less")
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(True, description="write TensorBoard event files (needs the tensorboard package)")
 
@@ -163,9 +174,60 @@ def _evaluate(learner: RLLearner, tasks: list, seed: int) -> dict[str, Any]:
     return {"score": score, "ci95": score_ci, "tasks": len(tasks), "points": per_point}
 
 
+class _WeightAverage:
+    """An exponential moving average of a learner's parameters (torch's EMA update rule), scored
+    and saved by swapping it into the learner for a moment: the learner is never copied (MAML-RL
+    holds simulator environments), and its buffers (value statistics, update counters) stay live."""
+
+    def __init__(self, learner: RLLearner, decay: float) -> None:
+        self.learner = learner
+        self.names = [name for name, _ in learner.named_parameters()]
+        self.params = [p.detach().clone() for p in learner.parameters()]
+        self.n_averaged = 0
+        self._ema = get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        live = [p.detach() for p in self.learner.parameters()]
+        if self.n_averaged == 0:
+            for a, p in zip(self.params, live):
+                a.copy_(p)
+        else:
+            self._ema(self.params, live, self.n_averaged)
+        self.n_averaged += 1
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[RLLearner]:
+        """The learner carrying the averaged parameters; its own are restored on exit."""
+        params = list(self.learner.parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, self.params):
+                p.copy_(a)
+        try:
+            yield self.learner
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"average.{k}": v for k, v in zip(self.names, self.params)}
+        out["average.n_averaged"] = torch.tensor(self.n_averaged)
+        return out
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, a in zip(self.names, self.params):
+            a.copy_(tensors[f"average.{k}"])
+        self.n_averaged = int(tensors["average.n_averaged"])
+
+
 def _save(path: Path, learner: RLLearner, config: RLRunConfig, iteration: int, metrics: dict,
-          resume: dict | None = None) -> Path:
+          resume: dict | None = None, average: _WeightAverage | None = None) -> Path:
     tensors = {f"model.{k}": v for k, v in learner.state_dict().items()}
+    if average is not None:
+        tensors.update(average.tensors())
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "metafit_version": __version__, "kind": "rl",
             "learner": config.learner.name, "config": config.to_dict(), "step": int(iteration), "metrics": metrics}
     if resume is not None:
@@ -254,9 +316,10 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
     learner = build_learner(config).to(device)
     learner.train()
     family = learner.family
+    average = _WeightAverage(learner, tc.weight_average) if tc.weight_average else None
     val_tasks = family.sample_tasks(tc.eval_tasks, torch.Generator().manual_seed(tc.eval_seed))
     gen = torch.Generator().manual_seed(config.seed + 1)
-    iteration, best, best_iter, seconds, env_steps, rows = 0, -math.inf, 0, 0.0, 0, []
+    iteration, best, best_iter, best_weights, seconds, env_steps, rows = 0, -math.inf, 0, "live", 0.0, 0, []
     last = out / "last.safetensors"
     if resume:
         if not last.is_file():
@@ -276,7 +339,14 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                                                                opt.get("param_groups", [])))
         torch.set_rng_state(tensors["rng.torch"])
         gen.set_state(tensors["rng.tasks"])
+        if average is not None:
+            if "average.n_averaged" not in tensors:
+                raise CheckpointError(
+                    f"RL: resume with train.weight_average needs the average in {str(last)!r}; got a run "
+                    "trained without it. Resume with the original config (weight_average 0).")
+            average.load(tensors)
         iteration, best, best_iter = int(meta["step"]), ts["best"], ts["best_iteration"]
+        best_weights = ts.get("best_weights", "live")
         best = -math.inf if best is None else best
         seconds, env_steps = ts["seconds"], ts["env_steps"]
         if (out / "metrics.jsonl").is_file():
@@ -305,17 +375,27 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                    skip=("iteration", "split"))
 
     def validate() -> None:
-        nonlocal best, best_iter
+        nonlocal best, best_iter, best_weights
         res = _evaluate(learner, val_tasks, tc.eval_seed + 7)
-        write({"iteration": iteration, "split": "val", "score": res["score"], "ci95": res["ci95"],
-               "points": {k: v["mean"] for k, v in res["points"].items()}, "elapsed_s": seconds})
-        if res["score"] > best:
-            best, best_iter = res["score"], iteration
-            _save(out / "best.safetensors", learner, config, iteration, {"val": res})
+        row = {"iteration": iteration, "split": "val", "score": res["score"], "ci95": res["ci95"],
+               "points": {k: v["mean"] for k, v in res["points"].items()}, "elapsed_s": seconds}
+        res_avg = None
+        if average is not None and average.n_averaged > 0:
+            with average.swapped_in() as averaged:
+                res_avg = _evaluate(averaged, val_tasks, tc.eval_seed + 7)
+            row["score_average"] = res_avg["score"]
+        write(row)
+        if res_avg is not None and res_avg["score"] > max(res["score"], best):
+            best, best_iter, best_weights = res_avg["score"], iteration, "average"
+            with average.swapped_in() as averaged:
+                _save(out / "best.safetensors", averaged, config, iteration, {"val": res_avg, "weights": "average"})
+        elif res["score"] > best:
+            best, best_iter, best_weights = res["score"], iteration, "live"
+            _save(out / "best.safetensors", learner, config, iteration, {"val": res, "weights": "live"})
 
     def state() -> dict:
         return {"generator": gen, "best": best if math.isfinite(best) else None, "best_iteration": best_iter,
-                "seconds": seconds, "env_steps": env_steps}
+                "best_weights": best_weights, "seconds": seconds, "env_steps": env_steps}
 
     start, seconds_before = time.perf_counter(), seconds
     try:
@@ -326,6 +406,8 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                     validate()
                 break
             stats = learner.train_iteration(gen)
+            if average is not None:
+                average.update()
             iteration += 1
             seconds = seconds_before + time.perf_counter() - start
             env_steps += int(stats.get("env_steps", 0))
@@ -338,8 +420,8 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                 validate()
             if iteration % tc.save_interval == 0:
                 _save(out / f"step-{iteration:07d}.safetensors", learner, config, iteration, {})
-                _save(last, learner, config, iteration, {}, state())
-        _save(last, learner, config, iteration, {}, state())
+                _save(last, learner, config, iteration, {}, state(), average)
+        _save(last, learner, config, iteration, {}, state(), average)
     finally:
         bar.close()
         log.close()
@@ -347,7 +429,7 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
     _plot_curve(rows, out / "learning_curve.png",
                 f"{config.learner.name} on {config.family.name} {config.family.settings or ''}".strip())
     report: dict[str, Any] = {"out_dir": str(out), "iterations": iteration, "train_seconds": seconds,
-                              "env_steps": env_steps, "best_iteration": best_iter,
+                              "env_steps": env_steps, "best_iteration": best_iter, "best_weights": best_weights,
                               "best_checkpoint": str(out / "best.safetensors"),
                               "val": {"score": best if math.isfinite(best) else None}}
     if test and (out / "best.safetensors").is_file():
