@@ -240,12 +240,17 @@ def print_table(title: str, results: dict, paper: dict) -> None:
             (f"{paper[s][c]:.1f}" if c in paper.get(s, {}) else "n/a").rjust(colw) for s in settings))
 
 
+def _relative(ours: float, paper: float) -> float:
+    """ours / paper - 1: the table's percentage and the JSON's ``relative``."""
+    return ours / paper - 1
+
+
 def _vs_paper(cell: dict, value: float | None) -> str:
     if value is None:
         return "n/a"
     if "mean" not in cell:
         return f"{value:.1f}"
-    return f"{value:.1f} ({100 * (cell['mean'] / value - 1):+.1f}%)"
+    return f"{value:.1f} ({100 * _relative(cell['mean'], value):+.1f}%)"
 
 
 def paper_comparison(results: dict, paper: dict) -> dict:
@@ -256,7 +261,7 @@ def paper_comparison(results: dict, paper: dict) -> dict:
             value = paper.get(setting, {}).get(PAPER_COLUMN.get(name, ""))
             if value is not None and "mean" in cell:
                 out.setdefault(setting, {})[name] = {"paper": value, "ours": round(cell["mean"], 3),
-                                                     "relative": round(cell["mean"] / value - 1, 4)}
+                                                     "relative": round(_relative(cell["mean"], value), 4)}
     return out
 
 
