@@ -35,9 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from metafit import rl
 from metafit.rl.rl2 import RL2
+from metafit.training.checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, write_checkpoint
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "rl2.json"
@@ -101,36 +103,60 @@ def make_setting(name: str, val_instances: int, eval_instances: int):
 
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
                 eval_instances: int, val_points: int, overrides: dict | None = None,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", ema_decay: float = 0.0, init_weights: str | None = None,
+                save_weights: str | None = None) -> dict:
     family, cfg, eval_tasks, val_tasks = make_setting(name, val_instances, eval_instances)
     cfg.update(overrides or {})
     torch.manual_seed(INIT_SEED)
     learner = RL2(cfg, family).to(device)
+    if init_weights:  # continue from weights an earlier run kept (a fresh optimizer)
+        meta, tensors = read_checkpoint(init_weights)
+        if meta.get("setting") != name:
+            raise SystemExit(f"--init-weights must come from a {name} run; {init_weights} is from "
+                             f"{meta.get('setting')}. Pass weights saved by --save-weights for this setting.")
+        learner.load_state_dict(tensors)
+    # an exponential moving average of the weights, scored beside the live ones at every validation
+    ema = AveragedModel(learner, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)
     budget = 60.0 * minutes
     curve, val_curve = [], []
-    best, best_state, best_iter = -float("inf"), None, 0
+    best, best_state, best_iter, best_kind = -float("inf"), None, 0, "live"
     train_s, val_s, env_steps, it = 0.0, 0.0, 0, 0
     iter_seconds: list[float] = []
     next_val = budget / val_points
 
+    def score(model: RL2) -> float:
+        model.eval()
+        value = float(model.evaluate(val_tasks, torch.Generator().manual_seed(VAL_SEED)).sum(1).mean())
+        model.train()
+        return value
+
     def validate() -> None:
-        nonlocal best, best_state, best_iter, val_s
+        nonlocal best, best_state, best_iter, best_kind, val_s
         t0 = time.perf_counter()
-        learner.eval()
-        score = float(learner.evaluate(val_tasks, torch.Generator().manual_seed(VAL_SEED)).sum(1).mean())
-        learner.train()
+        point = {"iteration": it, "train_minutes": round(train_s / 60, 3), "val_return": round(score(learner), 4)}
+        if ema is not None and it > 0:
+            point["val_return_ema"] = round(score(ema.module), 4)
         val_s += time.perf_counter() - t0
-        val_curve.append({"iteration": it, "train_minutes": round(train_s / 60, 3), "val_return": round(score, 4)})
-        if score > best:
-            best, best_state, best_iter = score, copy.deepcopy(learner.state_dict()), it
+        val_curve.append(point)
+        if point["val_return"] > best:
+            best, best_iter, best_kind = point["val_return"], it, "live"
+            best_state = copy.deepcopy(learner.state_dict())
+        if point.get("val_return_ema", -float("inf")) > best:
+            best, best_iter, best_kind = point["val_return_ema"], it, "ema"
+            # the averaged weights with the live buffers (value statistics, update count)
+            best_state = copy.deepcopy(learner.state_dict())
+            best_state.update({k: v.detach().clone() for k, v in ema.module.named_parameters()})
+        ema_s = f"  ema {point['val_return_ema']:8.3f}" if "val_return_ema" in point else ""
         print(f"    {name}: it {it:5d}  {train_s / 60:5.1f} min  train {curve[-1][1] if curve else float('nan'):8.3f}"
-              f"  val {score:8.3f}  (best {best:.3f} @ {best_iter})", flush=True)
+              f"  val {point['val_return']:8.3f}{ema_s}  (best {best:.3f} @ {best_iter} {best_kind})", flush=True)
 
     validate()
     while train_s < budget and (max_iterations is None or it < max_iterations):
         t0 = time.perf_counter()
         stats = learner.train_iteration(gen)
+        if ema is not None:
+            ema.update_parameters(learner)
         iter_seconds.append(time.perf_counter() - t0)
         train_s += iter_seconds[-1]
         it += 1
@@ -141,6 +167,11 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
             next_val += budget / val_points
     learner.load_state_dict(best_state)
     learner.eval()
+    if save_weights:
+        write_checkpoint(save_weights, learner.state_dict(),
+                         {"format": FORMAT, "format_version": FORMAT_VERSION, "setting": name,
+                          "config": learner.config.model_dump(mode="json"), "iteration": best_iter,
+                          "val_return": best, "weights": best_kind})
     # the kept weights, validation instances, most likely actions: which way of acting to prefer
     with torch.no_grad():
         val_greedy = float(learner.rollout(val_tasks, torch.Generator().manual_seed(VAL_SEED), greedy=True)
@@ -166,6 +197,9 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
                               "max": round(max(iter_seconds), 4)} if iter_seconds else None,
         "best_iteration": best_iter,
         "best_val_return": best,
+        "best_weights": best_kind,  # "live", or "ema": the moving average (ema_decay) scored better
+        "ema_decay": ema_decay,
+        "val_points": val_points,
         # (iteration, mean training return), at most ~1000 points: every stride-th iteration, and the last
         "learning_curve_stride": (stride := -(-len(curve) // 1000) or 1),
         "learning_curve": curve[::stride] + ([curve[-1]] if curve and (len(curve) - 1) % stride else []),
@@ -227,6 +261,13 @@ def main() -> None:
     ap.add_argument("--val-instances", type=int, default=500, help="validation instances (baselines' tuning seed)")
     ap.add_argument("--instances", type=int, default=1000, help="evaluation instances")
     ap.add_argument("--val-points", type=int, default=10, help="validations per setting")
+    ap.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                    help="also keep an exponential moving average of the weights (e.g. 0.995), score it at "
+                         "every validation and keep it when it scores better (default 0: off)")
+    ap.add_argument("--init-weights", default=None, metavar="PATH",
+                    help="start from the weights a run of the same setting saved (--save-weights); one setting only")
+    ap.add_argument("--save-weights", default=None, metavar="PATH",
+                    help="write the kept weights (safetensors) here; one setting only")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 minutes, 100/200 instances")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -237,6 +278,8 @@ def main() -> None:
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         ap.error(f"--settings must name settings from {', '.join(SETTINGS)}; got {', '.join(unknown)}")
+    if (args.init_weights or args.save_weights) and len(names) != 1:
+        ap.error("--init-weights and --save-weights need exactly one setting in --settings")
     if args.quick:
         args.minutes, args.val_instances, args.instances, args.val_points = 0.1, 100, 200, 2
     import yaml
@@ -259,11 +302,17 @@ def main() -> None:
         print(f"{name}: training {minutes:g} min ...", flush=True)
         t0 = time.perf_counter()
         results[name] = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
-                                    args.val_points, overrides, args.device)
+                                    args.val_points, overrides, args.device, args.ema, args.init_weights,
+                                    args.save_weights)
         results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
                                     + (f" --iterations {args.iterations}" if args.iterations else "")
+                                    + (f" --val-points {args.val_points}"
+                                       if args.val_points != 10 and not args.quick else "")
+                                    + (f" --ema {args.ema:g}" if args.ema else "")
+                                    + (f" --init-weights {args.init_weights}" if args.init_weights else "")
+                                    + (f" --save-weights {args.save_weights}" if args.save_weights else "")
                                     + (" --quick" if args.quick else "") + f" --threads {args.threads}"
                                     + (f" --device {args.device}" if args.device != "cpu" else "")
                                     + "".join(f" --set {item}" for item in args.set))
