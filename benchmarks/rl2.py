@@ -35,11 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from metafit import rl
 from metafit.rl.rl2 import RL2
 from metafit.training.checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, write_checkpoint
+from metafit.training.rl_run import WeightAverage
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "rl2.json"
@@ -116,7 +116,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
                              f"{meta.get('setting')}. Pass weights saved by --save-weights for this setting.")
         learner.load_state_dict(tensors)
     # an exponential moving average of the weights, scored beside the live ones at every validation
-    ema = AveragedModel(learner, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False) if ema_decay else None
+    ema = WeightAverage(learner, ema_decay) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)
     budget = 60.0 * minutes
     curve, val_curve = [], []
@@ -136,7 +136,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         t0 = time.perf_counter()
         point = {"iteration": it, "train_minutes": round(train_s / 60, 3), "val_return": round(score(learner), 4)}
         if ema is not None and it > 0:
-            point["val_return_ema"] = round(score(ema.module), 4)
+            with ema.swapped_in():
+                point["val_return_ema"] = round(score(learner), 4)
         val_s += time.perf_counter() - t0
         val_curve.append(point)
         if point["val_return"] > best:
@@ -144,9 +145,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
             best_state = copy.deepcopy(learner.state_dict())
         if point.get("val_return_ema", -float("inf")) > best:
             best, best_iter, best_kind = point["val_return_ema"], it, "ema"
-            # the averaged weights with the live buffers (value statistics, update count)
-            best_state = copy.deepcopy(learner.state_dict())
-            best_state.update({k: v.detach().clone() for k, v in ema.module.named_parameters()})
+            with ema.swapped_in():  # the averaged weights with the live buffers (value statistics, update count)
+                best_state = copy.deepcopy(learner.state_dict())
         ema_s = f"  ema {point['val_return_ema']:8.3f}" if "val_return_ema" in point else ""
         print(f"    {name}: it {it:5d}  {train_s / 60:5.1f} min  train {curve[-1][1] if curve else float('nan'):8.3f}"
               f"  val {point['val_return']:8.3f}{ema_s}  (best {best:.3f} @ {best_iter} {best_kind})", flush=True)
@@ -156,7 +156,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         t0 = time.perf_counter()
         stats = learner.train_iteration(gen)
         if ema is not None:
-            ema.update_parameters(learner)
+            ema.update()
         iter_seconds.append(time.perf_counter() - t0)
         train_s += iter_seconds[-1]
         it += 1

@@ -42,8 +42,8 @@ from .metrics_log import write_json
 from .tracking import TensorBoardLog
 from .trainer import resolve_device
 
-__all__ = ["RLRunConfig", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl", "load_rl_config", "rl_device",
-           "mean_ci95", "train_rl"]
+__all__ = ["RLRunConfig", "WeightAverage", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl",
+           "load_rl_config", "rl_device", "mean_ci95", "train_rl"]
 
 
 class RLFamilyConfig(ConfigModel):
@@ -174,7 +174,7 @@ def _evaluate(learner: RLLearner, tasks: list, seed: int) -> dict[str, Any]:
     return {"score": score, "ci95": score_ci, "tasks": len(tasks), "points": per_point}
 
 
-class _WeightAverage:
+class WeightAverage:
     """An exponential moving average of a learner's parameters (torch's EMA update rule), scored
     and saved by swapping it into the learner for a moment: the learner is never copied (MAML-RL
     holds simulator environments), and its buffers (value statistics, update counters) stay live."""
@@ -224,7 +224,7 @@ class _WeightAverage:
 
 
 def _save(path: Path, learner: RLLearner, config: RLRunConfig, iteration: int, metrics: dict,
-          resume: dict | None = None, average: _WeightAverage | None = None) -> Path:
+          resume: dict | None = None, average: WeightAverage | None = None) -> Path:
     tensors = {f"model.{k}": v for k, v in learner.state_dict().items()}
     if average is not None:
         tensors.update(average.tensors())
@@ -316,7 +316,7 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
     learner = build_learner(config).to(device)
     learner.train()
     family = learner.family
-    average = _WeightAverage(learner, tc.weight_average) if tc.weight_average else None
+    average = WeightAverage(learner, tc.weight_average) if tc.weight_average else None
     val_tasks = family.sample_tasks(tc.eval_tasks, torch.Generator().manual_seed(tc.eval_seed))
     gen = torch.Generator().manual_seed(config.seed + 1)
     iteration, best, best_iter, best_weights, seconds, env_steps, rows = 0, -math.inf, 0, "live", 0.0, 0, []
