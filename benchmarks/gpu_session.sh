@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one command (about 9 minutes): the MAML speed and memory benchmarks on
-# the GPU, then RL² trained on the GPU for the settings the 2-core CPU could not reach, one
-# process per setting side by side on the one GPU.
+# One lent-GPU session in one command: RL² jobs trained side by side on the one GPU (one process
+# per job), packed at a deadline so that a lease never ends with nothing; with MAML=1 the MAML speed
+# and memory benchmarks run first.
 #
-#   OUT=/tmp/gpu_out RL2_MINUTES=6 bash benchmarks/gpu_session.sh
+#   OUT=/tmp/gpu_out RL2_MINUTES=6.5 DEADLINE_S=540 bash benchmarks/gpu_session.sh [JOBS_FILE]
 #
-# Results land in $OUT: maml_speed_cuda.json, maml_memory_cuda.json, rl2_gpu.json (merged from
-# the per-setting runs) and log.txt. Python packages the machine lacks can be carried as wheels
-# in .whl/ (installed into /tmp/site first).
+# JOBS_FILE (default benchmarks/gpu_rl2_jobs.txt): one job per line, "NAME SETTING [rl2.py flags]";
+# '#' starts a comment. Weights a job starts from (--init-weights PATH) must travel with the tree
+# (an ignored folder named in the device call's carry). Results in $OUT: rl2_gpu_jobs.json (each
+# job's rl2.py result under its NAME, with the job line), runs.tar.gz (per-job logs, JSON and the
+# kept weights, NAME.safetensors), log.txt, and with MAML=1 maml_speed_cuda.json and
+# maml_memory_cuda.json. Python packages the machine lacks can be carried as wheels in .whl/
+# (installed into /tmp/site first).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 RL2_MINUTES=${RL2_MINUTES:-6}
-mkdir -p "$OUT" /tmp/rl2runs
+DEADLINE_S=${DEADLINE_S:-540}
+JOBS=${1:-benchmarks/gpu_rl2_jobs.txt}
+RUNS=/tmp/rl2runs
+START=$SECONDS
+mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${WHEELS:-1}" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then  # WHEELS=0: use what is installed
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH=/tmp/site:$PWD/src
@@ -22,51 +30,58 @@ else
     export PYTHONPATH=$PWD/src
 fi
 nvidia-smi -L
-python3 -c "import torch, metafit; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu tries the script on a machine without a GPU
+python3 -c "import torch, metafit; print('torch', torch.__version__, torch.cuda.get_device_name() if '$DEVICE' != 'cpu' else 'cpu')" \
+    || exit 1
 
-echo "== RL2 smoke on the GPU"
-python3 benchmarks/rl2.py --settings bandit-n10-k5 --quick --device cuda --out /tmp/rl2runs/smoke.json || exit 1
+if [ "${MAML:-0}" = 1 ]; then
+    echo "== MAML speed and memory on the GPU"
+    python3 benchmarks/maml_speed.py --device cuda --rounds 9 --out "$OUT/maml_speed_cuda.json"
+    python3 benchmarks/maml_memory.py --device cuda --out "$OUT/maml_memory_cuda.json"
+fi
 
-echo "== MAML speed on the GPU"
-python3 benchmarks/maml_speed.py --device cuda --rounds 9 --out "$OUT/maml_speed_cuda.json"
-
-echo "== RL2 on the GPU, $RL2_MINUTES training minutes per setting, side by side"
-BIG="--set meta_batch_size=2000 --set ppo_minibatches=8"
+echo "== RL2 on the GPU: $RL2_MINUTES training minutes per job, side by side ($JOBS)"
 pids=()
-# conservative PPO steps (stop an update's epochs at approximate KL 0.01) for the n=100 bandits:
-# the best 8-minute CPU score in docs/benchmarks.md section 11
-for s in bandit-n100-k5 bandit-n100-k10 bandit-n100-k50 mdp-n10 mdp-n25; do
-    extra=""
-    case $s in bandit-n100-*) extra="--set target_kl=0.01" ;; esac
-    python3 benchmarks/rl2.py --settings $s --device cuda --minutes "$RL2_MINUTES" $BIG --set hidden_size=128 $extra \
-        --out /tmp/rl2runs/$s.json > /tmp/rl2runs/$s.log 2>&1 &
+names=()
+while read -r name setting flags; do
+    case "$name" in ''|'#'*) continue ;; esac
+    # shellcheck disable=SC2086  # the flags are meant to split into words
+    python3 benchmarks/rl2.py --settings "$setting" --device "$DEVICE" --minutes "$RL2_MINUTES" $flags \
+        --save-weights "$RUNS/$name.safetensors" --out "$RUNS/$name.json" > "$RUNS/$name.log" 2>&1 &
     pids+=($!)
+    names+=("$name")
+    echo "$name $setting $flags" > "$RUNS/$name.job"
+done < "$JOBS"
+echo "started ${#pids[@]} jobs: ${names[*]}"
+# wait for all, but pack what exists at the deadline (a job still running then is stopped)
+while [ $((SECONDS - START)) -lt "$DEADLINE_S" ]; do
+    running=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && running=$((running + 1)); done
+    [ "$running" = 0 ] && break
+    sleep 5
 done
-python3 benchmarks/rl2.py --settings bandit-n10-k50 --device cuda --minutes "$RL2_MINUTES" $BIG \
-    --out /tmp/rl2runs/bandit-n10-k50.json > /tmp/rl2runs/bandit-n10-k50.log 2>&1 &
-pids+=($!)
-
-echo "== MAML memory on the GPU (beside the RL2 runs: per-process allocator counters)"
-python3 benchmarks/maml_memory.py --device cuda --out "$OUT/maml_memory_cuda.json"
-
-wait "${pids[@]}"
-tail -n 3 /tmp/rl2runs/*.log
-python3 - "$OUT/rl2_gpu.json" /tmp/rl2runs/bandit-*.json /tmp/rl2runs/mdp-*.json <<'EOF'
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null && echo "stopped job pid $p at the deadline"; done
+for n in "${names[@]}"; do echo "-- $n"; tail -n 3 "$RUNS/$n.log"; done
+python3 - "$OUT/rl2_gpu_jobs.json" "$RUNS" "${names[@]}" <<'EOF'
 import json, sys
-merged = None
-for path in sys.argv[2:]:
+from pathlib import Path
+out, runs, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+merged = {"jobs": {}}
+for name in names:
     try:
-        r = json.load(open(path))
+        r = json.loads((runs / f"{name}.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        print("missing", path, err)
+        print("no result for", name, err)
         continue
-    if merged is None:
-        merged = r
-    else:
-        merged["settings"].update(r["settings"])
-if merged:
-    json.dump(merged, open(sys.argv[1], "w"), indent=1)
-    for k, v in merged["settings"].items():
-        print(f"{k}: {v['eval']['mean']:.2f} +/- {v['eval']['ci95']:.2f} (paper {v['paper_rl2']}) "
-              f"{v['iterations']} updates, {v['train_minutes']:.1f} min")
+    (setting, result), = r["settings"].items()
+    result["job"] = (runs / f"{name}.job").read_text().strip()
+    merged["jobs"][name] = result
+    merged.update({k: r[k] for k in ("date", "machine", "protocol") if k in r})
+    print(f"{name}: {setting} {result['eval']['mean']:.2f} +/- {result['eval']['ci95']:.2f} "
+          f"(paper {result['paper_rl2']}), best validation {result['best_val_return']:.2f} "
+          f"({result['best_weights']}, update {result['best_iteration']}), {result['iterations']} updates, "
+          f"{result['train_minutes']:.1f} min")
+json.dump(merged, open(out, "w"), indent=1)
 EOF
+tar -czf "$OUT/runs.tar.gz" -C "$RUNS" .
+echo "done in $((SECONDS - START)) s"

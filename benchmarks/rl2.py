@@ -119,7 +119,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
     ema = WeightAverage(learner, ema_decay) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)
     budget = 60.0 * minutes
-    curve, val_curve = [], []
+    curve, val_curve, stats_curve = [], [], []
     best, best_state, best_iter, best_kind = -float("inf"), None, 0, "live"
     train_s, val_s, env_steps, it = 0.0, 0.0, 0, 0
     iter_seconds: list[float] = []
@@ -162,6 +162,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         it += 1
         env_steps += int(stats["env_steps"])
         curve.append((it, round(stats["return"], 4)))
+        stats_curve.append((it, round(stats["entropy"], 4), round(stats["approx_kl"], 5), int(stats["updates"])))
         if train_s >= next_val or train_s >= budget or (max_iterations is not None and it >= max_iterations):
             validate()
             next_val += budget / val_points
@@ -202,7 +203,11 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         "val_points": val_points,
         # (iteration, mean training return), at most ~1000 points: every stride-th iteration, and the last
         "learning_curve_stride": (stride := -(-len(curve) // 1000) or 1),
-        "learning_curve": curve[::stride] + ([curve[-1]] if curve and (len(curve) - 1) % stride else []),
+        "learning_curve": _thin(curve, stride),
+        # at the same iterations: the policy's mean entropy and approximate KL over the update's
+        # minibatch steps, and how many minibatch steps it took (target_kl stops an update early)
+        "training_stats_columns": ["iteration", "entropy", "approx_kl", "minibatch_steps"],
+        "training_stats_curve": _thin(stats_curve, stride),
         "validation_curve": val_curve,
         "eval": {"mean": mean, "ci95": ci, "instances": len(eval_tasks),
                  "per_episode_mean": [round(float(x), 4) for x in returns.double().mean(0)]},
@@ -211,6 +216,11 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         "eval_greedy": {"mean": g_mean, "ci95": g_ci, "val_return": val_greedy},
         "paper_rl2": PAPER[name],
     }
+
+
+def _thin(points: list, stride: int) -> list:
+    """Every stride-th point, and the last one."""
+    return points[::stride] + ([points[-1]] if points and (len(points) - 1) % stride else [])
 
 
 def _baselines() -> dict:
@@ -290,6 +300,11 @@ def main() -> None:
             ap.error(f"--set must be KEY=VALUE; got {item!r}")
         overrides[key.strip()] = yaml.safe_load(value)
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        # full fp32 in the GRU and heads, as on the CPU: cuDNN's RNNs default to TF32 on recent GPUs,
+        # which would make PPO's recomputed log-probabilities differ from the rollout's (ratio != 1)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(args.out)
     try:
         report = json.loads(out.read_text())
@@ -307,7 +322,7 @@ def main() -> None:
         results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
-                                    + (f" --iterations {args.iterations}" if args.iterations else "")
+                                    + (f" --iterations {args.iterations}" if args.iterations is not None else "")
                                     + (f" --val-points {args.val_points}"
                                        if args.val_points != 10 and not args.quick else "")
                                     + (f" --ema {args.ema:g}" if args.ema else "")

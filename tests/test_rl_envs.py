@@ -459,3 +459,20 @@ def test_batched_env_input_errors():
     nav.reset()
     with pytest.raises(TaskError, match=r"actions must be a finite float tensor of shape \(2, 2\)"):
         nav.step(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("family", [rl.BanditFamily(3), rl.TabularMDPFamily()], ids=["bandit", "mdp"])
+def test_family_batched_can_skip_the_action_check(family):
+    # the check reads the actions' min and max: on a GPU that is a device sync per step, which a
+    # learner whose actions come from its own sampler can skip; the default keeps it
+    tasks = family.sample_tasks(2, gen(0))
+    checked = family.batched(tasks, seed=0)
+    unchecked = family.batched(tasks, seed=0, check_actions=False)
+    assert checked.check and not unchecked.check
+    checked.reset()
+    unchecked.reset()
+    with pytest.raises(TaskError, match="actions must be in"):
+        checked.step(torch.tensor([0, 7]))
+    for _ in range(3):  # valid actions: the same transitions either way
+        a, b = checked.step(torch.tensor([1, 2])), unchecked.step(torch.tensor([1, 2]))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -50,8 +50,9 @@ class BanditFamily:
 
     def batched(self, tasks: Sequence[BanditTask] | BanditTask, envs_per_task: int = 1, *,
                 seed: int | None = None, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> "BatchedBandit":
-        return BatchedBandit(tasks, envs_per_task, seed=seed, generator=generator, device=device)
+                device: torch.device | str = "cpu", check_actions: bool = True) -> "BatchedBandit":
+        return BatchedBandit(tasks, envs_per_task, seed=seed, generator=generator, device=device,
+                             check_actions=check_actions)
 
     def make_env(self, task: BanditTask | None = None):
         """A single-task Gymnasium environment (needs the ``rl`` extra)."""

@@ -99,9 +99,10 @@ class TabularMDPFamily:
         return [MDPTask(mu[i], P[i], float(self.reward_std)) for i in range(n)]
 
     def batched(self, tasks: Sequence[MDPTask] | MDPTask, envs_per_task: int = 1, *, seed: int | None = None,
-                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> "BatchedMDP":
+                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                check_actions: bool = True) -> "BatchedMDP":
         return BatchedMDP(tasks, self.horizon, envs_per_task, start_state=self.start_state, seed=seed,
-                          generator=generator, device=device)
+                          generator=generator, device=device, check_actions=check_actions)
 
     def make_env(self, task: MDPTask | None = None):
         """A single-task Gymnasium environment (needs the ``rl`` extra)."""

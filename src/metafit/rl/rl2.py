@@ -292,7 +292,7 @@ class RL2(RLLearner):
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: one sync per minibatch (target_kl) at most
         updates = 0
         stop = False
         for _ in range(cfg.ppo_epochs):
@@ -306,14 +306,14 @@ class RL2(RLLearner):
                 self.optimizer.step()
                 updates += 1
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums[k] + v if k in sums else v
                 if cfg.target_kl > 0 and float(stats["approx_kl"]) > cfg.target_kl:
                     stop = True
                     break
             if stop:
                 break
         self.iterations_done.add_(1)
-        out = {k: v / updates for k, v in sums.items()}
+        out = {k: float(v) / updates for k, v in sums.items()}
         out.update({
             "return": float(ro.episode_returns.sum(1).mean()),
             "env_steps": float(ro.env_steps),
@@ -335,8 +335,8 @@ class RL2(RLLearner):
 
     def _make_env(self, tasks: list, generator: torch.Generator):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        if self.spec.discrete_obs:
-            return self.family.batched(tasks, 1, seed=seed, device=self.device)
+        if self.spec.discrete_obs:  # its own sampled actions are valid: no per-step check (a device sync)
+            return self.family.batched(tasks, 1, seed=seed, device=self.device, check_actions=False)
         return self.family.batched(tasks, 1, device=self.device)  # navigation: deterministic dynamics
 
     def _action_generator(self, generator: torch.Generator) -> torch.Generator:
