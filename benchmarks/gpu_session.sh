@@ -18,7 +18,7 @@ OUT=${OUT:?set OUT to a results folder}
 RL2_MINUTES=${RL2_MINUTES:-6}
 DEADLINE_S=${DEADLINE_S:-540}
 JOBS=${1:-benchmarks/gpu_rl2_jobs.txt}
-RUNS=/tmp/rl2runs
+RUNS=${RUNS:-$(mktemp -d /tmp/rl2runs.XXXXXX)}  # per-job logs, JSON and weights (a fresh folder)
 START=$SECONDS
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
