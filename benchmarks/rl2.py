@@ -325,6 +325,10 @@ def main() -> None:
                                     + (f" --iterations {args.iterations}" if args.iterations is not None else "")
                                     + (f" --val-points {args.val_points}"
                                        if args.val_points != 10 and not args.quick else "")
+                                    + (f" --val-instances {args.val_instances}"
+                                       if args.val_instances != 500 and not args.quick else "")
+                                    + (f" --instances {args.instances}"
+                                       if args.instances != 1000 and not args.quick else "")
                                     + (f" --ema {args.ema:g}" if args.ema else "")
                                     + (f" --init-weights {args.init_weights}" if args.init_weights else "")
                                     + (f" --save-weights {args.save_weights}" if args.save_weights else "")

@@ -54,6 +54,7 @@ def test_gpu_session_runs_jobs_side_by_side_and_packs_their_results(tmp_path):
                    cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
     again = json.loads(out.read_text())["settings"]["bandit-n10-k5"]
     assert again["iterations"] == 0 and "--iterations 0" in again["command"]
+    assert "--val-instances 16 --instances 16" in again["command"]  # the command reproduces the run
     assert again["best_val_return"] == pytest.approx(bandit["best_val_return"])  # same weights, same instances
 
 
