@@ -79,6 +79,24 @@ def test_inputs_and_hidden_state_carry_across_episodes():
         assert torch.allclose(cell(x[1], h0), learner.step_hidden(x[1], h0), atol=1e-6)
 
 
+@pytest.mark.parametrize("cell, value_network", [("ln-gru", "shared"), ("gru", "separate"),
+                                                 ("ln-gru", "separate")])
+def test_other_cores_recompute_the_collection(cell, value_network):
+    """Whatever the cell and critic, the update's recomputation from stored inputs reproduces the
+    log-probabilities and values of the step-by-step collection."""
+    fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
+    learner = _learner(fam, n_episodes=3, cell=cell, value_network=value_network)
+    ro = learner.rollout(fam.sample_tasks(5, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        h = learner.sequence(ro.inputs)
+        logp, _ = learner._log_prob_entropy(learner._dist(h), ro.actions)
+        hv = h if learner.value_gru is None else learner.value_gru.sequence(ro.inputs)
+        assert torch.allclose(logp, ro.log_probs, atol=1e-5)
+        assert torch.allclose(learner._value(hv), ro.values, atol=1e-5)
+        assert not torch.allclose(learner.sequence(ro.inputs[3:])[0], h[3], atol=1e-3)  # state carried
+    assert (learner.value_gru is None) == (value_network == "shared")
+
+
 def test_time_inputs_trial_and_episode_fractions():
     fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
     learner = _learner(fam, n_episodes=2, time_input=True, episode_time_input=True)
@@ -155,9 +173,11 @@ def test_ppo_surrogate_gradient_matches_formula():
     assert 0 < float(stats["clip_fraction"]) < 1
 
 
-def test_ppo_loss_gradient_finite_differences_float64():
+@pytest.mark.parametrize("cell, value_network, shift", [("gru", "shared", 0.05), ("ln-gru", "separate", 0.3)])
+def test_ppo_loss_gradient_finite_differences_float64(cell, value_network, shift):
     fam = TabularMDPFamily(n_states=3, n_actions=2, horizon=2)
-    learner = _learner(fam, n_episodes=2, hidden_size=4, ppo_clip=0.05, entropy_coef=0.1, time_input=True).double()
+    learner = _learner(fam, n_episodes=2, hidden_size=4, ppo_clip=0.05, entropy_coef=0.1, time_input=True,
+                       cell=cell, value_network=value_network).double()
     tasks = fam.sample_tasks(3, torch.Generator().manual_seed(0))
     ro = learner.rollout(tasks, torch.Generator().manual_seed(1))
     adv, tgt = gae(ro.rewards, ro.values, ro.mask, 0.9, 0.5)
@@ -165,7 +185,7 @@ def test_ppo_loss_gradient_finite_differences_float64():
     with torch.no_grad():  # move away from the collecting policy so ratios differ from 1
         g = torch.Generator().manual_seed(2)
         for p in learner.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            p.add_(shift * torch.randn(p.shape, generator=g, dtype=p.dtype))
     params = [p for p in learner.parameters()]
     learner.zero_grad()
     loss, stats = learner.loss(ro, adv, tgt)
@@ -188,6 +208,29 @@ def test_ppo_loss_gradient_finite_differences_float64():
             assert abs(fd - float(grad[i])) <= 1e-6 + 1e-5 * abs(fd), (p.shape, i, fd, float(grad[i]))
             checked += 1
     assert checked >= 12
+
+
+def test_separate_value_network_isolates_policy_and_value_gradients():
+    """value_network="separate": the value loss reaches only the critic's network and head, the
+    policy loss only the policy's; the collection's values are the critic's."""
+    fam = TabularMDPFamily(n_states=3, n_actions=2, horizon=3)
+    learner = _learner(fam, n_episodes=2, cell="ln-gru", value_network="separate")
+    assert learner.value_gru is not None and learner.value_gru is not learner.gru
+    tasks = fam.sample_tasks(4, torch.Generator().manual_seed(0))
+    ro = learner.rollout(tasks, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(learner._value(learner.value_gru.sequence(ro.inputs)), ro.values, atol=1e-5)
+    adv, tgt = gae(ro.rewards, ro.values, ro.mask, 0.9, 0.5)
+    policy_side = {n for n, _ in learner.named_parameters() if n.startswith(("gru.", "policy_head."))}
+    value_side = {n for n, _ in learner.named_parameters() if n.startswith(("value_gru.", "value_head."))}
+    assert policy_side and value_side and not policy_side & value_side
+    for coefs, reached in [((1.0, 0.0), value_side), ((0.0, 1.0), policy_side)]:
+        learner.config = learner.config.model_copy(update={"value_coef": coefs[0], "entropy_coef": 0.0})
+        learner.zero_grad(set_to_none=True)
+        loss, _ = learner.loss(ro, adv if coefs[1] else torch.zeros_like(adv), tgt)
+        loss.backward()
+        touched = {n for n, p in learner.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        assert touched and touched <= reached, touched - reached
 
 
 # ------------------------------------------------------------------------------------ learning
@@ -250,16 +293,17 @@ def test_navigation_gaussian_policy_runs():
     assert stats["env_steps"] <= 8 * 2 * 5
 
 
-def test_state_round_trip_reproduces_evaluate_and_training():
+@pytest.mark.parametrize("variant", [{}, {"cell": "ln-gru", "value_network": "separate"}])
+def test_state_round_trip_reproduces_evaluate_and_training(variant):
     fam = BanditFamily(n_arms=4)
-    a = _learner(fam, seed=0, n_episodes=5)
+    a = _learner(fam, seed=0, n_episodes=5, **variant)
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         a.train_iteration(g)
     model, optim, gstate = copy.deepcopy(a.state_dict()), copy.deepcopy(a.optimizer_state_dict()), g.get_state()
     assert int(model["value_stats_count"]) == 2
 
-    b = _learner(fam, seed=123, n_episodes=5)  # different initialisation, then loaded
+    b = _learner(fam, seed=123, n_episodes=5, **variant)  # different initialisation, then loaded
     b.load_state_dict(model)
     b.load_optimizer_state_dict(optim)
     tasks = fam.sample_tasks(20, torch.Generator().manual_seed(7))
@@ -315,7 +359,8 @@ def test_state_without_the_iteration_counter_still_loads():
 
 @pytest.mark.parametrize("field, value", [("hidden_size", 0), ("gamma", 1.5), ("gae_lambda", -0.1),
                                           ("ppo_clip", 0.0), ("meta_lr", 0.0), ("n_episodes", 0),
-                                          ("eval_actions", "argmax")])
+                                          ("eval_actions", "argmax"), ("cell", "lstm"),
+                                          ("value_network", "own")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError) as err:
         parse_config(RL2Config, {field: value})

@@ -12,7 +12,11 @@ MDPs the state index; navigation the 2D position and, for the previous action, t
 displacement divided by ``max_action``). At the first step of a trial the previous action,
 reward and done flag are zeros. A linear head on the GRU state gives the policy (categorical
 logits, or the mean of a Gaussian with a learned state-independent standard deviation for
-navigation) and another one the value.
+navigation) and another one the value. Two options change the network, not the protocol:
+``cell="ln-gru"`` replaces torch's GRU by a layer-normalised GRU with a ReLU candidate
+(:class:`metafit.nn.recurrent.LayerNormGRU`), and ``value_network="separate"`` gives the value
+head its own recurrent network reading the same inputs (the policy's memory is then shaped by the
+policy loss alone; the RL² replication lucaslingle/pytorch_rl2 trains two networks this way).
 
 The "slow" learner is PPO (the paper used TRPO) with generalised advantage estimation over whole
 trials: the trial is the RL episode, so only its end is terminal -- the end of an inner episode
@@ -43,6 +47,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError, TaskError, constraint_message
+from ..nn.recurrent import make_recurrent_core
 from ..validation import ConfigModel, parse_config
 from .bandits import BanditFamily, BanditTask
 from .learner import RLLearner, register_rl_learner
@@ -66,6 +71,15 @@ class RL2Config(ConfigModel):
                                                   "is carried across them and reset between trials")
     hidden_size: int = Field(64, ge=1, description="GRU units (the paper used 256 for bandits and MDPs; 64 "
                                                    "learned faster per CPU second in benchmarks/rl2.py)")
+    cell: Literal["gru", "ln-gru"] = Field(
+        "gru", description="recurrent cell: 'gru' (torch's GRU) or 'ln-gru' (layer-normalised gates, a ReLU "
+                           "candidate and an update gate biased to keep the state, as in the replication "
+                           "lucaslingle/pytorch_rl2; metafit.nn.recurrent.LayerNormGRU; ~2.7x slower per pass "
+                           "on a CPU)")
+    value_network: Literal["shared", "separate"] = Field(
+        "shared", description="the value head reads the policy's recurrent state ('shared') or a second "
+                              "recurrent network of the same cell and size ('separate': the value loss no longer "
+                              "shapes the policy's memory; twice the cost)")
     meta_batch_size: int = Field(250, ge=1, description="trials (one task each) collected per PPO update")
     meta_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the slow (outer) learner")
     adam_eps: float = Field(1e-5, gt=0.0, description="Adam epsilon")
@@ -217,7 +231,10 @@ class RL2(RLLearner):
         self.max_steps = config.n_episodes * spec.horizon
         self.input_dim = spec.obs_dim + spec.action_dim + 2 + int(config.time_input) + int(config.episode_time_input)
         H = config.hidden_size
-        self.gru = nn.GRU(self.input_dim, H)
+        self.gru = make_recurrent_core(config.cell, self.input_dim, H)
+        # the critic's own recurrent network (value_network="separate"), else None: it reads the policy's
+        self.value_gru = make_recurrent_core(config.cell, self.input_dim, H) \
+            if config.value_network == "separate" else None
         self.policy_head = nn.Linear(H, spec.action_dim)
         self.value_head = nn.Linear(H, 1)
         if spec.discrete_actions:
@@ -399,15 +416,13 @@ class RL2(RLLearner):
         return actions.clamp(-m, m) / m
 
     def step_hidden(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One GRU step with the weights of ``self.gru`` (what ``nn.GRUCell`` computes)."""
-        g = self.gru
-        return torch.gru_cell(x, h, g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0)
+        """One step of the policy's recurrent core (for ``cell="gru"`` what ``nn.GRUCell`` computes)."""
+        return self.gru.step(x, h)
 
     def sequence(self, inputs: torch.Tensor) -> torch.Tensor:
-        """GRU states ``[T, N, H]`` of whole trials from stored inputs ``[T, N, D]`` (zero initial
-        state: a trial starts from scratch)."""
-        out, _ = self.gru(inputs)
-        return out
+        """Recurrent states ``[T, N, H]`` of whole trials from stored inputs ``[T, N, D]`` (zero
+        initial state: a trial starts from scratch)."""
+        return self.gru.sequence(inputs)
 
     @torch.no_grad()
     def rollout(self, tasks: list, generator: torch.Generator, greedy: bool = False) -> RL2Rollout:
@@ -420,6 +435,7 @@ class RL2(RLLearner):
         dtype, dev = self.value_head.weight.dtype, self.device
         obs = env.reset()
         h = torch.zeros(N, self.config.hidden_size, dtype=dtype, device=dev)
+        hv = h if self.value_gru is None else torch.zeros_like(h)  # the critic's state
         prev_a = torch.zeros(N, spec.action_dim, dtype=dtype, device=dev)
         prev_r = torch.zeros(N, dtype=dtype, device=dev)
         prev_d = torch.zeros(N, dtype=dtype, device=dev)
@@ -430,6 +446,8 @@ class RL2(RLLearner):
         for t in range(self.max_steps):
             x = self.encode(obs, prev_a, prev_r, prev_d, t, ep_step)
             h = self.step_hidden(x, h)
+            if self.value_gru is not None:
+                hv = self.value_gru.step(x, hv)
             dist = self._dist(h)
             a = self._sample(dist, agen, greedy)
             logp, _ = self._log_prob_entropy(dist, a)
@@ -440,7 +458,7 @@ class RL2(RLLearner):
             xs.append(x)
             acts.append(a)
             logps.append(logp)
-            vals.append(self._value(h))
+            vals.append(self._value(h if self.value_gru is None else hv))
             rews.append(r.to(dtype) * alive)
             masks.append(alive)
             prev_a = self._encode_action(a).to(dtype)
@@ -471,10 +489,11 @@ class RL2(RLLearner):
         over the whole trials."""
         if idx is None:
             idx = torch.arange(ro.mask.shape[1], device=ro.mask.device)
-        h = self.sequence(ro.inputs[:, idx])
+        x = ro.inputs[:, idx]
+        h = self.sequence(x)
         dist = self._dist(h)
         logp, ent = self._log_prob_entropy(dist, ro.actions[:, idx])
-        v = self.value_head(h).squeeze(-1)
+        v = self.value_head(h if self.value_gru is None else self.value_gru.sequence(x)).squeeze(-1)
         tgt = targets[:, idx]
         if self.config.normalize_values:  # the value loss in standardised units
             tgt = (tgt - self.value_mean) / self.value_std
