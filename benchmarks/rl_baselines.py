@@ -86,8 +86,9 @@ def _mdp_agents(quick: bool):
     log_grid = [float(x) for x in np.exp(np.linspace(np.log(1e-4), np.log(1.0), 21))]  # TabulaRL / authors
     samples = [1, 2, 3, 5, 7, 10, 15, 20]
     eps = [round(0.1 * i, 1) for i in range(1, 11)]
+    bonus = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
     if quick:
-        log_grid, samples, eps = log_grid[::5], [1, 3, 10], [0.1, 0.3, 0.6]
+        log_grid, samples, eps, bonus = log_grid[::5], [1, 3, 10], [0.1, 0.3, 0.6], [0.0, 1.0]
     return [
         ("Random", lambda _: rl.RandomMDP(), None, None),
         ("PSRL", lambda _: rl.PSRL(), None, None),
@@ -97,6 +98,8 @@ def _mdp_agents(quick: bool):
         ("BEB", lambda s: rl.BEB(scaling=s), "scaling", log_grid),
         ("epsilon-greedy", lambda e: rl.EpsilonGreedyMDP(epsilon=e), "epsilon", eps),
         ("Greedy", lambda _: rl.EpsilonGreedyMDP(epsilon=0.0), None, None),
+        # not in the paper: per-state reward means only (matched prior N(1, 1)), with a tuned bonus
+        ("Myopic (not in the paper)", lambda c: rl.MyopicMDP(bonus=c), "bonus", bonus),
     ]
 
 

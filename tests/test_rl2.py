@@ -79,13 +79,14 @@ def test_inputs_and_hidden_state_carry_across_episodes():
         assert torch.allclose(cell(x[1], h0), learner.step_hidden(x[1], h0), atol=1e-6)
 
 
-@pytest.mark.parametrize("cell, value_network", [("ln-gru", "shared"), ("gru", "separate"),
-                                                 ("ln-gru", "separate")])
-def test_other_cores_recompute_the_collection(cell, value_network):
-    """Whatever the cell and critic, the update's recomputation from stored inputs reproduces the
-    log-probabilities and values of the step-by-step collection."""
+@pytest.mark.parametrize("cell, value_network, head_hidden_size", [("ln-gru", "shared", 0), ("gru", "separate", 0),
+                                                                   ("ln-gru", "separate", 0), ("gru", "shared", 6)])
+def test_other_networks_recompute_the_collection(cell, value_network, head_hidden_size):
+    """Whatever the cell, critic and heads, the update's recomputation from stored inputs
+    reproduces the log-probabilities and values of the step-by-step collection."""
     fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
-    learner = _learner(fam, n_episodes=3, cell=cell, value_network=value_network)
+    learner = _learner(fam, n_episodes=3, cell=cell, value_network=value_network, head_hidden_size=head_hidden_size)
+    assert isinstance(learner.policy_head, torch.nn.Sequential) == (head_hidden_size > 0)
     ro = learner.rollout(fam.sample_tasks(5, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
     with torch.no_grad():
         h = learner.sequence(ro.inputs)
@@ -119,6 +120,25 @@ def test_time_inputs_trial_and_episode_fractions():
         valid = ro.mask[:, i]
         assert torch.allclose(clock[valid, i], torch.tensor(expected, dtype=torch.float32)[valid]), i
     assert bool(done[:, 0].any())  # the goal at the origin ends episodes at once: the clock restarted
+
+
+def test_previous_observation_input():
+    """prev_obs_input: the state the last action was taken in arrives with that action and its
+    reward (zeros at the trial's first step), across episode boundaries too."""
+    fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
+    learner = _learner(fam, n_episodes=3, prev_obs_input=True)
+    ro = learner.rollout(fam.sample_tasks(5, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
+    S, A = 4, 3
+    x = ro.inputs
+    assert x.shape == (9, 5, 2 * S + A + 2) and learner.input_dim == 2 * S + A + 2
+    assert torch.equal(x[0, :, S:2 * S], torch.zeros(5, S))
+    for t in range(1, 9):  # the previous step's observation, then that step's action and reward
+        assert torch.equal(x[t, :, S:2 * S], x[t - 1, :, :S]), t
+        assert torch.equal(x[t, :, 2 * S:2 * S + A], torch.nn.functional.one_hot(ro.actions[t - 1], A).float())
+        assert torch.allclose(x[t, :, 2 * S + A], ro.rewards[t - 1])
+    with torch.no_grad():
+        logp, _ = learner._log_prob_entropy(learner._dist(learner.sequence(x)), ro.actions)
+    assert torch.allclose(logp, ro.log_probs, atol=1e-5)
 
 
 def test_hidden_state_reset_between_trials():
@@ -173,11 +193,13 @@ def test_ppo_surrogate_gradient_matches_formula():
     assert 0 < float(stats["clip_fraction"]) < 1
 
 
-@pytest.mark.parametrize("cell, value_network, shift", [("gru", "shared", 0.05), ("ln-gru", "separate", 0.3)])
-def test_ppo_loss_gradient_finite_differences_float64(cell, value_network, shift):
+@pytest.mark.parametrize("variant, shift", [({}, 0.05),
+                                            ({"cell": "ln-gru", "value_network": "separate"}, 0.3),
+                                            ({"head_hidden_size": 3, "prev_obs_input": True}, 0.1)])
+def test_ppo_loss_gradient_finite_differences_float64(variant, shift):
     fam = TabularMDPFamily(n_states=3, n_actions=2, horizon=2)
     learner = _learner(fam, n_episodes=2, hidden_size=4, ppo_clip=0.05, entropy_coef=0.1, time_input=True,
-                       cell=cell, value_network=value_network).double()
+                       **variant).double()
     tasks = fam.sample_tasks(3, torch.Generator().manual_seed(0))
     ro = learner.rollout(tasks, torch.Generator().manual_seed(1))
     adv, tgt = gae(ro.rewards, ro.values, ro.mask, 0.9, 0.5)
@@ -293,7 +315,8 @@ def test_navigation_gaussian_policy_runs():
     assert stats["env_steps"] <= 8 * 2 * 5
 
 
-@pytest.mark.parametrize("variant", [{}, {"cell": "ln-gru", "value_network": "separate"}])
+@pytest.mark.parametrize("variant", [{}, {"cell": "ln-gru", "value_network": "separate"},
+                                     {"head_hidden_size": 5, "prev_obs_input": True}])
 def test_state_round_trip_reproduces_evaluate_and_training(variant):
     fam = BanditFamily(n_arms=4)
     a = _learner(fam, seed=0, n_episodes=5, **variant)
@@ -359,7 +382,7 @@ def test_state_without_the_iteration_counter_still_loads():
 
 @pytest.mark.parametrize("field, value", [("hidden_size", 0), ("gamma", 1.5), ("gae_lambda", -0.1),
                                           ("ppo_clip", 0.0), ("meta_lr", 0.0), ("n_episodes", 0),
-                                          ("eval_actions", "argmax"), ("cell", "lstm"),
+                                          ("eval_actions", "argmax"), ("cell", "lstm"), ("head_hidden_size", -1),
                                           ("value_network", "own")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError) as err:

@@ -219,7 +219,8 @@ def _easy_mdp() -> rl.MDPTask:
 @pytest.mark.parametrize("agent, minimum", [
     (rl.PSRL(), 85), (rl.OptimisticPSRL(n_samples=3), 85), (rl.UCRL2(scaling=0.05), 85),
     (rl.BEB(scaling=1e-3), 85), (rl.EpsilonGreedyMDP(epsilon=0.1), 85), (rl.EpsilonGreedyMDP(), 85),
-    (rl.RandomMDP(), None)], ids=lambda x: getattr(x, "name", ""))
+    (rl.MyopicMDP(), 85), (rl.MyopicMDP(bonus=1.0), 85), (rl.RandomMDP(), None)],
+    ids=lambda x: getattr(x, "name", ""))
 def test_mdp_agents_on_an_obvious_task(agent, minimum):
     env = rl.BatchedMDP([_easy_mdp()], horizon=5, envs_per_task=200, seed=0)
     mean, ci = rl.mean_ci(rl.run_mdp_trials(env, agent, 20, seed=1))
@@ -236,6 +237,27 @@ def test_psrl_beats_random_on_random_mdps():
     rand, _ = rl.mean_ci(rl.run_mdp_trials(env, rl.RandomMDP(), 10, seed=5))
     oracle = float(env.optimal_values().mean()) * 10
     assert rand + 20 < psrl < oracle
+
+
+def test_myopic_agent_takes_the_best_posterior_mean_of_the_current_state():
+    agent = rl.MyopicMDP(bonus=0.0)  # prior N(1, 1), noise precision 1
+    agent.begin_trial(2, 3, 2, 4, seed=0)
+    s = torch.tensor([1, 1])
+    # env 0: action 0 paid -2 in state 1 (posterior mean (1 - 2) / 2 = -0.5 < prior 1): switch to 1;
+    # env 1: action 0 paid 3 (mean 2 > 1): keep it. Rewards seen in other states do not count.
+    agent.observe(s, torch.tensor([0, 0]), torch.tensor([-2.0, 3.0]), torch.tensor([0, 0]))
+    agent.observe(torch.tensor([2, 2]), torch.tensor([1, 1]), torch.tensor([-5.0, -5.0]), torch.tensor([1, 1]))
+    agent.begin_episode(0)
+    assert agent.act(s, 0).tolist() == [1, 0]
+    mean, precision = agent.reward_posterior()
+    assert mean[0, 1, 0].item() == pytest.approx(-0.5) and precision[0, 1, 0].item() == 2.0
+    # a bonus c / sqrt(precision) favours the untried action over a slightly better-known one
+    greedy, bonus = rl.MyopicMDP(), rl.MyopicMDP(bonus=2.0)
+    for a in (greedy, bonus):
+        a.begin_trial(1, 1, 2, 4, seed=0)
+        a.observe(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.5]), torch.tensor([0]))
+    assert greedy.act(torch.tensor([0]), 0).item() == 0  # mean 1.25 > 1
+    assert bonus.act(torch.tensor([0]), 0).item() == 1  # 1 + 2 > 1.25 + 2 / sqrt(2)
 
 
 def test_extended_value_iteration_limits():
@@ -284,6 +306,7 @@ def test_mean_ci_and_tune():
     (lambda: rl.ThompsonBandit(prior=(0, 1)), "ThompsonBandit: prior must be two positive numbers"),
     (lambda: rl.OptimisticPSRL(n_samples=0), "OptimisticPSRL: n_samples must be an integer >= 1; got 0."),
     (lambda: rl.PSRL(reward_prior_precision=0), "PSRL: reward_prior_precision must be positive; got 0."),
+    (lambda: rl.MyopicMDP(bonus=-1), "MyopicMDP: bonus must be >= 0; got -1."),
     (lambda: rl.finite_horizon_gittins_table(1000), "finite_horizon_gittins_table: n_pulls must be <= 200"),
 ])
 def test_agent_config_errors(make, message):

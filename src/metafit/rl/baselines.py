@@ -43,6 +43,10 @@ precision 1, Dirichlet(1) transitions; the task distribution itself has reward m
   ``beta = 2 H^2 * scaling``; ``scaling`` tuned.
 * ``EpsilonGreedyMDP``: greedy on the (vague-prior) posterior-mean MDP, uniform action with
   probability ``epsilon`` (tuned); ``epsilon = 0`` is "Greedy".
+* ``MyopicMDP`` (not in the RL² paper): every step, the action with the highest posterior-mean
+  reward in the current state -- no planning, transitions ignored -- under the matched prior
+  ``N(1, 1)`` by default, plus ``bonus / sqrt(precision)`` (tuned; 0 is plain myopic). It shows
+  what remembering one running mean per state-action pair is worth on these MDPs.
 
 Runners: :func:`run_bandit_trials`, :func:`run_mdp_trials`; :func:`tune` picks a parameter on a
 grid, :func:`mean_ci` gives the mean and the 95% confidence half-width.
@@ -455,6 +459,26 @@ class BEB(MDPAgent):
             Q[:, h] = R + r_bonus + (P @ V.view(N, 1, S, 1)).squeeze(-1) + p_bonus * steps_after
             V = Q[:, h].amax(dim=-1)
         return Q
+
+
+class MyopicMDP(MDPAgent):
+    """Greedy on the posterior-mean reward of the current state only (see the module docstring);
+    the posterior is updated after every step."""
+
+    name = "myopic"
+
+    def __init__(self, bonus: float = 0.0, reward_prior_mean: float = 1.0, reward_prior_precision: float = 1.0,
+                 noise_precision: float = 1.0) -> None:
+        super().__init__(reward_prior_mean, reward_prior_precision, noise_precision)
+        self.bonus = check_nonnegative("MyopicMDP", "bonus", bonus)
+
+    def plan(self, episode: int) -> None:
+        return None  # nothing to plan: act() reads the reward posterior of the current state
+
+    def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        mean, precision = self.reward_posterior()
+        score = mean + self.bonus / precision.sqrt() if self.bonus else mean
+        return random_argmax(score[self._rows, states], self.generator)
 
 
 def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int = 0) -> torch.Tensor:

@@ -76,6 +76,9 @@ class RL2Config(ConfigModel):
                            "candidate and an update gate biased to keep the state, as in the replication "
                            "lucaslingle/pytorch_rl2; metafit.nn.recurrent.LayerNormGRU; ~2.7x slower per pass "
                            "on a CPU)")
+    head_hidden_size: int = Field(
+        0, ge=0, description="units of a hidden ReLU layer in the policy and value heads (0: linear heads on the "
+                             "recurrent state, as in the paper)")
     value_network: Literal["shared", "separate"] = Field(
         "shared", description="the value head reads the policy's recurrent state ('shared') or a second "
                               "recurrent network of the same cell and size ('separate': the value loss no longer "
@@ -105,6 +108,10 @@ class RL2Config(ConfigModel):
     normalize_values: bool = Field(True, description="the value head predicts returns standardised by running "
                                                      "statistics of the value targets (robust to reward scale)")
     time_input: bool = Field(False, description="also feed the fraction of the trial elapsed (not in the paper)")
+    prev_obs_input: bool = Field(
+        False, description="also feed the previous step's observation (one-hot state; zeros at a trial's first "
+                           "step), so that the state, action and reward of the last transition arrive together "
+                           "instead of the state having to be remembered for one step (not in the paper)")
     episode_time_input: bool = Field(
         False, description="also feed the fraction of the current episode elapsed (step in the episode / the "
                            "family's horizon), so that the policy need not count steps to plan within a "
@@ -229,23 +236,24 @@ class RL2(RLLearner):
                 OWNER, "ppo_minibatches", f"<= meta_batch_size ({config.meta_batch_size})", config.ppo_minibatches,
                 "Lower ppo_minibatches or raise meta_batch_size (each minibatch holds whole trials)."))
         self.max_steps = config.n_episodes * spec.horizon
-        self.input_dim = spec.obs_dim + spec.action_dim + 2 + int(config.time_input) + int(config.episode_time_input)
+        self.input_dim = (spec.obs_dim * (1 + int(config.prev_obs_input)) + spec.action_dim + 2
+                          + int(config.time_input) + int(config.episode_time_input))
         H = config.hidden_size
         self.gru = make_recurrent_core(config.cell, self.input_dim, H)
         # the critic's own recurrent network (value_network="separate"), else None: it reads the policy's
         self.value_gru = make_recurrent_core(config.cell, self.input_dim, H) \
             if config.value_network == "separate" else None
-        self.policy_head = nn.Linear(H, spec.action_dim)
-        self.value_head = nn.Linear(H, 1)
+        self.policy_head = self._head(H, spec.action_dim, config.head_hidden_size)
+        self.value_head = self._head(H, 1, config.head_hidden_size)
         if spec.discrete_actions:
             self.register_parameter("log_std", None)
         else:
             self.log_std = nn.Parameter(torch.full((spec.action_dim,), math.log(config.action_std_init)))
         with torch.no_grad():  # small initial policy and value outputs (near-uniform actions)
-            self.policy_head.weight.mul_(0.01)
-            self.policy_head.bias.zero_()
-            self.value_head.weight.mul_(0.1)
-            self.value_head.bias.zero_()
+            self._out(self.policy_head).weight.mul_(0.01)
+            self._out(self.policy_head).bias.zero_()
+            self._out(self.value_head).weight.mul_(0.1)
+            self._out(self.value_head).bias.zero_()
         # running statistics of the value targets (normalize_values); part of the state dict
         self.register_buffer("value_mean", torch.zeros(()))
         self.register_buffer("value_std", torch.ones(()))
@@ -253,6 +261,18 @@ class RL2(RLLearner):
         # training iterations made so far: drives the learning-rate schedule, so a resumed run continues it
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
         self.optimizer = torch.optim.Adam(self.parameters(), lr=config.meta_lr, eps=config.adam_eps)
+
+    @staticmethod
+    def _head(in_features: int, out_features: int, hidden: int) -> nn.Module:
+        """A linear head, or with ``hidden > 0`` one hidden ReLU layer before it."""
+        if hidden == 0:
+            return nn.Linear(in_features, out_features)
+        return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+
+    @staticmethod
+    def _out(head: nn.Module) -> nn.Linear:
+        """The output layer of a head."""
+        return head[-1] if isinstance(head, nn.Sequential) else head
 
     # -------------------------------------------------------------------------------- interface
 
@@ -290,7 +310,7 @@ class RL2(RLLearner):
 
     @property
     def device(self) -> torch.device:
-        return self.value_head.weight.device
+        return self._out(self.value_head).weight.device
 
     def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
         """Collect ``meta_batch_size`` trials on freshly sampled tasks and make one PPO update."""
@@ -363,18 +383,25 @@ class RL2(RLLearner):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def encode(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
-               prev_done: torch.Tensor, t: int, episode_step: torch.Tensor | None = None) -> torch.Tensor:
-        """The GRU input ``[N, input_dim]`` of one step: observation, previous action (one-hot, or
-        the clipped continuous action / max_action), previous reward and done flag, and optionally
-        the elapsed fraction of the trial and of the episode (``episode_step [N]``: steps taken in
-        the current episode). ``prev_action`` is already encoded ``[N, action_dim]``."""
-        dtype = self.value_head.weight.dtype
+    def encode_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        """An observation as the network reads it ``[N, obs_dim]`` (one-hot for discrete states)."""
+        dtype = self._out(self.value_head).weight.dtype
         if self.spec.discrete_obs:
-            o = nn.functional.one_hot(obs.long(), self.spec.obs_dim).to(dtype)
-        else:
-            o = obs.to(dtype)
-        parts = [o, prev_action.to(dtype), prev_reward.to(dtype).unsqueeze(1), prev_done.to(dtype).unsqueeze(1)]
+            return nn.functional.one_hot(obs.long(), self.spec.obs_dim).to(dtype)
+        return obs.to(dtype)
+
+    def encode(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
+               prev_done: torch.Tensor, t: int, episode_step: torch.Tensor | None = None,
+               prev_obs: torch.Tensor | None = None) -> torch.Tensor:
+        """The GRU input ``[N, input_dim]`` of one step: observation, optionally the previous
+        observation (``prev_obs``, already encoded ``[N, obs_dim]``; prev_obs_input), previous action
+        (one-hot, or the clipped continuous action / max_action), previous reward and done flag, and
+        optionally the elapsed fraction of the trial and of the episode (``episode_step [N]``: steps
+        taken in the current episode). ``prev_action`` is already encoded ``[N, action_dim]``."""
+        dtype = self._out(self.value_head).weight.dtype
+        o = self.encode_obs(obs)
+        parts = [o] + ([prev_obs.to(dtype)] if self.config.prev_obs_input else [])
+        parts += [prev_action.to(dtype), prev_reward.to(dtype).unsqueeze(1), prev_done.to(dtype).unsqueeze(1)]
         if self.config.time_input:
             parts.append(o.new_full((o.shape[0], 1), t / self.max_steps))
         if self.config.episode_time_input:
@@ -432,11 +459,12 @@ class RL2(RLLearner):
         env = self._make_env(list(tasks), generator)
         agen = self._action_generator(generator)
         N = env.num_envs
-        dtype, dev = self.value_head.weight.dtype, self.device
+        dtype, dev = self._out(self.value_head).weight.dtype, self.device
         obs = env.reset()
         h = torch.zeros(N, self.config.hidden_size, dtype=dtype, device=dev)
         hv = h if self.value_gru is None else torch.zeros_like(h)  # the critic's state
         prev_a = torch.zeros(N, spec.action_dim, dtype=dtype, device=dev)
+        prev_o = torch.zeros(N, spec.obs_dim, dtype=dtype, device=dev)  # read only with prev_obs_input
         prev_r = torch.zeros(N, dtype=dtype, device=dev)
         prev_d = torch.zeros(N, dtype=dtype, device=dev)
         alive = torch.ones(N, dtype=torch.bool, device=dev)
@@ -444,7 +472,9 @@ class RL2(RLLearner):
         ep_returns = torch.zeros(N, n_ep, dtype=torch.float32, device=dev)
         xs, acts, logps, vals, rews, masks = [], [], [], [], [], []
         for t in range(self.max_steps):
-            x = self.encode(obs, prev_a, prev_r, prev_d, t, ep_step)
+            x = self.encode(obs, prev_a, prev_r, prev_d, t, ep_step, prev_o)
+            if self.config.prev_obs_input:
+                prev_o = self.encode_obs(obs)
             h = self.step_hidden(x, h)
             if self.value_gru is not None:
                 hv = self.value_gru.step(x, hv)
