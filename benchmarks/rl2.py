@@ -85,6 +85,14 @@ def baseline_key(name: str) -> tuple[str, str]:
     return ("bandits", f"n={n},k={k}") if kind == "bandit" else ("mdps", f"n={n}")
 
 
+def same_network(a: str, b: str) -> bool:
+    """Whether settings ``a`` and ``b`` give the network the same inputs and outputs (the same family;
+    for bandits the same number of arms): only the trial length differs, which no weight depends on,
+    so weights kept at one can start the other (e.g. MDPs n=10 -> n=25, a curriculum)."""
+    (ka, _, arms_a, _), (kb, _, arms_b, _) = SETTINGS[a], SETTINGS[b]
+    return ka == kb and arms_a == arms_b
+
+
 def make_setting(name: str, val_instances: int, eval_instances: int):
     kind, n, k, _ = SETTINGS[name]
     if kind == "bandit":
@@ -109,12 +117,19 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
     cfg.update(overrides or {})
     torch.manual_seed(INIT_SEED)
     learner = RL2(cfg, family).to(device)
+    init_setting = None
     if init_weights:  # continue from weights an earlier run kept (a fresh optimizer)
         meta, tensors = read_checkpoint(init_weights)
-        if meta.get("setting") != name:
-            raise SystemExit(f"--init-weights must come from a {name} run; {init_weights} is from "
-                             f"{meta.get('setting')}. Pass weights saved by --save-weights for this setting.")
-        learner.load_state_dict(tensors)
+        init_setting = meta.get("setting")
+        if init_setting not in SETTINGS or not same_network(init_setting, name):
+            raise SystemExit(f"--init-weights must come from a run of {name} or of another setting with the same "
+                             f"observations and actions ({', '.join(s for s in SETTINGS if same_network(s, name))}); "
+                             f"{init_weights} is from {init_setting}. Pass weights saved by --save-weights.")
+        try:
+            learner.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise SystemExit(f"--init-weights {init_weights} does not fit this network ({exc}). Pass the same "
+                             f"--set options the run that saved it used: {meta.get('config')}") from None
     # an exponential moving average of the weights, scored beside the live ones at every validation
     ema = WeightAverage(learner, ema_decay) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)
@@ -196,6 +211,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         "env_steps": env_steps,
         "iteration_seconds": {"median": round(sorted(iter_seconds)[len(iter_seconds) // 2], 4),
                               "max": round(max(iter_seconds), 4)} if iter_seconds else None,
+        "init_weights_setting": init_setting,  # the setting the starting weights were trained on (or None)
         "best_iteration": best_iter,
         "best_val_return": best,
         "best_weights": best_kind,  # "live", or "ema": the moving average (ema_decay) scored better
@@ -275,7 +291,8 @@ def main() -> None:
                     help="also keep an exponential moving average of the weights (e.g. 0.995), score it at "
                          "every validation and keep it when it scores better (default 0: off)")
     ap.add_argument("--init-weights", default=None, metavar="PATH",
-                    help="start from the weights a run of the same setting saved (--save-weights); one setting only")
+                    help="start from the weights a run saved (--save-weights): of the same setting, or of one with the "
+                         "same family and arms (a shorter trial: a curriculum); one setting only")
     ap.add_argument("--save-weights", default=None, metavar="PATH",
                     help="write the kept weights (safetensors) here; one setting only")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 minutes, 100/200 instances")

@@ -64,3 +64,27 @@ def test_gpu_session_deadline_stops_late_jobs_and_still_packs(tmp_path):
     assert "stopped job pid" in proc.stdout and "no result for slow" in proc.stdout
     assert json.loads((tmp_path / "out" / "rl2_gpu_jobs.json").read_text())["jobs"] == {}
     assert (tmp_path / "out" / "runs.tar.gz").exists()
+
+
+def _rl2(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/rl2.py", *args], cwd=REPO, check=check, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+
+
+def test_weights_kept_at_one_trial_length_start_another_of_the_same_family(tmp_path):
+    weights, out = tmp_path / "mdp10.safetensors", tmp_path / "r.json"
+    _rl2(["--settings", "mdp-n10", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
+          "--out", str(out)])
+    _rl2(["--settings", "mdp-n25", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+          "--out", str(out)])
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["mdp-n25"]["init_weights_setting"] == "mdp-n10"
+    assert settings["mdp-n25"]["config"]["n_episodes"] == 25 and settings["mdp-n10"]["init_weights_setting"] is None
+
+    # another family's weights, or the same family's with other network options: refused, saying what to pass
+    wrong = _rl2(["--settings", "bandit-n10-k5", "--iterations", "0", "--init-weights", str(weights),
+                  *TINY.split(), "--out", str(out)], check=False)
+    assert wrong.returncode != 0 and "same observations and actions (bandit-n10-k5, bandit-n100-k5)" in wrong.stderr
+    shape = _rl2(["--settings", "mdp-n25", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+                  "--set", "hidden_size=16", "--out", str(out)], check=False)
+    assert shape.returncode != 0 and "Pass the same --set options" in shape.stderr and "'hidden_size': 8" in shape.stderr
