@@ -16,7 +16,8 @@ import metafit
 from metafit import CheckpointError, ConfigError
 from metafit.cli import main
 from metafit.rl.learner import RL_LEARNERS, RLLearner, register_rl_learner
-from metafit.training.rl_run import evaluate_rl_checkpoint, load_rl, load_rl_config, rl_device, train_rl
+from metafit.training.rl_run import (_init_from, build_learner, evaluate_rl_checkpoint, load_rl, load_rl_config,
+                                     rl_device, train_rl)
 from metafit.training.checkpoint import read_checkpoint
 from metafit.validation import ConfigModel
 
@@ -260,3 +261,33 @@ def test_builtin_rl_configs_validate_and_the_real_learners_run_through_the_cli(t
     assert "| episode 10 |" in out and "| 1 step |" in out
     rl2 = json.loads((tmp_path / "rl2" / "report.json").read_text())
     assert rl2["test"]["score"] == pytest.approx(sum(v["mean"] for v in rl2["test"]["points"].values()), rel=1e-6)
+
+
+def test_init_from_starts_a_run_from_another_runs_weights_with_a_longer_trial(tmp_path):
+    tiny = {"iterations": 1, "eval_every": 1, "save_interval": 1, "eval_tasks": 4, "test_tasks": 4,
+            "progress": False, "tensorboard": False}
+    learner = {"name": "rl2", "n_episodes": 2, "meta_batch_size": 4, "hidden_size": 8, "head_hidden_size": 4}
+    first = {"seed": 0, "out_dir": str(tmp_path / "short"), "family": {"name": "tabular-mdp"},
+             "learner": learner, "train": tiny}
+    train_rl(load_rl_config(first), test=False)
+    src = tmp_path / "short" / "best.safetensors"
+    longer = {**first, "out_dir": str(tmp_path / "long"), "learner": {**learner, "n_episodes": 5},
+              "train": {**tiny, "iterations": 1, "init_from": str(src)}}
+    config = load_rl_config(longer)
+    started = build_learner(config)  # the starting point is exactly the kept weights
+    _init_from(started, str(src), config)
+    kept = load_rl(src)
+    for (k, a), (_, b) in zip(started.state_dict().items(), kept.state_dict().items()):
+        assert torch.equal(a, b), k
+    report = train_rl(config, test=False)
+    assert report["init_from"] == str(src) and report["iterations"] == 1
+    assert list(load_rl(tmp_path / "long" / "best.safetensors").eval_points())[-1] == "episode 5"
+
+    with pytest.raises(CheckpointError, match="no such file.*Train the run it comes from first"):
+        train_rl(load_rl_config({**longer, "train": {**tiny, "init_from": str(tmp_path / "nope.safetensors")}}))
+    with pytest.raises(CheckpointError, match=r"same network.*'hidden_size': \(8, 16\)"):
+        train_rl(load_rl_config({**longer, "learner": {**learner, "hidden_size": 16},
+                                 "train": {**tiny, "init_from": str(src)}}))
+    train_rl(load_rl_config(_cfg(tmp_path, "picker", iterations=2)), test=False)
+    with pytest.raises(CheckpointError, match="of learner 'rl2'.*'arm-picker'"):
+        train_rl(load_rl_config({**longer, "train": {**tiny, "init_from": str(tmp_path / "picker" / "best.safetensors")}}))

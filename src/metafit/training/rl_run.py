@@ -8,7 +8,8 @@ RL² trial, MAML-RL before and after each inner step); the best validation score
 ``best.safetensors``, ``last.safetensors`` holds everything needed to resume exactly (learner,
 its optimizer, the task and torch RNG streams, the weight average). With ``train.weight_average``
 an exponential moving average of the weights is scored beside the live weights at every
-validation, and ``best.safetensors`` keeps whichever scored higher. Logs: ``metrics.jsonl``, TensorBoard, and a
+validation, and ``best.safetensors`` keeps whichever scored higher. ``train.init_from`` starts a run
+from another run's kept weights (same learner and network; e.g. a longer RL² trial). Logs: ``metrics.jsonl``, TensorBoard, and a
 learning-curve PNG. Test: ``test_tasks`` fixed tasks from another seed, mean and 95% CI at every
 adaptation point.
 """
@@ -76,6 +77,12 @@ class RLTrainConfig(ConfigModel):
                                          "scores it beside the live weights and best.safetensors keeps whichever "
                                          "scores higher: policies trained by PPO swing between updates, and the "
                                          "average swings less")
+    init_from: str | None = Field(
+        None, description="start from the learner weights of this meta-RL checkpoint (a best.safetensors or "
+                          "step-*.safetensors of an earlier run of the same learner and network; the family "
+                          "settings and trial length may differ, e.g. RL2 trained on 10-episode trials "
+                          "continued on 25) with a fresh optimizer; relative paths are from the working "
+                          "directory. Ignored by --resume, which restores last.safetensors")
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(True, description="write TensorBoard event files (needs the tensorboard package)")
 
@@ -274,6 +281,30 @@ def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
     return learner
 
 
+def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
+    """Load the learner weights (``model.*``) of the meta-RL checkpoint ``path`` into ``learner``."""
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"RL: train.init_from must name an existing meta-RL checkpoint; got {path!r} (no such file). Train "
+            "the run it comes from first (its best.safetensors), or set train.init_from=null.")
+    meta, tensors = read_checkpoint(path)
+    if meta.get("kind") != "rl" or meta.get("learner") != config.learner.name:
+        raise CheckpointError(
+            f"RL: train.init_from must be a meta-RL checkpoint of learner {config.learner.name!r}; {path!r} is "
+            f"of {meta.get('learner') or meta.get('algorithm')!r}. Pass a checkpoint this learner wrote.")
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as err:
+        theirs = (meta.get("config") or {}).get("learner", {})
+        ours = config.learner.model_dump(mode="json")
+        differ = {k: (theirs.get(k), v) for k, v in ours.items() if k in theirs and theirs[k] != v}
+        raise CheckpointError(
+            f"RL: train.init_from {path!r} must hold weights of the same network; got "
+            f"{str(err).splitlines()[-1].strip()}. Learner settings that differ (theirs, ours): {differ}. "
+            "Use the network settings of the run that wrote it.") from err
+
+
 def _plot_curve(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -321,6 +352,8 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
     gen = torch.Generator().manual_seed(config.seed + 1)
     iteration, best, best_iter, best_weights, seconds, env_steps, rows = 0, -math.inf, 0, "live", 0.0, 0, []
     last = out / "last.safetensors"
+    if tc.init_from and not resume:
+        _init_from(learner, tc.init_from, config)  # (the weight average starts from the first update's weights)
     if resume:
         if not last.is_file():
             raise CheckpointError(
@@ -430,7 +463,7 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                 f"{config.learner.name} on {config.family.name} {config.family.settings or ''}".strip())
     report: dict[str, Any] = {"out_dir": str(out), "iterations": iteration, "train_seconds": seconds,
                               "env_steps": env_steps, "best_iteration": best_iter, "best_weights": best_weights,
-                              "best_checkpoint": str(out / "best.safetensors"),
+                              "best_checkpoint": str(out / "best.safetensors"), "init_from": tc.init_from,
                               "val": {"score": best if math.isfinite(best) else None}}
     if test and (out / "best.safetensors").is_file():
         report["test"] = evaluate_rl_checkpoint(out / "best.safetensors", device=device.type)
