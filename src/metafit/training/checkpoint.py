@@ -98,6 +98,11 @@ def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any],
     return target
 
 
+def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict from a checkpoint's tensors (the ``model.*`` entries, prefix removed)."""
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a checkpoint; a :class:`CheckpointError` for anything else."""
     path = Path(path)
@@ -156,7 +161,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
             f"got: {err}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
         ) from err
     model = build_model(config, pretrained=False)  # the checkpoint holds the weights: no weights file read
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = model_state(tensors)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -36,8 +36,8 @@ from ..errors import CheckpointError, ConfigError
 from ..rl import FAMILIES, make_family
 from ..rl.learner import RLLearner, get_rl_learner
 from ..validation import ConfigModel, parse_config
-from .checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, read_checkpoint, split_optimizer_state,
-                         write_checkpoint)
+from .checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, model_state, read_checkpoint,
+                         split_optimizer_state, write_checkpoint)
 from .config import apply_overrides, config_source
 from .metrics_log import write_json
 from .tracking import TensorBoardLog
@@ -265,7 +265,7 @@ def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
             f"Use the metafit version that wrote it ({meta.get('metafit_version')})."
         ) from err
     learner = build_learner(config)
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = model_state(tensors)
     try:
         learner.load_state_dict(state)
     except RuntimeError as err:
@@ -292,7 +292,7 @@ def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
         raise CheckpointError(
             f"RL: train.init_from must be a meta-RL checkpoint of learner {config.learner.name!r}; {path!r} is "
             f"of {meta.get('learner') or meta.get('algorithm')!r}. Pass a checkpoint this learner wrote.")
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = model_state(tensors)
     try:
         learner.load_state_dict(state)
     except RuntimeError as err:
@@ -366,7 +366,7 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
                 f"RL: resume needs a meta-RL last.safetensors of learner {config.learner.name!r}; got "
                 f"{meta.get('learner') or meta.get('algorithm')!r}. Resume with the original config."
             )
-        learner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        learner.load_state_dict(model_state(tensors))
         opt = ts["optimizer"]
         learner.load_optimizer_state_dict(join_optimizer_state(tensors, opt.get("scalars", {}),
                                                                opt.get("param_groups", [])))

@@ -20,7 +20,7 @@ from ..algorithms import Algorithm, get_algorithm
 from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, load_splits
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..types import LabelledBatch, TaskBatch
-from .checkpoint import join_optimizer_state, read_checkpoint, save_checkpoint, split_optimizer_state
+from .checkpoint import join_optimizer_state, model_state, read_checkpoint, save_checkpoint, split_optimizer_state
 from .config import RunConfig, build_model
 from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate_episodes
@@ -242,7 +242,7 @@ class Trainer:
                 f"{meta.get('algorithm')}/{ts['optimizer']} for config {self.config.algorithm.name}/"
                 f"{self.config.train.optimizer}. Resume with the config of the original run."
             )
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = model_state(tensors)
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(join_optimizer_state(tensors, ts["optimizer_scalars"], ts["param_groups"],
                                                             self.device))
