@@ -141,6 +141,39 @@ def test_previous_observation_input():
     assert torch.allclose(logp, ro.log_probs, atol=1e-5)
 
 
+def test_transition_input_files_each_reward_under_its_state_action_pair():
+    """transition_input: the previous (state, action) pair one-hot and the reward at that pair's
+    index, zeros at the trial's first step; bandits have the one state, so the pair is the arm."""
+    fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
+    learner = _learner(fam, n_episodes=3, transition_input=True)
+    ro = learner.rollout(fam.sample_tasks(5, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
+    S, A = 4, 3
+    base = S + A + 2
+    x = ro.inputs
+    assert x.shape == (9, 5, base + 2 * S * A) and learner.input_dim == base + 2 * S * A
+    assert torch.equal(x[0, :, base:], torch.zeros(5, 2 * S * A))
+    states = x[:, :, :S].argmax(-1)  # the state each action was taken in
+    for t in range(1, 9):
+        pair = states[t - 1] * A + ro.actions[t - 1]
+        onehot = torch.nn.functional.one_hot(pair, S * A).float()
+        assert torch.equal(x[t, :, base:base + S * A], onehot), t
+        assert torch.allclose(x[t, :, base + S * A:], onehot * ro.rewards[t - 1].unsqueeze(1)), t
+    with torch.no_grad():
+        logp, _ = learner._log_prob_entropy(learner._dist(learner.sequence(x)), ro.actions)
+    assert torch.allclose(logp, ro.log_probs, atol=1e-5)
+
+    bandit = _learner(BanditFamily(n_arms=3), n_episodes=4, transition_input=True)
+    ro = bandit.rollout(BanditFamily(n_arms=3).sample_tasks(2, torch.Generator().manual_seed(0)),
+                        torch.Generator().manual_seed(1))
+    arm = torch.nn.functional.one_hot(ro.actions[:-1], 3).float()
+    assert torch.equal(ro.inputs[1:, :, 1 + 3 + 2:1 + 3 + 2 + 3], arm)
+    assert torch.allclose(ro.inputs[1:, :, -3:], arm * ro.rewards[:-1].unsqueeze(-1))
+
+    with pytest.raises(ConfigError, match=r"RL2: transition_input must be false for a family with continuous "
+                                          r"observations or actions; got True\. Use transition_input with bandits"):
+        RL2({"transition_input": True}, NavigationFamily())
+
+
 def test_hidden_state_reset_between_trials():
     fam = BanditFamily(n_arms=3)
     learner = _learner(fam, n_episodes=6)
@@ -195,7 +228,8 @@ def test_ppo_surrogate_gradient_matches_formula():
 
 @pytest.mark.parametrize("variant, shift", [({}, 0.05),
                                             ({"cell": "ln-gru", "value_network": "separate"}, 0.3),
-                                            ({"head_hidden_size": 3, "prev_obs_input": True}, 0.1)])
+                                            ({"head_hidden_size": 3, "prev_obs_input": True}, 0.1),
+                                            ({"head_hidden_size": 3, "transition_input": True}, 0.1)])
 def test_ppo_loss_gradient_finite_differences_float64(variant, shift):
     fam = TabularMDPFamily(n_states=3, n_actions=2, horizon=2)
     learner = _learner(fam, n_episodes=2, hidden_size=4, ppo_clip=0.05, entropy_coef=0.1, time_input=True,
@@ -316,7 +350,8 @@ def test_navigation_gaussian_policy_runs():
 
 
 @pytest.mark.parametrize("variant", [{}, {"cell": "ln-gru", "value_network": "separate"},
-                                     {"head_hidden_size": 5, "prev_obs_input": True}])
+                                     {"head_hidden_size": 5, "prev_obs_input": True},
+                                     {"transition_input": True}])
 def test_state_round_trip_reproduces_evaluate_and_training(variant):
     fam = BanditFamily(n_arms=4)
     a = _learner(fam, seed=0, n_episodes=5, **variant)

@@ -112,6 +112,13 @@ class RL2Config(ConfigModel):
         False, description="also feed the previous step's observation (one-hot state; zeros at a trial's first "
                            "step), so that the state, action and reward of the last transition arrive together "
                            "instead of the state having to be remembered for one step (not in the paper)")
+    transition_input: bool = Field(
+        False, description="discrete observations and actions only: also feed the previous transition's "
+                           "(observation, action) pair one-hot, and the previous reward at that pair's index "
+                           "(zeros elsewhere and at a trial's first step), so that a reward arrives already "
+                           "filed under the pair that earned it -- the keys of a table of running means (tabular "
+                           "MDPs: 2 x 50 inputs; bandits: 2 x arms). Nothing the agent had not seen a step "
+                           "earlier (not in the paper)")
     episode_time_input: bool = Field(
         False, description="also feed the fraction of the current episode elapsed (step in the episode / the "
                            "family's horizon), so that the policy need not count steps to plan within a "
@@ -235,9 +242,14 @@ class RL2(RLLearner):
             raise ConfigError(constraint_message(
                 OWNER, "ppo_minibatches", f"<= meta_batch_size ({config.meta_batch_size})", config.ppo_minibatches,
                 "Lower ppo_minibatches or raise meta_batch_size (each minibatch holds whole trials)."))
+        if config.transition_input and not (spec.discrete_obs and spec.discrete_actions):
+            raise ConfigError(constraint_message(
+                OWNER, "transition_input", "false for a family with continuous observations or actions", True,
+                "Use transition_input with bandits or tabular MDPs only (it one-hot encodes state-action pairs)."))
         self.max_steps = config.n_episodes * spec.horizon
+        self.pair_dim = spec.obs_dim * spec.action_dim if config.transition_input else 0
         self.input_dim = (spec.obs_dim * (1 + int(config.prev_obs_input)) + spec.action_dim + 2
-                          + int(config.time_input) + int(config.episode_time_input))
+                          + 2 * self.pair_dim + int(config.time_input) + int(config.episode_time_input))
         H = config.hidden_size
         self.gru = make_recurrent_core(config.cell, self.input_dim, H)
         # the critic's own recurrent network (value_network="separate"), else None: it reads the policy's
@@ -397,11 +409,16 @@ class RL2(RLLearner):
         observation (``prev_obs``, already encoded ``[N, obs_dim]``; prev_obs_input), previous action
         (one-hot, or the clipped continuous action / max_action), previous reward and done flag, and
         optionally the elapsed fraction of the trial and of the episode (``episode_step [N]``: steps
-        taken in the current episode). ``prev_action`` is already encoded ``[N, action_dim]``."""
+        taken in the current episode). ``prev_action`` is already encoded ``[N, action_dim]``. With
+        transition_input, also the one-hot of the pair (``prev_obs``, previous action), flattened
+        observation-major, and the previous reward times that one-hot."""
         dtype = self._out(self.value_head).weight.dtype
         o = self.encode_obs(obs)
         parts = [o] + ([prev_obs.to(dtype)] if self.config.prev_obs_input else [])
         parts += [prev_action.to(dtype), prev_reward.to(dtype).unsqueeze(1), prev_done.to(dtype).unsqueeze(1)]
+        if self.config.transition_input:
+            pair = (prev_obs.to(dtype).unsqueeze(2) * prev_action.to(dtype).unsqueeze(1)).flatten(1)
+            parts += [pair, pair * prev_reward.to(dtype).unsqueeze(1)]
         if self.config.time_input:
             parts.append(o.new_full((o.shape[0], 1), t / self.max_steps))
         if self.config.episode_time_input:
@@ -464,7 +481,8 @@ class RL2(RLLearner):
         h = torch.zeros(N, self.config.hidden_size, dtype=dtype, device=dev)
         hv = h if self.value_gru is None else torch.zeros_like(h)  # the critic's state
         prev_a = torch.zeros(N, spec.action_dim, dtype=dtype, device=dev)
-        prev_o = torch.zeros(N, spec.obs_dim, dtype=dtype, device=dev)  # read only with prev_obs_input
+        # read only with prev_obs_input or transition_input
+        prev_o = torch.zeros(N, spec.obs_dim, dtype=dtype, device=dev)
         prev_r = torch.zeros(N, dtype=dtype, device=dev)
         prev_d = torch.zeros(N, dtype=dtype, device=dev)
         alive = torch.ones(N, dtype=torch.bool, device=dev)
@@ -473,7 +491,7 @@ class RL2(RLLearner):
         xs, acts, logps, vals, rews, masks = [], [], [], [], [], []
         for t in range(self.max_steps):
             x = self.encode(obs, prev_a, prev_r, prev_d, t, ep_step, prev_o)
-            if self.config.prev_obs_input:
+            if self.config.prev_obs_input or self.config.transition_input:
                 prev_o = self.encode_obs(obs)
             h = self.step_hidden(x, h)
             if self.value_gru is not None:
