@@ -130,6 +130,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         except RuntimeError as exc:
             raise SystemExit(f"--init-weights {init_weights} does not fit this network ({exc}). Pass the same "
                              f"--set options the run that saved it used: {meta.get('config')}") from None
+        learner.start_new_run()  # the schedule (lr_decay_start...) counts this run's updates only
     # an exponential moving average of the weights, scored beside the live ones at every validation
     ema = WeightAverage(learner, ema_decay) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)

@@ -399,6 +399,28 @@ def test_learning_rate_decays_linearly_and_resumes_with_the_schedule():
     assert [c.train_iteration(g)["lr"] for _ in range(2)] == [3e-3, 3e-3]
 
 
+def test_a_new_run_from_kept_weights_starts_its_schedule_at_the_beginning():
+    """Weights kept after many updates start a new run (``train.init_from``, ``--init-weights``) with
+    the schedule at update 0: continuing the count would start it mid-decay (or at a zero rate)."""
+    fam = BanditFamily(n_arms=3)
+    a = _learner(fam, n_episodes=3, meta_lr=1e-2, lr_decay_iterations=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        a.train_iteration(g)
+    assert a.current_lr() == 0.0
+    b = _learner(fam, seed=5, n_episodes=3, meta_lr=1e-2, lr_decay_iterations=2)
+    b.load_state_dict(a.state_dict())
+    b.start_new_run()
+    assert int(b.iterations_done) == 0
+    assert [b.train_iteration(g)["lr"] for _ in range(2)] == pytest.approx([1e-2, 5e-3])
+    # the weights and the value statistics are those kept
+    kept = {k: v for k, v in a.state_dict().items() if k != "iterations_done"}
+    c = _learner(fam, seed=5, n_episodes=3)
+    c.load_state_dict(a.state_dict())
+    c.start_new_run()
+    assert all(torch.equal(v, c.state_dict()[k]) for k, v in kept.items())
+
+
 def test_state_without_the_iteration_counter_still_loads():
     """Checkpoints written before the schedule existed have no ``iterations_done``: they load
     (strictly) and count from zero."""

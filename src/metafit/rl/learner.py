@@ -57,6 +57,12 @@ class RLLearner(nn.Module):
     def load_optimizer_state_dict(self, state: dict) -> None:
         pass
 
+    def start_new_run(self) -> None:
+        """Called once another run's weights are loaded to start a new run from them (a fresh
+        optimizer: ``train.init_from``, the benchmark's ``--init-weights``), never on resume. Resets
+        what counts the run's own progress, such as a learning-rate schedule's update count, so the
+        new run's schedule starts at its beginning; weights and learned statistics stay."""
+
 
 RL_LEARNERS: dict[str, type[RLLearner]] = {}
 

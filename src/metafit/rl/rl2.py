@@ -312,6 +312,9 @@ class RL2(RLLearner):
             state_dict[key] = torch.zeros((), dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def start_new_run(self) -> None:
+        self.iterations_done.zero_()  # the value statistics stay: they describe the returns, not the run
+
     def current_lr(self) -> float:
         """The learning rate the next update uses (``meta_lr``, or its linear decay)."""
         cfg = self.config

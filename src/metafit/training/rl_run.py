@@ -303,6 +303,7 @@ def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
             f"RL: train.init_from {path!r} must hold weights of the same network; got "
             f"{str(err).splitlines()[-1].strip()}. Learner settings that differ (theirs, ours): {differ}. "
             "Use the network settings of the run that wrote it.") from err
+    learner.start_new_run()  # a new run: its learning-rate schedule starts at its beginning
 
 
 def _plot_curve(rows: list[dict], path: Path, title: str) -> None:
