@@ -263,6 +263,23 @@ def test_builtin_rl_configs_validate_and_the_real_learners_run_through_the_cli(t
     assert rl2["test"]["score"] == pytest.approx(sum(v["mean"] for v in rl2["test"]["points"].values()), rel=1e-6)
 
 
+def test_builtin_curricula_start_from_a_network_of_the_same_shape():
+    """A built-in config whose ``train.init_from`` names another built-in config's best checkpoint
+    (rl2_mdp_n25 from rl2_mdp_n10) builds a network of the same shapes, so the curriculum the
+    config comments describe loads (the network options of the two must change together)."""
+    from pathlib import Path
+
+    from metafit.training.rl_run import builtin_rl_configs
+
+    configs = {name: load_rl_config(name) for name in builtin_rl_configs()}
+    by_best = {str(Path(c.out_dir) / "best.safetensors"): name for name, c in configs.items()}
+    pairs = [(by_best[c.train.init_from], name) for name, c in configs.items() if c.train.init_from in by_best]
+    assert ("rl2_mdp_n10", "rl2_mdp_n25") in pairs
+    for source, target in pairs:
+        shapes = [{k: tuple(v.shape) for k, v in build_learner(configs[n]).state_dict().items()} for n in (source, target)]
+        assert shapes[0] == shapes[1], (source, target)
+
+
 def test_init_from_starts_a_run_from_another_runs_weights_with_a_longer_trial(tmp_path):
     tiny = {"iterations": 1, "eval_every": 1, "save_interval": 1, "eval_tasks": 4, "test_tasks": 4,
             "progress": False, "tensorboard": False}
