@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from metafit import rl
 from metafit.rl.rl2 import RL2
 from metafit.training.checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, write_checkpoint
+from metafit.training.metrics_log import write_json
 from metafit.training.rl_run import WeightAverage
 
 HERE = Path(__file__).resolve().parent
@@ -376,18 +376,9 @@ def main() -> None:
             "paper_rl2": PAPER,
             "settings": results,
         })
-        _write(out, report)
+        write_json(out, report)
     print_table(results)
     print(f"\ntotal {(time.perf_counter() - t_all) / 60:.1f} min; wrote {out}")
-
-
-def _write(out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,20 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         assert default_file_mode() == 0o644
     finally:
         os.umask(old)
+
+
+def test_write_json_keeps_the_data_and_puts_a_curve_row_on_one_line(tmp_path):
+    """Reports are read back unchanged; a list of rows takes a line per row, not one per number."""
+    import json
+
+    from metafit.training.metrics_log import write_json
+
+    data = {"name": "run", "eval": {"mean": 1.5, "ci95": 0.1}, "curve": [[1, 2.5], [2, 3.5]],
+            "rows": [{"it": 1, "val": 0.5}], "empty": [], "nested": {"deeper": {"x": [1, 2]}}}
+    path = write_json(tmp_path / "r.json", data)
+    text = path.read_text()
+    assert json.loads(text) == data
+    lines = text.splitlines()
+    assert "  [1, 2.5]," in lines and "  [2, 3.5]" in lines
+    assert ' "eval": {"mean": 1.5, "ci95": 0.1},' in lines
+    assert '  {"it": 1, "val": 0.5}' in lines

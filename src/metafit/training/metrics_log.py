@@ -16,10 +16,31 @@ __all__ = ["CSV_COLUMNS", "MetricsLog", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write a JSON report atomically (a crash never leaves a half-written file)."""
+    """Write a JSON report atomically (a crash never leaves a half-written file).
+
+    Nested objects are indented, but a list or object holding only scalars is written on one line,
+    so that a learning curve (a list of rows) takes one line per row instead of one per number."""
     path = Path(path)
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    atomic_write_bytes(path, lambda f: f.write((_dumps(data, 0) + "\n").encode()))
     return path
+
+
+def _flat(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(not isinstance(v, (dict, list)) for v in value.values())
+    if isinstance(value, list):
+        return all(not isinstance(v, (dict, list)) for v in value)
+    return True
+
+
+def _dumps(value: Any, level: int) -> str:
+    if _flat(value):
+        return json.dumps(value)
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    return "[\n" + ",\n".join(inner + _dumps(v, level + 1) for v in value) + "\n" + pad + "]"
 
 CSV_COLUMNS = ["step", "split", "loss", "accuracy", "mse", "ci95", "lr", "grad_norm", "step_s", "elapsed_s",
                "data_s", "forward_s", "backward_s", "optimizer_s", "event", "action"]
