@@ -37,7 +37,8 @@ import torch
 
 from metafit import rl
 from metafit.rl.rl2 import RL2
-from metafit.training.checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, write_checkpoint
+from metafit.training.checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, read_checkpoint,
+                                         split_optimizer_state, write_checkpoint)
 from metafit.training.metrics_log import write_json
 from metafit.training.rl_run import WeightAverage
 
@@ -112,13 +113,13 @@ def make_setting(name: str, val_instances: int, eval_instances: int):
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
                 eval_instances: int, val_points: int, overrides: dict | None = None,
                 device: str = "cpu", ema_decay: float = 0.0, init_weights: str | None = None,
-                save_weights: str | None = None) -> dict:
+                save_weights: str | None = None, fresh_optimizer: bool = False) -> dict:
     family, cfg, eval_tasks, val_tasks = make_setting(name, val_instances, eval_instances)
     cfg.update(overrides or {})
     torch.manual_seed(INIT_SEED)
     learner = RL2(cfg, family).to(device)
-    init_setting = None
-    if init_weights:  # continue from weights an earlier run kept (a fresh optimizer)
+    init_setting, init_optimizer = None, None
+    if init_weights:  # continue from weights an earlier run kept (with its Adam state, where it saved one)
         meta, tensors = read_checkpoint(init_weights)
         init_setting = meta.get("setting")
         if init_setting not in SETTINGS or not same_network(init_setting, name):
@@ -126,17 +127,29 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
                              f"observations and actions ({', '.join(s for s in SETTINGS if same_network(s, name))}); "
                              f"{init_weights} is from {init_setting}. Pass weights saved by --save-weights.")
         try:
-            learner.load_state_dict(tensors)
+            learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
         except RuntimeError as exc:
             raise SystemExit(f"--init-weights {init_weights} does not fit this network ({exc}). Pass the same "
                              f"--set options the run that saved it used: {meta.get('config')}") from None
         learner.start_new_run()  # the schedule (lr_decay_start...) counts this run's updates only
+        # Adam's moments as they were when the weights were kept: a continuation then goes on where the
+        # run stopped instead of re-estimating them (a fresh Adam at 1e-3 cost 1-5 points for thousands
+        # of updates at k=50). This run's param_groups stay (learning rate, betas, eps from its config).
+        saved = meta.get("optimizer")
+        if saved and not fresh_optimizer:
+            groups = learner.optimizer_state_dict()["param_groups"]
+            learner.load_optimizer_state_dict(join_optimizer_state(tensors, saved.get("scalars", {}), groups,
+                                                                   device=learner.device))
+            init_optimizer = "restored"
+        else:
+            init_optimizer = "fresh (--fresh-optimizer)" if saved else "fresh (none saved with the weights)"
     # an exponential moving average of the weights, scored beside the live ones at every validation
     ema = WeightAverage(learner, ema_decay) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)
     budget = 60.0 * minutes
     curve, val_curve, stats_curve = [], [], []
     best, best_state, best_iter, best_kind = -float("inf"), None, 0, "live"
+    best_opt = None  # the optimizer's state when best_state was kept (for --save-weights)
     train_s, val_s, env_steps, it = 0.0, 0.0, 0, 0
     iter_seconds: list[float] = []
     next_val = budget / val_points
@@ -148,7 +161,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         return value
 
     def validate() -> None:
-        nonlocal best, best_state, best_iter, best_kind, val_s
+        nonlocal best, best_state, best_iter, best_kind, best_opt, val_s
         t0 = time.perf_counter()
         point = {"iteration": it, "train_minutes": round(train_s / 60, 3), "val_return": round(score(learner), 4)}
         if ema is not None and it > 0:
@@ -159,10 +172,12 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         if point["val_return"] > best:
             best, best_iter, best_kind = point["val_return"], it, "live"
             best_state = copy.deepcopy(learner.state_dict())
+            best_opt = copy.deepcopy(learner.optimizer_state_dict())
         if point.get("val_return_ema", -float("inf")) > best:
             best, best_iter, best_kind = point["val_return_ema"], it, "ema"
             with ema.swapped_in():  # the averaged weights with the live buffers (value statistics, update count)
                 best_state = copy.deepcopy(learner.state_dict())
+            best_opt = copy.deepcopy(learner.optimizer_state_dict())  # the live weights' moments: the closest there is
         ema_s = f"  ema {point['val_return_ema']:8.3f}" if "val_return_ema" in point else ""
         print(f"    {name}: it {it:5d}  {train_s / 60:5.1f} min  train {curve[-1][1] if curve else float('nan'):8.3f}"
               f"  val {point['val_return']:8.3f}{ema_s}  (best {best:.3f} @ {best_iter} {best_kind})", flush=True)
@@ -185,10 +200,14 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
     learner.load_state_dict(best_state)
     learner.eval()
     if save_weights:
-        write_checkpoint(save_weights, learner.state_dict(),
+        tensors = dict(learner.state_dict())
+        opt_tensors, opt_scalars = split_optimizer_state(best_opt)
+        tensors.update(opt_tensors)
+        write_checkpoint(save_weights, tensors,
                          {"format": FORMAT, "format_version": FORMAT_VERSION, "setting": name,
                           "config": learner.config.model_dump(mode="json"), "iteration": best_iter,
-                          "val_return": best, "weights": best_kind})
+                          "val_return": best, "weights": best_kind,
+                          "optimizer": {"scalars": opt_scalars, "param_groups": best_opt["param_groups"]}})
     # the kept weights, validation instances, most likely actions: which way of acting to prefer
     with torch.no_grad():
         val_greedy = float(learner.rollout(val_tasks, torch.Generator().manual_seed(VAL_SEED), greedy=True)
@@ -213,6 +232,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         "iteration_seconds": {"median": round(sorted(iter_seconds)[len(iter_seconds) // 2], 4),
                               "max": round(max(iter_seconds), 4)} if iter_seconds else None,
         "init_weights_setting": init_setting,  # the setting the starting weights were trained on (or None)
+        "init_optimizer": init_optimizer,  # with --init-weights: "restored" (Adam's saved state) or why fresh
         "best_iteration": best_iter,
         "best_val_return": best,
         "best_weights": best_kind,  # "live", or "ema": the moving average (ema_decay) scored better
@@ -293,9 +313,13 @@ def main() -> None:
                          "every validation and keep it when it scores better (default 0: off)")
     ap.add_argument("--init-weights", default=None, metavar="PATH",
                     help="start from the weights a run saved (--save-weights): of the same setting, or of one with the "
-                         "same family and arms (a shorter trial: a curriculum); one setting only")
+                         "same family and arms (a shorter trial: a curriculum), and from Adam's state saved with "
+                         "them; one setting only")
     ap.add_argument("--save-weights", default=None, metavar="PATH",
-                    help="write the kept weights (safetensors) here; one setting only")
+                    help="write the kept weights (safetensors) here, with Adam's state at that point; one setting only")
+    ap.add_argument("--fresh-optimizer", action="store_true",
+                    help="with --init-weights: start Adam afresh even where the weights came with its state "
+                         "(weights saved before 2026-12-04 never do)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 minutes, 100/200 instances")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -336,7 +360,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results[name] = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
                                     args.val_points, overrides, args.device, args.ema, args.init_weights,
-                                    args.save_weights)
+                                    args.save_weights, args.fresh_optimizer)
         results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
@@ -350,6 +374,7 @@ def main() -> None:
                                     + (f" --ema {args.ema:g}" if args.ema else "")
                                     + (f" --init-weights {args.init_weights}" if args.init_weights else "")
                                     + (f" --save-weights {args.save_weights}" if args.save_weights else "")
+                                    + (" --fresh-optimizer" if args.fresh_optimizer else "")
                                     + (" --quick" if args.quick else "") + f" --threads {args.threads}"
                                     + (f" --device {args.device}" if args.device != "cpu" else "")
                                     + "".join(f" --set {item}" for item in args.set))

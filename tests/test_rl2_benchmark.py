@@ -79,6 +79,7 @@ def test_weights_kept_at_one_trial_length_start_another_of_the_same_family(tmp_p
           "--out", str(out)])
     settings = json.loads(out.read_text())["settings"]
     assert settings["mdp-n25"]["init_weights_setting"] == "mdp-n10"
+    assert settings["mdp-n25"]["init_optimizer"] == "restored" and settings["mdp-n10"]["init_optimizer"] is None
     assert settings["mdp-n25"]["config"]["n_episodes"] == 25 and settings["mdp-n10"]["init_weights_setting"] is None
 
     # another family's weights, or the same family's with other network options: refused, saying what to pass
@@ -88,3 +89,35 @@ def test_weights_kept_at_one_trial_length_start_another_of_the_same_family(tmp_p
     shape = _rl2(["--settings", "mdp-n25", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
                   "--set", "hidden_size=16", "--out", str(out)], check=False)
     assert shape.returncode != 0 and "Pass the same --set options" in shape.stderr and "'hidden_size': 8" in shape.stderr
+
+
+def test_kept_weights_carry_adams_state_of_their_iteration_and_a_continuation_restores_it(tmp_path):
+    from metafit.training.checkpoint import read_checkpoint
+
+    weights, out = tmp_path / "w.safetensors", tmp_path / "r.json"
+    # a validation after every update (a minute's budget cut into a million slices), so any of the seven
+    # may be kept (here, on torch 2.13 CPU: the first update's): whichever was, the Adam state saved must
+    # be the one of that iteration, not the last one's
+    _rl2(["--settings", "bandit-n10-k5", "--iterations", "6", "--minutes", "1", *TINY.split(), "--set", "meta_lr=0.01",
+          "--val-points", "1000000", "--save-weights", str(weights), "--out", str(out)])
+    run = json.loads(out.read_text())["settings"]["bandit-n10-k5"]
+    meta, tensors = read_checkpoint(weights)
+    steps = [t for k, t in tensors.items() if k.startswith("optim.") and k.endswith(".step")]
+    moments = [k for k in tensors if k.startswith("optim.") and k.endswith(".exp_avg")]
+    kept = run["best_iteration"]
+    minibatch_steps = sum(row[3] for row in run["training_stats_curve"] if row[0] <= kept)
+    assert meta["iteration"] == kept and meta["optimizer"]["param_groups"]
+    if kept == 0:
+        assert not steps  # nothing had been stepped yet
+    else:
+        assert len(moments) == len(steps) > 0 and {float(t) for t in steps} == {float(minibatch_steps)}
+
+    _rl2(["--settings", "bandit-n10-k5", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+          "--out", str(out)])
+    _rl2(["--settings", "bandit-n100-k5", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+          "--fresh-optimizer", "--out", str(out)])
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["bandit-n10-k5"]["init_optimizer"] == "restored"
+    assert settings["bandit-n100-k5"]["init_optimizer"] == "fresh (--fresh-optimizer)"
+    assert "--fresh-optimizer" in settings["bandit-n100-k5"]["command"]
+
