@@ -121,3 +121,41 @@ def test_kept_weights_carry_adams_state_of_their_iteration_and_a_continuation_re
     assert settings["bandit-n100-k5"]["init_optimizer"] == "fresh (--fresh-optimizer)"
     assert "--fresh-optimizer" in settings["bandit-n100-k5"]["command"]
 
+
+def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instances(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import rl2_bandit_diagnostics as diag
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch
+
+    # two trials of four pulls in 3-armed tasks: statistics by hand
+    probs = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.8]], dtype=torch.float64)
+    actions = torch.tensor([[1, 0], [0, 2], [0, 2], [2, 2]])
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    d = diag.describe(actions, rewards, probs)
+    assert d["reward"].tolist() == [2.0, 3.0] and d["arms_tried"].tolist() == [3.0, 2.0]
+    assert d["expected"].tolist() == pytest.approx([0.5 + 0.9 + 0.9 + 0.1, 0.2 + 0.8 * 3])
+    assert (d["regret_early"] + d["regret_late"]).tolist() == pytest.approx([0.4 + 0.8, 0.6])
+
+    weights, out = tmp_path / "w.safetensors", tmp_path / "diag.json"
+    _rl2(["--settings", "bandit-n10-k5", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
+          "--out", str(tmp_path / "r.json")])
+    proc = subprocess.run([sys.executable, "benchmarks/rl2_bandit_diagnostics.py", "--weights",
+                           f"bandit-n10-k5={weights}", "--seeds", "2", "--out", str(out)], cwd=REPO, check=True,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert "gittins" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["seeds"] == 2 and "--seeds 2" in report["command"]
+    test = report["settings"]["bandit-n10-k5"]["instances"]["test"]
+    assert test["count"] == 1000
+    rows = test["agents"]
+    for r in rows.values():
+        assert 1.0 <= r["arms_tried"] <= 5.0 and 0.0 <= r["last20_p"] <= 1.0
+        assert abs(r["reward"] - r["expected"]) < 4 * r["reward_ci95_one_seed"]  # one estimate of one mean
+    # Bayes-optimal play beats an agent trained for one tiny update
+    assert rows["gittins"]["expected"] > rows["rl2_sampled"]["expected"]
+    bad = subprocess.run([sys.executable, "benchmarks/rl2_bandit_diagnostics.py", "--weights", f"mdp-n10={weights}"],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert bad.returncode != 0 and "a bandit setting of benchmarks/rl2.py" in bad.stderr
