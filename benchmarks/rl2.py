@@ -10,7 +10,8 @@
 Protocol. Each setting trains a fresh learner for a wall-clock budget (``--minutes``, training
 time only) on tasks sampled from the family. Every tenth of the budget the policy is scored on
 *validation* instances -- the baselines' separate tuning instances (seed 2000 + 31 k for bandits,
-2000 for MDPs) -- and the best-scoring weights are kept. Those weights then play one trial in
+2000 for MDPs), one trial each (``--val-seeds``: one per noise seed, averaged) -- and the
+best-scoring weights are kept. Those weights then play one trial in
 each of the 1000 evaluation instances of rl_baselines.py (tasks from seed 1000 + 31 k / 1000;
 RL² samples its actions, as in the paper). The tasks are the baselines' tasks; the reward noise
 is drawn from a generator seeded with 1001 through ``RL2.evaluate``, so it is not the same
@@ -113,7 +114,7 @@ def make_setting(name: str, val_instances: int, eval_instances: int):
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
                 eval_instances: int, val_points: int, overrides: dict | None = None,
                 device: str = "cpu", ema_decay: float = 0.0, init_weights: str | None = None,
-                save_weights: str | None = None, fresh_optimizer: bool = False) -> dict:
+                save_weights: str | None = None, fresh_optimizer: bool = False, val_seeds: int = 1) -> dict:
     family, cfg, eval_tasks, val_tasks = make_setting(name, val_instances, eval_instances)
     cfg.update(overrides or {})
     torch.manual_seed(INIT_SEED)
@@ -156,7 +157,9 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
 
     def score(model: RL2) -> float:
         model.eval()
-        value = float(model.evaluate(val_tasks, torch.Generator().manual_seed(VAL_SEED)).sum(1).mean())
+        # one trial per validation instance and noise seed: more seeds, less noise in which weights are kept
+        value = sum(float(model.evaluate(val_tasks, torch.Generator().manual_seed(VAL_SEED + i)).sum(1).mean())
+                    for i in range(val_seeds)) / val_seeds
         model.train()
         return value
 
@@ -210,8 +213,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
                           "optimizer": {"scalars": opt_scalars, "param_groups": best_opt["param_groups"]}})
     # the kept weights, validation instances, most likely actions: which way of acting to prefer
     with torch.no_grad():
-        val_greedy = float(learner.rollout(val_tasks, torch.Generator().manual_seed(VAL_SEED), greedy=True)
-                           .episode_returns.sum(1).mean())
+        val_greedy = sum(float(learner.rollout(val_tasks, torch.Generator().manual_seed(VAL_SEED + i), greedy=True)
+                               .episode_returns.sum(1).mean()) for i in range(val_seeds)) / val_seeds
     t0 = time.perf_counter()
     returns = learner.evaluate(eval_tasks, torch.Generator().manual_seed(EVAL_ENV_SEED))
     eval_s = time.perf_counter() - t0
@@ -238,6 +241,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         "best_weights": best_kind,  # "live", or "ema": the moving average (ema_decay) scored better
         "ema_decay": ema_decay,
         "val_points": val_points,
+        "val_seeds": val_seeds,  # noise seeds per validation (VAL_SEED, VAL_SEED + 1, ...), averaged
         # (iteration, mean training return), at most ~1000 points: every stride-th iteration, and the last
         "learning_curve_stride": (stride := -(-len(curve) // 1000) or 1),
         "learning_curve": _thin(curve, stride),
@@ -308,6 +312,10 @@ def main() -> None:
     ap.add_argument("--val-instances", type=int, default=500, help="validation instances (baselines' tuning seed)")
     ap.add_argument("--instances", type=int, default=1000, help="evaluation instances")
     ap.add_argument("--val-points", type=int, default=10, help="validations per setting")
+    ap.add_argument("--val-seeds", type=int, default=1,
+                    help="noise seeds per validation, scores averaged (default 1): at n=100 one seed's score moves "
+                         "by 0.3-1.0 with the seed alone (benchmarks/rl2_bandit_diagnostics.py), as much as the "
+                         "differences between late checkpoints; each seed costs one more pass over the instances")
     ap.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                     help="also keep an exponential moving average of the weights (e.g. 0.995), score it at "
                          "every validation and keep it when it scores better (default 0: off)")
@@ -332,6 +340,8 @@ def main() -> None:
         ap.error(f"--settings must name settings from {', '.join(SETTINGS)}; got {', '.join(unknown)}")
     if (args.init_weights or args.save_weights) and len(names) != 1:
         ap.error("--init-weights and --save-weights need exactly one setting in --settings")
+    if args.val_seeds < 1:
+        ap.error(f"--val-seeds must be at least 1; got {args.val_seeds}")
     if args.quick:
         args.minutes, args.val_instances, args.instances, args.val_points = 0.1, 100, 200, 2
     import yaml
@@ -360,7 +370,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results[name] = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
                                     args.val_points, overrides, args.device, args.ema, args.init_weights,
-                                    args.save_weights, args.fresh_optimizer)
+                                    args.save_weights, args.fresh_optimizer, args.val_seeds)
         results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
@@ -371,6 +381,7 @@ def main() -> None:
                                        if args.val_instances != 500 and not args.quick else "")
                                     + (f" --instances {args.instances}"
                                        if args.instances != 1000 and not args.quick else "")
+                                    + (f" --val-seeds {args.val_seeds}" if args.val_seeds != 1 else "")
                                     + (f" --ema {args.ema:g}" if args.ema else "")
                                     + (f" --init-weights {args.init_weights}" if args.init_weights else "")
                                     + (f" --save-weights {args.save_weights}" if args.save_weights else "")

@@ -159,3 +159,24 @@ def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instan
     bad = subprocess.run([sys.executable, "benchmarks/rl2_bandit_diagnostics.py", "--weights", f"mdp-n10={weights}"],
                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
     assert bad.returncode != 0 and "a bandit setting of benchmarks/rl2.py" in bad.stderr
+
+
+def test_validation_over_several_noise_seeds_averages_one_score_per_seed():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import rl2 as bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch
+    from metafit.rl.rl2 import RL2
+
+    tiny = {"meta_batch_size": 8, "hidden_size": 8}
+    result = bench.run_setting("bandit-n10-k5", 1.0, 0, 16, 16, 1, dict(tiny), val_seeds=3)
+    assert result["val_seeds"] == 3 and result["iterations"] == 0
+    family, cfg, _, val_tasks = bench.make_setting("bandit-n10-k5", 16, 16)
+    torch.manual_seed(bench.INIT_SEED)  # the untrained network run_setting scored
+    learner = RL2(dict(cfg, **tiny), family).eval()
+    per_seed = [float(learner.evaluate(val_tasks, torch.Generator().manual_seed(bench.VAL_SEED + i)).sum(1).mean())
+                for i in range(3)]
+    assert result["best_val_return"] == pytest.approx(sum(per_seed) / 3)
+    assert len(set(per_seed)) > 1  # the seeds differ: the average is not one seed's score
