@@ -163,6 +163,20 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         model.train()
         return value
 
+    def keep_weights() -> None:
+        """Write the weights kept so far (with Adam's state at that point) to --save-weights, atomically:
+        a run stopped or lost part-way leaves its best weights behind, not nothing."""
+        if not save_weights:
+            return
+        tensors = dict(best_state)
+        opt_tensors, opt_scalars = split_optimizer_state(best_opt)
+        tensors.update(opt_tensors)
+        write_checkpoint(save_weights, tensors,
+                         {"format": FORMAT, "format_version": FORMAT_VERSION, "setting": name,
+                          "config": learner.config.model_dump(mode="json"), "iteration": best_iter,
+                          "val_return": best, "weights": best_kind,
+                          "optimizer": {"scalars": opt_scalars, "param_groups": best_opt["param_groups"]}})
+
     def validate() -> None:
         nonlocal best, best_state, best_iter, best_kind, best_opt, val_s
         t0 = time.perf_counter()
@@ -170,8 +184,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         if ema is not None and it > 0:
             with ema.swapped_in():
                 point["val_return_ema"] = round(score(learner), 4)
-        val_s += time.perf_counter() - t0
         val_curve.append(point)
+        kept_before = best
         if point["val_return"] > best:
             best, best_iter, best_kind = point["val_return"], it, "live"
             best_state = copy.deepcopy(learner.state_dict())
@@ -181,6 +195,9 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
             with ema.swapped_in():  # the averaged weights with the live buffers (value statistics, update count)
                 best_state = copy.deepcopy(learner.state_dict())
             best_opt = copy.deepcopy(learner.optimizer_state_dict())  # the live weights' moments: the closest there is
+        if best != kept_before:
+            keep_weights()
+        val_s += time.perf_counter() - t0
         ema_s = f"  ema {point['val_return_ema']:8.3f}" if "val_return_ema" in point else ""
         print(f"    {name}: it {it:5d}  {train_s / 60:5.1f} min  train {curve[-1][1] if curve else float('nan'):8.3f}"
               f"  val {point['val_return']:8.3f}{ema_s}  (best {best:.3f} @ {best_iter} {best_kind})", flush=True)
@@ -200,17 +217,8 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
         if train_s >= next_val or train_s >= budget or (max_iterations is not None and it >= max_iterations):
             validate()
             next_val += budget / val_points
-    learner.load_state_dict(best_state)
+    learner.load_state_dict(best_state)  # --save-weights already holds these (written when they were kept)
     learner.eval()
-    if save_weights:
-        tensors = dict(learner.state_dict())
-        opt_tensors, opt_scalars = split_optimizer_state(best_opt)
-        tensors.update(opt_tensors)
-        write_checkpoint(save_weights, tensors,
-                         {"format": FORMAT, "format_version": FORMAT_VERSION, "setting": name,
-                          "config": learner.config.model_dump(mode="json"), "iteration": best_iter,
-                          "val_return": best, "weights": best_kind,
-                          "optimizer": {"scalars": opt_scalars, "param_groups": best_opt["param_groups"]}})
     # the kept weights, validation instances, most likely actions: which way of acting to prefer
     with torch.no_grad():
         val_greedy = sum(float(learner.rollout(val_tasks, torch.Generator().manual_seed(VAL_SEED + i), greedy=True)
@@ -324,7 +332,8 @@ def main() -> None:
                          "same family and arms (a shorter trial: a curriculum), and from Adam's state saved with "
                          "them; one setting only")
     ap.add_argument("--save-weights", default=None, metavar="PATH",
-                    help="write the kept weights (safetensors) here, with Adam's state at that point; one setting only")
+                    help="write the kept weights (safetensors) here, with Adam's state at that point, each time the "
+                         "kept weights change (so a stopped run leaves its best so far); one setting only")
     ap.add_argument("--fresh-optimizer", action="store_true",
                     help="with --init-weights: start Adam afresh even where the weights came with its state "
                          "(weights saved before 2026-12-04 never do)")

@@ -180,3 +180,34 @@ def test_validation_over_several_noise_seeds_averages_one_score_per_seed():
                 for i in range(3)]
     assert result["best_val_return"] == pytest.approx(sum(per_seed) / 3)
     assert len(set(per_seed)) > 1  # the seeds differ: the average is not one seed's score
+
+
+def test_a_run_that_fails_part_way_leaves_the_weights_kept_so_far(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import rl2 as bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from metafit.rl.rl2 import RL2
+    from metafit.training.checkpoint import read_checkpoint
+
+    calls = {"n": 0}
+    real = RL2.train_iteration
+
+    def failing(self, gen):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the machine went away")
+        return real(self, gen)
+
+    monkeypatch.setattr(RL2, "train_iteration", failing)
+    weights = tmp_path / "w.safetensors"
+    with pytest.raises(RuntimeError, match="went away"):
+        # a validation after every update: the kept weights are written at each new best
+        bench.run_setting("bandit-n10-k5", 1.0, 6, 16, 16, 1_000_000, {"meta_batch_size": 8, "hidden_size": 8},
+                          save_weights=str(weights))
+    meta, tensors = read_checkpoint(weights)
+    assert meta["setting"] == "bandit-n10-k5" and meta["iteration"] in (0, 1, 2)
+    assert "optimizer" in meta and any(not k.startswith("optim.") for k in tensors)
+    learner = RL2(meta["config"], bench.make_setting("bandit-n10-k5", 16, 16)[0])
+    learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})  # loads whole
