@@ -71,6 +71,16 @@ def _rl2(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
 
 
+def _bench_module():
+    """benchmarks/rl2.py imported as a module (for run_setting and its constants)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import rl2
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return rl2
+
+
 def test_weights_kept_at_one_trial_length_start_another_of_the_same_family(tmp_path):
     weights, out = tmp_path / "mdp10.safetensors", tmp_path / "r.json"
     _rl2(["--settings", "mdp-n10", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
@@ -162,11 +172,7 @@ def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instan
 
 
 def test_validation_over_several_noise_seeds_averages_one_score_per_seed():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import rl2 as bench
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench = _bench_module()
     import torch
     from metafit.rl.rl2 import RL2
 
@@ -183,11 +189,7 @@ def test_validation_over_several_noise_seeds_averages_one_score_per_seed():
 
 
 def test_a_run_that_fails_part_way_leaves_the_weights_kept_so_far(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import rl2 as bench
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench = _bench_module()
     from metafit.rl.rl2 import RL2
     from metafit.training.checkpoint import read_checkpoint
 
