@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from metafit import rl
+from metafit.errors import ConfigError
 from metafit.rl.rl2 import RL2
 from metafit.training.checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, read_checkpoint,
                                          split_optimizer_state, write_checkpoint)
@@ -114,12 +115,13 @@ def make_setting(name: str, val_instances: int, eval_instances: int):
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
                 eval_instances: int, val_points: int, overrides: dict | None = None,
                 device: str = "cpu", ema_decay: float = 0.0, init_weights: str | None = None,
-                save_weights: str | None = None, fresh_optimizer: bool = False, val_seeds: int = 1) -> dict:
+                save_weights: str | None = None, fresh_optimizer: bool = False, val_seeds: int = 1,
+                widen: bool = False) -> dict:
     family, cfg, eval_tasks, val_tasks = make_setting(name, val_instances, eval_instances)
     cfg.update(overrides or {})
     torch.manual_seed(INIT_SEED)
     learner = RL2(cfg, family).to(device)
-    init_setting, init_optimizer = None, None
+    init_setting, init_optimizer, init_hidden = None, None, None
     if init_weights:  # continue from weights an earlier run kept (with its Adam state, where it saved one)
         meta, tensors = read_checkpoint(init_weights)
         init_setting = meta.get("setting")
@@ -127,23 +129,31 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
             raise SystemExit(f"--init-weights must come from a run of {name} or of another setting with the same "
                              f"observations and actions ({', '.join(s for s in SETTINGS if same_network(s, name))}); "
                              f"{init_weights} is from {init_setting}. Pass weights saved by --save-weights.")
-        try:
-            learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-        except RuntimeError as exc:
-            raise SystemExit(f"--init-weights {init_weights} does not fit this network ({exc}). Pass the same "
-                             f"--set options the run that saved it used: {meta.get('config')}") from None
-        learner.start_new_run()  # the schedule (lr_decay_start...) counts this run's updates only
+        weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
         # Adam's moments as they were when the weights were kept: a continuation then goes on where the
         # run stopped instead of re-estimating them (a fresh Adam at 1e-3 cost 1-5 points for thousands
         # of updates at k=50). This run's param_groups stay (learning rate, betas, eps from its config).
         saved = meta.get("optimizer")
+        opt_state = None
         if saved and not fresh_optimizer:
             groups = learner.optimizer_state_dict()["param_groups"]
-            learner.load_optimizer_state_dict(join_optimizer_state(tensors, saved.get("scalars", {}), groups,
-                                                                   device=learner.device))
+            opt_state = join_optimizer_state(tensors, saved.get("scalars", {}), groups, device=learner.device)
             init_optimizer = "restored"
         else:
             init_optimizer = "fresh (--fresh-optimizer)" if saved else "fresh (none saved with the weights)"
+        try:
+            if widen:  # a narrower network's weights in this wider one, computing the same policy and value
+                init_hidden = int(weights["gru.weight_hh_l0"].shape[1])
+                learner.load_widened(weights, opt_state)
+            else:
+                learner.load_state_dict(weights)
+                if opt_state is not None:
+                    learner.load_optimizer_state_dict(opt_state)
+        except (RuntimeError, ConfigError, KeyError) as exc:
+            raise SystemExit(f"--init-weights {init_weights} does not fit this network ({exc}). Pass the same "
+                             f"--set options the run that saved it used (with --widen: all but hidden_size): "
+                             f"{meta.get('config')}") from None
+        learner.start_new_run()  # the schedule (lr_decay_start...) counts this run's updates only
     # an exponential moving average of the weights, scored beside the live ones at every validation
     ema = WeightAverage(learner, ema_decay) if ema_decay else None
     gen = torch.Generator().manual_seed(TRAIN_SEED)
@@ -244,6 +254,7 @@ def run_setting(name: str, minutes: float, max_iterations: int | None, val_insta
                               "max": round(max(iter_seconds), 4)} if iter_seconds else None,
         "init_weights_setting": init_setting,  # the setting the starting weights were trained on (or None)
         "init_optimizer": init_optimizer,  # with --init-weights: "restored" (Adam's saved state) or why fresh
+        "init_widened_from": init_hidden,  # with --widen: the kept network's GRU units (else None)
         "best_iteration": best_iter,
         "best_val_return": best,
         "best_weights": best_kind,  # "live", or "ema": the moving average (ema_decay) scored better
@@ -337,6 +348,10 @@ def main() -> None:
     ap.add_argument("--fresh-optimizer", action="store_true",
                     help="with --init-weights: start Adam afresh even where the weights came with its state "
                          "(weights saved before 2026-12-04 never do)")
+    ap.add_argument("--widen", action="store_true",
+                    help="with --init-weights and a larger --set hidden_size: load the narrower network's weights "
+                         "into the wider one so that it plays exactly the same policy at the start "
+                         "(RL2.load_widened); Adam's saved moments are widened with zeros")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 minutes, 100/200 instances")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -349,6 +364,8 @@ def main() -> None:
         ap.error(f"--settings must name settings from {', '.join(SETTINGS)}; got {', '.join(unknown)}")
     if (args.init_weights or args.save_weights) and len(names) != 1:
         ap.error("--init-weights and --save-weights need exactly one setting in --settings")
+    if args.widen and not args.init_weights:
+        ap.error("--widen needs --init-weights (the narrower network's weights) and a larger --set hidden_size")
     if args.val_seeds < 1:
         ap.error(f"--val-seeds must be at least 1; got {args.val_seeds}")
     if args.quick:
@@ -379,7 +396,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results[name] = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
                                     args.val_points, overrides, args.device, args.ema, args.init_weights,
-                                    args.save_weights, args.fresh_optimizer, args.val_seeds)
+                                    args.save_weights, args.fresh_optimizer, args.val_seeds, args.widen)
         results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
@@ -395,6 +412,7 @@ def main() -> None:
                                     + (f" --init-weights {args.init_weights}" if args.init_weights else "")
                                     + (f" --save-weights {args.save_weights}" if args.save_weights else "")
                                     + (" --fresh-optimizer" if args.fresh_optimizer else "")
+                                    + (" --widen" if args.widen else "")
                                     + (" --quick" if args.quick else "") + f" --threads {args.threads}"
                                     + (f" --device {args.device}" if args.device != "cpu" else "")
                                     + "".join(f" --set {item}" for item in args.set))

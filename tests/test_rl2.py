@@ -434,6 +434,76 @@ def test_state_without_the_iteration_counter_still_loads():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in old.items())
 
 
+@pytest.mark.parametrize("family, opts", [
+    (BanditFamily(n_arms=4), dict(head_hidden_size=0)),
+    (BanditFamily(n_arms=4), dict(head_hidden_size=6, time_input=True)),
+    (TabularMDPFamily(n_states=4, n_actions=3, horizon=3), dict(head_hidden_size=6, transition_input=True)),
+])
+def test_a_widened_network_computes_what_the_narrow_one_did(family, opts):
+    """``load_widened``: the first units are the narrow network's; the new ones read everything and
+    write nothing, so every step's logits and values are the narrow network's (float64: to rounding),
+    and a rollout plays the same actions; the new units still receive gradients."""
+    narrow = _learner(family, n_episodes=3, **opts).double()
+    narrow.train_iteration(torch.Generator().manual_seed(0))  # trained weights and value statistics
+    wide = _learner(family, seed=9, n_episodes=3, hidden_size=13, **opts).double()
+    wide.load_widened(narrow.state_dict())
+    tasks = family.sample_tasks(6, torch.Generator().manual_seed(1))
+    ro = narrow.rollout(tasks, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        h_n, h_w = narrow.sequence(ro.inputs), wide.sequence(ro.inputs)
+        assert torch.allclose(h_w[..., :8], h_n, atol=1e-12, rtol=0)  # the old units, unchanged
+        assert float(h_w[..., 8:].abs().max()) > 1e-3  # the new units are active ...
+        assert torch.allclose(wide._dist(h_w).logits, narrow._dist(h_n).logits, atol=1e-12, rtol=0)
+        assert torch.allclose(wide._value(h_w), narrow._value(h_n), atol=1e-12, rtol=0)
+    ro_w = wide.rollout(tasks, torch.Generator().manual_seed(2))
+    assert torch.equal(ro_w.actions, ro.actions)
+    # ... and learn: the heads' weights from them get a gradient, as do the old units' weights from them
+    loss, _ = wide.loss(ro_w, torch.randn_like(ro_w.rewards) * ro_w.mask, ro_w.values + 1.0,
+                        torch.arange(ro_w.mask.shape[1]))
+    loss.backward()
+    first = wide.policy_head[0] if opts["head_hidden_size"] else wide.policy_head
+    assert float(first.weight.grad[:, 8:].abs().sum()) > 0
+    assert float(wide.gru.weight_hh_l0.grad[:8, 8:].abs().sum()) > 0
+
+
+def test_widening_embeds_adams_moments_and_training_goes_on():
+    fam = BanditFamily(n_arms=3)
+    narrow = _learner(fam, n_episodes=3, head_hidden_size=5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        narrow.train_iteration(g)
+    wide = _learner(fam, seed=3, n_episodes=3, head_hidden_size=5, hidden_size=11)
+    wide.load_widened(narrow.state_dict(), narrow.optimizer_state_dict())
+    old, new = narrow.optimizer_state_dict()["state"], wide.optimizer_state_dict()["state"]
+    names = [n for n, _ in wide.named_parameters()]
+    hh = names.index("gru.weight_hh_l0")
+    rows = torch.cat([torch.arange(g * 11, g * 11 + 8) for g in range(3)])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(new[hh][key][rows][:, :8], old[hh][key])
+        assert float(new[hh][key][:, 8:].abs().sum()) == 0 and float(new[hh][key][rows.max() + 1:].abs().sum()) == 0
+        head = names.index("policy_head.0.weight")
+        assert torch.equal(new[head][key][:, :8], old[head][key]) and float(new[head][key][:, 8:].abs().sum()) == 0
+    assert all(float(new[i]["step"]) == float(old[i]["step"]) for i in old)
+    assert all(new[i]["exp_avg"].shape == p.shape for i, p in enumerate(wide.parameters()))
+    before = copy.deepcopy(wide.state_dict())
+    stats = wide.train_iteration(g)
+    assert stats["updates"] > 0
+    assert not torch.equal(before["gru.weight_hh_l0"], wide.state_dict()["gru.weight_hh_l0"])
+
+
+def test_widening_errors_name_the_problem():
+    fam = BanditFamily(n_arms=3)
+    narrow = _learner(fam, n_episodes=3)
+    with pytest.raises(ConfigError, match="hidden_size.*larger"):
+        _learner(fam, n_episodes=3).load_widened(narrow.state_dict())
+    with pytest.raises(ConfigError, match="cell"):
+        _learner(fam, n_episodes=3, hidden_size=12, cell="ln-gru").load_widened(narrow.state_dict())
+    with pytest.raises(ConfigError, match="lack.*same options"):  # a head layer the narrow network lacks
+        _learner(fam, n_episodes=3, hidden_size=12, head_hidden_size=4).load_widened(narrow.state_dict())
+    with pytest.raises(ConfigError, match="shape.*more than"):   # other inputs
+        _learner(fam, n_episodes=3, hidden_size=12, time_input=True).load_widened(narrow.state_dict())
+
+
 # -------------------------------------------------------------------------------------- errors
 
 

@@ -132,6 +132,29 @@ def test_kept_weights_carry_adams_state_of_their_iteration_and_a_continuation_re
     assert "--fresh-optimizer" in settings["bandit-n100-k5"]["command"]
 
 
+def test_widen_starts_a_wider_network_that_scores_what_the_kept_one_did(tmp_path):
+    weights, out = tmp_path / "w.safetensors", tmp_path / "r.json"
+    _rl2(["--settings", "mdp-n10", "--iterations", "2", *TINY.split(), "--set", "transition_input=true",
+          "--val-points", "1000000", "--minutes", "1", "--save-weights", str(weights), "--out", str(out)])
+    _rl2(["--settings", "mdp-n10", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+          "--set", "transition_input=true", "--out", str(tmp_path / "narrow.json")])
+    _rl2(["--settings", "mdp-n10", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+          "--set", "transition_input=true", "--set", "hidden_size=20", "--widen", "--out", str(out)])
+    narrow = json.loads((tmp_path / "narrow.json").read_text())["settings"]["mdp-n10"]
+    wide = json.loads(out.read_text())["settings"]["mdp-n10"]
+    assert wide["config"]["hidden_size"] == 20 and wide["init_widened_from"] == 8 and "--widen" in wide["command"]
+    assert wide["init_optimizer"] == "restored" and narrow["init_widened_from"] is None
+    # the same policy: the same validation score (the same sampled actions; float32 rounding aside)
+    assert wide["best_val_return"] == pytest.approx(narrow["best_val_return"], abs=1e-3)
+    assert wide["eval"]["mean"] == pytest.approx(narrow["eval"]["mean"], abs=1e-3)
+    # without a larger hidden_size, or without weights: refused, saying what to pass
+    same = _rl2(["--settings", "mdp-n10", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+                 "--set", "transition_input=true", "--widen", "--out", str(out)], check=False)
+    assert same.returncode != 0 and "Set hidden_size above" in same.stderr
+    bare = _rl2(["--settings", "mdp-n10", "--iterations", "0", "--widen", "--out", str(out)], check=False)
+    assert bare.returncode != 0 and "--widen needs --init-weights" in bare.stderr
+
+
 def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instances(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

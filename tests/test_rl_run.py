@@ -308,6 +308,18 @@ def test_init_from_starts_a_run_from_another_runs_weights_with_a_longer_trial(tm
     with pytest.raises(CheckpointError, match=r"same network.*'hidden_size': \(8, 16\)"):
         train_rl(load_rl_config({**longer, "learner": {**learner, "hidden_size": 16},
                                  "train": {**tiny, "init_from": str(src)}}))
+    # a wider network started from the narrower one's weights (train.init_widen): the same policy at the start
+    wider = load_rl_config({**longer, "out_dir": str(tmp_path / "wide"), "learner": {**longer["learner"], "hidden_size": 16},
+                            "train": {**tiny, "init_from": str(src), "init_widen": True}})
+    widened = build_learner(wider)
+    _init_from(widened, str(src), wider)
+    tasks = widened.family.sample_tasks(6, torch.Generator().manual_seed(3))
+    assert torch.allclose(widened.evaluate(tasks, torch.Generator().manual_seed(4)),
+                          started.evaluate(tasks, torch.Generator().manual_seed(4)), atol=1e-4)
+    assert train_rl(wider, test=False)["iterations"] == 1
+    with pytest.raises(ConfigError, match="Set hidden_size above"):
+        _init_from(build_learner(config), str(src), load_rl_config({**longer, "train": {**tiny, "init_from": str(src),
+                                                                                         "init_widen": True}}))
     train_rl(load_rl_config(_cfg(tmp_path, "picker", iterations=2)), test=False)
     with pytest.raises(CheckpointError, match="of learner 'rl2'.*'arm-picker'"):
         train_rl(load_rl_config({**longer, "train": {**tiny, "init_from": str(tmp_path / "picker" / "best.safetensors")}}))

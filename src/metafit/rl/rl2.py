@@ -323,6 +323,94 @@ class RL2(RLLearner):
         frac = min(max(int(self.iterations_done) - cfg.lr_decay_start, 0) / cfg.lr_decay_iterations, 1.0)
         return cfg.meta_lr * (1.0 - (1.0 - cfg.final_lr_fraction) * frac)
 
+    def load_widened(self, state_dict: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> None:
+        """Load the weights of a *narrower* network (same config but ``hidden_size``) so that this
+        network computes exactly what that one did (function-preserving widening; Net2Net, Chen et
+        al. 2016, replicates units instead, here the new units' outgoing weights start at zero).
+
+        The first ``h`` units of this GRU are the old network's units with its weights; the extra
+        units keep this network's fresh initialisation for what they *read* (inputs and every unit's
+        state), while everything they *write* is zero: the old units' recurrent weights from them and
+        the heads' weights from them. The old units, the policy and the value are therefore unchanged
+        at every step, whatever the new units hold, and the new units start learning at once (the
+        gradient of a zero outgoing weight is the unit's state, which is not zero). ``optimizer_state``
+        (an ``optimizer.state_dict()`` of the narrower network's Adam) is embedded the same way: the old
+        entries' moments are kept and the new entries' are zero. Only ``cell="gru"`` with
+        ``value_network="shared"``."""
+        cfg = self.config
+        if cfg.cell != "gru" or cfg.value_network != "shared":
+            raise ConfigError(constraint_message(
+                OWNER, "cell / value_network", "'gru' / 'shared' to widen kept weights",
+                f"{cfg.cell!r} / {cfg.value_network!r}", "Widen a network with the default cell and a shared critic."))
+        H2 = cfg.hidden_size
+        key = "gru.weight_hh_l0"
+        if key not in state_dict:
+            raise ConfigError(f"{OWNER}: the weights to widen have no {key!r}: they are not an RL2 network with "
+                              "cell='gru'. Pass the state dict of an RL2 learner of the same family.")
+        H = state_dict[key].shape[1]
+        if H >= H2:
+            raise ConfigError(constraint_message(
+                OWNER, "hidden_size", f"larger than the kept weights' {H} units to widen them", H2,
+                "Set hidden_size above the kept network's, or load the weights with load_state_dict."))
+        gate_rows = torch.cat([torch.arange(g * H2, g * H2 + H) for g in range(3)])
+        first_head_layers = [f"{h}.0.weight" if cfg.head_hidden_size else f"{h}.weight"
+                             for h in ("policy_head", "value_head")]
+
+        def old_index(name: str) -> tuple:
+            """Where the old tensor's entries sit in this network's tensor ``name``."""
+            if name == "gru.weight_hh_l0":
+                return (gate_rows, slice(0, H))
+            if name.startswith("gru."):
+                return (gate_rows,)
+            if name in first_head_layers:
+                return (slice(None), slice(0, H))
+            return (Ellipsis,)
+
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        if missing:
+            raise ConfigError(f"{OWNER}: the weights to widen lack {missing}: they come from a network with other "
+                              "options. Pass the same options (except hidden_size) the run that kept them used.")
+        new_state = {}
+        with torch.no_grad():
+            for name, mine in own.items():
+                old = state_dict[name]
+                idx = old_index(name)
+                if old.shape != mine[idx].shape:
+                    raise ConfigError(f"{OWNER}: {name!r} has shape {tuple(old.shape)} in the weights to widen, "
+                                      f"{tuple(mine[idx].shape)} expected here: the networks differ in more than "
+                                      "hidden_size. Pass the options the run that kept them used.")
+                if idx == (Ellipsis,):
+                    new_state[name] = old.clone()
+                    continue
+                out = mine.clone()
+                if name == "gru.weight_hh_l0":
+                    out[gate_rows, H:] = 0  # the old units do not read the new ones
+                elif name in first_head_layers:
+                    out[:, H:] = 0          # the heads do not read the new units
+                out[idx] = old.to(out)
+                new_state[name] = out
+        self.load_state_dict(new_state)
+        if optimizer_state is None:
+            return
+        names = [n for n, _ in self.named_parameters()]
+        params = dict(self.named_parameters())
+        state = {}
+        for pid, st in optimizer_state.get("state", {}).items():
+            name = names[int(pid)]
+            p = params[name]
+            idx = old_index(name)
+            entry = {}
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                    out = torch.zeros_like(p)
+                    out[idx] = v.to(out)
+                    entry[k] = out
+                else:
+                    entry[k] = v.clone() if torch.is_tensor(v) else v
+            state[int(pid)] = entry
+        self.load_optimizer_state_dict({"state": state, "param_groups": self.optimizer_state_dict()["param_groups"]})
+
     @property
     def device(self) -> torch.device:
         return self._out(self.value_head).weight.device

@@ -83,6 +83,11 @@ class RLTrainConfig(ConfigModel):
                           "settings and trial length may differ, e.g. RL2 trained on 10-episode trials "
                           "continued on 25) with a fresh optimizer; relative paths are from the working "
                           "directory. Ignored by --resume, which restores last.safetensors")
+    init_widen: bool = Field(
+        False, description="with init_from: the checkpoint holds a narrower network (RL2 with fewer "
+                           "hidden_size units, every other network setting the same); load it into this "
+                           "wider one so that the run starts from exactly the policy and value it kept "
+                           "(RL2.load_widened: the new units start with zero outgoing weights)")
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(True, description="write TensorBoard event files (needs the tensorboard package)")
 
@@ -267,7 +272,14 @@ def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
     learner = build_learner(config)
     state = model_state(tensors)
     try:
-        learner.load_state_dict(state)
+        if config.train.init_widen:
+            if not hasattr(learner, "load_widened"):
+                raise CheckpointError(
+                    f"RL: train.init_widen needs a learner that can widen kept weights (rl2); "
+                    f"{config.learner.name!r} cannot. Set train.init_widen=false.")
+            learner.load_widened(state)
+        else:
+            learner.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(
             f"Checkpoint: tensors of {str(path)!r} must match the learner its config describes; got "
@@ -294,7 +306,14 @@ def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
             f"of {meta.get('learner') or meta.get('algorithm')!r}. Pass a checkpoint this learner wrote.")
     state = model_state(tensors)
     try:
-        learner.load_state_dict(state)
+        if config.train.init_widen:
+            if not hasattr(learner, "load_widened"):
+                raise CheckpointError(
+                    f"RL: train.init_widen needs a learner that can widen kept weights (rl2); "
+                    f"{config.learner.name!r} cannot. Set train.init_widen=false.")
+            learner.load_widened(state)
+        else:
+            learner.load_state_dict(state)
     except RuntimeError as err:
         theirs = (meta.get("config") or {}).get("learner", {})
         ours = config.learner.model_dump(mode="json")
