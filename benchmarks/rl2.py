@@ -20,7 +20,12 @@ Cells are the mean total reward per trial with a 95% confidence half-width
 (1.96 sd / sqrt(1000)). The same weights are also scored taking the most likely action
 ("greedy" column; not the paper's protocol), on the validation instances too, so that which way of
 acting is better can be decided without the evaluation instances. Writes (and merges into)
-benchmarks/results/rl2.json.
+benchmarks/results/rl2.json (``--out``) without losing an earlier run: a run becomes its setting's
+main entry and the one it replaces is kept as a variant inside it (``--previous-as``), or it is
+filed as a named variant (``--variant``); ``--merge`` records a run written to another file.
+
+    python benchmarks/rl2.py --settings mdp-n25 --minutes 100 --out /tmp/mdp.json     # a run apart
+    python benchmarks/rl2.py --settings mdp-n25 --merge /tmp/mdp.json --variant variant_long_run
 """
 
 from __future__ import annotations
@@ -283,6 +288,73 @@ def _thin(points: list, stride: int) -> list:
     return points[::stride] + ([points[-1]] if points and (len(points) - 1) % stride else [])
 
 
+# a variant's learning and training-statistics curves are kept at about this many points (main
+# entries keep up to ~1000): the file holds dozens of variants, their figures and validation curves whole
+VARIANT_CURVE_POINTS = 250
+
+
+def _is_entry(value) -> bool:
+    """A run's entry (a main entry's nested variants are entries too)."""
+    return isinstance(value, dict) and "eval" in value and "config" in value
+
+
+def _own_fields(entry: dict) -> dict:
+    """The run itself, without the variants nested in it."""
+    return {k: v for k, v in entry.items() if not _is_entry(v)}
+
+
+def thin_variant(entry: dict, max_points: int = VARIANT_CURVE_POINTS) -> dict:
+    """A copy of a run's own fields with its per-update curves thinned to at most about
+    ``max_points``: every ``learning_curve_stride``-th update (the stride grows by the factor
+    applied) and the last; figures and the validation curve are kept whole."""
+    out = copy.deepcopy(_own_fields(entry))
+    curve = out.get("learning_curve") or []
+    factor = -(-len(curve) // max_points)
+    if factor > 1:
+        for key in ("learning_curve", "training_stats_curve"):
+            if key in out:
+                out[key] = _thin(out[key], factor)
+        out["learning_curve_stride"] = out.get("learning_curve_stride", 1) * factor
+    return out
+
+
+def record(results: dict, setting: str, entry: dict, variant: str | None = None,
+           previous_as: str | None = None) -> str:
+    """Put a run's ``entry`` into ``results`` (the ``settings`` of rl2.json) without losing any
+    earlier run, and return the key it was filed under.
+
+    With ``variant``, the run is filed (curves thinned) under that name inside the setting's main
+    entry, which stays as it is. Without, it becomes the setting's main entry: the variants nested
+    in the old one move to it, and the old main run itself becomes a variant named ``previous_as``
+    (default ``previous_run``, or ``previous_run_2``, ... where taken). Names already in use are
+    refused (``ValueError``)."""
+    old = results.get(setting)
+    if variant is not None:
+        if old is None:
+            raise ValueError(f"--variant {variant}: {setting} has no main entry in this file to file a variant "
+                             "under; record the run as the main entry (leave out --variant)")
+        if variant in old:
+            raise ValueError(f"--variant must name a new key of {setting}; {variant!r} is taken. Choose another name")
+        old[variant] = thin_variant(entry)
+        return variant
+    new = copy.deepcopy(_own_fields(entry))
+    if old is not None:
+        nested = {k: v for k, v in old.items() if _is_entry(v)}
+        if _is_entry(old):
+            name = previous_as
+            if name is None:
+                name, i = "previous_run", 2
+                while name in nested:
+                    name, i = f"previous_run_{i}", i + 1
+            if name in nested or name in new:
+                raise ValueError(f"--previous-as must name a new key of {setting}; {name!r} is taken. "
+                                 "Choose another name")
+            nested[name] = thin_variant(old)
+        new.update(nested)
+    results[setting] = new
+    return setting
+
+
 def _baselines() -> dict:
     try:
         return json.loads(BASELINES.read_text())
@@ -357,6 +429,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an RL2Config field for every setting (e.g. hidden_size=128)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--variant", default=None, metavar="NAME",
+                    help="file the run in --out as variant NAME of its setting (curves thinned to ~250 points), "
+                         "leaving the setting's main entry as it is; default: the run becomes the main entry")
+    ap.add_argument("--previous-as", default=None, metavar="NAME",
+                    help="when the run becomes the main entry: the variant name the replaced main run is kept "
+                         "under (default previous_run, previous_run_2, ...); its own variants stay with the setting")
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="train nothing: record the main entries of --settings from JSON (another run's --out) "
+                         "into --out, by the same rules (--variant, --previous-as)")
     args = ap.parse_args()
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETTINGS]
@@ -389,16 +470,39 @@ def main() -> None:
     except (OSError, json.JSONDecodeError):
         report = {}
     results = report.get("settings", {})
+    for name in names:  # refuse a name already in use before training, not after
+        try:
+            record(copy.deepcopy(results), name, {"eval": {}, "config": {}}, args.variant, args.previous_as)
+        except ValueError as err:
+            ap.error(str(err))
+    if args.merge:
+        try:
+            source = json.loads(Path(args.merge).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            ap.error(f"--merge must name a JSON file that benchmarks/rl2.py wrote; {args.merge}: {err}")
+        missing = [n for n in names if not _is_entry(source.get("settings", {}).get(n))]
+        if missing:
+            ap.error(f"--merge: {args.merge} has no run of {', '.join(missing)}; pass --settings with the settings "
+                     f"it holds ({', '.join(source.get('settings', {})) or 'none'})")
+        for name in names:
+            key = record(results, name, source["settings"][name], args.variant, args.previous_as)
+            print(f"{name}: recorded {'as the main entry' if key == name else 'as variant ' + key} in {out}")
+        for field in ("benchmark", "date", "machine", "protocol", "paper_rl2"):
+            report.setdefault(field, source.get(field))
+        report["settings"] = results
+        write_json(out, report)
+        return
     t_all = time.perf_counter()
+    ran = {}
     for name in names:
         minutes = args.minutes if args.minutes is not None else SETTINGS[name][3]
         print(f"{name}: training {minutes:g} min ...", flush=True)
         t0 = time.perf_counter()
-        results[name] = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
-                                    args.val_points, overrides, args.device, args.ema, args.init_weights,
-                                    args.save_weights, args.fresh_optimizer, args.val_seeds, args.widen)
-        results[name]["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
-        results[name]["command"] = ("python benchmarks/rl2.py --settings " + name
+        r = run_setting(name, minutes, args.iterations, args.val_instances, args.instances,
+                        args.val_points, overrides, args.device, args.ema, args.init_weights,
+                        args.save_weights, args.fresh_optimizer, args.val_seeds, args.widen)
+        r["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
+        r["command"] = ("python benchmarks/rl2.py --settings " + name
                                     + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
                                     + (f" --iterations {args.iterations}" if args.iterations is not None else "")
                                     + (f" --val-points {args.val_points}"
@@ -416,8 +520,11 @@ def main() -> None:
                                     + (" --quick" if args.quick else "") + f" --threads {args.threads}"
                                     + (f" --device {args.device}" if args.device != "cpu" else "")
                                     + "".join(f" --set {item}" for item in args.set))
-        results[name]["device"] = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
-        r = results[name]
+        r["device"] = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+        ran[name] = r
+        key = record(results, name, r, args.variant, args.previous_as)
+        if key != name:
+            print(f"  {name}: recorded as variant {key}", flush=True)
         print(f"  {name}: {r['eval']['mean']:.2f} ± {r['eval']['ci95']:.2f} (paper {PAPER[name]}) after "
               f"{r['iterations']} iterations, {r['train_minutes']:.1f} training min", flush=True)
         report.update({
@@ -440,7 +547,7 @@ def main() -> None:
             "settings": results,
         })
         write_json(out, report)
-    print_table(results)
+    print_table({**results, **ran})  # this run's rows, also where it was filed as a variant
     print(f"\ntotal {(time.perf_counter() - t_all) / 60:.1f} min; wrote {out}")
 
 

@@ -236,3 +236,70 @@ def test_a_run_that_fails_part_way_leaves_the_weights_kept_so_far(tmp_path, monk
     assert "optimizer" in meta and any(not k.startswith("optim.") for k in tensors)
     learner = RL2(meta["config"], bench.make_setting("bandit-n10-k5", 16, 16)[0])
     learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})  # loads whole
+
+
+def _entry(tag: str, points: int = 10, **extra) -> dict:
+    curve = [[i + 1, float(i)] for i in range(points)]
+    return {"config": {"tag": tag}, "eval": {"mean": 1.0, "ci95": 0.1}, "best_val_return": 1.0,
+            "learning_curve_stride": 1, "learning_curve": curve,
+            "training_stats_curve": [[i + 1, 0.5, 0.01, 4] for i in range(points)],
+            "validation_curve": [{"iteration": 0, "val_return": 1.0}], **extra}
+
+
+def test_record_keeps_every_earlier_run_of_a_setting():
+    bench = _bench_module()
+    results = {"mdp-n25": {**_entry("old main", points=1000), "variant_a": _entry("a")}}
+    # a new main entry: the old main run and its variants stay, the old run's curves thinned
+    assert bench.record(results, "mdp-n25", _entry("new main")) == "mdp-n25"
+    main = results["mdp-n25"]
+    assert main["config"] == {"tag": "new main"} and main["variant_a"]["config"] == {"tag": "a"}
+    prev = main["previous_run"]
+    assert prev["config"] == {"tag": "old main"} and "variant_a" not in prev
+    assert len(prev["learning_curve"]) <= bench.VARIANT_CURVE_POINTS + 1
+    assert prev["learning_curve_stride"] == 4 and prev["learning_curve"][1] == [5, 4.0]
+    assert prev["learning_curve"][-1] == [1000, 999.0]  # the last update stays
+    assert len(prev["training_stats_curve"]) == len(prev["learning_curve"])
+    assert prev["validation_curve"] == [{"iteration": 0, "val_return": 1.0}]
+    # again: the next free name, or the one asked for
+    bench.record(results, "mdp-n25", _entry("third"))
+    assert results["mdp-n25"]["previous_run_2"]["config"] == {"tag": "new main"}
+    bench.record(results, "mdp-n25", _entry("fourth"), previous_as="variant_third")
+    assert set(results["mdp-n25"]) >= {"variant_a", "previous_run", "previous_run_2", "variant_third"}
+    # a variant leaves the main entry as it is; a name in use is refused, naming the fix
+    assert bench.record(results, "mdp-n25", _entry("v", points=600), variant="variant_v") == "variant_v"
+    assert results["mdp-n25"]["config"] == {"tag": "fourth"}
+    assert results["mdp-n25"]["variant_v"]["learning_curve_stride"] == 3
+    with pytest.raises(ValueError, match="'variant_v' is taken. Choose another name"):
+        bench.record(results, "mdp-n25", _entry("w"), variant="variant_v")
+    with pytest.raises(ValueError, match="'eval' is taken"):
+        bench.record(results, "mdp-n25", _entry("w"), variant="eval")
+    with pytest.raises(ValueError, match="has no main entry"):
+        bench.record(results, "mdp-n10", _entry("w"), variant="variant_w")
+    # a first run of a setting simply becomes its entry
+    bench.record(results, "mdp-n10", _entry("first"))
+    assert results["mdp-n10"]["config"] == {"tag": "first"} and "previous_run" not in results["mdp-n10"]
+
+
+def test_merge_files_a_run_from_another_file_and_refuses_a_taken_name(tmp_path):
+    src, out = tmp_path / "run.json", tmp_path / "rl2.json"
+    src.write_text(json.dumps({"benchmark": "rl2", "settings": {"mdp-n25": _entry("run", points=400)}}))
+    out.write_text(json.dumps({"benchmark": "rl2", "settings": {"mdp-n25": _entry("main")}}))
+    proc = _rl2(["--settings", "mdp-n25", "--merge", str(src), "--variant", "variant_run", "--out", str(out)])
+    assert "recorded as variant variant_run" in proc.stdout
+    entry = json.loads(out.read_text())["settings"]["mdp-n25"]
+    assert entry["config"] == {"tag": "main"} and entry["variant_run"]["config"] == {"tag": "run"}
+    assert entry["variant_run"]["learning_curve_stride"] == 2
+    again = _rl2(["--settings", "mdp-n25", "--merge", str(src), "--variant", "variant_run", "--out", str(out)],
+                 check=False)
+    assert again.returncode == 2 and "'variant_run' is taken" in again.stderr
+    # training refuses the name before it starts, not after
+    train = _rl2(["--settings", "mdp-n25", "--iterations", "1", *TINY.split(), "--variant", "variant_run",
+                  "--out", str(out)], check=False)
+    assert train.returncode == 2 and "'variant_run' is taken" in train.stderr
+    wrong = _rl2(["--settings", "mdp-n10", "--merge", str(src), "--out", str(out)], check=False)
+    assert wrong.returncode == 2 and "has no run of mdp-n10" in wrong.stderr and "(mdp-n25)" in wrong.stderr
+    # as the main entry: the replaced one is kept as a variant
+    _rl2(["--settings", "mdp-n25", "--merge", str(src), "--previous-as", "variant_old_main", "--out", str(out)])
+    entry = json.loads(out.read_text())["settings"]["mdp-n25"]
+    assert entry["config"] == {"tag": "run"} and entry["variant_old_main"]["config"] == {"tag": "main"}
+    assert entry["variant_run"]["config"] == {"tag": "run"} and len(entry["learning_curve"]) == 400
