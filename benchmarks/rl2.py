@@ -117,6 +117,18 @@ def make_setting(name: str, val_instances: int, eval_instances: int):
     return family, cfg, eval_tasks, val_tasks
 
 
+def load_kept(name: str, weights: Path | str, family) -> RL2:
+    """An RL2 learner (eval mode) with the weights this script kept (``--save-weights``) for setting
+    ``name``; refuses weights kept for another setting (SystemExit naming both)."""
+    meta, tensors = read_checkpoint(weights)
+    if meta.get("setting") != name:
+        raise SystemExit(f"--weights {name}=... must be weights benchmarks/rl2.py kept for {name}; "
+                         f"{weights} is from {meta.get('setting')!r}")
+    learner = RL2(meta["config"], family)
+    learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+    return learner.eval()
+
+
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
                 eval_instances: int, val_points: int, overrides: dict | None = None,
                 device: str = "cpu", ema_decay: float = 0.0, init_weights: str | None = None,

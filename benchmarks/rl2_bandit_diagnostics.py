@@ -39,7 +39,6 @@ import rl2 as rl2_bench  # noqa: E402  (the settings, instances and seeds of ben
 from metafit import rl  # noqa: E402
 from metafit.rl.baselines import GittinsBandit  # noqa: E402
 from metafit.rl.rl2 import RL2  # noqa: E402
-from metafit.training.checkpoint import read_checkpoint  # noqa: E402
 from metafit.training.metrics_log import write_json  # noqa: E402
 
 WEIGHTS = HERE / "results" / "weights"
@@ -96,13 +95,7 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def diagnose(name: str, weights: Path, seeds: list[int]) -> dict:
     family, cfg, eval_tasks, val_tasks = rl2_bench.make_setting(name, 500, 1000)
-    meta, tensors = read_checkpoint(weights)
-    if meta.get("setting") != name:
-        raise SystemExit(f"--weights {name}=... must be weights benchmarks/rl2.py kept for {name}; "
-                         f"{weights} is from {meta.get('setting')!r}")
-    learner = RL2(meta["config"], family)
-    learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-    learner.eval()
+    learner = rl2_bench.load_kept(name, weights, family)
     n_pulls = cfg["n_episodes"]
     result = {"weights": str(weights.relative_to(HERE.parent) if weights.is_relative_to(HERE.parent) else weights),
               "instances": {}}

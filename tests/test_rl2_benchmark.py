@@ -303,3 +303,76 @@ def test_merge_files_a_run_from_another_file_and_refuses_a_taken_name(tmp_path):
     entry = json.loads(out.read_text())["settings"]["mdp-n25"]
     assert entry["config"] == {"tag": "run"} and entry["variant_old_main"]["config"] == {"tag": "main"}
     assert entry["variant_run"]["config"] == {"tag": "run"} and len(entry["learning_curve"]) == 400
+
+
+def _diag_module(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+class _QAgent:
+    """Acts by a fixed table ``Q [N, H, S, A]`` (greedy) or uniformly at random (``Q`` None)."""
+
+    def __init__(self, Q=None):
+        self.Q = Q
+
+    def begin_trial(self, num_envs, n_states, n_actions, horizon, *, seed=0, device="cpu"):
+        import torch
+        self.n, self.A, self.gen = num_envs, n_actions, torch.Generator().manual_seed(seed)
+
+    def begin_episode(self, episode):
+        pass
+
+    def act(self, states, t):
+        import torch
+        if self.Q is None:
+            return torch.randint(0, self.A, (self.n,), generator=self.gen)
+        return self.Q[torch.arange(self.n), t, states].argmax(-1)
+
+    def observe(self, *args):
+        pass
+
+
+def test_mdp_diagnostics_regret_is_zero_for_the_optimal_policy_and_the_return_gap_for_another():
+    import torch
+    from metafit import rl
+    from metafit.rl.mdp import solve_finite_horizon
+
+    diag = _diag_module("rl2_mdp_diagnostics")
+    family = rl.TabularMDPFamily()
+    tasks = family.sample_tasks(400, torch.Generator().manual_seed(3))
+    R = torch.stack([t.rewards_mean for t in tasks]).double()
+    P = torch.stack([t.transitions for t in tasks]).double()
+    Q, V = solve_finite_horizon(R, P, family.horizon)
+    best = diag.describe(*diag.play_agent(_QAgent(Q), family, tasks, 3, seed=1), Q, family.horizon)
+    assert best["regret"].abs().max() < 1e-9 and best["optimal"].tolist() == [1.0, 1.0, 1.0]
+    rand = diag.describe(*diag.play_agent(_QAgent(), family, tasks, 3, seed=1), Q, family.horizon)
+    assert bool((rand["regret"] > 1.0).all()) and bool((rand["optimal"] < 0.5).all())
+    # performance difference: the expected regret of an episode is the optimal value minus the return
+    oracle = float(V[:, 0, 0].mean())
+    for e in range(3):
+        assert float(rand["reward"][e]) + float(rand["regret"][e]) == pytest.approx(oracle, abs=0.6)
+
+
+def test_mdp_diagnostics_score_kept_weights_beside_the_classical_agents(tmp_path):
+    weights, out = tmp_path / "w.safetensors", tmp_path / "diag.json"
+    _rl2(["--settings", "mdp-n10", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
+          "--instances", "1000", "--out", str(tmp_path / "r.json")])
+    proc = subprocess.run([sys.executable, "benchmarks/rl2_mdp_diagnostics.py", "--weights", f"mdp-n10={weights}",
+                           "--seeds", "1", "--out", str(out)], cwd=REPO, check=True, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert "myopic" in proc.stdout and "beb" in proc.stdout
+    res = json.loads(out.read_text())["settings"]["mdp-n10"]
+    rows = res["agents"]
+    assert set(rows) == {"rl2_sampled", "rl2_greedy", "myopic", "beb"}
+    assert all(len(r["reward"]) == 10 and set(r["regret_by_episodes"]) == {"1-5", "6-10"} for r in rows.values())
+    # seed 0 of RL² sampling is the official evaluation (RL2.evaluate with generator 1001)
+    official = json.loads((tmp_path / "r.json").read_text())["settings"]["mdp-n10"]["eval"]["mean"]
+    assert rows["rl2_sampled"]["total_reward"] == pytest.approx(official, abs=0.01)
+    assert rows["myopic"]["total_regret"] < rows["rl2_sampled"]["total_regret"]  # a tuned agent vs one update
+    bad = subprocess.run([sys.executable, "benchmarks/rl2_mdp_diagnostics.py", "--weights", f"bandit-n10-k5={weights}"],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert bad.returncode != 0 and "an MDP setting of benchmarks/rl2.py" in bad.stderr
