@@ -2,7 +2,7 @@
 agents on the same instances: is the gap to a good agent in exploring (early episodes) or in
 exploiting what was found (late ones)?
 
-    python benchmarks/rl2_mdp_diagnostics.py                      # the kept weights of the n=25 main entry
+    python benchmarks/rl2_mdp_diagnostics.py                      # the kept weights of the n=10 and n=25 main entries
     python benchmarks/rl2_mdp_diagnostics.py --weights mdp-n10=PATH --seeds 3
 
 For each agent (RL² sampling its actions as in the paper, RL² taking the most likely action, the
@@ -42,7 +42,10 @@ from metafit import rl  # noqa: E402
 from metafit.rl.mdp import solve_finite_horizon  # noqa: E402
 from metafit.training.metrics_log import write_json  # noqa: E402
 
-DEFAULT = {"mdp-n25": HERE / "results" / "weights" / "rl2_mdp-n25_h128_widened.safetensors"}
+DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)
+    "mdp-n10": HERE / "results" / "weights" / "rl2_mdp-n10_transition_head64.safetensors",
+    "mdp-n25": HERE / "results" / "weights" / "rl2_mdp-n25_h128_widened.safetensors",
+}
 OUT = HERE / "results" / "rl2_mdp_diagnostics.json"
 BASELINES = HERE / "results" / "rl_baselines.json"
 BANDS = ((1, 5), (6, 15), (16, 25))  # episode ranges summarised (1-based, inclusive), cut to the trial
@@ -135,7 +138,7 @@ def print_table(results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", action="append", default=[], metavar="SETTING=PATH",
-                    help="MDP setting of benchmarks/rl2.py and the weights it kept (default: the n=25 main entry)")
+                    help="MDP setting of benchmarks/rl2.py and the weights it kept (default: the n=10 and n=25 main entries)")
     ap.add_argument("--seeds", type=int, default=2, help="noise seeds per agent (1001, 1002, ...; default 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
