@@ -515,23 +515,23 @@ def main() -> None:
                         args.save_weights, args.fresh_optimizer, args.val_seeds, args.widen)
         r["wall_minutes"] = round((time.perf_counter() - t0) / 60, 3)
         r["command"] = ("python benchmarks/rl2.py --settings " + name
-                                    + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
-                                    + (f" --iterations {args.iterations}" if args.iterations is not None else "")
-                                    + (f" --val-points {args.val_points}"
-                                       if args.val_points != 10 and not args.quick else "")
-                                    + (f" --val-instances {args.val_instances}"
-                                       if args.val_instances != 500 and not args.quick else "")
-                                    + (f" --instances {args.instances}"
-                                       if args.instances != 1000 and not args.quick else "")
-                                    + (f" --val-seeds {args.val_seeds}" if args.val_seeds != 1 else "")
-                                    + (f" --ema {args.ema:g}" if args.ema else "")
-                                    + (f" --init-weights {args.init_weights}" if args.init_weights else "")
-                                    + (f" --save-weights {args.save_weights}" if args.save_weights else "")
-                                    + (" --fresh-optimizer" if args.fresh_optimizer else "")
-                                    + (" --widen" if args.widen else "")
-                                    + (" --quick" if args.quick else "") + f" --threads {args.threads}"
-                                    + (f" --device {args.device}" if args.device != "cpu" else "")
-                                    + "".join(f" --set {item}" for item in args.set))
+                        + (f" --minutes {args.minutes:g}" if args.minutes is not None else "")
+                        + (f" --iterations {args.iterations}" if args.iterations is not None else "")
+                        + (f" --val-points {args.val_points}"
+                           if args.val_points != 10 and not args.quick else "")
+                        + (f" --val-instances {args.val_instances}"
+                           if args.val_instances != 500 and not args.quick else "")
+                        + (f" --instances {args.instances}"
+                           if args.instances != 1000 and not args.quick else "")
+                        + (f" --val-seeds {args.val_seeds}" if args.val_seeds != 1 else "")
+                        + (f" --ema {args.ema:g}" if args.ema else "")
+                        + (f" --init-weights {args.init_weights}" if args.init_weights else "")
+                        + (f" --save-weights {args.save_weights}" if args.save_weights else "")
+                        + (" --fresh-optimizer" if args.fresh_optimizer else "")
+                        + (" --widen" if args.widen else "")
+                        + (" --quick" if args.quick else "") + f" --threads {args.threads}"
+                        + (f" --device {args.device}" if args.device != "cpu" else "")
+                        + "".join(f" --set {item}" for item in args.set))
         r["device"] = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
         ran[name] = r
         key = record(results, name, r, args.variant, args.previous_as)
