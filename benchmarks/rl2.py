@@ -129,6 +129,51 @@ def load_kept(name: str, weights: Path | str, family) -> RL2:
     return learner.eval()
 
 
+def diagnostics_main(script: str, doc: str, kind: str, default: dict, out: Path, default_seeds: int,
+                     diagnose, print_table, extra: dict | None = None) -> None:
+    """The command line shared by the diagnostics scripts of kept weights (rl2_bandit_diagnostics.py,
+    rl2_mdp_diagnostics.py): ``--weights SETTING=PATH`` (settings of ``kind``; default ``default``),
+    ``--seeds``, ``--threads``, ``--out``; runs ``diagnose(name, path, seeds)`` per setting, prints the
+    table and writes the JSON (with ``extra`` fields)."""
+    label = {"bandit": "a bandit", "mdp": "an MDP"}[kind]
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--weights", action="append", default=[], metavar="SETTING=PATH",
+                    help=f"{kind} setting of benchmarks/rl2.py and the weights it kept (default: the main "
+                         f"entries of {', '.join(default)})")
+    ap.add_argument("--seeds", type=int, default=default_seeds,
+                    help=f"noise seeds per agent (default {default_seeds})")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(out))
+    args = ap.parse_args()
+    pairs = {}
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep or name not in SETTINGS or SETTINGS[name][0] != kind:
+            ap.error(f"--weights must be SETTING=PATH with {label} setting of benchmarks/rl2.py; got {item!r}")
+        pairs[name] = Path(path)
+    pairs = pairs or default
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1; got {args.seeds}")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    results = {name: diagnose(name, Path(path), list(range(args.seeds))) for name, path in pairs.items()}
+    print_table(results)
+    write_json(args.out, {
+        "benchmark": Path(script).stem,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": args.threads},
+        "command": f"python benchmarks/{Path(script).name}"
+                   + "".join(f" --weights {n}={p}" for n, p in pairs.items() if args.weights)
+                   + (f" --seeds {args.seeds}" if args.seeds != default_seeds else ""),
+        "seeds": args.seeds,
+        **(extra or {}),
+        "settings": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    })
+    print(f"wrote {args.out}")
+
+
 def run_setting(name: str, minutes: float, max_iterations: int | None, val_instances: int,
                 eval_instances: int, val_points: int, overrides: dict | None = None,
                 device: str = "cpu", ema_decay: float = 0.0, init_weights: str | None = None,

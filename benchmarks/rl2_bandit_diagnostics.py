@@ -22,11 +22,7 @@ Writes benchmarks/results/rl2_bandit_diagnostics.json. Nothing here trains; a fe
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,7 +35,6 @@ import rl2 as rl2_bench  # noqa: E402  (the settings, instances and seeds of ben
 from metafit import rl  # noqa: E402
 from metafit.rl.baselines import GittinsBandit  # noqa: E402
 from metafit.rl.rl2 import RL2  # noqa: E402
-from metafit.training.metrics_log import write_json  # noqa: E402
 
 WEIGHTS = HERE / "results" / "weights"
 DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)
@@ -127,41 +122,8 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", action="append", default=[], metavar="SETTING=PATH",
-                    help="bandit setting of benchmarks/rl2.py and the weights it kept (default: the main entries "
-                         "of n=100, k=10 and k=50)")
-    ap.add_argument("--seeds", type=int, default=5, help="reward-noise seeds per agent (default 5)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
-    pairs = {}
-    for item in args.weights:
-        name, sep, path = item.partition("=")
-        if not sep or name not in rl2_bench.SETTINGS or rl2_bench.SETTINGS[name][0] != "bandit":
-            ap.error(f"--weights must be SETTING=PATH with a bandit setting of benchmarks/rl2.py; got {item!r}")
-        pairs[name] = Path(path)
-    pairs = pairs or DEFAULT
-    if args.seeds < 1:
-        ap.error(f"--seeds must be at least 1; got {args.seeds}")
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    results = {name: diagnose(name, Path(path), list(range(args.seeds))) for name, path in pairs.items()}
-    print_table(results)
-    write_json(args.out, {
-        "benchmark": "rl2_bandit_diagnostics",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": args.threads},
-        "command": "python benchmarks/rl2_bandit_diagnostics.py"
-                   + "".join(f" --weights {n}={p}" for n, p in pairs.items() if args.weights)
-                   + (f" --seeds {args.seeds}" if args.seeds != 5 else ""),
-        "seeds": args.seeds,
-        "early_pulls": EARLY,
-        "settings": results,
-        "seconds": round(time.perf_counter() - t0, 1),
-    })
-    print(f"wrote {args.out}")
+    rl2_bench.diagnostics_main(__file__, __doc__, "bandit", DEFAULT, OUT, 5, diagnose, print_table,
+                               extra={"early_pulls": EARLY})
 
 
 if __name__ == "__main__":

@@ -23,12 +23,8 @@ default on one core.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -40,7 +36,6 @@ import rl2 as rl2_bench  # noqa: E402  (the settings, instances and seeds of ben
 
 from metafit import rl  # noqa: E402
 from metafit.rl.mdp import solve_finite_horizon  # noqa: E402
-from metafit.training.metrics_log import write_json  # noqa: E402
 
 DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)
     "mdp-n10": HERE / "results" / "weights" / "rl2_mdp-n10_transition_head64.safetensors",
@@ -60,22 +55,11 @@ def play_rl2(learner, tasks: list, seed: int, greedy: bool) -> tuple[torch.Tenso
 
 
 def play_agent(agent, family, tasks: list, n_episodes: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """The same for a classical agent of metafit.rl.baselines (the loop of run_mdp_trials, recorded)."""
-    env = family.batched(tasks, seed=seed)
-    obs = env.reset()
-    agent.begin_trial(env.num_envs, env.n_states, env.n_actions, env.horizon, seed=seed)
-    states, actions, rewards = [], [], []
-    for episode in range(n_episodes):
-        agent.begin_episode(episode)
-        for t in range(env.horizon):
-            a = agent.act(obs, t)
-            nxt, r, _, _, info = env.step(a)
-            agent.observe(obs, a, r, info["final_obs"])
-            states.append(obs)
-            actions.append(a)
-            rewards.append(r.double())
-            obs = nxt
-    return torch.stack(states), torch.stack(actions), torch.stack(rewards)
+    """The same for a classical agent of metafit.rl.baselines (run_mdp_trials, recorded)."""
+    steps = []
+    rl.run_mdp_trials(family.batched(tasks, seed=seed), agent, n_episodes, seed=seed,
+                      on_step=lambda s, a, r: steps.append((s, a, r.double())))
+    return tuple(torch.stack(x) for x in zip(*steps))
 
 
 def describe(states: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, Q: torch.Tensor,
@@ -136,39 +120,7 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", action="append", default=[], metavar="SETTING=PATH",
-                    help="MDP setting of benchmarks/rl2.py and the weights it kept (default: the n=10 and n=25 main entries)")
-    ap.add_argument("--seeds", type=int, default=2, help="noise seeds per agent (1001, 1002, ...; default 2)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
-    pairs = {}
-    for item in args.weights:
-        name, sep, path = item.partition("=")
-        if not sep or name not in rl2_bench.SETTINGS or rl2_bench.SETTINGS[name][0] != "mdp":
-            ap.error(f"--weights must be SETTING=PATH with an MDP setting of benchmarks/rl2.py; got {item!r}")
-        pairs[name] = Path(path)
-    pairs = pairs or DEFAULT
-    if args.seeds < 1:
-        ap.error(f"--seeds must be at least 1; got {args.seeds}")
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    results = {name: diagnose(name, Path(path), list(range(args.seeds))) for name, path in pairs.items()}
-    print_table(results)
-    write_json(args.out, {
-        "benchmark": "rl2_mdp_diagnostics",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": args.threads},
-        "command": "python benchmarks/rl2_mdp_diagnostics.py"
-                   + "".join(f" --weights {n}={p}" for n, p in pairs.items() if args.weights)
-                   + (f" --seeds {args.seeds}" if args.seeds != 2 else ""),
-        "seeds": args.seeds,
-        "settings": results,
-        "seconds": round(time.perf_counter() - t0, 1),
-    })
-    print(f"wrote {args.out}")
+    rl2_bench.diagnostics_main(__file__, __doc__, "mdp", DEFAULT, OUT, 2, diagnose, print_table)
 
 
 if __name__ == "__main__":

@@ -481,9 +481,12 @@ class MyopicMDP(MDPAgent):
         return random_argmax(score[self._rows, states], self.generator)
 
 
-def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int = 0) -> torch.Tensor:
+def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int = 0,
+                   on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Play one trial of ``n_episodes`` episodes in every environment (all start together, every
-    episode lasts ``env.horizon`` steps); total reward per environment ``[N]``."""
+    episode lasts ``env.horizon`` steps); total reward per environment ``[N]``. ``on_step``, if
+    given, is called after every step with the states acted in, the actions and the rewards ``[N]``
+    (to record trajectories)."""
     check_int("run_mdp_trials", "n_episodes", n_episodes, 1)
     states = env.reset()
     agent.begin_trial(env.num_envs, env.n_states, env.n_actions, env.horizon, seed=seed, device=env.device)
@@ -494,6 +497,8 @@ def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int 
             actions = agent.act(states, t)
             nxt, reward, _, _, info = env.step(actions)
             agent.observe(states, actions, reward, info["final_obs"])
+            if on_step is not None:
+                on_step(states, actions, reward)
             total += reward
             states = nxt
     return total
