@@ -166,7 +166,10 @@ class NavigationEnv(_TaskEnv):
 
     def __init__(self, family: NavigationFamily | None = None, task: NavTask | None = None) -> None:
         family = family or NavigationFamily()
-        self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        # the point starts at the origin and moves at most max_action per axis and step, so it never leaves
+        # [-horizon * max_action, horizon * max_action]^2 (the slack covers float32 rounding of the running sum)
+        bound = np.float32(family.horizon * family.max_action * (1 + 1e-4))
+        self.observation_space = spaces.Box(-bound, bound, (2,), np.float32)
         m = np.float32(family.max_action)
         self.action_space = spaces.Box(-m, m, (2,), np.float32)
         super().__init__(family, task)
