@@ -39,7 +39,7 @@ from metafit.rl.rl2 import RL2  # noqa: E402
 WEIGHTS = HERE / "results" / "weights"
 DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)
     "bandit-n100-k10": WEIGHTS / "rl2_bandit-n100-k10_lambda0.97_gamma1_continued.safetensors",
-    "bandit-n100-k50": WEIGHTS / "rl2_bandit-n100-k50_lambda0.97_gamma1_continued.safetensors",
+    "bandit-n100-k50": WEIGHTS / "rl2_bandit-n100-k50_entropy0.safetensors",
 }
 OUT = HERE / "results" / "rl2_bandit_diagnostics.json"
 EARLY = 30  # pulls counted as the early part of the regret
