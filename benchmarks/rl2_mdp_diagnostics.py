@@ -39,7 +39,7 @@ from metafit.rl.mdp import solve_finite_horizon  # noqa: E402
 
 DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)
     "mdp-n10": HERE / "results" / "weights" / "rl2_mdp-n10_transition_head64.safetensors",
-    "mdp-n25": HERE / "results" / "weights" / "rl2_mdp-n25_h128_continued.safetensors",
+    "mdp-n25": HERE / "results" / "weights" / "rl2_mdp-n25_entropy0_1000_trials.safetensors",
 }
 OUT = HERE / "results" / "rl2_mdp_diagnostics.json"
 BASELINES = HERE / "results" / "rl_baselines.json"
