@@ -3,7 +3,10 @@ are skipped when it is absent), and small synthetic datasets that a model can le
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +98,18 @@ def tiny_config(out_dir: Path, **sections) -> dict:
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
     return cfg
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A static HTTP server on 127.0.0.1 serving ``tmp_path/www``: yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
-from functools import partial
-
 import pytest
 
 from metafit import DownloadError
 from metafit.data import download_file
 from metafit.data import omniglot as omni
 from test_omniglot import make_zip
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_download_verifies_checksum(server, tmp_path):

@@ -34,7 +34,7 @@ def test_adapt_on_files_with_names_predicts_names(tmp_path, support_tree):
     ckpt = _checkpoint(tmp_path)
     model = metafit.load(ckpt)
     assert model.image_format == ImageFormat(16, 1, False)
-    assert read_checkpoint(ckpt)[0]["image_format"] == {"size": 16, "channels": 1, "invert": False}
+    assert read_checkpoint(ckpt)[0]["image_format"] == {"size": 16, "channels": 1, "invert": False, "fit": "squash"}
     files, labels = list_labelled_images(support_tree)
     names = [f"kind-{lab}" for lab in labels]
     task = model.adapt(files, names)

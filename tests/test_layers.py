@@ -17,7 +17,7 @@ ALLOWED = {
     "nn": BASE | {"nn"},
     "data": BASE | {"data"},
     "rl": BASE | {"rl", "nn"},
-    "algorithms": BASE | {"algorithms", "nn"},
+    "algorithms": BASE | {"algorithms", "nn", "data"},  # data sits below (DESIGN.md); e.g. fine-tuning augments
     "training": BASE | {"training", "algorithms", "nn", "data", "rl"},
     "cli": BASE | {"cli", "training", "algorithms", "nn", "data", "rl", "serve"},
     "serve": BASE | {"serve", "training", "algorithms", "nn", "data", "rl"},

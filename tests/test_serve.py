@@ -75,7 +75,7 @@ def test_create_predict_list_delete(tmp_path, support):
     with serving(_checkpoint(tmp_path)) as url, httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/health").json() == {"status": "ok"}
         info = c.get("/info").json()
-        assert info["algorithm"] == "protonet" and info["image_format"] == {"size": 16, "channels": 1, "invert": False}
+        assert info["algorithm"] == "protonet" and info["image_format"] == {"size": 16, "channels": 1, "invert": False, "fit": "squash"}
         assert "/tasks/{task_id}/predict" in c.get("/openapi.json").json()["paths"]
         r = c.post("/tasks", files=_files(files), data={"labels": labels})
         assert r.status_code == 201, r.text

@@ -20,13 +20,14 @@ from .errors import (  # noqa: E402
 from .types import Task, TaskBatch  # noqa: E402
 
 
-def load(path, device="cpu"):
+def load(path, device="cpu", algorithm=None):
     """A trained model from a metafit checkpoint, ready to ``adapt`` to labelled images and
     predict (see :class:`metafit.training.inference.Model`; its ``algorithm`` attribute is the
-    tensor-level :class:`~metafit.algorithms.Algorithm`)."""
+    tensor-level :class:`~metafit.algorithms.Algorithm`). ``algorithm``: adaptation-only config
+    changes, e.g. ``{"finetune_steps": 20}`` to fine-tune a ProtoNet's backbone on each support set."""
     from .training.inference import load_model
 
-    return load_model(path, device)
+    return load_model(path, device, algorithm)
 
 
 def load_task(path, checkpoint=None, device="cpu"):

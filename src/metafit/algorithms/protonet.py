@@ -4,6 +4,15 @@ A class is represented by the mean embedding of its support examples (its protot
 is classified by a softmax over negative distances to the prototypes. Squared Euclidean distance
 is the paper's choice (a linear model in embedding space); cosine similarity with a learned
 scale is offered as an option.
+
+Fine-tuning at adaptation (``finetune_steps`` > 0; the last stage of P>M>F, Hu et al. 2022): a
+copy of the backbone is trained on the task's support set before the prototypes are taken —
+every step augments the support images (random resized crop, flip, colour jitter) into
+pseudo-queries and minimises their ProtoNet loss against the prototypes of the un-augmented
+support set, with SGD and momentum 0.9. BatchNorm keeps its running statistics. The
+augmentation is seeded, so the same support set always gives the same adapted model. Choose
+``finetune_lr`` (and steps) on validation episodes (``metafit eval --split val --set
+algorithm.finetune_lr=...``); the fine-tuned weights travel in the adapted task.
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from torch.func import functional_call
+
+from ..data.augment import ImageAugment
 from ..types import Task, TaskBatch
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
 from .heads import episode_embeddings, query_output
@@ -31,11 +43,23 @@ class ProtoNetConfig(AlgorithmConfig):
     cosine_scale: float = Field(
         10.0, gt=0.0, description="initial (learned) logit scale for the cosine distance"
     )
+    finetune_steps: int = Field(
+        0, ge=0, le=10_000, description="adaptation: SGD steps fine-tuning the backbone on the augmented support "
+        "set before taking prototypes (P>M>F; 0: off)")
+    finetune_lr: float = Field(0.01, gt=0.0, le=10.0, description="adaptation fine-tuning: learning rate")
+    finetune_augment: bool = Field(
+        True, description="adaptation fine-tuning: pseudo-queries are augmented support images (false: the "
+        "support images themselves)")
+
+
+#: the augmentation that turns support images into pseudo-queries while fine-tuning
+FINETUNE_AUGMENT = ImageAugment(crop="resized", crop_scale_min=0.35, flip=True, color_jitter=0.4)
 
 
 @dataclass(frozen=True)
 class Prototypes(Adapted):
     prototypes: torch.Tensor  # [n_ways, d]
+    params: dict[str, torch.Tensor] | None = None  # fine-tuned backbone weights (finetune_steps > 0)
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
@@ -80,15 +104,54 @@ class ProtoNet(Algorithm):
     def _scale(self) -> torch.Tensor:
         return self.log_scale.exp()
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+    def embed(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.backbone(x) if params is None else functional_call(self.backbone, params, (x,))
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Prototypes:
         check_task(support_x, support_y, n_ways, "ProtoNet.adapt")
+        if self.config.finetune_steps > 0:
+            return self._finetune(support_x, support_y, n_ways)
         return Prototypes(class_means(self.embed(support_x), support_y, n_ways))
 
+    def _finetune(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Prototypes:
+        """Fine-tune a copy of the backbone on the support set (see the module docstring)."""
+        cfg = self.config
+        was_training = self.backbone.training
+        self.backbone.eval()  # BatchNorm keeps the meta-trained running statistics
+        generator = torch.Generator().manual_seed(0)
+        try:
+            with torch.enable_grad():
+                params = {n: p.detach().clone().requires_grad_(p.requires_grad)
+                          for n, p in self.backbone.named_parameters()}
+                trainable = [p for p in params.values() if p.requires_grad]
+                opt = torch.optim.SGD(trainable, lr=cfg.finetune_lr, momentum=0.9)
+                for _ in range(cfg.finetune_steps):
+                    queries = FINETUNE_AUGMENT(support_x, generator) if cfg.finetune_augment else support_x
+                    support, pseudo = episode_embeddings(lambda x: self.embed(x, params), support_x[None],
+                                                         queries[None])
+                    logits = prototype_logits(pseudo[0], class_means(support[0], support_y, n_ways),
+                                              cfg.distance, self._scale())
+                    opt.zero_grad()
+                    F.cross_entropy(logits, support_y).backward()
+                    opt.step()
+            tuned = {n: p.detach() for n, p in params.items()}
+            with torch.no_grad():
+                protos = class_means(self.embed(support_x, tuned), support_y, n_ways)
+        finally:
+            self.backbone.train(was_training)
+        return Prototypes(protos, tuned)
+
     def predict(self, adapted: Prototypes, x: torch.Tensor) -> torch.Tensor:
-        return prototype_logits(self.embed(x), adapted.prototypes, self.config.distance, self._scale())
+        if adapted.params is None:
+            emb = self.embed(x)
+        else:
+            was_training = self.backbone.training
+            self.backbone.eval()
+            try:
+                emb = self.embed(x, adapted.params)
+            finally:
+                self.backbone.train(was_training)
+        return prototype_logits(emb, adapted.prototypes, self.config.distance, self._scale())
 
     def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
         support, queries = episode_embeddings(self.embed, sx, qx)
@@ -99,6 +162,8 @@ class ProtoNet(Algorithm):
                             batch.query_y)
 
     def task_logits(self, task: Task) -> torch.Tensor:
+        if self.config.finetune_steps > 0:
+            return self.predict(self.adapt(task.support_x, task.support_y, task.n_ways), task.query_x)
         return self._logits(
             task.support_x[None], task.support_y[None], task.query_x[None], task.n_ways
         )[0]

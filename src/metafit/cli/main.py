@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--support", required=True, metavar="DIR", help="support images, one folder per label: DIR/<label>/<image>")
     a.add_argument("--out", required=True, metavar="TASK", help="where to save the adapted task (.safetensors)")
     a.add_argument("--steps", type=int, help="adaptation steps of a gradient-based learner")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
     a.add_argument("--device", default="cpu")
 
     pr = sub.add_parser("predict", help="predict labels of images with an adapted task (or checkpoint + --support)")
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     pr.add_argument("--support", metavar="DIR", help="with a checkpoint: support images, DIR/<label>/<image>")
     pr.add_argument("--steps", type=int, help="with a checkpoint: adaptation steps of a gradient-based learner")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
     pr.add_argument("--out", metavar="FILE", help="write .csv or .json (default: CSV on standard output)")
     pr.add_argument("--top-k", type=int, default=3, help="most probable labels listed per image")
     pr.add_argument("--abstain-below", type=float, metavar="P",
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-env", default="METAFIT_API_KEY", metavar="VAR",
                     help="environment variable holding the API key (requests must send it when it is set)")
     sv.add_argument("--device", default="cpu")
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
 
     tu = sub.add_parser("tune", help="hyperparameter search with Optuna (TPE sampler, median pruner); resumable",
                         description="Search config fields: every trial trains CONFIG with sampled values into "
@@ -285,7 +288,7 @@ def _cmd_adapt(args) -> int:
     from ..training.inference import load_model
 
     files, labels = list_labelled_images(args.support)
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
     task = model.adapt(files, labels, steps=args.steps)
     path = task.save(args.out)
     counts = {n: labels.count(n) for n in task.class_names}
@@ -323,7 +326,8 @@ def _cmd_predict(args) -> int:
                 "Pass --support, or a task saved by `metafit adapt`."
             )
         files, labels = list_labelled_images(args.support)
-        task = load_model(args.model, args.device).adapt(files, labels, steps=args.steps)
+        task = load_model(args.model, args.device, _algorithm_overrides(args.overrides)).adapt(
+            files, labels, steps=args.steps)
     images = list_images(args.images)
     bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True, disable=None)
     try:
@@ -385,7 +389,7 @@ def _cmd_serve(args) -> int:
     key = os.environ.get(args.api_key_env) or None
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
                          max_image_pixels=args.max_image_pixels, max_tasks=args.max_tasks, api_key=key)
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
     app = create_app(model, limits)
     _print(f"serving {model.config.algorithm.name} from {args.checkpoint} on http://{args.host}:{args.port} "
            f"(API docs at /docs; API key {'required' if key else 'off'})")
@@ -439,6 +443,13 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _short(value) -> str:
+    """A config value for one line: numbers in lists rounded."""
+    if isinstance(value, list):
+        return "[" + ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + "]"
+    return str(value)
+
+
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
 
@@ -454,10 +465,13 @@ def _cmd_info(args) -> int:
                f"phase=[{d['phase_min']:.3g}, {d['phase_max']:.3g}] x=[{d['x_min']}, {d['x_max']}]")
         _print(f"trained on   {t['k_shots']}-shot regression tasks ({t['n_queries']} query points)")
     else:
-        _print(f"data         {d['name']} protocol={d['protocol']} image_size={d['image_size']}")
-        from ..data import DataConfig
+        from ..data import data_config, migrate_legacy_data
 
-        _print(f"images       read as {DataConfig(**d).image_format().describe()} (metafit adapt/predict)")
+        source = data_config(migrate_legacy_data(d))
+        shown = " ".join(f"{k}={_short(v)}" for k, v in source.model_dump(mode="json").items()
+                         if k != "name" and v is not None)
+        _print(f"data         {d['name']} {shown}")
+        _print(f"images       read as {source.image_format().describe()} (metafit adapt/predict)")
         alg = cfg["algorithm"]
         if alg.get("n_base_classes"):  # pretrained on standard mini-batches (transfer)
             _print(f"trained on   mini-batches of {alg['batch_size']} images over {alg['n_base_classes']} base classes")
@@ -476,15 +490,34 @@ def _cmd_configs(args) -> int:
     if args.fields:
         from pydantic import BaseModel
 
+        from ..algorithms import ALGORITHMS
+        from ..data import DATASETS
+        from ..nn import BACKBONES
+
+        registries = {"data": {k: v for k, v in DATASETS.items()},
+                      "algorithm": {k: v.Config for k, v in ALGORITHMS.items()},
+                      "backbone": {k: v[0] for k, v in BACKBONES.items()}}
+
+        def show(key: str, default: str, help_: str, indent: str = "") -> None:
+            _print(f"{indent}{key:{28 - len(indent)}s} {default:24s} {help_}")
+
         cfg = make_config({})
         for section, value in cfg:
             model = getattr(cfg, section)
+            if section in registries:  # one block per registered entry, selected by <section>.name
+                for name, cls in registries[section].items():
+                    summary = getattr(cls, "summary", "") or next(iter((cls.__doc__ or "").strip().splitlines()), "")
+                    _print(f"{section}.name: {name}" + (f"  ({summary})" if summary else ""))
+                    for key, field in cls.model_fields.items():
+                        if key != "name":
+                            show(f"{section}.{key}", repr(field.get_default(call_default_factory=True)),
+                                 field.description or "", "  ")
+                continue
             if not isinstance(model, BaseModel):
-                _print(f"{section:28s} {value!r:24s} {type(cfg).model_fields[section].description or ''}")
+                show(section, repr(value), type(cfg).model_fields[section].description or "")
                 continue
             for key, field in type(model).model_fields.items():
-                default = repr(getattr(model, key))
-                _print(f"{section + '.' + key:28s} {default:24s} {field.description or ''}")
+                show(f"{section}.{key}", repr(getattr(model, key)), field.description or "")
         return 0
     for name, path in sorted(builtin_configs().items()):
         _print(f"{name:32s} {path}")

@@ -1,23 +1,37 @@
-"""Training-time augmentation on whole episode batches (vectorised, seeded)."""
+"""Training-time augmentation on whole episode batches (vectorised, seeded).
+
+Two kinds, applied to float images in [0, 1]:
+
+- :class:`ImageAugment`: the natural-image augmentations of kornia (random crop with padding,
+  random resized crop, horizontal flip, colour jitter, RandAugment), each drawing independent
+  parameters per image for a whole batch at once. kornia draws from torch's global random
+  stream; here every call forks that stream and seeds it from the sampler's own generator, so
+  augmentation is reproducible, resumable and leaves the caller's random state untouched.
+- :func:`random_affine`: a small random affine warp (rotation, translation, scale, shear), the
+  augmentation of the Omniglot recipes.
+
+Distributed training: ``shard=(rank, world_size)`` means the batch is rank's slice of a batch
+``world_size`` times larger; parameters are drawn for the whole batch and rank's share is used,
+so the union over ranks is exactly the single-process result.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_affine"]
+from ..errors import ConfigError
+
+__all__ = ["ImageAugment", "random_affine"]
 
 
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
                   translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1),
                   shear: float = 0.0, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Apply an independent random affine transform to every image of ``x`` [N, C, H, W].
-
-    ``shard=(rank, world_size)``: ``x`` is rank's slice of a batch ``world_size`` times larger;
-    the random draws of the whole batch are made and rank's share is used, so the union over
-    ranks is exactly the single-process result and every rank's generator stays in step."""
+    """Apply an independent random affine transform to every image of ``x`` [N, C, H, W]."""
     n = x.shape[0]
     rank, world = shard
     u = torch.rand(n * world, 5, generator=generator)[rank * n:(rank + 1) * n]
@@ -37,3 +51,108 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
     ).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# parameter entries kornia shares across the batch (not one row per image)
+_SHARED_KEYS = ("order", "forward_input_shape")
+
+
+def _shard_params(params, rank: int, n: int, total: int):
+    """Rank's rows of kornia parameters drawn for a batch of ``total`` images (nested ParamItems
+    included); shared entries are kept, the input shape is the local one."""
+    if isinstance(params, list):
+        return [_shard_params(p, rank, n, total) for p in params]
+    if hasattr(params, "name") and hasattr(params, "data"):  # kornia's ParamItem (a container's entry)
+        return type(params)(params.name, _shard_params(params.data, rank, n, total))
+    if isinstance(params, dict):
+        out = {}
+        for key, value in params.items():
+            if key == "forward_input_shape" and torch.is_tensor(value) and value.numel():
+                value = value.clone()
+                value[0] = n
+            elif key not in _SHARED_KEYS and torch.is_tensor(value) and value.dim() and value.shape[0] == total:
+                value = value[rank * n:(rank + 1) * n]
+            out[key] = value
+        return out
+    return params
+
+
+@dataclass(frozen=True)
+class ImageAugment:
+    """A seeded, batched natural-image augmentation pipeline (see the module docstring).
+
+    ``crop``: ``"random"`` (a random ``size`` crop of the image zero-padded by ``crop_padding``
+    pixels, the few-shot recipe of Tian et al. 2020), ``"resized"`` (a random area fraction in
+    ``[crop_scale_min, 1]`` and aspect ratio in [3/4, 4/3], resized back to the image size) or
+    ``"none"``; then a horizontal ``flip``; ``rand_augment`` (``n`` operations of magnitude
+    ``m``, Cubuk et al. 2020); ``color_jitter`` (brightness, contrast and saturation factors
+    drawn from [1 - s, 1 + s]) with ``hue`` (a shift in [-hue, hue] of a full turn); and the
+    small ``affine`` warp (a dict of :func:`random_affine` arguments) last."""
+
+    crop: str = "none"
+    crop_padding: int = 8
+    crop_scale_min: float = 0.08
+    flip: bool = False
+    color_jitter: float = 0.0
+    hue: float = 0.0
+    rand_augment: bool = False
+    rand_augment_n: int = 2
+    rand_augment_m: int = 9
+    affine: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("none", "random", "resized"):
+            raise ConfigError(
+                f"Augment: crop must be one of 'none', 'random', 'resized'; got {self.crop!r}. Choose one of those."
+            )
+
+    @property
+    def uses_kornia(self) -> bool:
+        return (self.crop != "none" or self.flip or self.color_jitter > 0 or self.hue > 0 or self.rand_augment)
+
+    def _ops(self, size: tuple[int, int]) -> list:
+        cache = self.__dict__.setdefault("_op_cache", {})
+        if size in cache:
+            return cache[size]
+        try:
+            import kornia.augmentation as K  # noqa: PLC0415
+            from kornia.augmentation.auto import RandAugment  # noqa: PLC0415
+        except ImportError as err:  # pragma: no cover - kornia is a dependency
+            raise ConfigError(
+                "Augment: natural-image augmentation needs the kornia package; got an import error "
+                f"({err}). Install it with pip install kornia."
+            ) from err
+        ops = []
+        if self.crop == "random":
+            ops.append(K.RandomCrop(size, padding=self.crop_padding))
+        elif self.crop == "resized":
+            ops.append(K.RandomResizedCrop(size, scale=(self.crop_scale_min, 1.0)))
+        if self.flip:
+            ops.append(K.RandomHorizontalFlip())
+        if self.rand_augment:
+            ops.append(RandAugment(n=self.rand_augment_n, m=self.rand_augment_m))
+        if self.color_jitter > 0 or self.hue > 0:
+            s = self.color_jitter
+            ops.append(K.ColorJitter(s, s, s, self.hue, p=1.0))
+        cache[size] = ops
+        return ops
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Augment images ``x`` [N, C, H, W] (floats in [0, 1]) with draws from ``generator``."""
+        rank, world = shard
+        n = x.shape[0]
+        if self.uses_kornia and n:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            ops = self._ops((int(x.shape[-2]), int(x.shape[-1])))
+            gray = x.shape[1] == 1 and (self.color_jitter > 0 or self.hue > 0 or self.rand_augment)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                y = x.expand(-1, 3, -1, -1) if gray else x  # colour operations need three channels
+                for op in ops:
+                    params = op.forward_parameters(torch.Size((n * world, *y.shape[1:])))
+                    y = op(y, params=_shard_params(params, rank, n, n * world) if world > 1 else params)
+                x = y.mean(1, keepdim=True) if gray else y.contiguous()
+            x = x.clamp_(0.0, 1.0)
+        if self.affine is not None:
+            x = random_affine(x, generator, **self.affine, shard=shard)
+        return x

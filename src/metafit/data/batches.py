@@ -12,18 +12,18 @@ import torch
 
 from ..errors import DataError
 from ..types import LabelledBatch
-from .augment import random_affine
 from .classes import ImageClasses
-from .sampler import _check_shard
+from .sampler import SamplerStreams, _check_shard, as_augment
 
 __all__ = ["ClassBatchSampler"]
 
 
-class ClassBatchSampler:
-    """Samples :class:`LabelledBatch` mini-batches with labels ``class * n_rot + rotation``."""
+class ClassBatchSampler(SamplerStreams):
+    """Samples :class:`LabelledBatch` mini-batches with labels ``class * n_rot + rotation``
+    (``augment`` and ``workers``: see :class:`EpisodeSampler`)."""
 
-    def __init__(self, data: ImageClasses, *, rotations: bool = False, augment: dict | None = None,
-                 seed: int = 0, owner: str = "ClassBatchSampler") -> None:
+    def __init__(self, data: ImageClasses, *, rotations: bool = False, augment=None,
+                 seed: int = 0, owner: str = "ClassBatchSampler", workers: int | None = None) -> None:
         if data.n_classes < 2:
             raise DataError(
                 f"{owner}: pretraining needs at least 2 classes; got {data.n_classes}. Add classes to the "
@@ -31,8 +31,8 @@ class ClassBatchSampler:
             )
         self.data = data
         self.n_rot = 4 if rotations else 1
-        self.augment = dict(augment) if augment else None
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.augment = as_augment(augment)
+        self._init_streams(seed, workers)
         counts = data.class_count
         # position of every image of the collection and its class, in class order
         self.image_class = torch.arange(data.n_classes).repeat_interleave(counts)
@@ -45,25 +45,27 @@ class ClassBatchSampler:
         """Base classes (rotations count as classes)."""
         return self.data.n_classes * self.n_rot
 
-    def get_state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
-
-    def sample(self, batch_size: int, rank: int = 0, world_size: int = 1) -> LabelledBatch:
-        """``batch_size`` images; with ``world_size`` ranks, rank's slice of a global batch of
-        ``batch_size * world_size`` (see :meth:`EpisodeSampler.sample`)."""
-        _check_shard(rank, world_size)
+    def _draw(self, batch_size: int, rank: int, world_size: int):
         g = self.generator
         total, sl = batch_size * world_size, slice(rank * batch_size, (rank + 1) * batch_size)
         pick = torch.randint(len(self.image_index), (total,), generator=g)[sl]
         rot = torch.randint(self.n_rot, (total,), generator=g)[sl]
-        x = self.data.images[self.image_index[pick]].float().div_(255.0)
+        return (pick, rot), self.image_index[pick]
+
+    def _assemble(self, description, images: torch.Tensor, args) -> LabelledBatch:
+        pick, rot = description
+        _, rank, world_size = args
+        x = images.float().div_(255.0)
         for r in range(1, self.n_rot):
             sel = torch.nonzero(rot == r).flatten()
             if len(sel):
                 x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
         if self.augment is not None:
-            x = random_affine(x, g, **self.augment, shard=(rank, world_size))
+            x = self.augment(x, self.aug_generator, shard=(rank, world_size))
         return LabelledBatch(x, self.image_class[pick] * self.n_rot + rot)
+
+    def sample(self, batch_size: int, rank: int = 0, world_size: int = 1) -> LabelledBatch:
+        """``batch_size`` images; with ``world_size`` ranks, rank's slice of a global batch of
+        ``batch_size * world_size`` (see :meth:`EpisodeSampler.sample`)."""
+        _check_shard(rank, world_size)
+        return self._next((batch_size, rank, world_size))

@@ -1,12 +1,18 @@
-"""In-memory labelled image collections: one uint8 tensor of images, classes as contiguous
-ranges of it, and the group (alphabet) of every class."""
+"""Labelled image collections: the images (a uint8 tensor in memory, or a lazily decoded
+:class:`~metafit.data.store.FileImages` store), classes as contiguous ranges of them, and the
+group (alphabet, superclass) of every class."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .store import FileImages
 
 __all__ = ["ImageClasses"]
 
@@ -16,10 +22,11 @@ class ImageClasses:
     """Images ``[n_images, C, H, W]`` (uint8, ink/foreground high) grouped into classes.
 
     Class ``c`` owns ``images[class_start[c] : class_start[c] + class_count[c]]``. Subsets share
-    the image storage and only re-index the classes.
+    the image storage and only re-index the classes. ``images`` is a uint8 tensor (memory
+    storage) or a store that decodes on demand (lazy storage); :meth:`fetch` reads either.
     """
 
-    images: torch.Tensor
+    images: "torch.Tensor | FileImages"
     class_start: torch.Tensor  # int64 [n_classes]
     class_count: torch.Tensor  # int64 [n_classes]
     class_names: tuple[str, ...]
@@ -37,6 +44,20 @@ class ImageClasses:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def lazy(self) -> bool:
+        """Whether images are decoded on demand (``data.storage: lazy``)."""
+        return not isinstance(self.images, torch.Tensor)
+
+    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images at storage positions ``indices`` (decoded here when lazy)."""
+        return self.images[indices]
+
+    def image_indices(self) -> torch.Tensor:
+        """Storage positions of every image of every class, class by class."""
+        return torch.cat([torch.arange(s, s + c) for s, c in zip(self.class_start.tolist(), self.class_count.tolist())]) \
+            if self.n_classes else torch.zeros(0, dtype=torch.long)
 
     def subset(self, class_ids) -> "ImageClasses":
         ids = torch.as_tensor(class_ids, dtype=torch.long)
@@ -65,6 +86,8 @@ class ImageClasses:
         images, starts, counts, names, groups, group_names = [], [], [], [], [], []
         offset = 0
         for p in parts:
+            if p.lazy:
+                raise TypeError("ImageClasses.concat needs images in memory")
             # compact each part's classes so subsets concatenate correctly
             idx = torch.cat([torch.arange(s, s + c) for s, c in zip(p.class_start.tolist(), p.class_count.tolist())])
             images.append(p.images[idx])
@@ -86,6 +109,8 @@ class ImageClasses:
 
     # -- serialisation for the on-disk cache (plain numpy arrays, no pickle) ------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
+        if self.lazy:
+            raise TypeError("ImageClasses.to_arrays needs images in memory")
         return {
             "images": self.images.numpy(),
             "class_start": self.class_start.numpy(),

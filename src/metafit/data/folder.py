@@ -3,55 +3,36 @@
 ``root/<class>/<image>`` or ``root/<group>/<class>/<image>`` (groups are used by
 ``within_group`` episodes, like Omniglot's alphabets). Images are converted to ``channels``
 (1 = grayscale, 3 = RGB; inferred from the files when not given, and mixed modes are refused),
-resized to ``image_size`` x ``image_size`` and cached like Omniglot.
+brought to ``image_size`` x ``image_size`` and cached like Omniglot, or decoded on demand
+(``data.storage: lazy``) for trees too large for memory.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field, model_validator
 
 from ..errors import DataError
 from .cache import cache_dir as default_cache_dir
 from .cache import cached
 from .classes import ImageClasses
+from .images import IMAGE_SUFFIXES
+from .source import FileSourceConfig, split_by_fractions
+from .store import FileImages, ImageFormat, decode_all, image_array, read_image, stat_fingerprint
 
-__all__ = ["IMAGE_SUFFIXES", "image_array", "load_image_folder", "read_image"]
+__all__ = ["FolderConfig", "IMAGE_SUFFIXES", "file_classes", "image_array", "load_image_folder", "read_image"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F", "P;L"}
 
 
 def _mode_channels(mode: str) -> int:
     return 1 if mode in _GRAY_MODES else 3
-
-
-def image_array(im: Image.Image, image_size: int, channels: int, invert: bool = False) -> np.ndarray:
-    """One PIL image as uint8 ``[channels, size, size]``: converted to grayscale or RGB, resized
-    with Lanczos, intensities inverted if asked. The one conversion every image reader uses."""
-    im = im.convert("L" if channels == 1 else "RGB")
-    if im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    arr = np.array(im, dtype=np.uint8)
-    if invert:
-        arr = 255 - arr
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def read_image(path: str | os.PathLike, image_size: int, channels: int, invert: bool = False) -> np.ndarray:
-    """Decode one image to uint8 ``[channels, size, size]``; a one-line DataError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return image_array(im, image_size, channels, invert)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(
-            f"Image folder: {str(path)!r} must be a readable image; got an unreadable file ({err}). "
-            "Remove or replace the file."
-        ) from err
 
 
 def _scan(root: Path) -> list[tuple[str, str, list[Path]]]:
@@ -96,45 +77,132 @@ def _scan(root: Path) -> list[tuple[str, str, list[Path]]]:
     return entries
 
 
+def _infer_channels(files: list[Path]) -> int:
+    """1 or 3 from the files' modes; mixed modes are refused."""
+    modes: dict[int, Path] = {}
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                modes.setdefault(_mode_channels(im.mode), f)
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(
+                f"Image folder: {str(f)!r} must be a readable image; got an unreadable file "
+                f"({err}). Remove or replace the file."
+            ) from err
+        if len(modes) > 1:
+            raise DataError(
+                f"Image folder: images must share one mode (all grayscale or all colour); got "
+                f"grayscale {str(modes[1])!r} and colour {str(modes[3])!r}. Convert them to one "
+                "mode, or set data.channels to 1 or 3 to convert on load."
+            )
+    return next(iter(modes))
+
+
+def file_classes(entries: list[tuple[str, str, list]], fmt: ImageFormat, archives: tuple[str, ...] = (),
+                 archive_of: list[int] | None = None) -> ImageClasses:
+    """A lazily decoded collection from ``[(group, class name, files)]`` (paths, or members of
+    ``archives`` with ``archive_of`` giving each class's archive index)."""
+    members, owner = [], []
+    for c, (_, _, files) in enumerate(entries):
+        members += [str(f) for f in files]
+        if archive_of is not None:
+            owner += [archive_of[c]] * len(files)
+    counts = [len(fs) for _, _, fs in entries]
+    group_names = sorted({g for g, _, _ in entries})
+    index = {g: i for i, g in enumerate(group_names)}
+    store = FileImages(members, fmt, archives, np.array(owner) if archive_of is not None else None)
+    return ImageClasses(
+        images=store,
+        class_start=torch.tensor(np.cumsum([0] + counts[:-1]), dtype=torch.long),
+        class_count=torch.tensor(counts, dtype=torch.long),
+        class_names=tuple(n for _, n, _ in entries),
+        class_group=torch.tensor([index[g] for g, _, _ in entries], dtype=torch.long),
+        group_names=tuple(group_names),
+    )
+
+
 def load_image_folder(root: str | os.PathLike, image_size: int = 28, channels: int | None = None,
-                      invert: bool = False, cache: str | os.PathLike | None = None) -> ImageClasses:
-    """Read (or fetch from cache) a class-per-folder tree into :class:`ImageClasses`."""
+                      invert: bool = False, cache: str | os.PathLike | None = None, fit: str = "squash",
+                      storage: str = "memory", workers: int = 0) -> ImageClasses:
+    """Read a class-per-folder tree into :class:`ImageClasses`: decoded into memory (through the
+    cache) with ``storage="memory"``, or over a lazily decoded store with ``"lazy"``."""
     root = Path(root)
     entries = _scan(root)
     files = [f for _, _, fs in entries for f in fs]
-    stat_key = "|".join(f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if storage == "lazy":
+        if channels is None:  # a spread of files decides; every image is converted to that mode on read
+            step = max(1, len(files) // 256)
+            channels = _infer_channels(files[::step])
+        return file_classes(entries, ImageFormat(image_size, channels, invert, fit))
+    stat_key = stat_fingerprint(files, root)
 
     def build() -> ImageClasses:
-        nonlocal channels
-        if channels is None:
-            modes: dict[int, Path] = {}
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        modes.setdefault(_mode_channels(im.mode), f)
-                except (UnidentifiedImageError, OSError) as err:
-                    raise DataError(
-                        f"Image folder: {str(f)!r} must be a readable image; got an unreadable file "
-                        f"({err}). Remove or replace the file."
-                    ) from err
-                if len(modes) > 1:
-                    raise DataError(
-                        f"Image folder: images must share one mode (all grayscale or all colour); got "
-                        f"grayscale {str(modes[1])!r} and colour {str(modes[3])!r}. Convert them to one "
-                        "mode, or set data.channels to 1 or 3 to convert on load."
-                    )
-            channels = next(iter(modes))
-        arrays = [read_image(f, image_size, channels, invert) for f in files]
-        counts = [len(fs) for _, _, fs in entries]
-        group_names = sorted({g for g, _, _ in entries})
-        return ImageClasses(
-            images=torch.from_numpy(np.stack(arrays)),
-            class_start=torch.tensor(np.cumsum([0] + counts[:-1]), dtype=torch.long),
-            class_count=torch.tensor(counts, dtype=torch.long),
-            class_names=tuple(n for _, n, _ in entries),
-            class_group=torch.tensor([group_names.index(g) for g, _, _ in entries], dtype=torch.long),
-            group_names=tuple(group_names),
-        )
+        lazy = file_classes(entries, ImageFormat(image_size, channels or _infer_channels(files), invert, fit))
+        return ImageClasses(decode_all(lazy.images, workers), lazy.class_start, lazy.class_count,
+                            lazy.class_names, lazy.class_group, lazy.group_names)
 
-    key = f"folder:{root.resolve()}:{image_size}:{channels}:{invert}:{stat_key}"
+    fit_key = "" if fit == "squash" else f":{fit}"  # caches written before fit existed stay valid
+    key = f"folder:{root.resolve()}:{image_size}:{channels}:{invert}{fit_key}:{stat_key}"
     return cached("folder", key, build, default_cache_dir(cache))
+
+
+class FolderConfig(FileSourceConfig):
+    """``data.name: folder``: your own class-per-folder images."""
+
+    summary = "your own images, one folder per class (root/<class>/<image> or root/<group>/<class>/<image>)"
+    name: Literal["folder"] = "folder"
+    root: str | None = Field(None, description="the folder of the class tree (with train/, val/, test/ sub-trees, "
+                             "or one tree split by val_fraction/test_fraction)")
+    image_size: int = Field(28, ge=8, le=1024, description="images are brought to size x size")
+    rotations: bool = Field(True, description="90-degree rotations as new classes (training; validation/test "
+                            "too unless eval.rotations is set)")
+    fit: Literal["squash", "crop"] = Field(
+        "squash", description="squash: resize to image_size x image_size; crop: shorter side to image_size, then "
+        "the centre square (no distortion; small images are upscaled)")
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 grayscale or 3 RGB; None infers it and refuses mixed modes")
+    invert: bool = Field(False, description="invert intensities (dark ink on white -> high)")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="without train/val/test: share of classes for "
+                                "validation")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="without train/val/test: share of classes for test")
+    split_seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the class split")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels or 1
+
+    @property
+    def invert_images(self) -> bool:
+        return self.invert
+
+    def load_splits(self) -> dict[str, ImageClasses]:
+        if self.root is None:
+            raise DataError(
+                "Config: data.root must be the folder of your class tree for data.name 'folder'; got None. "
+                "Set data.root (or --set data.root=PATH)."
+            )
+        root = Path(self.root)
+        from .loader import default_workers  # noqa: PLC0415
+        from .source import memory_budget_bytes  # noqa: PLC0415
+
+        workers = default_workers() if self.workers is None else self.workers
+        storage = self.storage
+        if storage == "auto":
+            n = sum(len(fs) for _, _, fs in _scan(root)) if not all((root / s).is_dir() for s in ("train", "val", "test")) \
+                else sum(len(fs) for s in ("train", "val", "test") for _, _, fs in _scan(root / s))
+            storage = "memory" if n * (self.channels or 3) * self.image_size ** 2 <= memory_budget_bytes(
+                self.memory_budget_gb) else "lazy"
+
+        def load(p: Path) -> ImageClasses:
+            return load_image_folder(p, self.image_size, self.channels, self.invert, self.cache_dir, self.fit,
+                                     storage, workers)
+
+        if all((root / s).is_dir() for s in ("train", "val", "test")):
+            return {s: load(root / s) for s in ("train", "val", "test")}
+        return split_by_fractions(load(root), self.val_fraction, self.test_fraction, self.split_seed)

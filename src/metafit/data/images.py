@@ -12,7 +12,6 @@ is taken as converted, like the tensors the episode samplers produce.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,33 +20,28 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .folder import IMAGE_SUFFIXES, image_array, read_image
+from .store import ImageFormat, read_image
 
-__all__ = ["ImageFormat", "list_images", "list_labelled_images"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+__all__ = ["IMAGE_SUFFIXES", "ImageFormat", "convert_images", "list_images", "list_labelled_images"]
 
 
-@dataclass(frozen=True)
-class ImageFormat:
-    size: int
-    channels: int
-    invert: bool
+class _Converter:
+    """Conversion of users' images to model input for one :class:`ImageFormat`."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        mode = "grayscale" if self.channels == 1 else "RGB"
-        ink = ", inverted (dark ink -> high)" if self.invert else ""
-        return f"{mode} {self.size}x{self.size}{ink}"
+    def __init__(self, fmt: ImageFormat) -> None:
+        self.fmt = fmt
+        self.size, self.channels, self.invert = fmt.size, fmt.channels, fmt.invert
 
     def _from_pil(self, im: Image.Image) -> np.ndarray:
-        return image_array(im, self.size, self.channels, self.invert)
+        return self.fmt.array(im)
 
     def _one(self, item: Any, where: str) -> np.ndarray | torch.Tensor:
         if isinstance(item, (str, os.PathLike)):
             if not Path(item).is_file():
                 raise DataError(f"Images: {where} must be an existing image file; got {str(item)!r}. Check the path.")
-            return read_image(item, self.size, self.channels, self.invert)
+            return read_image(item, self.size, self.channels, self.invert, self.fmt.fit)
         if isinstance(item, Image.Image):
             return self._from_pil(item)
         if isinstance(item, torch.Tensor):
@@ -130,3 +124,9 @@ def list_labelled_images(root: str | os.PathLike) -> tuple[list[Path], list[str]
             "Arrange the support images one folder per label."
         )
     return files, labels
+
+
+def convert_images(fmt: ImageFormat, images: Any) -> torch.Tensor:
+    """Float tensor [N, channels, size, size] in [0, 1] of users' images (paths, PIL images,
+    arrays, tensors, or a sequence of them) converted as ``fmt`` says."""
+    return _Converter(fmt).convert(images)

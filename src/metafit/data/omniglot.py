@@ -29,15 +29,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from typing import Literal
+
+from pydantic import Field
+
 from ..errors import DataError
 from .cache import cache_dir as default_cache_dir
 from .cache import cached, file_digest
 from .classes import ImageClasses
 from .download import download_file
-from .folder import image_array
+from .source import ImageSourceConfig
+from .store import image_array
 
 __all__ = [
     "OMNIGLOT_FILES",
+    "OmniglotConfig",
     "PROTOCOLS",
     "find_omniglot",
     "load_omniglot",
@@ -180,3 +186,28 @@ def _prefixed(data: ImageClasses, prefix: str) -> ImageClasses:
     return ImageClasses(data.images, data.class_start, data.class_count,
                         tuple(f"{prefix}/{n}" for n in data.class_names), data.class_group,
                         tuple(f"{prefix}/{g}" for g in data.group_names))
+
+
+class OmniglotConfig(ImageSourceConfig):
+    """``data.name: omniglot``: Omniglot from the official zips, grayscale with ink high."""
+
+    summary = "Omniglot (Lake et al. 2015) from the official zips; 1623 handwritten characters of 50 alphabets"
+    name: Literal["omniglot"] = "omniglot"
+    root: str | None = Field(None, description="folder holding the official zips (default METAFIT_DATA_DIR)")
+    protocol: Literal["vinyals", "lake", "small1", "small2", "small"] = Field(
+        "vinyals", description="class split (see metafit.data.omniglot)")
+    image_size: int = Field(28, ge=8, le=1024, description="images are resized to size x size")
+    rotations: bool = Field(True, description="90-degree rotations as new classes (training; validation/test "
+                            "too unless eval.rotations is set)")
+    download: bool = Field(False, description="allow a checksum-verified download when the zips are missing")
+
+    @property
+    def in_channels(self) -> int:
+        return 1
+
+    @property
+    def invert_images(self) -> bool:
+        return True
+
+    def load_splits(self) -> dict[str, ImageClasses]:
+        return omniglot_splits(self.protocol, self.root, self.image_size, self.cache_dir, self.download)

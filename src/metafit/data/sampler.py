@@ -5,6 +5,11 @@ of every drawn class with one batched ``argsort`` of random keys, and 90-degree 
 classes, as in Vinyals et al. / Snell et al.) are applied per rotation group: there is no
 per-image Python loop. An episode is first described by indices (``Episode``), so a fixed list
 of evaluation episodes is cheap to keep and identical for a given seed on any machine.
+
+Two random streams: one draws the episodes (classes and images), the other the augmentation.
+The second is consumed in step order whatever the storage, so with lazily decoded images
+(worker processes decode the next batches while the model trains on this one) a seed gives
+exactly the episodes and augmentations of memory storage.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import torch
 
 from ..errors import DataError
 from ..types import Task, TaskBatch
-from .augment import random_affine
+from .augment import ImageAugment
 from .classes import ImageClasses
+from .loader import PrefetchPipeline, default_workers, prefetch_list
 
-__all__ = ["Episode", "EpisodeSampler"]
+__all__ = ["Episode", "EpisodeSampler", "SamplerStreams", "as_augment"]
 
 
 def _check_shard(rank: int, world_size: int) -> None:
@@ -35,17 +41,86 @@ class Episode:
     positions: torch.Tensor  # [n_ways, k + q] image positions inside each class
 
 
-class EpisodeSampler:
+def as_augment(augment) -> ImageAugment | None:
+    """An :class:`ImageAugment` from one, from a dict of :func:`random_affine` arguments (the
+    older form), or None."""
+    if augment is None or isinstance(augment, ImageAugment):
+        return augment
+    return ImageAugment(affine=dict(augment)) if augment else None
+
+
+class SamplerStreams:
+    """The random streams of a training sampler over image data: ``generator`` (what is drawn)
+    and ``aug_generator`` (augmentation), and for lazily stored images the prefetch pipeline
+    whose pending draws :meth:`get_state` accounts for. Subclasses implement ``_draw(*args)`` ->
+    ``(description, image indices)`` and ``_assemble(description, uint8 images, args)``."""
+
+    data: ImageClasses
+
+    def _init_streams(self, seed: int, workers: int | None) -> None:
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.aug_generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + 0x5EED) % (2**63))
+        self.workers = default_workers() if workers is None else int(workers)
+        self._pipeline: PrefetchPipeline | None = None
+        self._pipeline_args: tuple | None = None
+
+    # -- RNG state (for exact resume) ---------------------------------------------------------
+    def get_state(self) -> torch.Tensor:
+        """Both streams' states as one tensor, as of the last batch handed out."""
+        pending = self._pipeline.state() if self._pipeline is not None else None
+        draws = pending if pending is not None else self.generator.get_state()
+        return torch.cat([draws, self.aug_generator.get_state()])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`get_state`'s tensor (a checkpoint of an older version holds the first
+        stream only; augmentation then continues from its current state)."""
+        self.close()
+        n = self.generator.get_state().numel()
+        self.generator.set_state(state[:n].clone())
+        if state.numel() >= 2 * n:
+            self.aug_generator.set_state(state[n:2 * n].clone())
+
+    def close(self) -> None:
+        """Stop prefetching workers; the draw stream rewinds to the first unconsumed batch."""
+        if self._pipeline is not None:
+            pending = self._pipeline.state()
+            self._pipeline.close()
+            self._pipeline = None
+            if pending is not None:
+                self.generator.set_state(pending)
+
+    def _next(self, args: tuple):
+        """The next batch for ``args``: drawn and decoded here (memory storage), or taken from
+        the prefetch pipeline (lazy storage, ``workers`` > 0)."""
+        if not (self.data.lazy and self.workers > 0):
+            description, indices = self._draw(*args)
+            return self._assemble(description, self.data.fetch(indices), args)
+        if self._pipeline is None or self._pipeline_args != args:
+            self.close()
+            self._pipeline = PrefetchPipeline(self.data.images, lambda: self._draw(*args),
+                                              self.generator.get_state, self.workers)
+            self._pipeline_args = args
+        try:
+            description, images = self._pipeline.next()
+        except BaseException:
+            self.close()  # workers stopped; the draw stream rewinds to the batch that failed
+            raise
+        return self._assemble(description, images, args)
+
+
+class EpisodeSampler(SamplerStreams):
     """Samples tasks from an :class:`ImageClasses` collection.
 
     ``rotations=True`` turns every class into four (0/90/180/270 degrees); ``within_group=True``
-    draws all classes of an episode from one group (alphabet). ``augment`` (a dict of
-    :func:`random_affine` arguments) is applied to sampled images; use it for training only.
+    draws all classes of an episode from one group (alphabet). ``augment`` (an
+    :class:`ImageAugment`, or a dict of :func:`random_affine` arguments) is applied to sampled
+    training images. ``workers``: processes decoding lazily stored images ahead of use (None:
+    one per core beyond the first, at most 4; 0: decode in this process).
     """
 
     def __init__(self, data: ImageClasses, n_ways: int, k_shots: int, n_queries: int, *,
-                 rotations: bool = False, within_group: bool = False, augment: dict | None = None,
-                 seed: int = 0, owner: str = "EpisodeSampler") -> None:
+                 rotations: bool = False, within_group: bool = False, augment=None,
+                 seed: int = 0, owner: str = "EpisodeSampler", workers: int | None = None) -> None:
         for name, v, lo in (("n_ways", n_ways, 2), ("k_shots", k_shots, 1), ("n_queries", n_queries, 1)):
             if not isinstance(v, int) or v < lo:
                 raise DataError(f"{owner}: {name} must be an integer >= {lo}; got {v!r}. Fix the task settings.")
@@ -53,8 +128,8 @@ class EpisodeSampler:
         self.n_ways, self.k_shots, self.n_queries = n_ways, k_shots, n_queries
         self.n_rot = 4 if rotations else 1
         self.within_group = within_group
-        self.augment = dict(augment) if augment else None
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.augment = as_augment(augment)
+        self._init_streams(seed, workers)
         need = k_shots + n_queries
         counts = data.class_count
         short = torch.nonzero(counts < need).flatten()
@@ -85,13 +160,6 @@ class EpisodeSampler:
                     f"classes; got at most {biggest}. Lower n_ways or turn within_group off."
                 )
 
-    # -- RNG state (for exact resume) ---------------------------------------------------------
-    def get_state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
-
     # -- sampling -----------------------------------------------------------------------------
     def sample_episode(self) -> Episode:
         g = self.generator
@@ -115,17 +183,21 @@ class EpisodeSampler:
         finally:
             self.generator.set_state(saved)
 
-    def materialize(self, episodes: list[Episode], augment: bool = False,
-                    shard: tuple[int, int] = (0, 1)) -> TaskBatch:
-        """Turn episode descriptions into a float ``TaskBatch`` in [0, 1] (``shard``: see
-        :meth:`sample`)."""
+    def image_indices(self, episodes: list[Episode]) -> torch.Tensor:
+        """Storage positions of the images of ``episodes``: [B, n_ways, k + q]."""
         classes = torch.stack([e.classes for e in episodes])  # [B, n]
         positions = torch.stack([e.positions for e in episodes])  # [B, n, k+q]
-        base = classes // self.n_rot
+        return self.data.class_start[classes // self.n_rot].unsqueeze(-1) + positions
+
+    def assemble(self, episodes: list[Episode], images: torch.Tensor, augment: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> TaskBatch:
+        """The float ``TaskBatch`` (values in [0, 1]) of ``episodes`` from their uint8 ``images``
+        (in :meth:`image_indices` order): rotations, augmentation, support/query split."""
+        classes = torch.stack([e.classes for e in episodes])  # [B, n]
+        b, n = classes.shape
+        m = self.k_shots + self.n_queries
         rot = (classes % self.n_rot).flatten()
-        idx = self.data.class_start[base].unsqueeze(-1) + positions
-        x = self.data.images[idx.flatten()].float().div_(255.0)  # [B*n*(k+q), C, H, W]
-        b, n, m = idx.shape
+        x = images.float().div_(255.0)  # [B*n*(k+q), C, H, W]
         x = x.view(b * n, m, *x.shape[1:])
         if self.n_rot > 1:
             for r in (1, 2, 3):
@@ -133,7 +205,7 @@ class EpisodeSampler:
                 if len(sel):
                     x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
         if augment and self.augment is not None:
-            x = random_affine(x.flatten(0, 1), self.generator, **self.augment, shard=shard).view_as(x)
+            x = self.augment(x.flatten(0, 1), self.aug_generator, shard=shard).view_as(x)
         x = x.view(b, n, m, *x.shape[2:])
         k = self.k_shots
         support = x[:, :, :k].flatten(1, 2)
@@ -143,6 +215,32 @@ class EpisodeSampler:
         qy = labels.repeat_interleave(m - k).expand(b, -1).contiguous()
         return TaskBatch(support, sy, query, qy, n)
 
+    def materialize(self, episodes: list[Episode], augment: bool = False,
+                    shard: tuple[int, int] = (0, 1)) -> TaskBatch:
+        """Turn episode descriptions into a float ``TaskBatch`` in [0, 1] (``shard``: see
+        :meth:`sample`)."""
+        return self.assemble(episodes, self.data.fetch(self.image_indices(episodes).flatten()), augment, shard)
+
+    def tasks(self, episodes: list[Episode]):
+        """One :class:`Task` per fixed episode, in order (lazily stored images are decoded by
+        the worker processes ahead of use)."""
+        if self.data.lazy and self.workers > 0:
+            for e, images in prefetch_list(self.data.images, list(episodes),
+                                           lambda e: self.image_indices([e]), self.workers):
+                yield self.assemble([e], images)[0]
+        else:
+            for e in episodes:
+                yield self.materialize([e])[0]
+
+    def _draw(self, meta_batch_size: int, rank: int, world_size: int):
+        episodes = [self.sample_episode() for _ in range(meta_batch_size * world_size)]
+        mine = episodes[rank * meta_batch_size:(rank + 1) * meta_batch_size]
+        return mine, self.image_indices(mine).flatten()
+
+    def _assemble(self, mine, images, args) -> TaskBatch:
+        _, rank, world_size = args
+        return self.assemble(mine, images, augment=True, shard=(rank, world_size))
+
     def sample(self, meta_batch_size: int = 1, rank: int = 0, world_size: int = 1) -> TaskBatch:
         """Sample a training batch of tasks (augmented if the sampler has ``augment``).
 
@@ -151,9 +249,7 @@ class EpisodeSampler:
         its own slice, so ranks train on different tasks, their generators stay in step, and the
         union of the slices is exactly what one process would sample."""
         _check_shard(rank, world_size)
-        episodes = [self.sample_episode() for _ in range(meta_batch_size * world_size)]
-        mine = episodes[rank * meta_batch_size:(rank + 1) * meta_batch_size]
-        return self.materialize(mine, augment=True, shard=(rank, world_size))
+        return self._next((meta_batch_size, rank, world_size))
 
     def sample_task(self) -> Task:
         return self.sample(1)[0]

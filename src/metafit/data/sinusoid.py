@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from ..errors import DataError
 from ..types import Task, TaskBatch
 from .sampler import _check_shard
+from .source import DataSourceConfig
 
-__all__ = ["SinusoidEpisode", "SinusoidFamily", "SinusoidSampler"]
+__all__ = ["SinusoidConfig", "SinusoidEpisode", "SinusoidFamily", "SinusoidSampler"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,46 @@ class SinusoidSampler:
     def materialize(self, episodes: list[SinusoidEpisode], augment: bool = False) -> TaskBatch:
         stack = lambda name: torch.stack([getattr(e, name) for e in episodes])  # noqa: E731
         return self._batch(stack("amplitude"), stack("phase"), stack("support_x"), stack("query_x"))
+
+    def tasks(self, episodes: list[SinusoidEpisode]):
+        """One :class:`Task` per fixed episode, in order."""
+        for e in episodes:
+            yield self.materialize([e])[0]
+
+    def close(self) -> None:
+        """Nothing to stop (the image samplers' decoding workers)."""
+
+
+class SinusoidConfig(DataSourceConfig):
+    """``data.name: sinusoid``: few-shot regression of ``y = A sin(x - phase)``."""
+
+    summary = "few-shot sinusoid regression (Finn et al. 2017), generated: no files needed"
+    task_kind: ClassVar[str] = "regression"
+    rotations: ClassVar[bool] = False
+    name: Literal["sinusoid"] = "sinusoid"
+    amplitude_min: float = Field(0.1, description="smallest amplitude")
+    amplitude_max: float = Field(5.0, description="largest amplitude")
+    phase_min: float = Field(0.0, description="smallest phase (radians)")
+    phase_max: float = Field(3.141592653589793, description="largest phase (radians)")
+    x_min: float = Field(-5.0, description="smallest input")
+    x_max: float = Field(5.0, description="largest input")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for lo, hi in (("amplitude_min", "amplitude_max"), ("phase_min", "phase_max"), ("x_min", "x_max")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} must not exceed {hi}")
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        return 1
+
+    def sinusoid_family(self) -> SinusoidFamily:
+        return SinusoidFamily((self.amplitude_min, self.amplitude_max), (self.phase_min, self.phase_max),
+                              (self.x_min, self.x_max))
+
+    def load_splits(self) -> dict[str, SinusoidFamily]:
+        """The task family itself for every split: its splits differ by seed."""
+        family = self.sinusoid_family()
+        return {"train": family, "val": family, "test": family}

@@ -9,7 +9,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..validation import ConfigModel, parse_config
+from .adapters import (HFBackbone, HFBackboneConfig, TimmBackbone, TimmBackboneConfig, TorchvisionBackbone,
+                       TorchvisionBackboneConfig, resolve_hf)
 from .base import BackboneConfig, BatchNormConfig
+from .normalize import attach_input_normalization, has_input_normalization
 from .conv4 import Conv4, Conv4Config
 from .mlp import MLP, MLPConfig
 from .resnet12 import ResNet12, ResNet12Config
@@ -24,15 +27,27 @@ __all__ = [
     "Conv4Config",
     "ResNet12",
     "ResNet12Config",
+    "attach_input_normalization",
+    "HFBackbone",
+    "HFBackboneConfig",
+    "TimmBackbone",
+    "TimmBackboneConfig",
+    "TorchvisionBackbone",
+    "TorchvisionBackboneConfig",
     "backbone_config",
     "build_backbone",
+    "resolve_backbone_config",
+    "has_input_normalization",
 ]
 
-# name -> (config class, module class taking (config, in_channels, image_size))
+# name -> (config class, module class taking (config, in_channels, image_size[, pretrained]))
 BACKBONES: dict[str, tuple[type[BackboneConfig], type[nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
     "resnet12": (ResNet12Config, ResNet12),
+    "hf": (HFBackboneConfig, HFBackbone),
+    "timm": (TimmBackboneConfig, TimmBackbone),
+    "torchvision": (TorchvisionBackboneConfig, TorchvisionBackbone),
 }
 
 
@@ -50,6 +65,16 @@ def backbone_config(data: Any) -> ConfigModel:
     return parse_config(BACKBONES[name][0], data, "backbone")
 
 
-def build_backbone(config: ConfigModel, in_channels: int, image_size: int) -> nn.Module:
+def build_backbone(config: ConfigModel, in_channels: int, image_size: int, pretrained: bool = True) -> nn.Module:
+    """The backbone module; ``pretrained=False`` builds an adapter of a pretrained model without
+    reading its weights (a checkpoint supplies them)."""
     _, module_cls = BACKBONES[config.name]
+    if getattr(module_cls, "loads_weights", False):
+        return module_cls(config, in_channels, image_size, pretrained=pretrained)
     return module_cls(config, in_channels, image_size)
+
+
+def resolve_backbone_config(config: ConfigModel) -> ConfigModel:
+    """``config`` with what is learnt from the model's files filled in (a transformers model's
+    architecture and input statistics), so that a checkpoint rebuilds the same module offline."""
+    return resolve_hf(config) if isinstance(config, HFBackboneConfig) else config

@@ -85,7 +85,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, episodes: int | None 
     sampler = make_sampler((splits or load_splits(config.data))["val"], ev, "val", 0)
     eps = sampler.fixed_episodes(n_eps, ec.seed if seed is None else seed)
     t0 = time.perf_counter()
-    logits, labels = query_logits(model, (sampler.materialize([e])[0] for e in eps), device)
+    logits, labels = query_logits(model, sampler.tasks(eps), device)
     temperature = fit_temperature(logits, labels)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ConfigError(

@@ -17,11 +17,13 @@ from safetensors.torch import save as st_save
 
 from .. import __version__
 from ..algorithms import Algorithm
+from ..data import migrate_legacy_data
 from ..data.cache import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError
-from .config import RunConfig, build_model, make_config
+from .config import RunConfig, build_model, make_config, resolve_config
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint", "update_checkpoint_meta",
+           "with_algorithm_overrides",
            "join_optimizer_state", "split_optimizer_state", "write_checkpoint"]
 
 FORMAT = "metafit-checkpoint"
@@ -32,6 +34,7 @@ def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig
                     metrics: dict[str, Any] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
+    config = resolve_config(config)  # a pretrained adapter's architecture, so that loading needs no files
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().cpu().contiguous().clone()
@@ -154,7 +157,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
             f"({meta.get('learner')}). Use metafit rl eval, or metafit.training.rl_run.load_rl."
         )
     try:
-        config = make_config(meta["config"])
+        stored = dict(meta["config"])
+        stored["data"] = migrate_legacy_data(stored.get("data"))  # checkpoints of metafit 0.1
+        config = make_config(stored)
     except (ConfigError, KeyError) as err:
         raise CheckpointError(
             f"Checkpoint: the config stored in {str(path)!r} must be valid for this metafit version; "
@@ -178,3 +183,32 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
     model.run_config = config
     model.checkpoint_meta = {k: v for k, v in meta.items() if k != "config"}
     return model
+
+
+def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None) -> Algorithm:
+    """The trained ``model`` with some ``algorithm`` fields changed for evaluation only (e.g. a
+    transfer model's ``head``, a learner's ``eval_inner_steps``). Fields that would change the
+    learned parameters (their names or shapes) are refused."""
+    if not overrides:
+        return model
+    config: RunConfig = model.run_config
+    alg = {**config.algorithm.model_dump(mode="json"), **overrides}
+    if alg["name"] != config.algorithm.name:
+        raise ConfigError(
+            f"Eval: algorithm.name must stay {config.algorithm.name!r} when evaluating a checkpoint; got "
+            f"{alg['name']!r}. Override adaptation fields only (e.g. algorithm.head)."
+        )
+    new = make_config({**config.to_dict(), "algorithm": alg})
+    rebuilt = build_model(new, pretrained=False)
+    try:
+        rebuilt.load_state_dict(model.state_dict())
+    except RuntimeError as err:
+        raise ConfigError(
+            f"Eval: algorithm overrides must keep the trained parameters; got {sorted(overrides)} which "
+            f"change them ({str(err).splitlines()[-1].strip()}). Override adaptation fields only."
+        ) from err
+    device = next(iter(model.state_dict().values())).device
+    rebuilt.to(device).train(model.training)
+    rebuilt.run_config = new
+    rebuilt.checkpoint_meta = getattr(model, "checkpoint_meta", {})
+    return rebuilt

@@ -12,9 +12,9 @@ import yaml
 from pydantic import Field, SerializeAsAny, model_validator
 
 from ..algorithms import Algorithm, AlgorithmConfig, algorithm_config, build_algorithm
-from ..data import DataConfig
+from ..data import DataSourceConfig, ImageAugment, data_config
 from ..errors import ConfigError
-from ..nn import backbone_config, build_backbone
+from ..nn import attach_input_normalization, backbone_config, build_backbone, resolve_backbone_config
 from ..validation import ConfigModel, parse_config, set_by_path
 from .monitor import MonitorConfig
 from .pretrained import load_backbone_weights
@@ -30,6 +30,7 @@ __all__ = [
     "builtin_configs",
     "load_config",
     "make_config",
+    "resolve_config",
 ]
 
 
@@ -54,11 +55,26 @@ class EvalConfig(TaskConfig):
 
 
 class AugmentConfig(ConfigModel):
+    """Training-time augmentation, applied to whole batches as tensors and seeded (see
+    :mod:`metafit.data.augment`). Validation, test and adaptation images are never augmented."""
+
+    crop: Literal["none", "random", "resized"] = Field(
+        "none", description="random: a random image-size crop of the image zero-padded by crop_padding; resized: a "
+        "random area fraction in [crop_scale_min, 1] and aspect ratio in [3/4, 4/3], resized back")
+    crop_padding: int = Field(8, ge=0, le=512, description="crop=random: padding in pixels")
+    crop_scale_min: float = Field(0.08, gt=0.0, le=1.0, description="crop=resized: smallest area fraction")
+    flip: bool = Field(False, description="random horizontal flip")
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness, contrast and saturation factors drawn "
+                                "from [1 - s, 1 + s] (0: off)")
+    hue: float = Field(0.0, ge=0.0, le=0.5, description="hue shift drawn from [-hue, hue] of a full turn (0: off)")
+    rand_augment: bool = Field(False, description="RandAugment (Cubuk et al. 2020) with rand_augment_n operations")
+    rand_augment_n: int = Field(2, ge=1, le=10, description="RandAugment: operations per image")
+    rand_augment_m: int = Field(9, ge=0, le=30, description="RandAugment: magnitude (0-30)")
     affine: bool = Field(False, description="random affine transform of training images")
     degrees: float = Field(10.0, ge=0.0, le=180.0)
     translate: float = Field(0.1, ge=0.0, le=0.5, description="fraction of the image size")
-    scale_min: float = Field(0.9, gt=0.0)
-    scale_max: float = Field(1.1, gt=0.0)
+    scale_min: float = Field(0.9, gt=0.0, le=10.0)
+    scale_max: float = Field(1.1, gt=0.0, le=10.0)
     shear: float = Field(0.0, ge=0.0, le=60.0, description="degrees")
 
     @model_validator(mode="after")
@@ -67,11 +83,15 @@ class AugmentConfig(ConfigModel):
             raise ValueError("scale_min must not exceed scale_max")
         return self
 
-    def sampler_kwargs(self) -> dict | None:
-        if not self.affine:
-            return None
-        return dict(degrees=self.degrees, translate=self.translate,
-                    scale=(self.scale_min, self.scale_max), shear=self.shear)
+    def augmenter(self) -> ImageAugment | None:
+        """The pipeline these settings describe (None: no augmentation)."""
+        affine = (dict(degrees=self.degrees, translate=self.translate, scale=(self.scale_min, self.scale_max),
+                       shear=self.shear) if self.affine else None)
+        aug = ImageAugment(crop=self.crop, crop_padding=self.crop_padding, crop_scale_min=self.crop_scale_min,
+                           flip=self.flip, color_jitter=self.color_jitter, hue=self.hue,
+                           rand_augment=self.rand_augment, rand_augment_n=self.rand_augment_n,
+                           rand_augment_m=self.rand_augment_m, affine=affine)
+        return aug if (aug.uses_kornia or affine is not None) else None
 
 
 class TrainConfig(ConfigModel):
@@ -107,7 +127,8 @@ class TrainConfig(ConfigModel):
 class RunConfig(ConfigModel):
     seed: int = Field(0, ge=0, description="seed of initialisation and training episodes")
     out_dir: str = Field("runs/default", description="where checkpoints and logs go")
-    data: DataConfig = DataConfig()
+    data: SerializeAsAny[DataSourceConfig] = Field(
+        default_factory=lambda: data_config({}), description="the data source (data.name selects it)")
     task: TaskConfig = Field(TaskConfig(), description="training tasks")
     eval: EvalConfig = Field(EvalConfig(), description="validation and test tasks")
     augment: AugmentConfig = AugmentConfig()
@@ -129,7 +150,8 @@ def make_config(data: Any = None) -> RunConfig:
     data = dict(data)
     alg = algorithm_config(data.pop("algorithm", None))
     bb = backbone_config(data.pop("backbone", None))
-    return parse_config(RunConfig, {**data, "algorithm": alg, "backbone": bb})
+    source = data_config(data.pop("data", None))
+    return parse_config(RunConfig, {**data, "data": source, "algorithm": alg, "backbone": bb})
 
 
 def builtin_configs() -> dict[str, Path]:
@@ -184,12 +206,32 @@ def apply_overrides(data: dict, overrides: list[str] | None, example: str) -> di
     return data
 
 
+#: learners with an inner gradient loop: they take second derivatives through the backbone, or run
+#: tasks under torch.func.vmap, and neither works with the fused CPU attention kernel
+INNER_LOOP = ("maml", "anil", "metasgd", "reptile")
+
+
+def resolve_config(config: RunConfig) -> RunConfig:
+    """``config`` with what the backbone learns from its files recorded (see
+    :func:`metafit.nn.resolve_backbone_config`), so checkpoints rebuild the model offline, and a
+    transformers backbone's ``attention: auto`` settled for the algorithm (``eager`` for learners
+    with an inner loop: the fused CPU attention kernel has neither a second derivative nor a vmap
+    batching rule)."""
+    bb = resolve_backbone_config(config.backbone)
+    if getattr(bb, "attention", None) == "auto":
+        bb = bb.model_copy(update={"attention": "eager" if config.algorithm.name in INNER_LOOP else "sdpa"})
+    return config if bb is config.backbone else config.model_copy(update={"backbone": bb})
+
+
 def build_model(config: RunConfig, pretrained: bool = True) -> Algorithm:
     """The algorithm with its backbone, freshly initialised from ``config``; with ``pretrained``
     and ``backbone.weights`` set, the backbone starts from that file's weights, and the returned
     model's ``weights_report`` says what was loaded (None otherwise). Rebuilding a model whose
     weights come next (checkpoint loading) passes ``pretrained=False``: the file is not read."""
-    backbone = build_backbone(config.backbone, config.data.in_channels, config.data.input_size)
+    config = resolve_config(config)
+    backbone = build_backbone(config.backbone, config.data.in_channels, config.data.input_size, pretrained=pretrained)
+    if (stats := config.data.input_statistics()) is not None:
+        attach_input_normalization(backbone, *stats)
     report = None
     bb = config.backbone
     if pretrained and getattr(bb, "weights", None):

@@ -130,5 +130,5 @@ def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, devic
                       channels_last: bool = False, progress: Callable | None = None,
                       inner_steps: int | None = None, temperature: float | None = None) -> EvalResult:
     """Evaluate on fixed episode descriptions of ``sampler`` (no augmentation)."""
-    tasks = (sampler.materialize([e])[0] for e in episodes)
+    tasks = sampler.tasks(episodes)
     return evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps, temperature)

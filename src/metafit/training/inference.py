@@ -32,6 +32,7 @@ from ..data import ImageFormat
 from ..data.cache import atomic_write_bytes, file_digest
 from ..errors import CheckpointError, TaskError
 from .checkpoint import load as load_algorithm
+from .checkpoint import with_algorithm_overrides
 from .config import RunConfig
 
 __all__ = ["AdaptedTask", "Model", "Prediction", "is_task_file", "load_model", "load_task"]
@@ -246,9 +247,12 @@ def is_task_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
-    """A trained :class:`Model` from a metafit checkpoint (safetensors; no code is executed)."""
-    return Model(load_algorithm(path, device), path)
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               algorithm: dict[str, Any] | None = None) -> Model:
+    """A trained :class:`Model` from a metafit checkpoint (safetensors; no code is executed).
+    ``algorithm`` changes adaptation-only fields, e.g. ``{"finetune_steps": 20, "finetune_lr":
+    0.01}`` (ProtoNet's fine-tuning at adaptation) or ``{"head": "centroid"}`` (transfer)."""
+    return Model(with_algorithm_overrides(load_algorithm(path, device), algorithm), path)
 
 
 def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | None = None,

@@ -25,6 +25,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from ..errors import CheckpointError
+from ..nn.normalize import NORM_BUFFERS
 
 __all__ = ["WeightsReport", "load_backbone_weights", "read_weights"]
 
@@ -213,7 +214,8 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: st
     """
     tensors, fmt = read_weights(path)
     shown_path = str(path)
-    target = module.state_dict()
+    # the input statistics belong to the data the model is configured for, not to the file
+    target = {k: v for k, v in module.state_dict().items() if k not in NORM_BUFFERS}
     names = set(target)
     counts = _candidate_prefixes(tensors, names)
     if prefix is None:
@@ -237,7 +239,7 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: st
     ignored = len(tensors) - len(state)
     matched = {k: v for k, v in state.items() if k in names}
     missing = tuple(k for k in target if k not in matched)
-    unexpected = tuple(k for k in state if k not in names)
+    unexpected = tuple(k for k in state if k not in names and k not in NORM_BUFFERS)
     mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in matched.items()
                   if tuple(v.shape) != tuple(target[k].shape)]
     if mismatched:

@@ -12,7 +12,7 @@ import torch
 from ..data import ImageClasses, load_runs, load_splits
 from ..errors import ConfigError
 from ..algorithms import Algorithm
-from .checkpoint import load
+from .checkpoint import load, with_algorithm_overrides
 from .config import RunConfig, TaskConfig, build_model, make_config
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .metrics_log import write_json
@@ -73,35 +73,6 @@ def _evaluate(model, data, config: RunConfig, task: TaskConfig, episodes: int, s
     return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps, temperature)
 
 
-def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None) -> Algorithm:
-    """The trained ``model`` with some ``algorithm`` fields changed for evaluation only (e.g. a
-    transfer model's ``head``, a learner's ``eval_inner_steps``). Fields that would change the
-    learned parameters (their names or shapes) are refused."""
-    if not overrides:
-        return model
-    config: RunConfig = model.run_config
-    alg = {**config.algorithm.model_dump(mode="json"), **overrides}
-    if alg["name"] != config.algorithm.name:
-        raise ConfigError(
-            f"Eval: algorithm.name must stay {config.algorithm.name!r} when evaluating a checkpoint; got "
-            f"{alg['name']!r}. Override adaptation fields only (e.g. algorithm.head)."
-        )
-    new = make_config({**config.to_dict(), "algorithm": alg})
-    rebuilt = build_model(new, pretrained=False)
-    try:
-        rebuilt.load_state_dict(model.state_dict())
-    except RuntimeError as err:
-        raise ConfigError(
-            f"Eval: algorithm overrides must keep the trained parameters; got {sorted(overrides)} which "
-            f"change them ({str(err).splitlines()[-1].strip()}). Override adaptation fields only."
-        ) from err
-    device = next(iter(model.state_dict().values())).device
-    rebuilt.to(device).train(model.training)
-    rebuilt.run_config = new
-    rebuilt.checkpoint_meta = getattr(model, "checkpoint_meta", {})
-    return rebuilt
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = None, k_shots: int | None = None,
                         n_queries: int | None = None, episodes: int | None = None, split: str = "test",
                         within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
@@ -145,7 +116,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     temperature = (model.checkpoint_meta.get("calibration") or {}).get("temperature")
     res = _evaluate(model, data, config, task, n_eps, seed, dev, dev.type in ("cpu", "cuda"), progress, split,
                     inner_steps, temperature)
-    rot = ec.rotations if ec.rotations is not None else config.data.rotations
+    rot = ec.rotations if ec.rotations is not None else getattr(config.data, "rotations", False)
     out = {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
            **res.to_dict(), "seconds": time.perf_counter() - t0}
     if inner_steps is not None:

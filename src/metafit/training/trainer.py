@@ -21,7 +21,7 @@ from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFami
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..types import LabelledBatch, TaskBatch
 from .checkpoint import join_optimizer_state, model_state, read_checkpoint, save_checkpoint, split_optimizer_state
-from .config import RunConfig, build_model
+from .config import RunConfig, build_model, resolve_config
 from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate_episodes
 from .metrics_log import MetricsLog, write_json
@@ -57,17 +57,18 @@ def make_sampler(data: ImageClasses | SinusoidFamily, config: RunConfig, split: 
     t = config.task if split == "train" else config.eval
     if isinstance(data, SinusoidFamily):
         return data.sampler(t.k_shots, t.n_queries, seed)
+    workers = getattr(config.data, "workers", None)
     if split == "train" and get_algorithm(config.algorithm.name).training_data == "batches":
-        return ClassBatchSampler(data, rotations=config.data.rotations, augment=config.augment.sampler_kwargs(),
-                                 seed=seed, owner="Sampler (train split)")
+        return ClassBatchSampler(data, rotations=config.data.rotations, augment=config.augment.augmenter(),
+                                 seed=seed, owner="Sampler (train split)", workers=workers)
     rotations = config.data.rotations
     if split != "train" and config.eval.rotations is not None:
         rotations = config.eval.rotations
     return EpisodeSampler(
         data, t.n_ways, t.k_shots, t.n_queries,
         rotations=rotations, within_group=t.within_group,
-        augment=config.augment.sampler_kwargs() if split == "train" else None,
-        seed=seed, owner=f"Sampler ({split} split)",
+        augment=config.augment.augmenter() if split == "train" else None,
+        seed=seed, owner=f"Sampler ({split} split)", workers=workers,
     )
 
 
@@ -106,6 +107,7 @@ class Trainer:
         its own checkpoint). ``on_validate(step, result)`` is called after every validation (on
         every rank, with the same result); an exception it raises (e.g. ``optuna.TrialPruned``)
         stops training and propagates after the log is closed."""
+        config = resolve_config(config)
         self.config = config
         self.on_validate = on_validate
         self.out_dir = Path(out_dir or config.out_dir)
@@ -121,6 +123,10 @@ class Trainer:
             # record the channel count inferred from the images, so checkpoints rebuild the same model
             config = config.model_copy(update={"data": config.data.model_copy(update={"channels": channels})})
             self.config = config
+        if getattr(config.data, "needs_statistics", lambda: False)():
+            # normalisation statistics of the training images, recorded so checkpoints rebuild the same model
+            config = self.config = config.model_copy(
+                update={"data": config.data.with_statistics(self.splits["train"])})
         if get_algorithm(config.algorithm.name).training_data == "batches":
             config = self.config = _with_base_classes(config, self.splits["train"])
         self._check_divisible(config)
@@ -373,6 +379,7 @@ class Trainer:
             if log is not None:
                 log.close()
             tb.close()
+            self.train_sampler.close()  # stop decoding workers (lazy storage)
         best = self.out_dir / "best.safetensors"
         return TrainResult(self.out_dir, self.step, self.best_step, self.best_result,
                            self.train_seconds, best if best.exists() else last)
