@@ -5,7 +5,6 @@ augmentation, input normalisation carried by the model, and Tiny ImageNet's read
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 import numpy as np

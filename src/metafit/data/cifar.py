@@ -28,10 +28,9 @@ from .cache import cache_dir as default_cache_dir
 from .cache import cached
 from .classes import ImageClasses
 from .download import download_file
-from .miniimagenet import array_classes, convert_arrays, files_fingerprint
 from .safe_pickle import as_text, load_pickle, pickle_field
 from .source import ImageSourceConfig
-from .split_files import find_root, published_split, split_classes
+from .split_files import array_classes, convert_arrays, files_fingerprint, find_root, published_split, split_classes
 from .store import ImageFormat
 
 __all__ = ["CIFAR100_URL", "CifarFSConfig", "FC100Config", "cifar100_classes"]

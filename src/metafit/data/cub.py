@@ -32,9 +32,8 @@ from .classes import ImageClasses
 from .download import download_file
 from .folder import file_classes
 from .images import IMAGE_SUFFIXES
-from .miniimagenet import class_folders
 from .source import FileSourceConfig
-from .split_files import find_root, published_split, split_classes
+from .split_files import class_folders, find_root, published_split, split_classes
 from .store import ImageFormat, stat_fingerprint
 
 __all__ = ["CUBConfig", "CUB_URL", "LAYOUT", "cub_classes", "extract_cub_images"]

@@ -20,8 +20,6 @@ Folder and pickle copies are checked against the published split: every class mu
 and in its published split. Image files are decoded once into memory (and cached), or on demand
 by worker processes (``data.storage: lazy``).
 
-The helpers here (split class folders, uint8 array collections) are shared by the other
-ImageNet-derived and array-based benchmark readers.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field
 
 from ..errors import DataError
@@ -42,115 +39,22 @@ from .cache import cache_dir as default_cache_dir
 from .cache import cached
 from .classes import ImageClasses
 from .folder import file_classes
-from .images import IMAGE_SUFFIXES
 from .safe_pickle import as_text, load_pickle, pickle_field
 from .source import FileSourceConfig
-from .split_files import find_root, published_split, split_classes
+from .split_files import (SPLITS, array_classes, check_published_splits, convert_arrays, files_fingerprint,
+                          find_root, folder_classes, published_split, split_classes)
 from .store import ImageFormat, stat_fingerprint
 
-__all__ = [
-    "LAYOUT",
-    "MiniImageNetConfig",
-    "SPLITS",
-    "array_classes",
-    "check_published_splits",
-    "class_folders",
-    "convert_arrays",
-    "miniimagenet_layout",
-]
+__all__ = ["LAYOUT", "MiniImageNetConfig", "miniimagenet_layout"]
 
 log = logging.getLogger(__name__)
 
 OWNER = "MiniImageNet"
 ENV = "METAFIT_MINIIMAGENET"
-SPLITS = ("train", "val", "test")
 PICKLE_NAME = "mini-imagenet-cache-{}.pkl"
 LAYOUT = ("mini-imagenet-cache-{train,val,test}.pkl; images/<wnid><8 digits>.jpg with train.csv, val.csv and "
           "test.csv (filename,label); train/<wnid>/<image>, val/<wnid>/<image> and test/<wnid>/<image>; or "
           "images/<wnid>/<image>")
-
-
-# -- shared helpers -----------------------------------------------------------------------------
-def class_folders(folder: Path, owner: str, layout: str) -> list[tuple[str, list[Path]]]:
-    """``[(class folder name, sorted image files)]`` of ``folder/<class>/<image>``; a class
-    folder without images, or a folder without class folders, is a one-line error."""
-    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(
-            f"{owner}: {str(folder)!r} must hold one folder per class ({layout}); got none. "
-            "Point data.root at the dataset folder."
-        )
-    out = []
-    for d in classes:
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(
-                f"{owner}: class folder {str(d)!r} must hold image files ({', '.join(sorted(IMAGE_SUFFIXES))}; "
-                f"{layout}); got none. Remove the folder or restore its images."
-            )
-        out.append((d.name, files))
-    return out
-
-
-def check_published_splits(found: dict[str, str], split: dict[str, list[str]], owner: str, layout: str,
-                           fix: str) -> None:
-    """Refuse a copy whose splits disagree with the published one: ``found`` maps each class to
-    the split it was found in; a class of the published split found in another split is a
-    one-line error (missing classes are :func:`split_classes`' to report)."""
-    home = {c: s for s in SPLITS for c in split[s]}
-    wrong = sorted((c, s) for c, s in found.items() if c in home and home[c] != s)
-    if wrong:
-        c, s = wrong[0]
-        more = f" ({len(wrong)} classes in all)" if len(wrong) > 1 else ""
-        raise DataError(
-            f"{owner}: class {c} must be in {home[c]} as in the published split ({layout}); got it in {s}{more}. "
-            f"{fix}"
-        )
-
-
-def convert_arrays(images: np.ndarray, fmt: ImageFormat, index: np.ndarray | None = None,
-                   chunk: int = 2048) -> np.ndarray:
-    """Decoded uint8 images ``[n, H, W, C]`` (C 1 or 3; or ``[n, H, W]``), or those at ``index``,
-    in ``fmt``: uint8 ``[len, channels, size, size]``. Images already at the size and channels
-    are only transposed (a chunk at a time); others go through
-    :func:`~metafit.data.store.image_array` one by one."""
-    if images.ndim == 3:
-        images = images[..., None]
-    n, h, w, c = images.shape
-    index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
-    out = np.empty((len(index), fmt.channels, fmt.size, fmt.size), dtype=np.uint8)
-    if (h, w) == (fmt.size, fmt.size) and c == fmt.channels and not fmt.invert:
-        for s in range(0, len(index), chunk):
-            out[s:s + chunk] = images[index[s:s + chunk]].transpose(0, 3, 1, 2)
-        return out
-    for j, i in enumerate(index.tolist()):
-        img = images[i]
-        out[j] = fmt.array(Image.fromarray(np.ascontiguousarray(img[..., 0] if c == 1 else img)))
-    return out
-
-
-def array_classes(images: torch.Tensor, names: list[str], counts: list[int], groups: list[str]) -> ImageClasses:
-    """An in-memory collection: ``images`` uint8 ``[N, C, H, W]`` holding class ``names[i]``'s
-    ``counts[i]`` images one class after another, class ``i`` in group ``groups[i]``."""
-    group_names = sorted(set(groups))
-    index = {g: i for i, g in enumerate(group_names)}
-    return ImageClasses(
-        images=images,
-        class_start=torch.tensor(np.cumsum([0] + list(counts[:-1])), dtype=torch.long),
-        class_count=torch.tensor(counts, dtype=torch.long),
-        class_names=tuple(names),
-        class_group=torch.tensor([index[g] for g in groups], dtype=torch.long),
-        group_names=tuple(group_names),
-    )
-
-
-def files_fingerprint(paths: list[Path]) -> str:
-    """A cheap fingerprint of a few data files: resolved paths, sizes and modification times."""
-    parts = []
-    for p in paths:
-        st = p.stat()
-        parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
 
 
 # -- layouts ------------------------------------------------------------------------------------
@@ -258,44 +162,6 @@ def csv_classes(folder: Path, fmt: ImageFormat) -> tuple[ImageClasses, dict[str,
     files = [f for _, _, fs in entries for f in fs]
     source = f"csv:{files_fingerprint(csvs)}:" + stat_fingerprint(files, folder)
     return file_classes(entries, fmt), split, source
-
-
-def folder_classes(folder: Path, layout: str, split: dict[str, list[str]], fmt: ImageFormat, owner: str,
-                   full_layout: str, groups: dict[str, str] | None = None) -> tuple[ImageClasses, str]:
-    """Class folders (``split_folders``: ``train/``, ``val/``, ``test/``; ``tree``: ``images/``)
-    as one collection of the published split's classes over a lazily decoded store, and a
-    fingerprint of the source; classes in the wrong split folder are refused, classes outside
-    the published split are left out. ``groups`` maps a class to its group (default: none)."""
-    found: dict[str, tuple[str, list[Path]]] = {}
-    if layout == "split_folders":
-        _require_splits(folder, owner, full_layout)
-        for s in SPLITS:
-            for c, files in class_folders(folder / s, owner, full_layout):
-                found[c] = (s, files)
-        check_published_splits({c: s for c, (s, _) in found.items()}, split, owner, full_layout,
-                               "This copy uses another split: move the class folders to their published split.")
-    else:
-        for c, files in class_folders(folder / "images", owner, full_layout):
-            found[c] = ("", files)
-    wanted = [c for s in SPLITS for c in split[s]]
-    extra = sorted(set(found) - set(wanted))
-    if extra:
-        log.info("%s: %d class folders outside the published split are left out (%s...)", owner, len(extra),
-                 ", ".join(extra[:3]))
-    entries = [((groups or {}).get(c, ""), c, found[c][1]) for c in wanted if c in found]
-    files = [f for _, _, fs in entries for f in fs]
-    source = f"{layout}:{folder.resolve()}:" + stat_fingerprint(files, folder)
-    return file_classes(entries, fmt), source
-
-
-def _require_splits(folder: Path, owner: str, layout: str) -> None:
-    for s in SPLITS:
-        if not (folder / s).is_dir():
-            raise DataError(
-                f"{owner}: {str(folder / s)!r} must be a folder of class folders (train/, val/ and test/ "
-                f"together; all layouts: {layout}); got no such folder. Complete the copy or point data.root at "
-                "a complete one."
-            )
 
 
 def pickle_classes(folder: Path, fmt: ImageFormat, split: dict[str, list[str]], cache: str | None) -> ImageClasses:

@@ -39,17 +39,10 @@ from .cache import cache_dir as default_cache_dir
 from .cache import cached
 from .classes import ImageClasses
 from .loader import decode_batches, default_workers
-from .miniimagenet import (
-    SPLITS,
-    array_classes,
-    check_published_splits,
-    convert_arrays,
-    files_fingerprint,
-    folder_classes,
-)
 from .safe_pickle import as_text, load_pickle, pickle_field
 from .source import FileSourceConfig
-from .split_files import find_root, published_split, split_classes
+from .split_files import (SPLITS, array_classes, check_published_splits, convert_arrays, files_fingerprint,
+                          find_root, folder_classes, published_split, split_classes)
 from .store import ImageFormat
 
 __all__ = ["EncodedImages", "LAYOUT", "TieredImageNetConfig", "tiered_pickle_classes"]

@@ -11,9 +11,8 @@ import torch
 
 from ..data import ImageClasses, load_runs, load_splits
 from ..errors import ConfigError
-from ..algorithms import Algorithm
 from .checkpoint import load, with_algorithm_overrides
-from .config import RunConfig, TaskConfig, build_model, make_config
+from .config import RunConfig, TaskConfig
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .metrics_log import write_json
 from .trainer import Trainer, make_sampler
