@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import shutil
 import struct
 import tarfile
-import threading
 import zlib
 from collections import OrderedDict
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -483,20 +480,6 @@ def test_cifar_errors(cifar_root, tmp_path, monkeypatch):
                                         r"containers; got a reference to '(os|posix).system'"):
         _cifar("cifar_fs", _cifar_tar(tmp_path / "evil.tar.gz", parts))
     assert not marker.exists()
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_cifar_download(server, cifar_root, tmp_path, monkeypatch):

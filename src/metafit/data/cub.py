@@ -32,7 +32,7 @@ from .classes import ImageClasses
 from .download import download_file
 from .folder import file_classes
 from .images import IMAGE_SUFFIXES
-from .source import FileSourceConfig
+from .source import NaturalImageSourceConfig
 from .split_files import class_folders, find_root, published_split, split_classes
 from .store import ImageFormat, stat_fingerprint
 
@@ -138,17 +138,13 @@ def cub_classes(root: str | None, fmt: ImageFormat, download: bool = False,
     return file_classes(entries, fmt), source
 
 
-class CUBConfig(FileSourceConfig):
+class CUBConfig(NaturalImageSourceConfig):
     """``data.name: cub``: CUB-200-2011 with Chen et al.'s class split."""
 
     summary = "CUB-200-2011: 200 bird species, 11,788 photographs, Chen et al.'s 100/50/50 class split"
     name: Literal["cub"] = "cub"
     root: str | None = Field(None, description="the folder holding CUB_200_2011/, the CUB_200_2011 folder, or "
                              "CUB_200_2011.tgz (extracted once into the cache) (default METAFIT_CUB)")
-    image_size: int = Field(84, ge=8, le=1024, description="images are brought to size x size")
-    normalize: Literal["none", "dataset", "imagenet"] = Field(
-        "dataset", description="input normalisation inside the model: none, dataset (per-channel mean/std of the "
-        "training images, computed once and cached), imagenet (torchvision's ImageNet statistics)")
     download: bool = Field(False, description="allow the md5-verified download of the official CUB_200_2011.tgz "
                            "(1.1 GB) into the cache when no data is found")
 

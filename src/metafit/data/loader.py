@@ -80,15 +80,8 @@ def _checked(item) -> torch.Tensor:
 def decode_batches(store: FileImages, workers: int = 0, batch_size: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, uint8 images)`` for consecutive chunks of the whole store, decoded by ``workers``."""
     starts = list(range(0, len(store), batch_size))
-    chunks = [list(range(s, min(s + batch_size, len(store)))) for s in starts]
-    it = iter(_loader(store, chunks, workers, 4))
-    try:
-        for start in starts:
-            yield start, _checked(next(it))
-    finally:
-        if hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        del it
+    yield from prefetch_list(store, starts, lambda s: torch.arange(s, min(s + batch_size, len(store))), workers,
+                             prefetch=4)
 
 
 class _Requests:
@@ -162,11 +155,11 @@ class PrefetchPipeline:
 
 
 def prefetch_list(store: FileImages, items: list, indices_of: Callable[[Any], torch.Tensor],
-                  workers: int) -> Iterator[tuple[Any, torch.Tensor]]:
+                  workers: int, prefetch: int = 2) -> Iterator[tuple[Any, torch.Tensor]]:
     """``(item, uint8 images)`` for a finite list (e.g. fixed evaluation episodes), in order, the
     images of upcoming items decoded by ``workers`` processes meanwhile."""
     batches = [indices_of(item).reshape(-1).tolist() for item in items]
-    it = iter(_loader(store, batches, workers, 2))
+    it = iter(_loader(store, batches, workers, prefetch))
     try:
         for item in items:
             yield item, _checked(next(it))

@@ -40,7 +40,7 @@ from .cache import cached
 from .classes import ImageClasses
 from .folder import file_classes
 from .safe_pickle import as_text, load_pickle, pickle_field
-from .source import FileSourceConfig
+from .source import NaturalImageSourceConfig
 from .split_files import (SPLITS, array_classes, check_published_splits, convert_arrays, files_fingerprint,
                           find_root, folder_classes, published_split, split_classes)
 from .store import ImageFormat, stat_fingerprint
@@ -228,7 +228,7 @@ def _read_cache_pickle(path: Path) -> tuple[np.ndarray, list[tuple[str, np.ndarr
     return images, classes
 
 
-class MiniImageNetConfig(FileSourceConfig):
+class MiniImageNetConfig(NaturalImageSourceConfig):
     """``data.name: miniimagenet``: miniImageNet with Ravi & Larochelle's split."""
 
     summary = ("miniImageNet: 100 ImageNet classes, 600 colour images each, Ravi & Larochelle's 64/16/20 class "
@@ -237,10 +237,6 @@ class MiniImageNetConfig(FileSourceConfig):
     root: str | None = Field(None, description="the folder of images/ and train/val/test.csv, of train/, val/, "
                              "test/ class folders, of images/<wnid>/, or of mini-imagenet-cache-*.pkl (default "
                              "METAFIT_MINIIMAGENET)")
-    image_size: int = Field(84, ge=8, le=1024, description="images are brought to size x size")
-    normalize: Literal["none", "dataset", "imagenet"] = Field(
-        "dataset", description="input normalisation inside the model: none, dataset (per-channel mean/std of the "
-        "training images, computed once and cached), imagenet (torchvision's ImageNet statistics)")
 
     def load_splits(self) -> dict[str, ImageClasses]:
         layout, folder = miniimagenet_layout(find_root(self.root, ENV, OWNER, LAYOUT))

@@ -30,6 +30,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageSourceConfig",
+    "NaturalImageSourceConfig",
     "channel_statistics",
     "memory_budget_bytes",
     "split_by_fractions",
@@ -186,6 +187,16 @@ class FileSourceConfig(ImageSourceConfig):
         fmt = store.fmt
         full_key = f"{key}:{fmt.size}:{fmt.channels}:{fmt.invert}:{fmt.fit}"
         return cached(f"{cache_name}-{fmt.size}", full_key, build, default_cache_dir(self.cache_dir))
+
+
+class NaturalImageSourceConfig(FileSourceConfig):
+    """Base of the natural-image benchmarks: 84 pixels and input normalisation with the training
+    images' statistics by default."""
+
+    image_size: int = Field(84, ge=8, le=1024, description="images are brought to size x size")
+    normalize: Literal["none", "dataset", "imagenet"] = Field(
+        "dataset", description="input normalisation inside the model: none, dataset (per-channel mean/std of the "
+        "training images, computed once and cached), imagenet (torchvision's ImageNet statistics)")
 
 
 def memory_budget_bytes(gb: float | None) -> int:

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
-__all__ = ["FileImages", "ImageFormat", "decode_all", "image_array", "read_image", "to_mode"]
+__all__ = ["FileImages", "ImageFormat", "ImageStore", "decode_all", "image_array", "read_image", "to_mode"]
 
 _HAS_ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -104,7 +104,41 @@ def read_image(path: str | os.PathLike, image_size: int, channels: int, invert: 
         raise _unreadable(repr(str(path)), err) from err
 
 
-class FileImages:
+class ImageStore:
+    """Base of image stores that decode on demand: subclasses set ``fmt`` and implement
+    ``__len__`` and ``read(i)`` (uint8 ``[C, size, size]``); the rest follows."""
+
+    fmt: ImageFormat
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), self.fmt.channels, self.fmt.size, self.fmt.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the decoded uint8 images would take in memory."""
+        n, c, h, w = self.shape
+        return n * c * h * w
+
+    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Decode ``indices`` in this process: uint8 ``[len(indices), C, H, W]``."""
+        idx = torch.as_tensor(indices).reshape(-1).tolist()
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
+        for j, i in enumerate(idx):
+            out[j] = self.read(i)
+        return torch.from_numpy(out)
+
+    def __getitem__(self, indices) -> torch.Tensor:
+        return self.fetch(indices)
+
+
+class FileImages(ImageStore):
     """Images decoded on demand: image ``i`` is ``members[i]`` inside ``archives[archive_of[i]]``
     (a zip file), or the file ``members[i]`` itself where ``archive_of[i]`` is -1."""
 
@@ -129,16 +163,6 @@ class FileImages:
 
     def __len__(self) -> int:
         return len(self.members)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self), self.fmt.channels, self.fmt.size, self.fmt.size)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the decoded uint8 images would take in memory."""
-        n, c, h, w = self.shape
-        return n * c * h * w
 
     def name(self, i: int) -> str:
         m = self.members[i]
@@ -179,19 +203,8 @@ class FileImages:
                 Image.DecompressionBombError) as err:
             raise _unreadable(repr(self.name(i)), err) from err
 
-    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
-        """Decode ``indices`` in this process: uint8 ``[len(indices), C, H, W]``."""
-        idx = torch.as_tensor(indices).reshape(-1).tolist()
-        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
-        for j, i in enumerate(idx):
-            out[j] = self.read(i)
-        return torch.from_numpy(out)
 
-    def __getitem__(self, indices) -> torch.Tensor:
-        return self.fetch(indices)
-
-
-def decode_all(store: FileImages, workers: int = 0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def decode_all(store: ImageStore, workers: int = 0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Every image of ``store`` as one uint8 tensor ``[n, C, H, W]`` (index order kept), decoded
     by ``workers`` processes (0: in this one)."""
     from .loader import decode_batches  # noqa: PLC0415 (loader imports this module)

@@ -40,10 +40,10 @@ from .cache import cached
 from .classes import ImageClasses
 from .loader import decode_batches, default_workers
 from .safe_pickle import as_text, load_pickle, pickle_field
-from .source import FileSourceConfig
+from .source import NaturalImageSourceConfig
 from .split_files import (SPLITS, array_classes, check_published_splits, convert_arrays, files_fingerprint,
                           find_root, folder_classes, published_split, split_classes)
-from .store import ImageFormat
+from .store import ImageFormat, ImageStore
 
 __all__ = ["EncodedImages", "LAYOUT", "TieredImageNetConfig", "tiered_pickle_classes"]
 
@@ -55,7 +55,7 @@ LAYOUT = ("Ren et al.'s {train,val,test}_images_png.pkl with {train,val,test}_la
           "val/<wnid>/<image> and test/<wnid>/<image>")
 
 
-class EncodedImages:
+class EncodedImages(ImageStore):
     """Encoded images (PNG or JPEG bytes, or uint8 arrays of them) decoded on demand into
     ``fmt``: the store interface :func:`~metafit.data.loader.decode_batches` reads, so decoding
     runs in worker processes. ``where`` names the source in errors."""
@@ -68,10 +68,6 @@ class EncodedImages:
     def __len__(self) -> int:
         return len(self.items)
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self), self.fmt.channels, self.fmt.size, self.fmt.size)
-
     def read(self, i: int) -> np.ndarray:
         item = self.items[int(i)]
         try:
@@ -83,16 +79,6 @@ class EncodedImages:
                 f"{OWNER}: image {int(i)} of {self.where} must be an encoded image (PNG bytes); got "
                 f"a {type(item).__name__} that does not decode ({err}). Use the published pickles."
             ) from err
-
-    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
-        idx = torch.as_tensor(indices).reshape(-1).tolist()
-        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
-        for j, i in enumerate(idx):
-            out[j] = self.read(i)
-        return torch.from_numpy(out)
-
-    def __getitem__(self, indices) -> torch.Tensor:
-        return self.fetch(indices)
 
 
 def _names(value: Any, key: str, path: Path) -> dict[int, str]:
@@ -238,7 +224,7 @@ def tieredimagenet_layout(path: Path) -> tuple[str, Path]:
     )
 
 
-class TieredImageNetConfig(FileSourceConfig):
+class TieredImageNetConfig(NaturalImageSourceConfig):
     """``data.name: tieredimagenet``: tieredImageNet with Ren et al.'s category split."""
 
     summary = ("tieredImageNet: 608 ImageNet classes in 34 categories, Ren et al.'s 351/97/160 class split by "
@@ -246,10 +232,6 @@ class TieredImageNetConfig(FileSourceConfig):
     name: Literal["tieredimagenet"] = "tieredimagenet"
     root: str | None = Field(None, description="the folder of {train,val,test}_images_png.pkl and *_labels.pkl, or "
                              "of train/, val/, test/ class folders (default METAFIT_TIEREDIMAGENET)")
-    image_size: int = Field(84, ge=8, le=1024, description="images are brought to size x size")
-    normalize: Literal["none", "dataset", "imagenet"] = Field(
-        "dataset", description="input normalisation inside the model: none, dataset (per-channel mean/std of the "
-        "training images, computed once and cached), imagenet (torchvision's ImageNet statistics)")
 
     def load_splits(self) -> dict[str, ImageClasses]:
         layout, folder = tieredimagenet_layout(find_root(self.root, ENV, OWNER, LAYOUT))

@@ -31,7 +31,7 @@ from .cache import cache_dir as default_cache_dir
 from .classes import ImageClasses
 from .download import download_file
 from .folder import file_classes
-from .source import FileSourceConfig
+from .source import NaturalImageSourceConfig
 from .split_files import find_root, published_split, split_classes
 from .store import ImageFormat, stat_fingerprint
 
@@ -110,7 +110,7 @@ def tiny_imagenet_classes(root: str | None, fmt: ImageFormat, download: bool = F
     )
 
 
-class TinyImageNetConfig(FileSourceConfig):
+class TinyImageNetConfig(NaturalImageSourceConfig):
     """``data.name: tiny_imagenet``: Tiny ImageNet with metafit's published few-shot split."""
 
     summary = ("Tiny ImageNet: 64x64 colour images of ImageNet classes, 500 per class, metafit's published "
@@ -119,9 +119,6 @@ class TinyImageNetConfig(FileSourceConfig):
     root: str | None = Field(None, description="tiny-imagenet-train.zip / tiny-imagenet-200.zip, the folder holding "
                              "it, or the extracted tree (default METAFIT_TINY_IMAGENET)")
     image_size: int = Field(64, ge=8, le=1024, description="images are brought to size x size")
-    normalize: Literal["none", "dataset", "imagenet"] = Field(
-        "dataset", description="input normalisation inside the model: none, dataset (per-channel mean/std of the "
-        "training images, computed once and cached), imagenet (torchvision's ImageNet statistics)")
     download: bool = Field(False, description="allow the md5-verified download of the official "
                            "tiny-imagenet-200.zip (200 of the split's 202 classes) when no data is found")
 

@@ -248,6 +248,25 @@ def resolve_hf(config: HFBackboneConfig) -> HFBackboneConfig:
     return config.model_copy(update=update)
 
 
+class _LibraryAdapter(nn.Module):
+    """What the timm and torchvision adapters share: the model's own input normalisation,
+    freezing, feature-size detection and the forward pass of a model whose classifier is gone."""
+
+    loads_weights = True  # built with pretrained=False when a checkpoint supplies the weights
+    normalizes_input = True
+
+    def _finish(self, model: nn.Module, config, mean, std, in_channels: int, image_size: int) -> None:
+        self.model = model
+        self.config = config
+        _normalizer(self, config.mean or mean, config.std or std)
+        _freeze(self.model, config.freeze)
+        self.out_features = _feature_size(self, in_channels, image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (_expand_channels(x) - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+        return self.model(x).flatten(1)
+
+
 # -- timm ---------------------------------------------------------------------------------------
 class TimmBackboneConfig(_PretrainedConfig):
     name: Literal["timm"] = "timm"
@@ -266,30 +285,21 @@ def _timm():
     return timm
 
 
-class TimmBackbone(nn.Module):
-    loads_weights = True  # built with pretrained=False when a checkpoint supplies the weights
-    normalizes_input = True
-
+class TimmBackbone(_LibraryAdapter):
     def __init__(self, config: TimmBackboneConfig, in_channels: int, image_size: int, pretrained: bool = True) -> None:
         super().__init__()
         timm = _timm()
         try:
-            self.model = timm.create_model(config.model, pretrained=pretrained and config.pretrained, num_classes=0,
-                                           **config.kwargs)
+            model = timm.create_model(config.model, pretrained=pretrained and config.pretrained, num_classes=0,
+                                      **config.kwargs)
         except (RuntimeError, ValueError, TypeError, OSError) as err:
             raise ConfigError(
                 f"Config: backbone.model must be a timm model name; got {config.model!r} ({str(err).splitlines()[0]}). "
                 "List them with timm.list_models()."
             ) from err
-        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        _normalizer(self, config.mean or cfg.get("mean", IMAGENET_MEAN), config.std or cfg.get("std", IMAGENET_STD))
-        _freeze(self.model, config.freeze)
-        self.config = config
-        self.out_features = _feature_size(self, in_channels, image_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (_expand_channels(x) - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
-        return self.model(x).flatten(1)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self._finish(model, config, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), in_channels,
+                     image_size)
 
 
 # -- torchvision --------------------------------------------------------------------------------
@@ -299,10 +309,7 @@ class TorchvisionBackboneConfig(_PretrainedConfig):
                        "convnext_tiny, vit_b_16)")
 
 
-class TorchvisionBackbone(nn.Module):
-    loads_weights = True  # built with pretrained=False when a checkpoint supplies the weights
-    normalizes_input = True
-
+class TorchvisionBackbone(_LibraryAdapter):
     def __init__(self, config: TorchvisionBackboneConfig, in_channels: int, image_size: int,
                  pretrained: bool = True) -> None:
         super().__init__()
@@ -325,12 +332,4 @@ class TorchvisionBackbone(nn.Module):
             if isinstance(getattr(model, attr, None), nn.Module):
                 setattr(model, attr, nn.Identity())
                 break
-        self.model = model
-        _normalizer(self, config.mean or IMAGENET_MEAN, config.std or IMAGENET_STD)
-        _freeze(self.model, config.freeze)
-        self.config = config
-        self.out_features = _feature_size(self, in_channels, image_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (_expand_channels(x) - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
-        return self.model(x).flatten(1)
+        self._finish(model, config, IMAGENET_MEAN, IMAGENET_STD, in_channels, image_size)
