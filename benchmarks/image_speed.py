@@ -3,6 +3,7 @@ backward, Adam) and evaluation (no-grad forward), metafit's backbone against a p
 ``nn.Sequential`` Conv4, in fp32 and bf16 autocast, contiguous and channels_last.
 
     python benchmarks/image_speed.py [--batch 128] [--rounds 7] [--size 64] [--threads N]
+    python benchmarks/image_speed.py --backbone resnet12 --batch 32     # ResNet-12's throughput alone
 
 Contenders are timed in interleaved rounds (median of ``--rounds``), side by side in one run.
 FLOPs are counted by torch's FlopCounterMode on the plain model; the fp32 peak is the
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from metafit.nn import Conv4, Conv4Config, layers
+from metafit.nn import Conv4, Conv4Config, ResNet12, ResNet12Config, layers
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,12 +70,18 @@ def flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]
     return train, fc.get_total_flops()
 
 
-def contenders(size: int):
-    feats = 64 * (size // 16) ** 2
-    mk_metafit = lambda: Classifier(Conv4(Conv4Config(), 3, size), feats)  # noqa: E731
-    mk_plain = lambda: Classifier(plain_conv4(), feats)  # noqa: E731
+def contenders(size: int, backbone: str):
+    if backbone == "resnet12":
+        rn = lambda: ResNet12(ResNet12Config(), 3, size)  # noqa: E731
+        mk_metafit = lambda: Classifier(rn(), rn().out_features)  # noqa: E731
+        pairs = (("metafit ResNet-12", mk_metafit, None),)
+    else:
+        feats = 64 * (size // 16) ** 2
+        mk_metafit = lambda: Classifier(Conv4(Conv4Config(), 3, size), feats)  # noqa: E731
+        mk_plain = lambda: Classifier(plain_conv4(), feats)  # noqa: E731
+        pairs = (("plain nn.Sequential", mk_plain, None), ("metafit Conv4", mk_metafit, None))
     out = []
-    for name, make, fuse in (("plain nn.Sequential", mk_plain, None), ("metafit Conv4", mk_metafit, None)):
+    for name, make, fuse in pairs:
         for cl in (False, True):
             for bf16 in (False, True):
                 out.append((f"{name} {'channels_last' if cl else 'contiguous'} {'bf16' if bf16 else 'fp32'}",
@@ -112,7 +119,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(HERE / "results" / "image_speed.json"))
+    ap.add_argument("--backbone", choices=["conv4", "resnet12"], default="conv4",
+                    help="resnet12: metafit's ResNet-12 alone (FLOPs counted on it), no plain peer")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/image_speed[_resnet12].json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,8 +129,10 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size)
     y = torch.randint(64, (args.batch,))
     peak = peak_gflops()
-    train_flops, eval_flops = flops(Classifier(plain_conv4(), 64 * (args.size // 16) ** 2), x, y)
-    entries = contenders(args.size)
+    entries = contenders(args.size, args.backbone)
+    reference = (Classifier(plain_conv4(), 64 * (args.size // 16) ** 2) if args.backbone == "conv4"
+                 else entries[0][1]())
+    train_flops, eval_flops = flops(reference, x, y)
     fns = {}
     for name, make, cl, bf16, _ in entries:
         tr, ev = step_fns(make, cl, bf16, x, y)
@@ -144,22 +155,23 @@ def main() -> None:
                      "train_gflops": train_flops / tr / 1e9, "train_fraction_of_fp32_peak": train_flops / tr / 1e9 / peak,
                      "eval_s": ev, "eval_images_per_s": args.batch / ev,
                      "eval_gflops": eval_flops / ev / 1e9, "eval_fraction_of_fp32_peak": eval_flops / ev / 1e9 / peak})
-    base = next(r for r in rows if r["contender"] == "plain nn.Sequential contiguous fp32")
-    print(f"Conv4, {args.batch} RGB images {args.size}x{args.size}, {torch.get_num_threads()} threads; fp32 matmul "
+    base = rows[0]
+    print(f"{args.backbone}, {args.batch} RGB images {args.size}x{args.size}, {torch.get_num_threads()} threads; fp32 matmul "
           f"peak {peak:.0f} GFLOP/s; step {train_flops / 1e9:.1f} GFLOP, eval {eval_flops / 1e9:.1f} GFLOP")
-    print(f"{'contender':46s} {'train img/s':>11s} {'x plain':>8s} {'%peak':>6s} {'eval img/s':>11s} {'x plain':>8s} {'%peak':>6s}")
+    print(f"{'contender':46s} {'train img/s':>11s} {'x row1':>8s} {'%peak':>6s} {'eval img/s':>11s} {'x row1':>8s} {'%peak':>6s}")
     for r in rows:
         print(f"{r['contender']:46s} {r['train_images_per_s']:11.0f} {r['train_images_per_s'] / base['train_images_per_s']:8.2f} "
               f"{100 * r['train_fraction_of_fp32_peak']:6.1f} {r['eval_images_per_s']:11.0f} "
               f"{r['eval_images_per_s'] / base['eval_images_per_s']:8.2f} {100 * r['eval_fraction_of_fp32_peak']:6.1f}")
-    out = {"benchmark": "image_speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"benchmark": "image_speed", "backbone": args.backbone, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size, "rounds": args.rounds,
            "fp32_peak_gflops": peak, "train_step_gflop": train_flops / 1e9, "eval_gflop": eval_flops / 1e9,
            "fuse_max_patch": layers.FUSE_MAX_PATCH, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path = Path(args.out or HERE / "results" / f"image_speed{'' if args.backbone == 'conv4' else '_' + args.backbone}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
