@@ -13,6 +13,7 @@ benchmarks/results/lazy_scale.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -94,6 +95,8 @@ def main() -> None:
         trainer = Trainer(cfg, splits=splits)
         trainer.fit()
         t = dict(trainer.timing)
+        del trainer  # stops the worker processes, so their peak RSS is counted below
+        gc.collect()
     step = sum(t.values()) / args.steps
     main_mb, worker_mb = rss_mb()
     row = {"images": n, "classes": args.classes, "decoded_gb": store.nbytes / 1e9, "workers": args.workers,
@@ -101,14 +104,16 @@ def main() -> None:
            "steps": args.steps, "images_per_step": cfg.task.n_ways * (cfg.task.k_shots + cfg.task.n_queries),
            "step_s": step, "data_wait_s": t["data_s"] / args.steps,
            "data_fraction_of_step": t["data_s"] / sum(t.values()),
+           "augment_s": t["augment_s"] / args.steps, "augment_fraction_of_step": t["augment_s"] / sum(t.values()),
            "forward_s": t["forward_s"] / args.steps, "backward_s": t["backward_s"] / args.steps,
            "optimizer_s": t["optimizer_s"] / args.steps,
            "peak_rss_main_mb": main_mb, "peak_rss_largest_worker_mb": worker_mb}
-    print("| images | decoded | workers | step | data wait | data share | peak RSS (main) | peak RSS (worker) | "
-          "decode rate (1 process) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| images | decoded | workers | step | data wait | data share | augmentation | peak RSS (main) | "
+          "peak RSS (worker) | decode rate (1 process) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {n:,} | {row['decoded_gb']:.1f} GB | {args.workers} | {1000 * step:.0f} ms | "
-          f"{1000 * row['data_wait_s']:.1f} ms | {100 * row['data_fraction_of_step']:.1f}% | {main_mb:.0f} MB | "
+          f"{1000 * row['data_wait_s']:.1f} ms | {100 * row['data_fraction_of_step']:.1f}% | "
+          f"{1000 * row['augment_s']:.1f} ms ({100 * row['augment_fraction_of_step']:.1f}%) | {main_mb:.0f} MB | "
           f"{worker_mb:.0f} MB | {decode_rate:.0f} images/s |")
     write_json(Path(args.out), {"benchmark": "lazy_scale",
                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -110,6 +110,9 @@ def test_training_in_lazy_mode_matches_memory_and_resumes(rgb_tree, tmp_path):
     resumed.fit(resume=True)
     for (k, v), w in zip(mem.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(v, w), k
+    # the step breakdown reports augmentation apart from loading, and resume keeps counting both
+    assert mem.timing["augment_s"] > 0 and mem.timing["data_s"] > 0
+    assert resumed.timing["augment_s"] > lazy.timing["augment_s"] > 0
 
 
 def test_auto_storage_follows_the_memory_budget(rgb_tree):

@@ -61,7 +61,7 @@ class ClassBatchSampler(SamplerStreams):
             if len(sel):
                 x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
         if self.augment is not None:
-            x = self.augment(x, self.aug_generator, shard=(rank, world_size))
+            x = self._augmented(x, (rank, world_size))
         return LabelledBatch(x, self.image_class[pick] * self.n_rot + rot)
 
     def sample(self, batch_size: int, rank: int = 0, world_size: int = 1) -> LabelledBatch:

@@ -14,6 +14,7 @@ exactly the episodes and augmentations of memory storage.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,13 @@ class SamplerStreams:
     ``(description, image indices)`` and ``_assemble(description, uint8 images, args)``."""
 
     data: ImageClasses
+    augment_seconds: float = 0.0  # wall time spent augmenting (the trainer reports it apart from loading)
+
+    def _augmented(self, x: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
+        t = time.perf_counter()
+        x = self.augment(x, self.aug_generator, shard=shard)
+        self.augment_seconds += time.perf_counter() - t
+        return x
 
     def _init_streams(self, seed: int, workers: int | None) -> None:
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -205,7 +213,7 @@ class EpisodeSampler(SamplerStreams):
                 if len(sel):
                     x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
         if augment and self.augment is not None:
-            x = self.augment(x.flatten(0, 1), self.aug_generator, shard=shard).view_as(x)
+            x = self._augmented(x.flatten(0, 1), shard).view_as(x)
         x = x.view(b, n, m, *x.shape[2:])
         k = self.k_shots
         support = x[:, :, :k].flatten(1, 2)

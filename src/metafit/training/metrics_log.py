@@ -43,7 +43,7 @@ def _dumps(value: Any, level: int) -> str:
     return "[\n" + ",\n".join(inner + _dumps(v, level + 1) for v in value) + "\n" + pad + "]"
 
 CSV_COLUMNS = ["step", "split", "loss", "accuracy", "mse", "ci95", "lr", "grad_norm", "step_s", "elapsed_s",
-               "data_s", "forward_s", "backward_s", "optimizer_s", "event", "action"]
+               "data_s", "augment_s", "forward_s", "backward_s", "optimizer_s", "event", "action"]
 
 
 class MetricsLog:

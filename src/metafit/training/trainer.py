@@ -154,7 +154,8 @@ class Trainer:
         self.best_step = 0
         self.best_result: EvalResult | None = None
         self.train_seconds = 0.0
-        self.timing = {"data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+        # seconds per phase: waiting for / assembling data, augmenting it, forward, backward, optimizer
+        self.timing = {"data_s": 0.0, "augment_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         self.monitor = Monitor(config.monitor)
         self.events = {"skipped": 0, "rolled_back": 0, "flagged": 0}
 
@@ -263,7 +264,7 @@ class Trainer:
         self.best_step = ts["best_step"]
         self.best_result = EvalResult(**ts["best_result"]) if ts["best_result"] else None
         self.train_seconds = ts["train_seconds"]
-        self.timing = dict(ts["timing"])
+        self.timing = {**dict.fromkeys(self.timing, 0.0), **ts["timing"]}
 
     # -- the loop -------------------------------------------------------------------------
     def _batch(self) -> TaskBatch | LabelledBatch:
@@ -316,9 +317,11 @@ class Trainer:
                 lr = self.lr_at(self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                aug_before = getattr(self.train_sampler, "augment_seconds", 0.0)
                 batch = self._batch()
                 self._sync()
                 t1 = time.perf_counter()
+                aug = getattr(self.train_sampler, "augment_seconds", 0.0) - aug_before
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
@@ -346,7 +349,7 @@ class Trainer:
                 self._sync()
                 t4 = time.perf_counter()
                 self.step += 1
-                for key, dt in zip(self.timing, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                for key, dt in zip(self.timing, (t1 - t0 - aug, aug, t2 - t1, t3 - t2, t4 - t3)):
                     self.timing[key] += dt
                 self.train_seconds = seconds_before + (t4 - fit_start)
                 window_steps += 1
