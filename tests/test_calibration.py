@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -22,6 +24,12 @@ def test_ece_by_hand():
     correct = torch.tensor([1, 0, 1, 1])
     assert expected_calibration_error(conf, correct) == pytest.approx(0.5 * 0.15 + 0.5 * 0.05)
     assert expected_calibration_error(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_ece_of_diverged_predictions_is_nan_not_a_crash():
+    # NaN logits (e.g. support-set fine-tuning at too high a rate) gave an IndexError while binning
+    conf = torch.softmax(torch.tensor([[float("nan"), 1.0], [0.2, 0.1]]), -1).max(-1).values
+    assert math.isnan(expected_calibration_error(conf, torch.tensor([0, 1])))
 
 
 def test_fitted_temperature_recovers_the_one_that_generated_the_labels():

@@ -50,8 +50,8 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     bins, weighted by the share of predictions in each bin."""
     confidence = confidence.double().flatten()
     correct = correct.double().flatten()
-    if confidence.numel() == 0:
-        return float("nan")
+    if confidence.numel() == 0 or not bool(torch.isfinite(confidence).all()):
+        return float("nan")  # no predictions, or diverged ones (NaN logits): no calibration to measure
     which = (confidence * bins).ceil().clamp(1, bins).long() - 1
     conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence)
     acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct)
