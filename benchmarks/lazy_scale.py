@@ -13,7 +13,6 @@ benchmarks/results/lazy_scale.json.
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import os
@@ -94,9 +93,7 @@ def main() -> None:
         cfg = cfg.model_copy(update={"data": source})
         trainer = Trainer(cfg, splits=splits)
         trainer.fit()
-        t = dict(trainer.timing)
-        del trainer  # stops the worker processes, so their peak RSS is counted below
-        gc.collect()
+        t = dict(trainer.timing)  # fit() has stopped the workers, so their peak RSS is counted below
     step = sum(t.values()) / args.steps
     main_mb, worker_mb = rss_mb()
     row = {"images": n, "classes": args.classes, "decoded_gb": store.nbytes / 1e9, "workers": args.workers,
