@@ -18,11 +18,46 @@ __all__ = [
     "DownloadError",
     "TrainingError",
     "constraint_message",
+    "short_repr",
+    "MAX_MESSAGE_CHARS",
 ]
+
+import reprlib
+
+#: the longest message an error carries: a quoted value never floods a terminal or an HTTP body
+MAX_MESSAGE_CHARS = 1000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 80, 80, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def short_repr(value: object, limit: int = 120) -> str:
+    """``repr(value)`` bounded in length and in the work it takes (nested containers are cut
+    after a few levels and items, the text after ``limit`` characters), for quoting users'
+    values in error messages."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__: name the type only
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    half = MAX_MESSAGE_CHARS // 2 - 3
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 class MetafitError(Exception):
-    """Base class of every error metafit raises on purpose."""
+    """Base class of every error metafit raises on purpose. Its message is one line of at most
+    :data:`MAX_MESSAGE_CHARS` characters (longer ones are cut in the middle)."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_bounded(" ".join(args[0].splitlines())),)  # every kind of line break
+        super().__init__(*args)
 
 
 class ConfigError(MetafitError, ValueError):
@@ -51,4 +86,4 @@ class TrainingError(MetafitError, RuntimeError):
 
 def constraint_message(owner: str, name: str, constraint: str, value: object, fix: str) -> str:
     """Format the one error shape used across metafit."""
-    return f"{owner}: {name} must be {constraint}; got {value!r}. {fix}"
+    return f"{owner}: {name} must be {constraint}; got {short_repr(value)}. {fix}"

@@ -7,8 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..validation import parse_config
+from ..validation import named_section, parse_config
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
 from .anil import ANIL, ANILConfig
 from .common import FastWeights, InnerLoopConfig
@@ -67,22 +66,17 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ConfigError(
-            f"Config: algorithm.name must be one of {sorted(ALGORITHMS)}; got {name!r}. "
-            "Choose one of the listed algorithms."
-        ) from None
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        named_section({"name": name}, "algorithm", ALGORITHMS, "protonet")  # the one-line error
+    return ALGORITHMS[name]
 
 
 def algorithm_config(data: Any) -> AlgorithmConfig:
     """Validate an algorithm section (a mapping with ``name``) into that algorithm's config."""
     if isinstance(data, AlgorithmConfig):
         return data
-    data = dict(data or {})
-    cls = get_algorithm(data.get("name", "protonet"))
-    return parse_config(cls.Config, data, "algorithm")
+    name, data = named_section(data, "algorithm", ALGORITHMS, "protonet")
+    return parse_config(ALGORITHMS[name].Config, data, "algorithm")
 
 
 def build_algorithm(config: AlgorithmConfig, backbone: nn.Module, n_outputs: int = 5,

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
-from ..validation import parse_config
+from ..validation import named_section, parse_config
 from .augment import ImageAugment, random_affine
 from .batches import ClassBatchSampler
 from .cifar import CifarFSConfig, FC100Config
@@ -100,14 +99,7 @@ def data_config(data: Any) -> DataSourceConfig:
     config; unknown names and keys get one-line errors listing the valid ones."""
     if isinstance(data, DataSourceConfig):
         return data
-    if data is not None and not isinstance(data, dict):
-        return parse_config(OmniglotConfig, data, "data")  # the one-line "must be a mapping" error
-    data = dict(data or {})
-    name = data.get("name", "omniglot")
-    if not isinstance(name, str) or name not in DATASETS:
-        raise ConfigError(
-            f"Config: data.name must be one of {sorted(DATASETS)}; got {name!r}. Choose one of the listed data sources."
-        )
+    name, data = named_section(data, "data", DATASETS, "omniglot")
     return parse_config(DATASETS[name], data, "data")
 
 

@@ -47,8 +47,16 @@ def default_file_mode() -> int:
 def atomic_write_bytes(path: Path, writer: Callable[[object], None]) -> None:
     """Write through ``writer(fileobj)`` into a temp file beside ``path``, then rename. The file
     gets the usual permissions (not the temp file's owner-only 0o600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # name the folder that cannot be made, not a temp path
+        raise type(err)(err.errno, f"{err.strerror} (cannot create the folder)", str(path.parent)) from None
+    if not path.parent.is_dir():
+        raise NotADirectoryError(20, "Not a directory (a file has the folder's name)", str(path.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise type(err)(err.errno, f"{err.strerror} (cannot write there)", str(path)) from None
     try:
         os.chmod(tmp, default_file_mode())
         with os.fdopen(fd, "wb") as f:

@@ -231,7 +231,7 @@ def channel_statistics(data: ImageClasses, cache: os.PathLike | None = None,
             with open(path) as f:
                 got = json.load(f)
             return tuple(got["mean"]), tuple(got["std"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # damaged: recompute
             pass
     total = None
     total_sq = None

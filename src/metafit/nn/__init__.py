@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..validation import ConfigModel, parse_config
+from ..errors import ConfigError, short_repr
+from ..validation import ConfigModel, named_section, parse_config
 from .adapters import (HFBackbone, HFBackboneConfig, TimmBackbone, TimmBackboneConfig, TorchvisionBackbone,
                        TorchvisionBackboneConfig, resolve_hf)
 from .base import BackboneConfig, BatchNormConfig
@@ -36,6 +37,8 @@ __all__ = [
     "TorchvisionBackboneConfig",
     "backbone_config",
     "build_backbone",
+    "count_backbone_weights",
+    "MAX_PARAMETERS",
     "resolve_backbone_config",
     "has_input_normalization",
 ]
@@ -55,14 +58,23 @@ def backbone_config(data: Any) -> ConfigModel:
     """Validate a backbone section (a mapping with ``name``) into its config class."""
     if isinstance(data, ConfigModel):
         return data
-    data = dict(data or {})
-    name = data.get("name", "conv4")
-    if name not in BACKBONES:
-        raise ConfigError(
-            f"Config: backbone.name must be one of {sorted(BACKBONES)}; got {name!r}. "
-            "Choose one of the listed backbones."
-        )
+    name, data = named_section(data, "backbone", BACKBONES, "conv4")
     return parse_config(BACKBONES[name][0], data, "backbone")
+
+
+#: most weights a built-in backbone may have (4 GiB of float32): larger configs are refused before
+#: any memory is allocated
+MAX_PARAMETERS = 2**30
+
+
+def count_backbone_weights(config: ConfigModel, in_channels: int, image_size: int) -> int | None:
+    """Learnable weights of the backbone ``config`` describes, counted without allocating them
+    (None for backbones whose architecture comes from files: transformers, timm, torchvision)."""
+    _, module_cls = BACKBONES[config.name]
+    if getattr(module_cls, "loads_weights", False):
+        return None
+    with torch.device("meta"):
+        return sum(p.numel() for p in module_cls(config, in_channels, image_size).parameters())
 
 
 def build_backbone(config: ConfigModel, in_channels: int, image_size: int, pretrained: bool = True) -> nn.Module:
@@ -71,6 +83,13 @@ def build_backbone(config: ConfigModel, in_channels: int, image_size: int, pretr
     _, module_cls = BACKBONES[config.name]
     if getattr(module_cls, "loads_weights", False):
         return module_cls(config, in_channels, image_size, pretrained=pretrained)
+    n = count_backbone_weights(config, in_channels, image_size)
+    if n is not None and n > MAX_PARAMETERS:
+        raise ConfigError(
+            f"Config: the backbone must have at most {MAX_PARAMETERS:,} weights; got {n:,} from "
+            f"{short_repr(config.model_dump(mode='json'), 200)} on {in_channels}x{image_size}x{image_size} inputs. "
+            "Make the backbone narrower or the images smaller."
+        )
     return module_cls(config, in_channels, image_size)
 
 

@@ -115,7 +115,7 @@ def _hf():
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ConfigError(
             f"Config: backbone.model must be a transformers model directory with a readable {path.name}; got "
             f"{str(path.parent)!r} ({err}). Save the model with save_pretrained(DIR)."

@@ -3,7 +3,7 @@ is ``MLP(hidden=[40, 40])`` with a 1-output head)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -16,7 +16,7 @@ __all__ = ["MLP", "MLPConfig"]
 
 class MLPConfig(BackboneConfig):
     name: Literal["mlp"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [40, 40], min_length=1, max_length=16,
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [40, 40], min_length=1, max_length=16,
                               description="width of each hidden layer")
     activation: Literal["relu", "tanh"] = Field("relu", description="hidden-layer nonlinearity")
 

@@ -8,14 +8,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
 from pydantic import Field, SerializeAsAny, model_validator
 
 from ..algorithms import Algorithm, AlgorithmConfig, algorithm_config, build_algorithm
 from ..data import DataSourceConfig, ImageAugment, data_config
 from ..errors import ConfigError
 from ..nn import attach_input_normalization, backbone_config, build_backbone, resolve_backbone_config
-from ..validation import ConfigModel, parse_config, set_by_path
+from ..validation import ConfigModel, load_yaml, parse_config, set_by_path
 from .monitor import MonitorConfig
 from .pretrained import load_backbone_weights
 
@@ -34,10 +33,14 @@ __all__ = [
 ]
 
 
+#: most examples (support + query, over the tasks of one meta-batch) one training step may hold
+MAX_EXAMPLES_PER_STEP = 2**18
+
+
 class TaskConfig(ConfigModel):
-    n_ways: int = Field(5, ge=2, description="classes per task")
-    k_shots: int = Field(1, ge=1, description="support examples per class")
-    n_queries: int = Field(15, ge=1, description="query examples per class")
+    n_ways: int = Field(5, ge=2, le=1000, description="classes per task")
+    k_shots: int = Field(1, ge=1, le=1000, description="support examples per class")
+    n_queries: int = Field(15, ge=1, le=1000, description="query examples per class")
     within_group: bool = Field(False, description="draw all classes of a task from one group (alphabet)")
 
 
@@ -45,8 +48,8 @@ class EvalConfig(TaskConfig):
     rotations: bool | None = Field(
         None, description="rotated classes in validation/test episodes (None: follow data.rotations)"
     )
-    val_episodes: int = Field(200, ge=1, description="fixed validation episodes used to pick the best checkpoint")
-    test_episodes: int = Field(1000, ge=1, description="fixed test episodes for the final report")
+    val_episodes: int = Field(200, ge=1, le=100_000, description="fixed validation episodes used to pick the best checkpoint")
+    test_episodes: int = Field(1000, ge=1, le=100_000, description="fixed test episodes for the final report")
     seed: int = Field(2024, ge=0, description="seed of the fixed validation/test episodes")
     calibrate: bool = Field(
         True, description="after training, fit a softmax temperature on the validation episodes and store it "
@@ -96,7 +99,7 @@ class AugmentConfig(ConfigModel):
 
 class TrainConfig(ConfigModel):
     meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
-    meta_batch_size: int = Field(1, ge=1, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
+    meta_batch_size: int = Field(1, ge=1, le=4096, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
     optimizer: Literal["adam", "sgd"] = "adam"
     meta_lr: float = Field(1e-3, gt=0.0, description="outer-loop learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
@@ -117,7 +120,7 @@ class TrainConfig(ConfigModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: autocast the training forward pass to bfloat16 (evaluation stays fp32)"
     )
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (None: torch's default)")
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(
         True, description="write TensorBoard event files to <out_dir>/tensorboard (needs the tensorboard package)"
@@ -136,6 +139,20 @@ class RunConfig(ConfigModel):
     backbone: SerializeAsAny[ConfigModel] = Field(default_factory=lambda: backbone_config({}))
     train: TrainConfig = TrainConfig()
     monitor: MonitorConfig = Field(MonitorConfig(), description="loss/gradient spike detection and its policy")
+
+    @model_validator(mode="after")
+    def _episode_size(self):
+        task, examples = self.task, self.task.k_shots + self.task.n_queries
+        per_task = examples * (task.n_ways if self.data.task_kind == "classification" else 1)
+        total = per_task * self.train.meta_batch_size
+        if total > MAX_EXAMPLES_PER_STEP:
+            ways = f"task.n_ways {task.n_ways} x " if self.data.task_kind == "classification" else ""
+            raise ValueError(
+                f"a meta-batch must hold at most {MAX_EXAMPLES_PER_STEP:,} examples; got {total:,} "
+                f"(train.meta_batch_size {self.train.meta_batch_size} x {ways}"
+                f"(task.k_shots {task.k_shots} + task.n_queries {task.n_queries})). Make tasks or the meta-batch smaller"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -161,11 +178,17 @@ def builtin_configs() -> dict[str, Path]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        raw = path.read_bytes()
+    except OSError as err:
         raise ConfigError(
-            f"Config: {str(path)!r} must be valid YAML; got a parse error ({err}). Fix the file."
-        ) from err
+            f"Config: {str(path)!r} must be a readable file; got {err.strerror or err}. Check the path and its permissions."
+        ) from None
+    data = load_yaml(raw, repr(str(path)))
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(
+            f"Config: {str(path)!r} must hold a mapping of sections (data:, algorithm:, train:, ...); got "
+            f"{type(data).__name__}. Write it as 'key: value' lines."
+        )
     return data or {}
 
 
@@ -194,6 +217,12 @@ def config_source(source: str | os.PathLike | dict | None, builtins: Mapping[str
     )
 
 
+def parse_override_value(key: str, raw: str):
+    """The value of a ``key=value`` override: YAML (numbers, lists, booleans, null), parsed with
+    the same bounds as config files; empty means null."""
+    return load_yaml(raw, f"the value of --set {key}") if raw.strip() else None
+
+
 def apply_overrides(data: dict, overrides: list[str] | None, example: str) -> dict:
     """Apply ``key=value`` overrides (values parsed as YAML) to ``data`` in place."""
     for item in overrides or []:
@@ -202,7 +231,7 @@ def apply_overrides(data: dict, overrides: list[str] | None, example: str) -> di
             raise ConfigError(
                 f"Config: an override must look like key=value; got {item!r}. Write e.g. --set {example}."
             )
-        set_by_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        set_by_path(data, key.strip(), parse_override_value(key.strip(), raw))
     return data
 
 

@@ -69,7 +69,7 @@ def _read_json(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DataError(
             f"Report: {str(path)!r} must be valid JSON; got a parse error ({err}). The run folder is "
             "damaged: restore the file or leave this run out of the report."
@@ -115,7 +115,7 @@ def read_run(run_dir: str | os.PathLike) -> RunLog:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             run.skipped_lines += 1  # a line cut short by a crash (possibly followed by a resume)
             continue
         if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):

@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from ..data import ImageClasses, load_runs, load_splits
 from ..errors import ConfigError
+from ..validation import parse_config
 from .checkpoint import load, with_algorithm_overrides
 from .config import RunConfig, TaskConfig
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
@@ -72,6 +74,14 @@ def _evaluate(model, data, config: RunConfig, task: TaskConfig, episodes: int, s
     return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps, temperature)
 
 
+class EvalRequest(TaskConfig):
+    """The settings of one evaluation of a checkpoint (``metafit eval``), validated as a config."""
+
+    episodes: int = Field(ge=1, le=100_000, description="fixed episodes")
+    seed: int = Field(ge=0, le=2**32 - 1, description="episode seed")
+    inner_steps: int | None = Field(None, ge=0, le=100_000, description="adaptation steps of a gradient-based learner")
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = None, k_shots: int | None = None,
                         n_queries: int | None = None, episodes: int | None = None, split: str = "test",
                         within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
@@ -93,17 +103,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     if rotations is not None:
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"rotations": rotations})})
     ec = config.eval
-    task = TaskConfig(
-        n_ways=n_ways if n_ways is not None else ec.n_ways,
-        k_shots=k_shots if k_shots is not None else ec.k_shots,
-        n_queries=n_queries if n_queries is not None else ec.n_queries,
-        within_group=within_group if within_group is not None else ec.within_group,
-    )
-    n_eps = episodes if episodes is not None else ec.test_episodes
-    if n_eps < 1:
-        raise ConfigError(f"Eval: episodes must be >= 1; got {n_eps}. Pass a positive --episodes.")
     if seed is None:
         seed = ec.seed + (TEST_SEED_OFFSET if split == "test" else 0)
+    request = parse_config(EvalRequest, {
+        "n_ways": n_ways if n_ways is not None else ec.n_ways,
+        "k_shots": k_shots if k_shots is not None else ec.k_shots,
+        "n_queries": n_queries if n_queries is not None else ec.n_queries,
+        "within_group": within_group if within_group is not None else ec.within_group,
+        "episodes": episodes if episodes is not None else ec.test_episodes, "seed": seed, "inner_steps": inner_steps,
+    }, owner="Eval", fix="Pass a value in that range (metafit eval --ways/--shots/--queries/--episodes/--seed/--inner-steps).")
+    task = TaskConfig(**request.model_dump(include=set(TaskConfig.model_fields)))
+    n_eps = request.episodes
     data = (splits or load_splits(config.data))[split]
     t0 = time.perf_counter()
     dev = torch.device(device)

@@ -41,8 +41,8 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..data.cache import atomic_write_bytes
-from ..errors import ConfigError, TrainingError
-from ..validation import ConfigModel
+from ..errors import ConfigError, TrainingError, short_repr
+from ..validation import ConfigModel, load_yaml
 from .config import RunConfig, load_config
 from .metrics_log import write_json
 from .plots import _save
@@ -203,13 +203,10 @@ def load_space(space: str | os.PathLike | Mapping[str, Any]) -> dict[str, Param]
                 f"Built-in spaces: {', '.join(sorted(spaces)) or 'none'}."
             )
         where = path.name
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Tune: {str(path)!r} must be valid YAML; got a parse error ({err}). Fix the file.") from err
+        data = load_yaml(path.read_bytes(), repr(str(path)), owner="Tune")
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(
-            f"Tune: the space ({where}) must be a non-empty mapping of config fields to distributions; got {data!r}. "
+            f"Tune: the space ({where}) must be a non-empty mapping of config fields to distributions; got {short_repr(data)}. "
             "Write lines like 'train.meta_lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}'."
         )
     params: dict[str, Param] = {}
