@@ -25,8 +25,11 @@ def test_mean_and_95_percent_interval():
     assert r.episodes == 5 and "per_episode" not in r.to_dict()
 
 
-def _make_runs(omniglot_dir, root, n_runs=3, ways=20, same_image=True):
-    """Lake's runs layout built from background images: runNN/{training,test}/, class_labels.txt."""
+def _make_runs(omniglot_dir, root, n_runs=3, ways=20, same_image=True, prefix=True):
+    """Lake's runs layout built from background images exactly as the official all_runs.zip lays it
+    out: runNN/{training,test}/, class_labels.txt with lines 'runNN/test/itemXX.png
+    runNN/training/classYY.png' (relative to the folder of the runs); ``prefix=False`` writes the
+    paths relative to the run folder instead."""
     with zipfile.ZipFile(omniglot_dir / "images_background.zip") as z:
         names = sorted(n for n in z.namelist() if n.endswith(".png"))
         by_char = {}
@@ -44,7 +47,8 @@ def _make_runs(omniglot_dir, root, n_runs=3, ways=20, same_image=True):
                 q = (c * 7) % ways  # queries in a different order from the classes
                 src = files[0] if same_image else files[1]
                 (run / "test" / f"item{q + 1:02d}.png").write_bytes(z.read(by_char[chars[r * ways + c]][0] if same_image else src))
-                lines.append(f"test/item{q + 1:02d}.png training/class{c + 1:02d}.png")
+                pre = f"{run.name}/" if prefix else ""
+                lines.append(f"{pre}test/item{q + 1:02d}.png {pre}training/class{c + 1:02d}.png")
             (run / "class_labels.txt").write_text("\n".join(sorted(lines)) + "\n")
     return root
 
@@ -70,6 +74,14 @@ def test_runs_format_pairs_queries_with_their_class(omniglot_dir, tmp_path, chec
     assert report["mean"] == 1.0 and report["error_rate"] == 0.0 and set(report["per_run"]) == {"run01", "run02", "run03"}
 
 
+def test_runs_paths_relative_to_the_run_folder_read_the_same(omniglot_dir, tmp_path):
+    official = load_runs(_make_runs(omniglot_dir, tmp_path / "a", n_runs=1))
+    plain = load_runs(_make_runs(omniglot_dir, tmp_path / "b", n_runs=1, prefix=False))
+    (_, t1), (_, t2) = official[0], plain[0]
+    assert torch.equal(t1.support_x, t2.support_x) and torch.equal(t1.query_y, t2.query_y)
+    assert "run01/test/item01.png" in (tmp_path / "a" / "run01" / "class_labels.txt").read_text()
+
+
 def test_runs_with_other_drawers_give_a_valid_report(omniglot_dir, tmp_path, checkpoint):
     runs = _make_runs(omniglot_dir, tmp_path / "runs", n_runs=2, same_image=False)
     report = evaluate_runs(checkpoint, runs)
@@ -84,4 +96,7 @@ def test_runs_errors(tmp_path):
         load_runs(tmp_path)
     (tmp_path / "run01" / "class_labels.txt").write_text("only-one-column\n")
     with pytest.raises(DataError, match="line 1 .* must be 'test/<file> training/<file>'"):
+        load_runs(tmp_path)
+    (tmp_path / "run01" / "class_labels.txt").write_text("run01/test/item01.png run01/training/class01.png\n")
+    with pytest.raises(DataError, match="line 1 .* must name an existing image .*run01/test/item01.png"):
         load_runs(tmp_path)

@@ -1,8 +1,10 @@
 """Lake et al.'s one-shot classification *runs* format, as distributed with Omniglot.
 
-``<dir>/runNN/class_labels.txt`` holds lines ``test/itemXX.png training/classYY.png`` pairing each
-test image with the training image of its class; ``training/`` holds one image per class and
-``test/`` the queries. Every run is one N-way 1-shot task.
+``<dir>/runNN/class_labels.txt`` holds lines pairing each test image with the training image of its
+class; ``training/`` holds one image per class and ``test/`` the queries. Every run is one N-way
+1-shot task. The official archive (``all_runs.zip``) writes the paths relative to the folder that
+holds the runs (``runNN/test/itemXX.png runNN/training/classYY.png``); paths relative to the run
+folder (``test/itemXX.png training/classYY.png``) are read too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,20 @@ from ..types import Task
 from .folder import read_image
 
 __all__ = ["load_runs"]
+
+
+def _locate(name: str, run: Path, directory: Path, labels_file: Path, line: int) -> Path:
+    """The file a class_labels.txt entry names: relative to the folder of the runs (the official
+    archive) or to the run folder."""
+    for base in (directory, run):
+        path = base / name
+        if path.is_file():
+            return path
+    raise DataError(
+        f"Runs: line {line} of {str(labels_file)!r} must name an existing image relative to {str(directory)!r} "
+        f"(official layout, e.g. {run.name}/test/item01.png) or to {str(run)!r}; got {name!r}. Restore the file "
+        "or fix the line."
+    )
 
 
 def load_runs(directory: str | os.PathLike, image_size: int = 28, channels: int = 1,
@@ -48,11 +64,12 @@ def load_runs(directory: str | os.PathLike, image_size: int = 28, channels: int 
                     f"Runs: line {n} of {str(labels_file)!r} must be 'test/<file> training/<file>'; "
                     f"got {line!r}. Fix the line."
                 )
-            pairs.append((parts[0], parts[1]))
+            pairs.append((_locate(parts[0], run, directory, labels_file, n),
+                          _locate(parts[1], run, directory, labels_file, n)))
         train_files = sorted({t for _, t in pairs})
         index = {t: i for i, t in enumerate(train_files)}
-        sx = np.stack([read_image(run / t, image_size, channels, invert) for t in train_files])
-        qx = np.stack([read_image(run / q, image_size, channels, invert) for q, _ in pairs])
+        sx = np.stack([read_image(t, image_size, channels, invert) for t in train_files])
+        qx = np.stack([read_image(q, image_size, channels, invert) for q, _ in pairs])
         task = Task(
             support_x=torch.from_numpy(sx).float() / 255.0,
             support_y=torch.arange(len(train_files)),
