@@ -107,3 +107,29 @@ def test_splits_from_fractions_and_from_subfolders(tmp_path):
     assert [s2[k].n_classes for k in ("train", "val", "test")] == [3, 3, 3]
     with pytest.raises(DataError, match="data.root must be the folder"):
         load_splits(DataConfig(name="folder"))
+
+
+def test_stray_entries_are_named_not_taken_for_groups(tmp_path):
+    flat = write_image_tree(tmp_path / "flat", n_classes=3, per_class=2)
+    (flat / "class02" / "nested").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(flat / "class02" / "nested" / "a.png")
+    with pytest.raises(DataError, match=r"^Image folder: class folder 'class02' must hold only image files; got a "
+                                        r"folder '.*class02/nested'\. Move it out of the tree or delete it"):
+        load_image_folder(flat)
+    (flat / "class02" / "nested" / "a.png").unlink()
+    (flat / "class02" / "nested").rmdir()
+    (flat / "class02" / ".thumbnails").mkdir()  # hidden entries are skipped
+    assert load_image_folder(flat).n_images == 6
+
+    grouped = write_image_tree(tmp_path / "grouped", n_classes=4, per_class=2, groups=2)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(grouped / "group1" / "stray.png")
+    with pytest.raises(DataError, match=r"group 'group1' must hold only class folders; got image file "
+                                        r"'.*group1/stray\.png'\. Move it into a class folder"):
+        load_image_folder(grouped)
+    (grouped / "group1" / "stray.png").unlink()
+    (grouped / "group0" / "class00" / "deeper").mkdir()
+    with pytest.raises(DataError, match=r"class folder 'group0/class00' must hold only image files; got a folder "
+                                        r"'.*group0/class00/deeper'"):
+        load_image_folder(grouped)
+    (grouped / "group0" / "class00" / "deeper").rmdir()
+    assert load_image_folder(grouped).group_names == ("group0", "group1")

@@ -2,9 +2,14 @@
 
 ``root/<class>/<image>`` or ``root/<group>/<class>/<image>`` (groups are used by
 ``within_group`` episodes, like Omniglot's alphabets). Images are converted to ``channels``
-(1 = grayscale, 3 = RGB; inferred from the files when not given, and mixed modes are refused),
-brought to ``image_size`` x ``image_size`` and cached like Omniglot, or decoded on demand
-(``data.storage: lazy``) for trees too large for memory.
+(1 = grayscale, 3 = RGB; inferred from the files when not given, palette images by the colours
+they use, and mixed modes are refused), brought to ``image_size`` x ``image_size`` and cached like
+Omniglot, or decoded on demand (``data.storage: lazy``) for trees too large for memory.
+
+A folder (or a link to one) among a class's images is refused naming it, as is a link back up
+the tree; hidden entries are skipped. Every image is read by the one image reader
+(:func:`metafit.data.store.open_image`): an image over the pixel limit
+(``METAFIT_MAX_IMAGE_PIXELS``, default 89,478,485) is refused from its header, before decoding.
 """
 
 from __future__ import annotations
@@ -15,85 +20,151 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field, model_validator
 
-from ..errors import DataError
+from ..errors import DataError, short_repr
 from .cache import cache_dir as default_cache_dir
 from .cache import cached
 from .classes import ImageClasses
 from .images import IMAGE_SUFFIXES
 from .source import FileSourceConfig, split_by_fractions
-from .store import FileImages, ImageFormat, decode_all, image_array, read_image, stat_fingerprint
+from .store import (FileImages, ImageFormat, decode_all, image_array, open_image, quote_path, read_image,
+                    stat_fingerprint)
 
 __all__ = ["FolderConfig", "IMAGE_SUFFIXES", "file_classes", "image_array", "load_image_folder", "read_image"]
 
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F", "P;L"}
+#: modes whose pixels are gray whatever they hold; P/PA images are classified by their content
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def _mode_channels(mode: str) -> int:
-    return 1 if mode in _GRAY_MODES else 3
+def _image_channels(im: Image.Image) -> int:
+    """1 for a grayscale image, 3 for a colour one, judged by content where the mode does not
+    say: a palette image whose palette entries in use are all gray is grayscale."""
+    if im.mode in _GRAY_MODES:
+        return 1
+    if im.mode not in ("P", "PA"):
+        return 3
+    palette = im.getpalette("RGB") or []  # decodes the image: palette images are classified by content
+    used = im.getcolors(256) if im.mode == "P" else im.getchannel(0).getcolors(256)
+    indices = [i for _, i in used] if used is not None else range(len(palette) // 3)
+    gray = all(palette[3 * i] == palette[3 * i + 1] == palette[3 * i + 2]
+               for i in indices if 3 * i + 2 < len(palette))
+    return 1 if gray else 3
+
+
+def _stray(path: Path, where: str) -> DataError:
+    kind = "a symbolic link to a folder" if path.is_symlink() else "a folder"
+    return DataError(
+        f"Image folder: {where} must hold only image files; got {kind} {quote_path(path)}. Move it out of "
+        "the tree or delete it (a class folder's sub-folders are not read; a group holds only class folders)."
+    )
+
+
+def _check_no_loop(d: Path) -> None:
+    """Refuse a folder (a symbolic link) that leads back to one of the folders above it."""
+    if not d.is_symlink():
+        return
+    target, parent = d.resolve(), d.parent.resolve()
+    if target == parent or target in parent.parents:
+        raise DataError(
+            f"Image folder: folders in the tree must not link back to a folder above them; got "
+            f"{quote_path(d)} linking to {quote_path(target)}. Remove the link."
+        )
 
 
 def _scan(root: Path) -> list[tuple[str, str, list[Path]]]:
-    """[(group, class, files)] for a one- or two-level tree."""
+    """[(group, class, files)] for a one- or two-level tree. A top-level folder holding image
+    files is a class; one holding only folders is a group of classes. A folder (or a link to
+    one) beside the images of a class, or an image file beside the classes of a group, is
+    refused naming it; hidden entries are skipped."""
     if not root.is_dir():
         raise DataError(
-            f"Image folder: root must be an existing directory; got {str(root)!r}. "
+            f"Image folder: root must be an existing directory; got {quote_path(root)}. "
             "Pass the folder that holds one sub-folder per class."
         )
-    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise DataError(f"Image folder: {quote_path(root)} must be a readable folder; got "
+                        f"{type(err).__name__}. Check its permissions.") from err
     if not top:
         raise DataError(
-            f"Image folder: {str(root)!r} must contain one sub-folder per class; got none. "
+            f"Image folder: {quote_path(root)} must contain one sub-folder per class; got none. "
             "Arrange images as root/<class>/<image>."
         )
 
-    def images_in(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    def listing(d: Path) -> tuple[list[Path], list[Path]]:
+        """(image files, visible folders) directly in ``d``."""
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as err:
+            raise DataError(f"Image folder: {quote_path(d)} must be a readable folder; got "
+                            f"{type(err).__name__}. Check its permissions.") from err
+        visible = [p for p in entries if not p.name.startswith(".")]
+        for p in visible:
+            if p.is_symlink() and not p.exists():  # dangling, or a loop of links
+                raise DataError(
+                    f"Image folder: every entry of {quote_path(d)} must be an image file or a folder; got "
+                    f"{quote_path(p)}, a symbolic link that leads nowhere (broken or a loop). Fix or remove the link."
+                )
+        images = [p for p in visible if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        folders = [p for p in visible if p.is_dir()]
+        return images, folders
 
-    nested = [d for d in top if any(c.is_dir() for c in d.iterdir())]
+    layout: dict[Path, tuple[list[Path], list[Path]]] = {}
+    for d in top:
+        _check_no_loop(d)
+        layout[d] = listing(d)
+    groups = [d for d in top if layout[d][1] and not layout[d][0]]
+    mixed = [d for d in top if layout[d][0] and layout[d][1]]
+    if mixed:  # images and folders side by side: name the stray entry
+        d = mixed[0]
+        images, folders = layout[d]
+        if groups and not any(layout[c][0] and not layout[c][1] for c in top):
+            raise DataError(
+                f"Image folder: group {short_repr(d.name)} must hold only class folders; got image file "
+                f"{quote_path(images[0])}. Move it into a class folder or delete it."
+            )
+        raise _stray(folders[0], f"class folder {short_repr(d.name)}")
     entries = []
-    if nested:
-        flat = [d for d in top if d not in nested]
-        if flat:
+    if groups:
+        classes = [d for d in top if d not in groups]
+        if classes:
             raise DataError(
                 f"Image folder: every top-level folder must be a group of class folders when one is; "
-                f"got class folder {flat[0].name!r} beside group {nested[0].name!r}. Use either "
-                "root/<class>/<image> or root/<group>/<class>/<image> throughout."
+                f"got class folder {short_repr(classes[0].name)} beside group {short_repr(groups[0].name)}. Use "
+                "either root/<class>/<image> or root/<group>/<class>/<image> throughout."
             )
         for g in top:
-            for c in sorted(p for p in g.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                entries.append((g.name, f"{g.name}/{c.name}", images_in(c)))
+            for c in layout[g][1]:
+                _check_no_loop(c)
+                images, folders = listing(c)
+                if folders:
+                    raise _stray(folders[0], f"class folder {short_repr(f'{g.name}/{c.name}')}")
+                entries.append((g.name, f"{g.name}/{c.name}", images))
     else:
-        for c in top:
-            entries.append(("", c.name, images_in(c)))
+        entries = [("", c.name, layout[c][0]) for c in top]
     for _, name, files in entries:
         if not files:
             raise DataError(
-                f"Image folder: class {name!r} must contain at least one image "
+                f"Image folder: class {short_repr(name)} must contain at least one image "
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); got none. Add images or remove the folder."
             )
     return entries
 
 
 def _infer_channels(files: list[Path]) -> int:
-    """1 or 3 from the files' modes; mixed modes are refused."""
+    """1 or 3 from the files' content (mode, and palette for palette images); mixed are refused."""
     modes: dict[int, Path] = {}
     for f in files:
-        try:
-            with Image.open(f) as im:
-                modes.setdefault(_mode_channels(im.mode), f)
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(
-                f"Image folder: {str(f)!r} must be a readable image; got an unreadable file "
-                f"({err}). Remove or replace the file."
-            ) from err
+        with open_image(f, quote_path(f)) as im:
+            modes.setdefault(_image_channels(im), f)
         if len(modes) > 1:
             raise DataError(
                 f"Image folder: images must share one mode (all grayscale or all colour); got "
-                f"grayscale {str(modes[1])!r} and colour {str(modes[3])!r}. Convert them to one "
-                "mode, or set data.channels to 1 or 3 to convert on load."
+                f"grayscale {quote_path(modes[1])} and colour {quote_path(modes[3])}. Convert them to "
+                "one mode, or set data.channels to 1 or 3 to convert on load."
             )
     return next(iter(modes))
 

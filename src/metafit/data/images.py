@@ -7,6 +7,10 @@ use the channels and ``invert`` they were trained with. Inputs may be file paths
 numpy arrays (H x W, H x W x C; uint8, or floats in [0, 1]) or torch tensors; a float tensor that
 already has the model's shape ([C, H, W] or [N, C, H, W] at the model's size, values in [0, 1])
 is taken as converted, like the tensors the episode samplers produce.
+
+Files are read by the one image reader (:func:`metafit.data.store.open_image`), and PIL images
+are checked against the same pixel limit (``METAFIT_MAX_IMAGE_PIXELS``, default 89,478,485)
+before they are decoded: an image over it is a one-line :class:`~metafit.data.store.ImageTooLargeError`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .store import ImageFormat, read_image
+from .store import ImageFormat, check_image_size, read_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -34,8 +38,15 @@ class _Converter:
         self.fmt = fmt
         self.size, self.channels, self.invert = fmt.size, fmt.channels, fmt.invert
 
-    def _from_pil(self, im: Image.Image) -> np.ndarray:
-        return self.fmt.array(im)
+    def _from_pil(self, im: Image.Image, where: str = "an image") -> np.ndarray:
+        check_image_size(im.size, where)  # a lazily opened image is not decoded yet: refuse bombs first
+        try:
+            return self.fmt.array(im)
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            raise DataError(
+                f"Images: {where} must be a readable image; got one that does not decode ({type(err).__name__}). "
+                "Pass a complete, valid image."
+            ) from err
 
     def _one(self, item: Any, where: str) -> np.ndarray | torch.Tensor:
         if isinstance(item, (str, os.PathLike)):
@@ -43,7 +54,7 @@ class _Converter:
                 raise DataError(f"Images: {where} must be an existing image file; got {str(item)!r}. Check the path.")
             return read_image(item, self.size, self.channels, self.invert, self.fmt.fit)
         if isinstance(item, Image.Image):
-            return self._from_pil(item)
+            return self._from_pil(item, where)
         if isinstance(item, torch.Tensor):
             if item.is_floating_point() and tuple(item.shape) == (self.channels, self.size, self.size):
                 return item.detach().float()
@@ -115,6 +126,12 @@ def list_labelled_images(root: str | os.PathLike) -> tuple[list[Path], list[str]
         )
     files, labels = [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        stray = sorted(f for f in d.iterdir() if f.is_dir() and not f.name.startswith("."))
+        if stray:
+            raise DataError(
+                f"Support: class folder {str(d)!r} must hold image files only; got the folder {str(stray[0])!r}. "
+                "Move its images into a label folder of their own (root/<label>/<image>) or remove it."
+            )
         imgs = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         files += imgs
         labels += [d.name] * len(imgs)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from typing import Literal
 
@@ -39,7 +38,7 @@ from .cache import cached, file_digest
 from .classes import ImageClasses
 from .download import download_file
 from .source import ImageSourceConfig
-from .store import image_array
+from .store import image_array, open_image, quote_path
 
 __all__ = [
     "OMNIGLOT_FILES",
@@ -87,8 +86,8 @@ def find_omniglot(root: str | os.PathLike | None = None, download: bool = False,
     )
 
 
-def _decode(png: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as im:
+def _decode(png: bytes, size: int, where: str = "an Omniglot image") -> np.ndarray:
+    with open_image(io.BytesIO(png), where) as im:  # the one reader: pixel limit, one-line errors
         return image_array(im, size, 1, invert=True)[0]  # ink (black) -> 255
 
 
@@ -118,7 +117,7 @@ def _read_zip(path: Path, size: int) -> ImageClasses:
         for alphabet, char in keys:
             files = sorted(per_char[(alphabet, char)])
             for f in files:
-                images.append(_decode(zf.read(f), size))
+                images.append(_decode(zf.read(f), size, quote_path(f"{path}:{f}")))
             starts.append(offset)
             counts.append(len(files))
             offset += len(files)

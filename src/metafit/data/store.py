@@ -7,24 +7,147 @@ archive) and how to convert them (:class:`ImageFormat`); ``read(i)`` decodes one
 and open their own archive handles. ``decode_all`` turns a store into the in-memory uint8
 tensor of ``data.storage: memory`` with the same image order, so both storage modes index the
 same images.
+
+Every image metafit reads goes through one reader, :func:`open_image`: it opens the file (or
+file object) lazily, refuses images over the pixel limit from their header before anything is
+decoded, and turns every failure into a one-line :class:`~metafit.errors.DataError` naming
+the image (:class:`ImageTooLargeError` for images over the limit). The limit is
+:data:`DEFAULT_MAX_IMAGE_PIXELS` (89,478,485 pixels, Pillow's own warning threshold, about
+9459 x 9459), or the environment variable ``METAFIT_MAX_IMAGE_PIXELS`` where it is set; the
+service passes its own (``ServeLimits.max_image_pixels``). PIL images handed to the Python API
+are checked against the same limit before they are converted (:mod:`metafit.data.images`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError, MetafitError, short_repr
 
-__all__ = ["FileImages", "ImageFormat", "ImageStore", "decode_all", "image_array", "read_image", "to_mode"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_ENV", "FileImages", "ImageFormat", "ImageStore",
+           "ImageTooLargeError", "check_image_size", "decode_all", "decoded_bytes", "image_array",
+           "max_image_pixels", "open_image", "quote_path", "read_image", "to_mode"]
+
+#: the most pixels (width x height) an image may have, checked from its header before decoding
+#: (Pillow's warning threshold; its own error comes only at twice this)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+#: the environment variable that overrides :data:`DEFAULT_MAX_IMAGE_PIXELS` (a positive integer)
+MAX_IMAGE_PIXELS_ENV = "METAFIT_MAX_IMAGE_PIXELS"
+
+#: what an image fails with while it is opened or decoded (truncated, corrupt, foreign data)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError,
+                  KeyError, struct.error, zlib.error, zipfile.BadZipFile)
+
+
+class ImageTooLargeError(DataError):
+    """An image has more pixels than the limit (the service answers 413)."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: ``METAFIT_MAX_IMAGE_PIXELS`` where set, else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS` (read at each call, so worker processes agree)."""
+    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(
+            f"Images: {MAX_IMAGE_PIXELS_ENV} must be a positive whole number of pixels; got {short_repr(raw)}. "
+            f"Set it to e.g. {DEFAULT_MAX_IMAGE_PIXELS} or unset it."
+        )
+    return value
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """Bytes ``im`` takes once decoded (Pillow keeps 1 byte a pixel for 1/L/P, 2 for 16-bit
+    grayscale and 4 for every multi-band or 32-bit mode), known from its header."""
+    w, h = im.size
+    per_pixel = 1 if im.mode in ("1", "L", "P") else 2 if im.mode.startswith("I;16") else 4
+    return w * h * per_pixel
+
+
+def quote_path(path: str | os.PathLike) -> str:
+    """A path quoted for an error message: whole where it is of a sane length (a user must find
+    the file), else its start and its end (the file name) around an ellipsis."""
+    text = repr(str(path))
+    return text if len(text) <= 240 else f"{text[:100]} ... {text[-136:]}"
+
+
+def _too_large(where: str, got: str, limit: int, fix: str | None) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"Images: {where} must have at most {limit} pixels (width x height); got {got}. "
+        + (fix or f"Downscale it, or raise the limit with the environment variable {MAX_IMAGE_PIXELS_ENV}.")
+    )
+
+
+def check_image_size(size: tuple[int, int], where: str, max_pixels: int | None = None,
+                     fix: str | None = None) -> None:
+    """Refuse an image of ``size`` (width, height) over the pixel limit with :class:`ImageTooLargeError`."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    w, h = size
+    if w * h > limit:
+        raise _too_large(where, f"{w}x{h} = {w * h} pixels", limit, fix)
+
+
+def _reason(err: BaseException) -> str:
+    """Why an image did not decode, without Python reprs of in-memory objects."""
+    if isinstance(err, UnidentifiedImageError):
+        return "data in no known image format"
+    text = re.sub(r"<[^<>]*? at 0x[0-9a-fA-F]+>", "the data", str(err)).strip()
+    text = " ".join(text.split())
+    if len(text) > 100:
+        text = text[:96] + " ..."
+    return text or type(err).__name__
+
+
+def _pil_not_stricter(limit: int) -> None:
+    """Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` while opening them; where the
+    metafit limit was raised beyond that, raise Pillow's so that metafit's limit is the one."""
+    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+@contextmanager
+def open_image(source: str | os.PathLike | IO[bytes], where: str, max_pixels: int | None = None,
+               fix: str | None = None) -> Iterator[Image.Image]:
+    """The one image reader: ``source`` (a path or a binary file object) opened lazily, its
+    size checked against the pixel limit (``max_pixels``, default :func:`max_image_pixels`)
+    before anything is decoded. Whatever fails inside the block while decoding or converting
+    becomes a one-line DataError naming ``where``; the image is closed on leaving."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    _pil_not_stricter(limit)
+    try:
+        im = Image.open(source)
+    except Image.DecompressionBombError as err:  # only where Pillow's limit is set below ours
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_large(where, f"{found.group(1)} pixels" if found else "more", limit, fix) from err
+    except _DECODE_ERRORS as err:
+        raise _unreadable(where, err) from err
+    try:
+        check_image_size(im.size, where, limit, fix)
+        yield im
+    except MetafitError:
+        raise
+    except _DECODE_ERRORS as err:
+        raise _unreadable(where, err) from err
+    finally:
+        im.close()
 
 _HAS_ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -88,20 +211,19 @@ class ImageFormat:
         return convert_images(self, images)
 
 
-def _unreadable(where: str, err: Exception) -> DataError:
+def _unreadable(where: str, err: BaseException) -> DataError:
     return DataError(
-        f"Images: {where} must be a readable image; got an unreadable file ({err}). Remove or replace the file."
+        f"Images: {where} must be a readable image (PNG, JPEG, ...); got an unreadable file ({_reason(err)}). "
+        "Remove or replace the file."
     )
 
 
 def read_image(path: str | os.PathLike, image_size: int, channels: int, invert: bool = False,
                fit: str = "squash") -> np.ndarray:
-    """Decode one image file to uint8 ``[channels, size, size]``; a one-line DataError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return image_array(im, image_size, channels, invert, fit)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise _unreadable(repr(str(path)), err) from err
+    """Decode one image file to uint8 ``[channels, size, size]``; a one-line DataError if
+    unreadable or over the pixel limit."""
+    with open_image(path, quote_path(path)) as im:
+        return image_array(im, image_size, channels, invert, fit)
 
 
 class ImageStore:
@@ -190,18 +312,18 @@ class FileImages(ImageStore):
         a = int(self.archive_of[i])
         m = self.members[i]
         member = m.decode("utf-8") if isinstance(m, bytes) else str(m)
-        try:
-            if a < 0:
-                with Image.open(member) as im:
-                    return self.fmt.array(im)
-            data = self._archive(a).read(member)
-            with Image.open(io.BytesIO(data)) as im:
-                return self.fmt.array(im)
-        except DataError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, KeyError, zipfile.BadZipFile,
-                Image.DecompressionBombError) as err:
-            raise _unreadable(repr(self.name(i)), err) from err
+        where = quote_path(self.name(i))
+        if a < 0:
+            source: Any = member
+        else:
+            try:
+                source = io.BytesIO(self._archive(a).read(member))
+            except DataError:
+                raise
+            except _DECODE_ERRORS as err:
+                raise _unreadable(where, err) from err
+        with open_image(source, where) as im:
+            return self.fmt.array(im)
 
 
 def decode_all(store: ImageStore, workers: int = 0, progress: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from pydantic import Field
 
 from ..errors import DataError
@@ -43,7 +43,7 @@ from .safe_pickle import as_text, load_pickle, pickle_field
 from .source import NaturalImageSourceConfig
 from .split_files import (SPLITS, array_classes, check_published_splits, convert_arrays, files_fingerprint,
                           find_root, folder_classes, published_split, split_classes)
-from .store import ImageFormat, ImageStore
+from .store import ImageFormat, ImageStore, open_image
 
 __all__ = ["EncodedImages", "LAYOUT", "TieredImageNetConfig", "tiered_pickle_classes"]
 
@@ -72,9 +72,11 @@ class EncodedImages(ImageStore):
         item = self.items[int(i)]
         try:
             data = bytes(np.asarray(item, dtype=np.uint8).reshape(-1)) if isinstance(item, np.ndarray) else bytes(item)
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(io.BytesIO(data), f"image {int(i)} of {self.where}") as im:
                 return self.fmt.array(im)
-        except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError) as err:
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
             raise DataError(
                 f"{OWNER}: image {int(i)} of {self.where} must be an encoded image (PNG bytes); got "
                 f"a {type(item).__name__} that does not decode ({err}). Use the published pickles."

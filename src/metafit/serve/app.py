@@ -11,15 +11,32 @@ Endpoints (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 - ``POST /tasks/{task_id}/predict``: multipart ``images`` -> per-image label, probability, top-k;
   ``?abstain_below=P`` answers ``label: null, abstained: true`` below top probability P.
 
-Protection: a maximum request body (checked on ``Content-Length`` and while streaming), images
-per request, pixels per image (checked before decoding), tasks kept (least recently used are
-evicted), an optional API key (``X-API-Key`` header or ``Authorization: Bearer``). Bad input gets
-a 4xx JSON body ``{"error": message}`` with the message the Python API raises; the service
-keeps serving.
+Protection (:class:`ServeLimits`, all listed by ``/info``):
+
+- ``max_body_bytes`` (32 MiB): the request body, checked on ``Content-Length`` and while it streams
+  in (chunked uploads too) -> 413.
+- ``max_images`` (256): images per request -> 413.
+- ``max_image_pixels`` (4096 x 4096): pixels per image, read from each image's header before
+  anything is decoded, by the one image reader of :mod:`metafit.data.store` -> 413.
+- ``max_request_decoded_bytes`` (1 GiB): the decoded size of all images of a request together
+  (width x height x bytes per pixel, from the headers), checked before any is decoded -> 413.
+- ``max_decoding_bytes`` (256 MiB): decoded images held at once over all concurrent requests.
+  Each request decodes its images one at a time straight into the model's input size and lets
+  each go before the next; a decode waits for room, and after ``decode_wait_s`` (30 s) the
+  request gets 503. Freed image memory goes back to the system (:func:`create_app` sets glibc's
+  mmap threshold), so a burst of large images leaves no lasting footprint.
+- ``max_tasks`` (64): tasks kept (least recently used are evicted); an optional API key
+  (``X-API-Key`` header or ``Authorization: Bearer``).
+
+Bad input gets a 4xx JSON body ``{"error": message}`` with the message the Python API raises
+(one line, users' values quoted with bounded reprs, JSON fields parsed with bounded size and
+nesting); the connection is kept and the service keeps serving.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hmac
 import io
 import json
@@ -27,35 +44,56 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import DataError, MetafitError, TaskError
+from ..data.store import ImageTooLargeError, decoded_bytes, open_image
+from ..errors import ConfigError, DataError, MetafitError, TaskError, short_repr
 from ..training.inference import AdaptedTask, Model
+from ..validation import load_json
 
 __all__ = ["ServeLimits", "TaskStore", "create_app"]
 
 
 @dataclass(frozen=True)
 class ServeLimits:
+    """What one request, and all requests together, may cost the service (see the module doc)."""
+
     max_body_bytes: int = 32 * 1024 * 1024
     max_images: int = 256
     max_image_pixels: int = 4096 * 4096
+    max_request_decoded_bytes: int = 1024 * 1024 * 1024
+    max_decoding_bytes: int = 256 * 1024 * 1024
+    decode_wait_s: float = 30.0
     max_tasks: int = 64
     api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "api_key" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or not value > 0):
+                raise ConfigError(f"Serve: ServeLimits.{f.name} must be a positive number; got "
+                                  f"{short_repr(value)}. Pass a positive limit.")
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d["api_key"] = self.api_key is not None  # whether one is required, never the key
         return d
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 class HTTPError(Exception):
@@ -95,15 +133,16 @@ class TaskStore:
     def get(self, task_id: str) -> AdaptedTask:
         with self._lock:
             if task_id not in self._tasks:
-                raise HTTPError(404, f"Serve: task_id must name a kept task; got {task_id!r}. Create it with POST "
-                                     "/tasks (tasks beyond the limit are evicted, least recently used first).")
+                raise HTTPError(404, f"Serve: task_id must name a kept task; got {short_repr(task_id)}. Create it "
+                                     "with POST /tasks (tasks beyond the limit are evicted, least recently used first).")
             self._tasks.move_to_end(task_id)
             return self._tasks[task_id][0]
 
     def delete(self, task_id: str) -> None:
         with self._lock:
             if self._tasks.pop(task_id, None) is None:
-                raise HTTPError(404, f"Serve: task_id must name a kept task; got {task_id!r}. List tasks with GET /tasks.")
+                raise HTTPError(404, f"Serve: task_id must name a kept task; got {short_repr(task_id)}. List tasks "
+                                     "with GET /tasks.")
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -114,22 +153,60 @@ class TaskStore:
         return len(self._tasks)
 
 
-class BodyLimit:
-    """ASGI middleware refusing request bodies above ``max_bytes`` with 413 (declared or streamed)."""
+class DecodeBudget:
+    """Decoded image bytes held at once over all requests: :meth:`hold` waits until ``n`` more
+    fit under ``total`` (a single image larger than ``total`` waits until it is alone)."""
 
-    class _TooLarge(Exception):
+    def __init__(self, total: int, wait_s: float) -> None:
+        self.total, self.wait_s, self.used = total, wait_s, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(n, self.total)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + n <= self.total, self.wait_s):
+                raise HTTPError(503, f"Serve: decoding must find room within {self.wait_s:g} s; got a busy "
+                                     "service. Retry the request later.")
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+def _return_freed_memory() -> None:
+    """Let large allocations (decoded images) go back to the system when freed: glibc otherwise
+    raises its mmap threshold after the first large free and keeps later ones in per-thread
+    arenas, so a burst of big images leaves the process holding their memory."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD: blocks of 1 MiB and more are mmapped
+    except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies above ``max_bytes`` with 413, whether declared in
+    ``Content-Length`` or seen while the body streams in (chunked uploads): whatever the
+    application answers to a body cut short is replaced by the 413."""
+
+    class _TooLarge(StarletteHTTPException):
+        def __init__(self, message: str) -> None:
+            super().__init__(413, message)
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    def _message(self, got: str) -> bytes:
-        return json.dumps({"error": f"Serve: the request body must be at most {self.max_bytes} bytes; got {got}. "
-                                    "Send fewer or smaller images per request."}).encode()
+    def _message(self, got: str) -> str:
+        return (f"Serve: the request body must be at most {self.max_bytes} bytes; got {got}. "
+                "Send fewer or smaller images per request.")
 
     async def _reject(self, send, got: str) -> None:
-        body = self._message(got)
+        body = json.dumps({"error": self._message(got)}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -141,32 +218,41 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send, f"{int(declared)} bytes")
         seen = 0
-        started = False
+        exceeded = started = replaced = False
+        over = f"more than {self.max_bytes} bytes"
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                raise BodyLimit._TooLarge(self._message(over))
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyLimit._TooLarge()
+                    exceeded = True
+                    raise BodyLimit._TooLarge(self._message(over))
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def guarded_send(message):
+            nonlocal started, replaced
+            if not exceeded or started:
+                started = started or message["type"] == "http.response.start"
+                return await send(message)
+            if not replaced and message["type"] == "http.response.start":
+                replaced = True  # the application's answer to a cut body becomes the 413
+                await self._reject(send, over)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except BodyLimit._TooLarge:
-            if not started:
-                await self._reject(send, f"more than {self.max_bytes} bytes")
+            if not replaced and not started:
+                replaced = True
+                await self._reject(send, over)
 
 
 def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
-    """The FastAPI application serving ``model`` under ``limits``."""
+    """The FastAPI application serving ``model`` under ``limits``. It sets glibc's mmap threshold
+    of the process (1 MiB) so that memory of decoded images goes back to the system when freed."""
     if model.image_format is None:
         raise TaskError(
             f"Serve: the model must take images; got a {model.config.data.task_kind} model on vectors. "
@@ -176,7 +262,10 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
                   description="Adapt a meta-trained model to your labelled images and predict.")
     store = TaskStore(limits.max_tasks)
     compute = threading.Lock()  # one adapt/predict at a time: models are not re-entrant (BatchNorm modes)
+    budget = DecodeBudget(limits.max_decoding_bytes, limits.decode_wait_s)
+    fmt = model.image_format
     app.state.store, app.state.limits, app.state.model = store, limits, model
+    _return_freed_memory()
 
     def check_key(request: Request) -> None:
         if limits.api_key is None:
@@ -195,57 +284,81 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
 
     @app.exception_handler(MetafitError)
     async def _metafit_error(request: Request, err: MetafitError):
-        return JSONResponse({"error": str(err)}, status_code=400)
+        return JSONResponse({"error": str(err)}, status_code=413 if isinstance(err, ImageTooLargeError) else 400)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors()]
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors()[:4]]
         return JSONResponse({"error": "Serve: the request must match the endpoint's form; got "
-                                      + "; ".join(parts) + ". See /docs for the fields."}, status_code=422)
+                                      + _clip("; ".join(parts), 300) + ". See /docs for the fields."},
+                            status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, err: StarletteHTTPException):
-        return JSONResponse({"error": f"Serve: {err.detail}"}, status_code=err.status_code)
+        detail = str(err.detail)
+        if detail.startswith("Serve: "):  # ours, e.g. the body limit's
+            message = detail
+        elif err.status_code == 400:  # the body did not parse (FastAPI keeps the parser's reason as the cause)
+            reason = _clip(str(err.__cause__ or detail).rstrip("."), 160)
+            message = ("Serve: the request body must be multipart form data (files 'images', field 'labels'); got "
+                       f"{reason}. Send the images as files of a multipart form.")
+        else:
+            message = (f"Serve: the request must address an endpoint as documented; got {request.method} "
+                       f"{short_repr(request.url.path)} ({detail}). See /docs.")
+        return JSONResponse({"error": message}, status_code=err.status_code, headers=getattr(err, "headers", None))
 
-    def read_images(files: list[UploadFile]) -> tuple[list[Image.Image], list[str]]:
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):  # logged by the server; the client gets JSON
+        return JSONResponse({"error": f"Serve: the request must be one the service can answer; got an internal "
+                                      f"error ({type(err).__name__}). Report it with the request that caused it."},
+                            status_code=500)
+
+    def read_images(files: list[UploadFile]) -> tuple[torch.Tensor, list[str]]:
+        """The uploads as model input [N, C, size, size]: every header checked first (pixels
+        per image, decoded bytes of the request), then decoded one at a time straight into the
+        model's input size under the shared decoding budget."""
         if not files:
             raise DataError("Serve: a request must carry at least one image (form field 'images'); got none. "
                             "Attach image files.")
         if len(files) > limits.max_images:
             raise HTTPError(413, f"Serve: a request may carry at most {limits.max_images} images; got {len(files)}. "
                                  "Split them over several requests.")
-        images, names = [], []
-        for i, f in enumerate(files):
-            name = f.filename or f"image {i}"
-            data = f.file.read()
-            try:
-                im = Image.open(io.BytesIO(data))
-                w, h = im.size
-                if w * h > limits.max_image_pixels:
-                    raise HTTPError(413, f"Serve: images may have at most {limits.max_image_pixels} pixels; got "
-                                         f"{name!r} with {w}x{h}. Downscale it before sending.")
-                im.load()
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-                raise DataError(f"Serve: {name!r} must be an image (PNG, JPEG, ...); got unreadable data ({err}). "
-                                "Send image files.") from err
-            images.append(im)
-            names.append(name)
-        return images, names
+        fix = "Downscale it before sending it."
+        names = [short_repr(f.filename or f"image {i}") for i, f in enumerate(files)]
 
-    def parse_labels(labels: list[str]) -> list[str]:
+        def opened(i: int):  # the reader closes what it opens: hand it a copy of the (compressed) upload
+            files[i].file.seek(0)
+            return open_image(io.BytesIO(files[i].file.read()), names[i], limits.max_image_pixels, fix)
+
+        sizes = []
+        for i in range(len(files)):  # headers only: nothing is decoded yet
+            with opened(i) as im:
+                sizes.append(decoded_bytes(im))
+        total = sum(sizes)
+        if total > limits.max_request_decoded_bytes:
+            raise HTTPError(413, f"Serve: the images of a request must decode to at most "
+                                 f"{limits.max_request_decoded_bytes} bytes together; got {total} bytes from "
+                                 f"{len(files)} images. Send fewer or smaller images per request.")
+        out = torch.empty((len(files), fmt.channels, fmt.size, fmt.size))
+        for i, n in enumerate(sizes):  # one at a time, each let go before the next
+            with budget.hold(n), opened(i) as im:
+                out[i] = torch.from_numpy(fmt.array(im)).float() / 255.0
+        return out, [f.filename or f"image {i}" for i, f in enumerate(files)]
+
+    def parse_labels(labels: list[str]) -> list[str | int]:
         if len(labels) == 1 and labels[0].lstrip().startswith("["):
-            try:
-                parsed = json.loads(labels[0])
-            except json.JSONDecodeError as err:
-                raise TaskError(f"Serve: labels must be one form field per image or one JSON list; got invalid "
-                                f"JSON ({err}). Fix the labels field.") from err
+            parsed = load_json(labels[0], "Serve: the labels field", error=TaskError)
             if not isinstance(parsed, list):
                 raise TaskError("Serve: a JSON labels field must be a list; got another value. Send [\"a\", ...].")
+            for value in parsed:
+                if not isinstance(value, (str, int)) or isinstance(value, bool):
+                    raise TaskError(f"Serve: labels must be strings or integers; got {short_repr(value)}. "
+                                    "Send one class name per image.")
             return parsed
         return labels
 
     @app.get("/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:  # on the event loop: answers while workers are busy
         return {"status": "ok"}
 
     @app.get("/info", dependencies=[Depends(check_key)])
@@ -254,17 +367,18 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
         return {"metafit_version": __version__, "algorithm": cfg.algorithm.name,
                 "algorithm_config": cfg.algorithm.model_dump(mode="json"),
                 "backbone": cfg.backbone.name, "image_format": model.image_format.to_dict(),
-                "checkpoint": str(model.checkpoint) if model.checkpoint else None,
+                "checkpoint": model.checkpoint.name if model.checkpoint else None,
                 "step": model.checkpoint_meta.get("step"), "temperature": model.temperature,
                 "tasks": len(store), "limits": limits.public()}
 
     @app.post("/tasks", status_code=201, dependencies=[Depends(check_key)])
     def create_task(images: list[UploadFile] = File(...), labels: list[str] = Form(...)) -> dict[str, Any]:
-        pics, _ = read_images(images)
+        names = parse_labels(labels)
+        x, _ = read_images(images)
         with compute:
-            task = model.adapt(pics, parse_labels(labels))
+            task = model.adapt(x, names)
         task_id = store.add(task)
-        return {"task_id": task_id, "class_names": list(task.class_names), "n_support": len(pics),
+        return {"task_id": task_id, "class_names": list(task.class_names), "n_support": len(x),
                 "bytes": task_bytes(task)}
 
     @app.get("/tasks", dependencies=[Depends(check_key)])
@@ -281,9 +395,9 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
         task = store.get(task_id)
         if top_k < 1:
             raise TaskError(f"Serve: top_k must be >= 1; got {top_k}. Pass a positive top_k.")
-        pics, names = read_images(images)
+        x, names = read_images(images)
         with compute:
-            pred = task.predict(pics, abstain_below=abstain_below)
+            pred = task.predict(x, abstain_below=abstain_below)
         return {"task_id": task_id, "predictions": [
             {"file": n, "label": lab, "probability": float(p.max()), "abstained": lab is None,
              "top_k": [{"label": c, "probability": q} for c, q in top]}
