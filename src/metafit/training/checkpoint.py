@@ -1,16 +1,28 @@
 """Checkpoints: one ``.safetensors`` file. Tensors (model, and for resuming: optimizer and RNG
 states) are safetensors entries; everything else (format, versions, algorithm, config, step,
 metrics, class names) is JSON in the safetensors header metadata. Nothing in a checkpoint can
-execute code when loaded. Writes go to a temp file that replaces the target atomically."""
+execute code when loaded. Writes go to a temp file that replaces the target atomically.
+
+Everything read from a checkpoint is validated before anything is built from it: the JSON
+metadata with bounded size and nesting (:func:`metafit.validation.load_json`), then against the
+pydantic schemas below (the machinery configs use: types, ranges, required fields), the stored
+config as a :class:`RunConfig`, and every tensor against the freshly built model's names,
+shapes and dtypes (:func:`check_tensors`). Any problem is a one-line :class:`CheckpointError`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import re
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError, create_model
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -19,17 +31,211 @@ from .. import __version__
 from ..algorithms import Algorithm
 from ..data import migrate_legacy_data
 from ..data.cache import atomic_write_bytes
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, short_repr
+from ..validation import ConfigModel, field_names, load_json
 from .config import RunConfig, build_model, make_config, resolve_config
+from .evaluate import EvalResult
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_checkpoint", "save_checkpoint", "update_checkpoint_meta",
-           "with_algorithm_overrides",
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointMeta", "EnvelopeMeta", "RLCheckpointMeta", "check_optimizer_state",
+           "check_tensors", "config_difference", "load", "read_checkpoint", "remove_stale_temp_files",
+           "save_checkpoint", "stored_config", "update_checkpoint_meta", "validate_meta", "with_algorithm_overrides",
            "join_optimizer_state", "split_optimizer_state", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "metafit-checkpoint"
 FORMAT_VERSION = 1
 
 
+# -- the metadata schema ----------------------------------------------------------------------
+class MetaModel(ConfigModel):
+    """Base of the checkpoint metadata schemas: like a config section, but strict (a string is
+    not a number, a float not an integer). Sections whose keys are passed on as keyword
+    arguments forbid unknown keys; the others (``Open``) keep them for newer writers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+
+class OpenMetaModel(MetaModel):
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, validate_default=True)
+
+
+#: the largest image side a data source accepts (``image_size <= 1024``); a stored image format
+#: is also checked against the one its config describes
+MAX_IMAGE_SIZE = 1024
+#: the smallest softmax temperature accepted: logits / T must stay finite in float32 (any larger
+#: finite T is valid; calibrating a near-uniform model fits very large ones)
+MIN_TEMPERATURE = 1e-30
+
+
+class ImageFormatMeta(MetaModel):
+    size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
+    channels: Literal[1, 3]
+    invert: bool
+    fit: Literal["squash", "crop"] = "squash"
+
+
+class CalibrationMeta(OpenMetaModel):
+    temperature: float = Field(ge=MIN_TEMPERATURE, allow_inf_nan=False)
+
+
+def _dataclass_schema(cls: type, name: str) -> type[MetaModel]:
+    """A strict schema with the fields of dataclass ``cls`` (kept in step with it), NaN allowed
+    (an interval of one episode has none)."""
+    hints = typing.get_type_hints(cls)
+    spec = {}
+    for f in dataclasses.fields(cls):
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else ... if f.default_factory is dataclasses.MISSING else None)
+        hint = hints[f.name] if default is not None else hints[f.name] | None
+        spec[f.name] = (hint, default)
+    return create_model(name, __base__=MetaModel, **spec)
+
+
+EvalResultMeta = _dataclass_schema(EvalResult, "EvalResultMeta")
+_Pid = typing.Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+_Scalar = typing.Union[bool, int, float, str, None]
+
+
+class ParamGroupMeta(OpenMetaModel):
+    params: list[int] = Field(max_length=1_000_000)
+
+
+class MonitorStateMeta(OpenMetaModel):
+    losses: list[float] = Field(default_factory=list, max_length=100_000)
+    norms: list[float] = Field(default_factory=list, max_length=100_000)
+    rollbacks: int = Field(0, ge=0)
+
+
+class WindowMeta(MetaModel):
+    """The training rows' running sums since the last logged row (restored on resume, so the
+    next row averages the same steps as in an uninterrupted run)."""
+
+    loss: float = 0.0
+    acc: float = 0.0
+    n: int = Field(0, ge=0)
+    steps: int = Field(0, ge=0)
+    seconds: float = Field(0.0, ge=0.0)
+
+
+class TrainStateMeta(OpenMetaModel):
+    """What ``last.safetensors`` holds to resume a few-shot run exactly (see :class:`Trainer`)."""
+
+    optimizer: Literal["adam", "sgd"]
+    param_groups: list[ParamGroupMeta] = Field(min_length=1, max_length=1000)
+    optimizer_scalars: dict[_Pid, dict[str, _Scalar]] = Field(default_factory=dict)
+    best_val: float | None = None
+    best_step: int = Field(0, ge=0)
+    best_result: EvalResultMeta | None = None  # type: ignore[valid-type]
+    train_seconds: float = Field(0.0, ge=0.0)
+    timing: dict[str, float] = Field(default_factory=dict)
+    monitor: MonitorStateMeta | None = None
+    events: dict[str, int] = Field(default_factory=dict)
+    window: WindowMeta | None = None  # absent in checkpoints of older versions
+
+
+class CheckpointMeta(OpenMetaModel):
+    """The metadata of a few-shot checkpoint (:func:`save_checkpoint`)."""
+
+    format: Literal["metafit-checkpoint"]
+    format_version: Literal[1]
+    metafit_version: str | None = Field(None, max_length=100)
+    kind: Literal["few-shot"] | None = None
+    algorithm: str = Field(min_length=1, max_length=100)
+    config: dict[str, Any]
+    step: int = Field(ge=0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    image_format: ImageFormatMeta | None = None  # absent in checkpoints of older versions
+    calibration: CalibrationMeta | None = None
+    train_state: TrainStateMeta | None = None
+
+
+class RLOptimizerMeta(OpenMetaModel):
+    param_groups: list[ParamGroupMeta] = Field(default_factory=list, max_length=1000)
+    scalars: dict[_Pid, dict[str, _Scalar]] = Field(default_factory=dict)
+
+
+class RLTrainStateMeta(OpenMetaModel):
+    """What a meta-RL ``last.safetensors`` holds to resume exactly (see ``train_rl``)."""
+
+    best: float | None = None
+    best_iteration: int = Field(0, ge=0)
+    best_weights: Literal["live", "average"] = "live"
+    seconds: float = Field(0.0, ge=0.0)
+    env_steps: int = Field(0, ge=0)
+    optimizer: RLOptimizerMeta = RLOptimizerMeta()
+
+
+class RLCheckpointMeta(OpenMetaModel):
+    """The metadata of a meta-RL checkpoint (``metafit rl train``)."""
+
+    format: Literal["metafit-checkpoint"]
+    format_version: Literal[1]
+    metafit_version: str | None = Field(None, max_length=100)
+    kind: Literal["rl"]
+    learner: str = Field(min_length=1, max_length=100)
+    config: dict[str, Any]
+    step: int = Field(ge=0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    train_state: RLTrainStateMeta | None = None
+
+
+class EnvelopeMeta(OpenMetaModel):
+    """What every metafit checkpoint's metadata holds, whatever wrote it (e.g. the weights that
+    ``benchmarks/rl2.py`` keeps): loaders that build a model from it check their own schema."""
+
+    format: Literal["metafit-checkpoint"]
+    format_version: Literal[1]
+    metafit_version: str | None = Field(None, max_length=100)
+    config: dict[str, Any] | None = None
+    step: int | None = Field(None, ge=0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+def validate_meta(schema: type[MetaModel], data: Any, where: str, fix: str, owner: str = "Checkpoint") -> Any:
+    """``data`` (the metadata ``where`` describes, e.g. "the metadata of 'x.safetensors'")
+    validated against ``schema``; otherwise a one-line :class:`CheckpointError` naming the first
+    invalid field: ``<owner>: <field> in <where> must be ...; got ... . <fix>``."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise CheckpointError(_meta_message(err.errors()[0], schema, owner, where, fix)) from None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation names (``X``, ``X | None``), or None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+            return candidate
+    return None
+
+
+def _meta_message(err: Mapping[str, Any], schema: type, owner: str, where: str, fix: str) -> str:
+    loc = tuple(err.get("loc", ()))
+    path = ".".join(str(p) for p in loc)
+    field = f"{path} in {where}" if path else where
+    kind, value, ctx = err.get("type", ""), err.get("input"), err.get("ctx") or {}
+    if kind == "missing":
+        return f"{owner}: {field} must be present; got nothing. {fix}"
+    if kind == "extra_forbidden":
+        parent: Any = schema
+        for part in loc[:-1]:
+            info = getattr(_model_in(parent), "model_fields", {}).get(part)
+            parent = info.annotation if info is not None else None
+        model = _model_in(parent)
+        valid = ", ".join(field_names(model)) if model is not None else "see the documentation"
+        return f"{owner}: {field} must not exist (valid keys: {valid}); got {short_repr(value)}. {fix}"
+    if kind == "literal_error":
+        return f"{owner}: {field} must be one of {ctx.get('expected', '')}; got {short_repr(value)}. {fix}"
+    msg = str(err.get("msg", "is invalid"))
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    msg = msg.replace("input should be", "must be").replace("value error, ", "")
+    if not msg.startswith("must"):
+        msg = f"must be valid ({msg})"
+    return f"{owner}: {field} {msg}; got {short_repr(value)}. {fix}"
+
+
+# -- writing ------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig, *, step: int,
                     metrics: dict[str, Any] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
@@ -60,6 +266,32 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
     atomic_write_bytes(path, lambda f: f.write(blob))
     return path
+
+
+#: the temp files :func:`metafit.data.cache.atomic_write_bytes` leaves when a process is killed
+#: while writing one of a run folder's files (``<name>.<8 random characters>.tmp``)
+_TEMP_FILE = re.compile(r"(?:.+\.safetensors|config\.json|report\.json|metrics\.jsonl|metrics\.csv"
+                        r"|learning_curve\.png)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that writes into run folder ``folder`` left behind when their process
+    was killed (no write of this process is in flight when a run starts); returns them. Other
+    files, and folders, are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if _TEMP_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d temp file(s) left by an interrupted write in %s", len(removed), folder)
+    return removed
 
 
 def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -95,6 +327,7 @@ def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any],
     place, atomically); the tensors are unchanged."""
     meta, tensors = read_checkpoint(path)
     meta.update(updates)
+    _validate(meta, Path(path))
     target = Path(out) if out is not None else Path(path)
     blob = st_save(tensors, metadata={"metafit": json.dumps(meta)})
     atomic_write_bytes(target, lambda f: f.write(blob))
@@ -106,8 +339,12 @@ def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
+# -- reading ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a checkpoint; a :class:`CheckpointError` for anything else."""
+    """``(metadata, tensors)`` of a checkpoint, the metadata validated against the schema of its
+    kind (:class:`CheckpointMeta`, :class:`RLCheckpointMeta`, or :class:`EnvelopeMeta` for other
+    files metafit writes); a :class:`CheckpointError` for anything else. The tensors are checked
+    when a model is built from them (:func:`check_tensors`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -115,33 +352,186 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             "Pass a .safetensors file written by metafit (e.g. runs/<name>/best.safetensors)."
         )
     try:
-        tensors = st_load(path.read_bytes())
-    except (SafetensorError, ValueError, OSError) as err:
+        blob = path.read_bytes()
+        tensors = st_load(blob)  # checks the header's size, JSON, dtypes, shapes and offsets
+    except (SafetensorError, ValueError, OSError, RuntimeError, OverflowError) as err:
+        reason = " ".join(str(err).split())
         raise CheckpointError(
             f"Checkpoint: {str(path)!r} must be a safetensors file written by metafit; got an "
-            f"unreadable or corrupted file ({err}). Re-create it, or pass another checkpoint."
+            f"unreadable or corrupted file ({reason[:200]}). Re-create it, or pass another checkpoint."
         ) from err
-    # safetensors.torch.load does not return metadata: read the JSON header by hand (no code runs)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    raw = (header.get("__metadata__") or {}).get("metafit")
-    try:
-        meta = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        meta = None
+    # safetensors.torch.load does not return metadata: parse the (already checked) JSON header
+    n = int.from_bytes(blob[:8], "little")
+    header = load_json(blob[8:8 + n], f"Checkpoint: the header of {str(path)!r}", CheckpointError)
+    raw = (header.get("__metadata__") or {}).get("metafit") if isinstance(header, dict) else None
+    meta = load_json(raw, f"Checkpoint: the metadata of {str(path)!r}", CheckpointError) if raw else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(
             f"Checkpoint: {str(path)!r} must carry metafit metadata; got a foreign safetensors file. "
             "Pass a checkpoint written by metafit; to use foreign weights as a backbone, load them "
             "into a model yourself."
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") != FORMAT_VERSION or isinstance(meta.get("format_version"), bool):
         raise CheckpointError(
-            f"Checkpoint: format_version must be {FORMAT_VERSION}; got {meta.get('format_version')!r}. "
+            f"Checkpoint: format_version must be {FORMAT_VERSION}; got {short_repr(meta.get('format_version'))}. "
             "Use the metafit version that wrote it, or re-train."
         )
+    _validate(meta, path)
     return meta, tensors
+
+
+def _validate(meta: dict, path: Path, schema: type[MetaModel] | None = None) -> None:
+    """Validate ``meta`` against ``schema``, by default the one its kind declares: a meta-RL
+    checkpoint (``kind: rl``), a few-shot one (it names an ``algorithm`` or ``kind``), or the
+    envelope every metafit checkpoint shares."""
+    if schema is None:
+        schema = (RLCheckpointMeta if meta.get("kind") == "rl" else
+                  CheckpointMeta if "algorithm" in meta or "kind" in meta else EnvelopeMeta)
+    validate_meta(schema, meta, f"the metadata of {str(path)!r}",
+                  "The file is damaged or was edited; re-create it, or use the metafit version that wrote it.")
+
+
+def stored_config(meta: dict[str, Any], path: str | os.PathLike) -> RunConfig:
+    """The validated :class:`RunConfig` of a few-shot checkpoint's metadata (a data section of
+    metafit 0.1 migrated); a :class:`CheckpointError` naming the invalid field otherwise."""
+    _validate(meta, Path(path), CheckpointMeta)  # (read_checkpoint accepts any metafit checkpoint)
+    try:
+        stored = dict(meta["config"])
+        stored["data"] = migrate_legacy_data(stored.get("data"))  # checkpoints of metafit 0.1
+        return make_config(stored)
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(
+            f"Checkpoint: the config stored in {str(path)!r} must be valid for this metafit version; "
+            f"got: {str(err).rstrip('.')}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
+        ) from err
+
+
+def _dims(t: torch.Tensor | torch.Size) -> list[int]:
+    return list(t.shape if torch.is_tensor(t) else t)
+
+
+def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                  prefix: str = "model.", what: str = "the model its config describes", shapes: bool = True,
+                  names: bool = True) -> None:
+    """Refuse ``state`` (tensors of checkpoint ``path``, ``prefix`` removed) unless it has exactly
+    the names of ``expected`` (a freshly built model's ``state_dict()``), their shapes, and their
+    dtypes: a stored tensor of another dtype would be cast silently by ``load_state_dict``."""
+    where = str(path)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if names and (missing or unexpected):
+        raise CheckpointError(
+            f"Checkpoint: tensors of {where!r} must match {what}; got missing "
+            f"{[prefix + k for k in missing[:5]]} and unexpected {[prefix + k for k in unexpected[:5]]}. "
+            "The file is damaged or from another version."
+        )
+    for k, want in expected.items():
+        have = state.get(k)
+        if have is None:
+            continue
+        if shapes and have.shape != want.shape:
+            raise CheckpointError(
+                f"Checkpoint: tensors of {where!r} must match the shapes of {what}; got {prefix}{k} of shape "
+                f"{_dims(have)} where it has {_dims(want)}. The file is damaged or was edited."
+            )
+        if have.dtype != want.dtype:
+            raise CheckpointError(
+                f"Checkpoint: tensor {prefix + k!r} of {where!r} must be {want.dtype} (the dtype the architecture "
+                f"declares); got {have.dtype}. The file is damaged or was edited; re-create it."
+            )
+
+
+def check_optimizer_state(tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, dict], param_groups: list,
+                          optimizer_groups: list, params: Sequence[torch.Tensor] | None,
+                          path: str | os.PathLike) -> None:
+    """Refuse a stored optimizer state that does not fit an optimizer with groups
+    ``optimizer_groups`` (its ``state_dict()['param_groups']``) over ``params``: the same groups
+    of the same sizes, per-parameter tensors (``optim.<pid>.<name>``) of their parameter's shape
+    and dtype (``step`` counters: a float32 scalar). Without ``params``, these tensors must be
+    floating-point (the optimizer would cast others silently)."""
+    where = str(path)
+    sizes, want = [len(g["params"]) for g in param_groups], [len(g["params"]) for g in optimizer_groups]
+    if sizes != want:
+        raise CheckpointError(
+            f"Checkpoint: the optimizer state of {where!r} must have parameter groups of sizes {want} (this "
+            f"model's); got {sizes}. Resume with the config of the run that wrote it."
+        )
+    ids = [pid for g in param_groups for pid in g["params"]]
+    n_params = len(ids) if params is None else len(params)
+    if sorted(ids) != list(range(n_params)):
+        raise CheckpointError(
+            f"Checkpoint: the optimizer's param_groups in {where!r} must number the parameters 0..{n_params - 1} "
+            f"once each; got {short_repr(ids)}. The file is damaged or was edited."
+        )
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        pid, _, name = key[len("optim."):].partition(".")
+        if not (pid.isdigit() and int(pid) < n_params and name):
+            raise CheckpointError(
+                f"Checkpoint: optimizer tensor names in {where!r} must be optim.<parameter index>.<name> with an index "
+                f"below {n_params}; got {key!r}. The file is damaged or was edited."
+            )
+        if params is None:
+            if not value.is_floating_point():
+                raise CheckpointError(
+                    f"Checkpoint: tensor {key!r} of {where!r} must be floating-point (optimizer state); got "
+                    f"{value.dtype}. The file is damaged or was edited."
+                )
+            continue
+        param = params[int(pid)]
+        shape, dtype = ((), torch.float32) if name == "step" else (param.shape, param.dtype)
+        if value.shape != shape or value.dtype != dtype:
+            raise CheckpointError(
+                f"Checkpoint: tensor {key!r} of {where!r} must be {dtype} of shape {_dims(torch.Size(shape))} "
+                f"(its parameter's); got {value.dtype} of shape {_dims(value)}. The file is damaged or was edited."
+            )
+    for pid in scalars:
+        if int(pid) >= n_params:
+            raise CheckpointError(
+                f"Checkpoint: optimizer_scalars in {where!r} must name parameter indices below {n_params}; got "
+                f"{pid}. The file is damaged or was edited."
+            )
+
+
+def check_rng_state(tensors: Mapping[str, torch.Tensor], name: str, like: torch.Tensor,
+                    path: str | os.PathLike, sizes: Sequence[int] = ()) -> torch.Tensor:
+    """Checkpoint tensor ``name``: a random generator's state like ``like`` (uint8, the same
+    length, or one of ``sizes``)."""
+    value = tensors.get(name)
+    lengths = [like.numel(), *sizes]
+    if value is None or value.dtype != torch.uint8 or value.dim() != 1 or value.numel() not in lengths:
+        got = "nothing" if value is None else f"{value.dtype} of shape {_dims(value)}"
+        raise CheckpointError(
+            f"Checkpoint: tensor {name!r} of {str(path)!r} must be a random generator state (torch.uint8 of "
+            f"length {' or '.join(map(str, lengths))}); got {got}. Resume from a last.safetensors written by metafit."
+        )
+    return value
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_difference(stored: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str],
+                      skip: Sequence[str] = ()) -> tuple[str, Any, Any] | None:
+    """The first dotted key under ``keys`` (sections or single fields, in that order) whose value
+    differs between two config dicts, with both values: ``(key, stored, current)``; ``skip``
+    names keys not compared. None when they agree."""
+    a, b = _flat(stored), _flat(current)
+    for section in keys:
+        inside = [k for k in dict.fromkeys([*b, *a]) if k == section or k.startswith(section + ".")]
+        for k in inside:
+            if k in skip:
+                continue
+            if a.get(k, "<absent>") != b.get(k, "<absent>"):
+                return k, a.get(k, "<absent>"), b.get(k, "<absent>")
+    return None
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorithm:
@@ -156,29 +546,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
             f"Checkpoint: {str(path)!r} must be a few-shot checkpoint here; got a meta-RL checkpoint "
             f"({meta.get('learner')}). Use metafit rl eval, or metafit.training.rl_run.load_rl."
         )
-    try:
-        stored = dict(meta["config"])
-        stored["data"] = migrate_legacy_data(stored.get("data"))  # checkpoints of metafit 0.1
-        config = make_config(stored)
-    except (ConfigError, KeyError) as err:
+    config = stored_config(meta, path)
+    recorded, derived = meta.get("image_format"), config.data.image_format()
+    if recorded is not None and (derived is None
+                                 or ImageFormatMeta.model_validate(recorded).model_dump() != derived.to_dict()):
         raise CheckpointError(
-            f"Checkpoint: the config stored in {str(path)!r} must be valid for this metafit version; "
-            f"got: {err}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
-        ) from err
+            f"Checkpoint: image_format in {str(path)!r} must be the one its config describes "
+            f"({derived.to_dict() if derived else None}); got {short_repr(recorded)}. The file was edited; "
+            "re-create it."
+        )
     model = build_model(config, pretrained=False)  # the checkpoint holds the weights: no weights file read
     state = model_state(tensors)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(
-            f"Checkpoint: tensors of {str(path)!r} must match the shapes its config describes; got "
-            f"{str(err).splitlines()[-1].strip()}. The file is damaged or was edited."
-        ) from err
-    if missing or unexpected:
-        raise CheckpointError(
-            f"Checkpoint: tensors of {str(path)!r} must match the model; got missing {list(missing)[:5]} "
-            f"and unexpected {list(unexpected)[:5]}. The file is damaged or from another version."
-        )
+    check_tensors(state, model.state_dict(), path)
+    model.load_state_dict(state)
     model.to(device).eval()
     model.run_config = config
     model.checkpoint_meta = {k: v for k, v in meta.items() if k != "config"}

@@ -17,28 +17,47 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import __version__
 from ..algorithms import Adapted, Algorithm
 from ..data import ImageFormat
 from ..data.cache import atomic_write_bytes, file_digest
-from ..errors import CheckpointError, TaskError
+from ..errors import CheckpointError, TaskError, short_repr
+from ..validation import load_json
+from .checkpoint import OpenMetaModel, validate_meta, with_algorithm_overrides
 from .checkpoint import load as load_algorithm
-from .checkpoint import with_algorithm_overrides
 from .config import RunConfig
 
 __all__ = ["AdaptedTask", "Model", "Prediction", "is_task_file", "load_model", "load_task"]
 
 TASK_FORMAT = "metafit-task"
 TASK_FORMAT_VERSION = 1
+
+
+class TaskMeta(OpenMetaModel):
+    """The metadata of a saved task (:meth:`AdaptedTask.save`), validated before anything is
+    built from it (the tensors are checked against the model in :func:`load_task`)."""
+
+    format: Literal["metafit-task"]
+    format_version: Literal[1]
+    metafit_version: str | None = Field(None, max_length=100)
+    algorithm: str = Field(min_length=1, max_length=100)
+    adapted_type: str = Field(min_length=1, max_length=100)
+    values: dict[str, bool | int | float | str | None] = Field(default_factory=dict, max_length=100)
+    dict_fields: list[str] = Field(default_factory=list, max_length=100)
+    class_names: list[str | int] = Field(min_length=2, max_length=100_000)
+    checkpoint: str | None = Field(None, max_length=4096)
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -80,10 +99,11 @@ class Model:
         self.config: RunConfig = algorithm.run_config
         self.checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
         self.checkpoint_meta: dict = getattr(algorithm, "checkpoint_meta", {})
-        recorded = self.checkpoint_meta.get("image_format")  # older checkpoints: derived from the config
+        # validated by metafit.load against the config (older checkpoints: derived from the config)
+        recorded = self.checkpoint_meta.get("image_format")
         self.image_format: ImageFormat | None = (ImageFormat(**recorded) if recorded
                                                  else self.config.data.image_format())
-        calibration = self.checkpoint_meta.get("calibration") or {}
+        calibration = self.checkpoint_meta.get("calibration") or {}  # validated: a positive finite number
         #: softmax temperature fitted on validation episodes (1.0: uncalibrated)
         self.temperature: float = float(calibration.get("temperature", 1.0))
         self._digest: str | None = None
@@ -163,7 +183,13 @@ class AdaptedTask:
     def logits(self, images: Any) -> torch.Tensor:
         x = self.model.images(images)
         with torch.no_grad():
-            return self.model.algorithm.predict(self.adapted, x).float()
+            logits = self.model.algorithm.predict(self.adapted, x).float()
+        if logits.shape[-1] != self.n_classes:  # a loaded task whose class names do not fit its tensors
+            raise TaskError(
+                f"Predict: the adapted task must score each of its {self.n_classes} classes; got {logits.shape[-1]} "
+                "scores per image. The task file is damaged or was edited; adapt again."
+            )
+        return logits
 
     def predict(self, images: Any, batch_size: int = 256, progress: Callable[[int], Any] | None = None,
                 abstain_below: float | None = None) -> Prediction:
@@ -223,7 +249,8 @@ class AdaptedTask:
 
 
 def _adapted_types() -> dict[str, type]:
-    out, todo = {}, [Adapted]
+    """The :class:`Adapted` dataclasses by name (not the marker base itself)."""
+    out, todo = {}, list(Adapted.__subclasses__())
     while todo:
         cls = todo.pop()
         out[cls.__name__] = cls
@@ -231,19 +258,21 @@ def _adapted_types() -> dict[str, type]:
     return out
 
 
-def _task_meta(path: Path) -> dict | None:
+def _task_raw(path: Path) -> str | None:
+    """The raw JSON text of a task file's metadata (None: not a task file); safetensors checks the
+    header, nothing is parsed here."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("metafit_task")
-    return json.loads(raw) if raw else None
+    return raw if isinstance(raw, str) else None
 
 
 def is_task_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a task saved by :meth:`AdaptedTask.save` (not a model checkpoint)."""
     try:
-        return Path(path).is_file() and _task_meta(Path(path)) is not None
-    except (SafetensorError, OSError, ValueError):
+        return Path(path).is_file() and _task_raw(Path(path)) is not None
+    except (SafetensorError, OSError, ValueError, RuntimeError):
         return False
 
 
@@ -264,18 +293,24 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
     if not path.is_file():
         raise CheckpointError(f"Task: {str(path)!r} must be a saved task file; got no file there. Check the path.")
     try:
-        meta = _task_meta(path)
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        blob = path.read_bytes()
+        tensors = st_load(blob)  # checks the header's size, JSON, dtypes, shapes and offsets
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as err:
         raise CheckpointError(
-            f"Task: {str(path)!r} must be a task file written by task.save(); got an unreadable file ({err}). "
-            "Adapt again and save."
+            f"Task: {str(path)!r} must be a task file written by task.save(); got an unreadable file "
+            f"({' '.join(str(err).split())[:200]}). Adapt again and save."
         ) from err
-    if not meta or meta.get("format") != TASK_FORMAT:
+    n = int.from_bytes(blob[:8], "little")
+    header = load_json(blob[8:8 + n], f"Task: the header of {str(path)!r}", CheckpointError)
+    raw = (header.get("__metadata__") or {}).get("metafit_task") if isinstance(header, dict) else None
+    meta = load_json(raw, f"Task: the metadata of {str(path)!r}", CheckpointError) if isinstance(raw, str) else None
+    if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
         raise CheckpointError(
             f"Task: {str(path)!r} must be a task file written by task.save(); got a safetensors file without "
             "metafit task metadata. Pass a saved task (a model checkpoint goes to metafit.load)."
         )
+    task_meta: TaskMeta = validate_meta(TaskMeta, meta, f"the metadata of {str(path)!r}",
+                                        "The file is damaged or was edited; adapt again and save.", owner="Task")
     if isinstance(checkpoint, Model):
         model = checkpoint
     else:
@@ -300,17 +335,10 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
     cls = _adapted_types().get(meta["adapted_type"])
     if cls is None:
         raise CheckpointError(
-            f"Task: {str(path)!r} must hold a known adapted state; got type {meta['adapted_type']!r}. "
+            f"Task: {str(path)!r} must hold a known adapted state; got type {short_repr(meta['adapted_type'])}. "
             "Use the metafit version that wrote it."
         )
-    dev = model.device
-    kwargs: dict[str, Any] = dict(meta["values"])
-    for f in fields(cls):
-        if f.name in meta["dict_fields"]:
-            prefix = f"adapted.{f.name}."
-            kwargs[f.name] = {k[len(prefix):]: v.to(dev) for k, v in tensors.items() if k.startswith(prefix)}
-        elif f"adapted.{f.name}" in tensors:
-            kwargs[f.name] = tensors[f"adapted.{f.name}"].to(dev)
+    kwargs = _adapted_fields(cls, task_meta, tensors, model, path)
     try:
         adapted = cls(**kwargs)
     except TypeError as err:
@@ -318,4 +346,60 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
             f"Task: {str(path)!r} must hold every field of {cls.__name__}; got {sorted(kwargs)} ({err}). "
             "The file is damaged or from another version; adapt again."
         ) from err
-    return AdaptedTask(model, adapted, tuple(meta["class_names"]))
+    return AdaptedTask(model, adapted, tuple(task_meta.class_names))
+
+
+def _adapted_fields(cls: type, meta: TaskMeta, tensors: dict[str, torch.Tensor], model: Model,
+                    path: Path) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` (an :class:`Adapted` dataclass) from a task file: every
+    value of the field's declared type, every tensor of the model's dtype (a state entry's own,
+    for fast weights named like one), every file entry used; a CheckpointError otherwise."""
+    where, fix = f"{str(path)!r}", "The file is damaged or was edited; adapt again and save."
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    state = dict(model.algorithm.state_dict())
+    for key, value in list(state.items()):  # fast weights are named inside a submodule (blocks.0.weight)
+        for i, ch in enumerate(key):
+            if ch == ".":
+                state.setdefault(key[i + 1:], value)
+    float_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    kwargs: dict[str, Any] = {}
+    for name, value in meta.values.items():
+        if name not in names:
+            raise CheckpointError(f"Task: values in {where} must be fields of {cls.__name__} "
+                                  f"({', '.join(sorted(names))}); got {short_repr(name)}. {fix}")
+        try:
+            kwargs[name] = TypeAdapter(hints[name], config=_ANY_TYPE).validate_python(value, strict=True)
+        except ValidationError:
+            raise CheckpointError(f"Task: values.{name} in {where} must be of type {hints[name]}; got "
+                                  f"{short_repr(value)}. {fix}") from None
+    dev = model.device
+    used = set()
+    for f in fields(cls):
+        if f.name in meta.dict_fields:
+            prefix = f"adapted.{f.name}."
+            entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            used.update(prefix + k for k in entries)
+            kwargs[f.name] = {k: _adapted_tensor(f"{prefix}{k}", v, state.get(k, None), float_dtype, where, fix).to(dev)
+                              for k, v in entries.items()}
+        elif f"adapted.{f.name}" in tensors:
+            used.add(f"adapted.{f.name}")
+            kwargs[f.name] = _adapted_tensor(f"adapted.{f.name}", tensors[f"adapted.{f.name}"], None, float_dtype,
+                                             where, fix).to(dev)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise CheckpointError(f"Task: the tensors of {where} must all be fields of {cls.__name__}; got "
+                              f"{short_repr(unused)}. {fix}")
+    return kwargs
+
+
+_ANY_TYPE = ConfigDict(arbitrary_types_allowed=True)  # fields may be tensors (only None is stored as a value)
+
+
+def _adapted_tensor(name: str, value: torch.Tensor, like: torch.Tensor | None, float_dtype: torch.dtype,
+                    where: str, fix: str) -> torch.Tensor:
+    want = like.dtype if like is not None else float_dtype
+    if value.dtype != want:
+        raise CheckpointError(f"Task: tensor {name!r} of {where} must be {want} (the model's dtype); got "
+                              f"{value.dtype}. {fix}")
+    return value

@@ -1,9 +1,11 @@
 """Metrics logging: one JSON object per line (``metrics.jsonl``) and the same rows as CSV
-(``metrics.csv``). Both are appended to on resume and flushed on every write."""
+(``metrics.csv``), flushed on every write. On resume both are cut back to the resumed step and
+appended to, so that a resumed run's log equals an uninterrupted run's row for row."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -12,7 +14,7 @@ from typing import Any
 
 from ..data.cache import atomic_write_bytes
 
-__all__ = ["CSV_COLUMNS", "MetricsLog", "write_json"]
+__all__ = ["CSV_COLUMNS", "MetricsLog", "kept_rows", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
@@ -46,12 +48,45 @@ CSV_COLUMNS = ["step", "split", "loss", "accuracy", "mse", "ci95", "lr", "grad_n
                "data_s", "augment_s", "forward_s", "backward_s", "optimizer_s", "event", "action"]
 
 
+def kept_rows(path: Path, key: str, upto: int) -> tuple[list[str], list[dict]]:
+    """The lines of JSON-lines log ``path`` (and their rows) whose ``key`` is at most ``upto``: the
+    log as it was when a checkpoint of step ``upto`` was written. Rows a killed run wrote after
+    that checkpoint (they are replayed on resume), and a line it left half-written, are dropped."""
+    lines, rows = [], []
+    if not path.is_file():
+        return lines, rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # cut off mid-line by a kill: the row is written again
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] <= upto:
+                lines.append(line)
+                rows.append(row)
+    return lines, rows
+
+
 class MetricsLog:
-    def __init__(self, out_dir: Path, append: bool) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` of a run. ``resume_step``: continue a resumed run's
+    log from the checkpoint of that step (rows after it are removed from both files first, so
+    the replayed steps are not logged twice); otherwise both files start empty."""
+
+    def __init__(self, out_dir: Path, append: bool, resume_step: int | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        jsonl_path, csv_path = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        if append and resume_step is not None:
+            lines, rows = kept_rows(jsonl_path, "step", resume_step)
+            atomic_write_bytes(jsonl_path, lambda f: f.write("".join(lines).encode()))
+            buf = io.StringIO(newline="")
+            writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_bytes(csv_path, lambda f: f.write(buf.getvalue().encode()))
         mode = "a" if append else "w"
-        self._jsonl = open(out_dir / "metrics.jsonl", mode)
-        csv_path = out_dir / "metrics.csv"
+        self._jsonl = open(jsonl_path, mode)
         write_header = not (append and csv_path.exists() and csv_path.stat().st_size > 0)
         self._csv_file = open(csv_path, mode, newline="")
         self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS, extrasaction="ignore")

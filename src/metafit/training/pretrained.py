@@ -178,6 +178,26 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]
     )
 
 
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "boolean"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def _same_kind(have: torch.dtype, want: torch.dtype) -> bool:
+    """Whether a file tensor of dtype ``have`` may be converted into a module tensor of dtype
+    ``want``: floating-point into floating-point (float16 or bfloat16 weights are common), an
+    integer or floating-point number into an integer counter (``num_batches_tracked`` of a state
+    dict halved as a whole); never a boolean, integer or complex tensor into weights."""
+    if have == want:
+        return True
+    if _kind(want) == "integer":
+        return _kind(have) in ("integer", "floating-point")
+    return _kind(have) == _kind(want) == "floating-point"
+
+
 def _candidate_prefixes(file_keys, targets: set[str]) -> dict[str, int]:
     """Every prefix (``''`` or ending in ``.``) that turns some file key into a module key, with
     the number of keys it matches."""
@@ -210,7 +230,10 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: st
     names match as they are. Raises :class:`CheckpointError` when the file is missing or unreadable,
     when no tensor matches, when a matching tensor has another shape (every such key is named),
     and with ``strict=True`` when a module tensor is missing or a file tensor under the prefix is
-    unused. Dtypes are converted to the module's; the module's device and memory format stay.
+    unused. Floating-point tensors are converted to the module's dtype (e.g. float16 weights), and
+    integer buffers (counters) take integer or floating-point values; a boolean, integer or complex
+    tensor where the module has floating-point weights is refused (never cast silently). The
+    module's device and memory format stay.
     """
     tensors, fmt = read_weights(path)
     shown_path = str(path)
@@ -240,15 +263,26 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: st
     matched = {k: v for k, v in state.items() if k in names}
     missing = tuple(k for k in target if k not in matched)
     unexpected = tuple(k for k in state if k not in names and k not in NORM_BUFFERS)
-    mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in matched.items()
-                  if tuple(v.shape) != tuple(target[k].shape)]
+    mismatched = [(k, tuple(matched[k].shape), tuple(t.shape)) for k, t in target.items()  # the backbone's order
+                  if k in matched and tuple(matched[k].shape) != tuple(t.shape)]
     if mismatched:
-        detail = "; ".join(f"{chosen}{k}: file {list(a)} vs backbone {list(b)}" for k, a, b in mismatched)
+        shown_items = [f"{chosen}{k}: file {list(a)} vs backbone {list(b)}" for k, a, b in mismatched]
+        if len(shown_items) > 4:  # the first and the last two: one line stays readable
+            shown_items = shown_items[:2] + [f"... {len(shown_items) - 4} more ..."] + shown_items[-2:]
+        detail = "; ".join(shown_items)
         raise CheckpointError(
             f"Weights: tensor shapes in {shown_path!r} must match the backbone; got {len(mismatched)} "
             f"mismatched: {detail}. Configure the backbone the weights were trained with (its widths and "
             "data.channels / image size), or re-save the file without these tensors to keep them "
             "initialised."
+        )
+    wrong = [(k, v.dtype, target[k].dtype) for k, v in matched.items() if not _same_kind(v.dtype, target[k].dtype)]
+    if wrong:
+        key, have, want = wrong[0]
+        raise CheckpointError(
+            f"Weights: tensor {chosen + key!r} of {shown_path!r} must be {_kind(want)} like the backbone's {want}; got "
+            f"{have} ({len(wrong)} such tensors). The file does not hold weights of this backbone (or was damaged); "
+            "re-export them as floating-point tensors."
         )
     if strict and (missing or unexpected):
         raise CheckpointError(

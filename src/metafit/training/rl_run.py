@@ -36,10 +36,13 @@ from ..errors import CheckpointError, ConfigError
 from ..rl import FAMILIES, make_family
 from ..rl.learner import RLLearner, get_rl_learner
 from ..validation import ConfigModel, parse_config
-from .checkpoint import (FORMAT, FORMAT_VERSION, join_optimizer_state, model_state, read_checkpoint,
-                         split_optimizer_state, write_checkpoint)
+from ..data.cache import atomic_write_bytes
+from ..errors import short_repr
+from .checkpoint import (FORMAT, FORMAT_VERSION, check_optimizer_state, check_rng_state, check_tensors,
+                         config_difference, join_optimizer_state, model_state, read_checkpoint,
+                         remove_stale_temp_files, split_optimizer_state, write_checkpoint)
 from .config import apply_overrides, config_source
-from .metrics_log import write_json
+from .metrics_log import kept_rows, write_json
 from .tracking import TensorBoardLog
 from .trainer import resolve_device
 
@@ -67,7 +70,7 @@ class RLTrainConfig(ConfigModel):
     test_tasks: int = Field(1000, ge=1, description="fixed test tasks for the final report")
     eval_seed: int = Field(2024, ge=0, description="seed of the validation tasks (test: eval_seed + 1)")
     max_minutes: float | None = Field(None, gt=0.0, description="wall-clock budget; stops (and validates) when spent")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (None: torch's default)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="where the learner, its environments and updates run (RL2: cpu or cuda; MAML-RL: "
                            "cpu); auto: cuda when available and supported. A GPU pays off for large batches only")
@@ -266,11 +269,15 @@ def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
         config = make_rl_config(meta["config"])
     except (ConfigError, KeyError) as err:
         raise CheckpointError(
-            f"Checkpoint: the RL config stored in {str(path)!r} must be valid for this metafit version; got: {err}. "
+            f"Checkpoint: the RL config stored in {str(path)!r} must be valid for this metafit version; got: "
+            f"{str(err).rstrip('.')}. "
             f"Use the metafit version that wrote it ({meta.get('metafit_version')})."
         ) from err
     learner = build_learner(config)
     state = model_state(tensors)
+    widen = config.train.init_widen  # the stored weights may be narrower: their dtypes are checked, not names/shapes
+    check_tensors(state, learner.state_dict(), path, what="the learner its config describes", shapes=not widen,
+                  names=not widen)
     try:
         if config.train.init_widen:
             if not hasattr(learner, "load_widened"):
@@ -293,6 +300,56 @@ def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
     return learner
 
 
+#: the config sections a resumed meta-RL run must share with its checkpoint: they shape the
+#: learner's networks, its optimizer state and the environments it was trained on
+RL_RESUME_FIXED = ("family", "learner")
+
+
+def _check_resumable(path: Path, meta: dict, tensors: dict[str, torch.Tensor], learner: RLLearner,
+                     config: RLRunConfig, gen: torch.Generator, average: WeightAverage | None) -> None:
+    """Refuse to resume from ``path`` unless its config agrees with ``config`` on
+    :data:`RL_RESUME_FIXED` (the first differing field is named) and every tensor it holds fits
+    this learner, its optimizer, the random streams and the weight average."""
+    try:
+        stored = make_rl_config(meta["config"]).to_dict()
+    except ConfigError as err:
+        raise CheckpointError(
+            f"RL: the config stored in {str(path)!r} must be valid for this metafit version; got: "
+            f"{str(err).rstrip('.')}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
+        ) from err
+    diff = config_difference(stored, config.to_dict(), RL_RESUME_FIXED)
+    if diff is not None:
+        key, theirs, ours = diff
+        raise CheckpointError(
+            f"RL: {key} must be {short_repr(theirs)} as in the checkpoint being resumed ({str(path)!r}); got "
+            f"{short_repr(ours)}. Resume with the run's config (--set {key}={json.dumps(theirs)}), or train into "
+            "another out_dir."
+        )
+    check_tensors(model_state(tensors), learner.state_dict(), path, what="the learner its config describes")
+    opt = meta["train_state"].get("optimizer") or {}
+    current = learner.optimizer_state_dict() or {}
+    optimizer = next((v for v in vars(learner).values() if isinstance(v, torch.optim.Optimizer)
+                      and v.state_dict()["param_groups"] == current.get("param_groups")), None)
+    params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else None
+    check_optimizer_state(tensors, opt.get("scalars", {}), opt.get("param_groups", []),
+                          current.get("param_groups", []), params, path)
+    check_rng_state(tensors, "rng.torch", torch.get_rng_state(), path)
+    check_rng_state(tensors, "rng.tasks", gen.get_state(), path)
+    if average is not None:
+        if "average.n_averaged" not in tensors:
+            raise CheckpointError(
+                f"RL: resume with train.weight_average needs the average in {str(path)!r}; got a run "
+                "trained without it. Resume with the original config (weight_average 0).")
+        kept = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
+        count = kept.pop("n_averaged")
+        check_tensors(kept, dict(zip(average.names, average.params)), path, prefix="average.",
+                      what="the weight average of the learner")
+        if count.dtype != torch.int64 or count.dim() != 0 or int(count) < 0:
+            raise CheckpointError(
+                f"Checkpoint: tensor 'average.n_averaged' of {str(path)!r} must be a non-negative torch.int64 "
+                f"scalar; got {count.dtype} of shape {list(count.shape)}. The file is damaged or was edited.")
+
+
 def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
     """Load the learner weights (``model.*``) of the meta-RL checkpoint ``path`` into ``learner``."""
     if not Path(path).is_file():
@@ -305,6 +362,7 @@ def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
             f"RL: train.init_from must be a meta-RL checkpoint of learner {config.learner.name!r}; {path!r} is "
             f"of {meta.get('learner') or meta.get('algorithm')!r}. Pass a checkpoint this learner wrote.")
     state = model_state(tensors)
+    check_tensors(state, learner.state_dict(), path, shapes=False, names=False)  # dtypes: never cast silently
     try:
         if config.train.init_widen:
             if not hasattr(learner, "load_widened"):
@@ -315,7 +373,8 @@ def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
         else:
             learner.load_state_dict(state)
     except RuntimeError as err:
-        theirs = (meta.get("config") or {}).get("learner", {})
+        theirs = meta["config"].get("learner")
+        theirs = theirs if isinstance(theirs, dict) else {}
         ours = config.learner.model_dump(mode="json")
         differ = {k: (theirs.get(k), v) for k, v in ours.items() if k in theirs and theirs[k] != v}
         raise CheckpointError(
@@ -372,6 +431,7 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
     gen = torch.Generator().manual_seed(config.seed + 1)
     iteration, best, best_iter, best_weights, seconds, env_steps, rows = 0, -math.inf, 0, "live", 0.0, 0, []
     last = out / "last.safetensors"
+    remove_stale_temp_files(out)  # left by writes of a killed run (no write of this run is in flight yet)
     if tc.init_from and not resume:
         _init_from(learner, tc.init_from, config)  # (the weight average starts from the first update's weights)
     if resume:
@@ -379,42 +439,39 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> di
             raise CheckpointError(
                 f"RL: resume needs {str(last)!r}; got no such file. Run without --resume first."
             )
-        meta, tensors = read_checkpoint(last)
+        meta, tensors = read_checkpoint(last)  # metadata validated (RLCheckpointMeta, RLTrainStateMeta)
         ts = meta.get("train_state")
         if meta.get("kind") != "rl" or ts is None or meta.get("learner") != config.learner.name:
             raise CheckpointError(
                 f"RL: resume needs a meta-RL last.safetensors of learner {config.learner.name!r}; got "
                 f"{meta.get('learner') or meta.get('algorithm')!r}. Resume with the original config."
             )
+        _check_resumable(last, meta, tensors, learner, config, gen, average)
         learner.load_state_dict(model_state(tensors))
-        opt = ts["optimizer"]
-        learner.load_optimizer_state_dict(join_optimizer_state(tensors, opt.get("scalars", {}),
-                                                               opt.get("param_groups", [])))
+        opt = ts.get("optimizer") or {}
+        try:
+            learner.load_optimizer_state_dict(join_optimizer_state(tensors, opt.get("scalars", {}),
+                                                                   opt.get("param_groups", [])))
+        except (ValueError, KeyError, RuntimeError) as err:  # a learner-specific optimizer layout
+            raise CheckpointError(
+                f"RL: the optimizer state in {str(last)!r} must fit learner {config.learner.name!r} as configured; "
+                f"got {type(err).__name__}: {' '.join(str(err).split())[:150]}. Resume with the run's config."
+            ) from err
         torch.set_rng_state(tensors["rng.torch"])
         gen.set_state(tensors["rng.tasks"])
         if average is not None:
-            if "average.n_averaged" not in tensors:
-                raise CheckpointError(
-                    f"RL: resume with train.weight_average needs the average in {str(last)!r}; got a run "
-                    "trained without it. Resume with the original config (weight_average 0).")
             average.load(tensors)
-        iteration, best, best_iter = int(meta["step"]), ts["best"], ts["best_iteration"]
+        iteration, best, best_iter = int(meta["step"]), ts.get("best"), ts.get("best_iteration", 0)
         best_weights = ts.get("best_weights", "live")
         best = -math.inf if best is None else best
-        seconds, env_steps = ts["seconds"], ts["env_steps"]
-        if (out / "metrics.jsonl").is_file():
-            for line in (out / "metrics.jsonl").read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("iteration", 0) <= iteration:
-                    rows.append(row)
+        seconds, env_steps = ts.get("seconds", 0.0), ts.get("env_steps", 0)
+        # the log up to the resumed iteration: rows a killed run wrote after its checkpoint are replayed
+        kept, rows = kept_rows(out / "metrics.jsonl", "iteration", iteration)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        atomic_write_bytes(out / "metrics.jsonl", lambda f: f.write("".join(kept).encode()))
     write_json(out / "config.json", config.to_dict())
-    log = open(out / "metrics.jsonl", "w")
-    for row in rows:  # the log up to the resumed iteration (drops what a crash left beyond it)
-        log.write(json.dumps(row) + "\n")
+    log = open(out / "metrics.jsonl", "a" if resume else "w")
     tb = TensorBoardLog(out, tc.tensorboard, purge_step=iteration + 1 if resume else None)
     bar = tqdm(total=tc.iterations, initial=iteration, disable=not tc.progress, desc=f"rl {config.learner.name}",
                dynamic_ncols=True)

@@ -6,6 +6,7 @@ Algorithms only provide ``meta_loss`` (or ``meta_step``); everything else happen
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -18,9 +19,12 @@ from tqdm.auto import tqdm
 
 from ..algorithms import Algorithm, get_algorithm
 from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, load_splits
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..data.sampler import SamplerStreams
+from ..errors import CheckpointError, ConfigError, TrainingError, short_repr
 from ..types import LabelledBatch, TaskBatch
-from .checkpoint import join_optimizer_state, model_state, read_checkpoint, save_checkpoint, split_optimizer_state
+from .checkpoint import (check_optimizer_state, check_rng_state, check_tensors, config_difference, join_optimizer_state,
+                         model_state, read_checkpoint, remove_stale_temp_files, save_checkpoint,
+                         split_optimizer_state, stored_config)
 from .config import RunConfig, build_model, resolve_config
 from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate_episodes
@@ -85,6 +89,16 @@ def _with_base_classes(config: RunConfig, train: ImageClasses) -> RunConfig:
             f"{have} for {n} classes in the data. Remove the field (it is filled in) or fix the data."
         )
     return config
+
+
+_EMPTY_WINDOW = {"loss": 0.0, "acc": 0.0, "n": 0, "steps": 0, "seconds": 0.0}
+
+#: the config fields that a resumed run must share with its checkpoint: they shape the model (its
+#: tensors, how inputs reach it, what it computes and how it adapts) or the optimizer state that
+#: the checkpoint restores; where the data lives, the step budget and the logging may change
+RESUME_FIXED = ("algorithm", "backbone", "data", "task", "train.optimizer", "train.momentum", "train.weight_decay")
+RESUME_FREE = ("backbone.weights", "backbone.weights_prefix", "backbone.weights_strict", "backbone.pretrained",
+               "data.root", "data.cache_dir", "data.download", "data.workers", "data.storage", "data.memory_budget_gb")
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,8 @@ class Trainer:
         self.timing = {"data_s": 0.0, "augment_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         self.monitor = Monitor(config.monitor)
         self.events = {"skipped": 0, "rolled_back": 0, "flagged": 0}
+        # running sums of the steps since the last training row (checkpointed: a resumed run logs the same rows)
+        self.window = dict(_EMPTY_WINDOW)
 
     def _check_divisible(self, config: RunConfig) -> None:
         world = self.dist.world_size
@@ -208,6 +224,7 @@ class Trainer:
                 "timing": self.timing,
                 "monitor": self.monitor.state(),
                 "events": self.events,
+                "window": self.window,
             }
         }
 
@@ -235,36 +252,56 @@ class Trainer:
 
     def _restore(self, path: Path, everything: bool) -> None:
         """Load model and optimizer state from ``path``; ``everything`` also restores the RNG and
-        sampler streams, timings and best-so-far (resume) rather than continuing them (rollback)."""
-        meta, tensors = read_checkpoint(path)
+        sampler streams, timings and best-so-far (resume) rather than continuing them (rollback).
+        Every tensor is checked against this trainer's model and optimizer before it is used."""
+        meta, tensors = read_checkpoint(path)  # metadata validated (CheckpointMeta, TrainStateMeta)
         ts = meta.get("train_state")
+        if meta.get("kind") == "rl":
+            raise CheckpointError(
+                f"Trainer: resume needs a few-shot checkpoint; got a meta-RL checkpoint {str(path)!r}. Resume it "
+                "with metafit rl train --resume."
+            )
         if ts is None:
             raise CheckpointError(
                 f"Trainer: resume needs a checkpoint with training state; got {str(path)!r} which holds "
                 "only model weights (best/step checkpoints do not). Resume from last.safetensors."
             )
-        if meta.get("algorithm") != self.config.algorithm.name or ts["optimizer"] != self.config.train.optimizer:
+        stored = stored_config(meta, path).to_dict()
+        diff = config_difference(stored, self.config.to_dict(), RESUME_FIXED, RESUME_FREE)
+        if diff is not None:
+            key, theirs, ours = diff
             raise CheckpointError(
-                f"Trainer: resume needs the same algorithm and optimizer; got checkpoint "
-                f"{meta.get('algorithm')}/{ts['optimizer']} for config {self.config.algorithm.name}/"
-                f"{self.config.train.optimizer}. Resume with the config of the original run."
+                f"Trainer: {key} must be {short_repr(theirs)} as in the checkpoint being resumed ({str(path)!r}); "
+                f"got {short_repr(ours)}. Resume with the run's config (--set {key}={json.dumps(theirs)}), or "
+                "train into another out_dir."
             )
         state = model_state(tensors)
+        check_tensors(state, self.model.state_dict(), path)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        scalars = ts.get("optimizer_scalars", {})
+        check_optimizer_state(tensors, scalars, ts["param_groups"],
+                              self.optimizer.state_dict()["param_groups"], params, path)
+        if everything:
+            rng = check_rng_state(tensors, "rng.torch", torch.get_rng_state(), path)
+            sampler_state = self.train_sampler.get_state()
+            older = (sampler_state.numel() // 2,) if isinstance(self.train_sampler, SamplerStreams) else ()
+            sampler = check_rng_state(tensors, "rng.sampler", sampler_state, path, sizes=older)  # older: one stream
         self.model.load_state_dict(state)
-        self.optimizer.load_state_dict(join_optimizer_state(tensors, ts["optimizer_scalars"], ts["param_groups"],
+        self.optimizer.load_state_dict(join_optimizer_state(tensors, scalars, ts["param_groups"],
                                                             self.device))
         self.step = int(meta["step"])
         if not everything:
             return
-        torch.set_rng_state(tensors["rng.torch"])
-        self.train_sampler.set_state(tensors["rng.sampler"])
+        torch.set_rng_state(rng)
+        self.train_sampler.set_state(sampler)
         self.monitor.load_state(ts.get("monitor"))
         self.events = {**self.events, **ts.get("events", {})}
-        self.best_val = ts["best_val"] if ts["best_val"] is not None else -math.inf
-        self.best_step = ts["best_step"]
-        self.best_result = EvalResult(**ts["best_result"]) if ts["best_result"] else None
-        self.train_seconds = ts["train_seconds"]
-        self.timing = {**dict.fromkeys(self.timing, 0.0), **ts["timing"]}
+        self.best_val = ts["best_val"] if ts.get("best_val") is not None else -math.inf
+        self.best_step = ts.get("best_step", 0)
+        self.best_result = EvalResult(**ts["best_result"]) if ts.get("best_result") else None
+        self.train_seconds = ts.get("train_seconds", 0.0)
+        self.timing = {**dict.fromkeys(self.timing, 0.0), **ts.get("timing", {})}
+        self.window = {**_EMPTY_WINDOW, **(ts.get("window") or {})}  # older checkpoints: saved at a logged step
 
     # -- the loop -------------------------------------------------------------------------
     def _batch(self) -> TaskBatch | LabelledBatch:
@@ -294,18 +331,21 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False) -> TrainResult:
         tc = self.config.train
         main = self.dist.is_main
+        if main:  # temp files of writes that a killed run left half done (no write of this run is in flight)
+            remove_stale_temp_files(self.out_dir)
         if resume:
             self.resume(None if resume is True else resume)
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.out_dir / "config.json", self.config.to_dict())
-        log = MetricsLog(self.out_dir, append=bool(resume)) if main else None
+        # on resume, the rows logged after the checkpoint's step are removed: the replayed steps log them again
+        log = MetricsLog(self.out_dir, append=bool(resume), resume_step=self.step if resume else None) if main else None
         tb = TensorBoardLog(self.out_dir, main and tc.tensorboard, purge_step=self.step + 1 if resume else None)
         bar = tqdm(total=tc.meta_steps, initial=self.step, disable=not (tc.progress and main), desc="meta-train",
                    dynamic_ncols=True)
         if self.config.monitor.policy == "rollback" and not (self.out_dir / "last.safetensors").exists():
             self.save("last.safetensors", self._metrics())  # the state a rollback before the first save returns to
-        window_loss, window_acc, window_n, window_steps, window_s = 0.0, 0.0, 0, 0, 0.0
+        window = self.window
         fit_start, seconds_before = time.perf_counter(), self.train_seconds
         try:
             while self.step < tc.meta_steps:
@@ -352,24 +392,25 @@ class Trainer:
                 for key, dt in zip(self.timing, (t1 - t0 - aug, aug, t2 - t1, t3 - t2, t4 - t3)):
                     self.timing[key] += dt
                 self.train_seconds = seconds_before + (t4 - fit_start)
-                window_steps += 1
-                window_s += t4 - t0
+                window["steps"] += 1
+                window["seconds"] += t4 - t0
                 if action == "apply":
-                    window_loss += loss_value
-                    window_acc += acc_value
-                    window_n += 1
+                    window["loss"] += loss_value
+                    window["acc"] += acc_value
+                    window["n"] += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.meta_steps:
                     metric = "mse" if self.model.task_kind == "regression" else "accuracy"
-                    n = max(window_n, 1)
-                    row = {"step": self.step, "split": "train", "loss": window_loss / n if window_n else None,
-                           metric: window_acc / n if window_n else None, "lr": lr, "grad_norm": grad_norm,
-                           "step_s": window_s / window_steps, "elapsed_s": self.train_seconds, **self.timing}
+                    n = max(window["n"], 1)
+                    row = {"step": self.step, "split": "train", "loss": window["loss"] / n if window["n"] else None,
+                           metric: window["acc"] / n if window["n"] else None, "lr": lr, "grad_norm": grad_norm,
+                           "step_s": window["seconds"] / window["steps"], "elapsed_s": self.train_seconds,
+                           **self.timing}
                     self._write(log, tb, row)
-                    if window_n:
+                    if window["n"]:
                         bar.set_postfix(loss=f"{row['loss']:.3f}", **{metric[:3]: f"{row[metric]:.3f}"},
                                         best_val=f"{self.best_result.mean:.3f}" if self.best_result else "-")
-                    window_loss, window_acc, window_n, window_steps, window_s = 0.0, 0.0, 0, 0, 0.0
+                    window.update(_EMPTY_WINDOW)
                 if self.step % tc.eval_every == 0 or self.step == tc.meta_steps:
                     self._validate_and_keep_best(log, tb)
                 if self.step % tc.save_interval == 0:
