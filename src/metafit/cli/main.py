@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from ..errors import ConfigError, MetafitError
+from ..errors import ConfigError, MetafitError, short_repr
 
 __all__ = ["build_parser", "entrypoint", "main"]
 
@@ -24,8 +24,16 @@ def _print(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with metafit's error shape: one line on stderr, exit code 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.split())
+        self.exit(1, f"error: {self.prog}: {message}. Run '{self.prog} --help' for the usage.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metafit", description="Practical meta-learning: train, evaluate, adapt.")
+    p = _Parser(prog="metafit", description="Practical meta-learning: train, evaluate, adapt.")
     p.add_argument("--version", action="version", version=f"metafit {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="dataset folder (sets data.root)")
     t.add_argument("--out-dir", help="run folder (sets out_dir)")
     t.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+    t.add_argument("--check", action="store_true",
+                   help="validate the config and size the model, then stop (nothing is read, trained or written)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on fixed episodes (mean and 95%% CI)")
     e.add_argument("checkpoint")
@@ -96,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-images", type=int, default=256, help="images per request")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="request body size limit")
     sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image (width x height)")
+    sv.add_argument("--max-request-decoded-mb", type=float, default=1024.0,
+                    help="decoded image bytes one request may need (checked from the image headers: 413 beyond)")
+    sv.add_argument("--max-decoding-mb", type=float, default=256.0,
+                    help="decoded image bytes held at once by all requests being decoded")
     sv.add_argument("--api-key-env", default="METAFIT_API_KEY", metavar="VAR",
                     help="environment variable holding the API key (requests must send it when it is set)")
     sv.add_argument("--device", default="cpu")
@@ -174,6 +188,8 @@ def _cmd_train(args) -> int:
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
     cfg = load_config(args.config, overrides)
+    if args.check:
+        return _check_config(cfg)
     if get_algorithm(cfg.algorithm.name).training_data == "batches":
         what = f"mini-batches of {cfg.algorithm.batch_size} images over all training classes"
     else:
@@ -187,6 +203,23 @@ def _cmd_train(args) -> int:
         report = train(cfg, resume=args.resume, test=not args.no_test)
     if main_rank:
         _print_train_report(report)
+    return 0
+
+
+def _check_config(cfg) -> int:
+    from ..nn import MAX_PARAMETERS, count_backbone_weights
+    from ..training.config import resolve_config
+
+    cfg = resolve_config(cfg)
+    n = count_backbone_weights(cfg.backbone, cfg.data.in_channels, cfg.data.input_size)
+    if n is not None and n > MAX_PARAMETERS:
+        raise ConfigError(
+            f"Config: the backbone must have at most {MAX_PARAMETERS:,} weights; got {n:,}. "
+            "Make the backbone narrower or the images smaller."
+        )
+    weights = f"{n:,} backbone weights" if n is not None else "weights from the backbone's files"
+    _print(f"config OK: {cfg.algorithm.name} on {cfg.data.name} data, {cfg.backbone.name} backbone ({weights}), "
+           f"{cfg.train.meta_steps} steps -> {cfg.out_dir} (--check: nothing read, trained or written)")
     return 0
 
 
@@ -269,7 +302,7 @@ def _cmd_eval(args) -> int:
 
 
 def _algorithm_overrides(items: list[str]) -> dict:
-    import yaml
+    from ..training.config import parse_override_value
 
     out = {}
     for item in items:
@@ -279,7 +312,7 @@ def _algorithm_overrides(items: list[str]) -> dict:
                 f"Eval: --set must look like algorithm.KEY=VALUE; got {item!r}. Only algorithm fields "
                 "(e.g. algorithm.head=centroid) can change when evaluating a checkpoint."
             )
-        out[key[len("algorithm."):]] = yaml.safe_load(raw) if raw.strip() else None
+        out[key[len("algorithm."):]] = parse_override_value(key, raw)
     return out
 
 
@@ -321,6 +354,9 @@ def _cmd_predict(args) -> int:
         task = load_task(args.model, device=args.device)
     else:
         if not args.support:
+            from ..training import read_checkpoint
+
+            read_checkpoint(args.model)  # a missing or damaged file: say that, not "needs --support"
             raise ConfigError(
                 f"Predict: a checkpoint needs --support DIR to adapt first; got {args.model!r} without it. "
                 "Pass --support, or a task saved by `metafit adapt`."
@@ -383,19 +419,53 @@ def _cmd_serve(args) -> int:
     from ..training.inference import load_model
 
     for name, value in (("--port", args.port), ("--max-tasks", args.max_tasks), ("--max-images", args.max_images),
-                        ("--max-body-mb", args.max_body_mb), ("--max-image-pixels", args.max_image_pixels)):
+                        ("--max-body-mb", args.max_body_mb), ("--max-image-pixels", args.max_image_pixels),
+                        ("--max-request-decoded-mb", args.max_request_decoded_mb),
+                        ("--max-decoding-mb", args.max_decoding_mb)):
         if value <= 0 or (name == "--port" and value > 65535):
             raise ConfigError(f"Serve: {name} must be positive (a port at most 65535); got {value}. Fix the option.")
     key = os.environ.get(args.api_key_env) or None
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
-                         max_image_pixels=args.max_image_pixels, max_tasks=args.max_tasks, api_key=key)
-    model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
-    app = create_app(model, limits)
-    _print(f"serving {model.config.algorithm.name} from {args.checkpoint} on http://{args.host}:{args.port} "
-           f"(API docs at /docs; API key {'required' if key else 'off'})")
-    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        _print(f"warning: listening on {args.host} without an API key; set {args.api_key_env} to require one")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                         max_image_pixels=args.max_image_pixels, max_tasks=args.max_tasks, api_key=key,
+                         max_request_decoded_bytes=int(args.max_request_decoded_mb * 2**20),
+                         max_decoding_bytes=int(args.max_decoding_mb * 2**20))
+    # bind before anything is announced: a port in use is a one-line error, not a late exit 3
+    import errno
+    import socket
+
+    from ..errors import short_repr
+
+    try:
+        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise ConfigError(f"Serve: --host must be an address of this machine; got {short_repr(args.host)} ({err}). "
+                          "Pass e.g. 127.0.0.1 or 0.0.0.0.") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a listener still conflicts
+        sock.bind((args.host, args.port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ConfigError(f"Serve: --port must be free on {short_repr(args.host)}; got {args.port}, which another process "
+                              "is using. Stop that process or pass another --port.") from None
+        raise ConfigError(f"Serve: --host and --port must be bindable; got {short_repr(args.host)}:{args.port} "
+                          f"({err.strerror or err}). Pass another address or port.") from None
+    try:
+        model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
+        app = create_app(model, limits)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        _print(f"serving {model.config.algorithm.name} from {args.checkpoint} on http://{args.host}:{args.port} "
+               f"(API docs at /docs; API key {'required' if key else 'off'})")
+        if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            _print(f"warning: listening on {args.host} without an API key; set {args.api_key_env} to require one")
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise ConfigError(f"Serve: the server must start on {args.host}:{args.port}; got a startup failure "
+                          "(logged above). Fix what the log names and start it again.")
     return 0
 
 
@@ -452,12 +522,30 @@ def _short(value) -> str:
 
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
+    from ..training.checkpoint import load
 
-    meta, tensors = read_checkpoint(args.checkpoint)
-    cfg = meta["config"]
+    meta, tensors = read_checkpoint(args.checkpoint)  # metadata validated against the checkpoint schema
     n_params = sum(v.numel() for k, v in tensors.items() if k.startswith("model."))
+    version = f"{meta.get('metafit_version') or 'unknown'} (format {meta['format_version']})"
+    if meta.get("kind") == "rl":
+        from ..training.rl_run import load_rl
+
+        rl_cfg = load_rl(args.checkpoint).run_config  # the stored config and every tensor checked
+        tr = rl_cfg.train
+        _print(f"checkpoint   {args.checkpoint}")
+        _print(f"learner      {rl_cfg.learner.name} ({json.dumps(rl_cfg.learner.model_dump(mode='json'))})")
+        _print(f"family       {rl_cfg.family.name} {json.dumps(rl_cfg.family.settings)}")
+        _print(f"trained for  {tr.iterations} iterations, validated on {tr.eval_tasks} tasks every {tr.eval_every}")
+        _print(f"iteration    {meta['step']}   values {n_params:,} (weights and buffers)   "
+               f"resumable {'train_state' in meta}")
+        _print(f"metafit      {version}")
+        if meta.get("metrics"):
+            _print(f"metrics      {json.dumps(meta['metrics'])}")
+        return 0
+    run_cfg = load(args.checkpoint).run_config  # the stored config and every tensor checked
+    cfg = run_cfg.to_dict()
     _print(f"checkpoint   {args.checkpoint}")
-    _print(f"algorithm    {meta['algorithm']} ({json.dumps(cfg['algorithm'])})")
+    _print(f"algorithm    {run_cfg.algorithm.name} ({json.dumps(cfg['algorithm'])})")
     _print(f"backbone     {json.dumps(cfg['backbone'])}")
     d, t = cfg["data"], cfg["task"]
     if d["name"] == "sinusoid":
@@ -465,20 +553,16 @@ def _cmd_info(args) -> int:
                f"phase=[{d['phase_min']:.3g}, {d['phase_max']:.3g}] x=[{d['x_min']}, {d['x_max']}]")
         _print(f"trained on   {t['k_shots']}-shot regression tasks ({t['n_queries']} query points)")
     else:
-        from ..data import data_config, migrate_legacy_data
-
-        source = data_config(migrate_legacy_data(d))
-        shown = " ".join(f"{k}={_short(v)}" for k, v in source.model_dump(mode="json").items()
-                         if k != "name" and v is not None)
+        shown = " ".join(f"{k}={_short(v)}" for k, v in d.items() if k != "name" and v is not None)
         _print(f"data         {d['name']} {shown}")
-        _print(f"images       read as {source.image_format().describe()} (metafit adapt/predict)")
+        _print(f"images       read as {run_cfg.data.image_format().describe()} (metafit adapt/predict)")
         alg = cfg["algorithm"]
         if alg.get("n_base_classes"):  # pretrained on standard mini-batches (transfer)
             _print(f"trained on   mini-batches of {alg['batch_size']} images over {alg['n_base_classes']} base classes")
         else:
             _print(f"trained on   {t['n_ways']}-way {t['k_shots']}-shot {t['n_queries']}-query tasks")
     _print(f"step         {meta['step']}   values {n_params:,} (weights and buffers)   resumable {'train_state' in meta}")
-    _print(f"metafit      {meta['metafit_version']} (format {meta['format_version']})")
+    _print(f"metafit      {version}")
     if meta.get("metrics"):
         _print(f"metrics      {json.dumps(meta['metrics'])}")
     return 0
@@ -642,14 +726,43 @@ COMMANDS = {"rl": _cmd_rl, "train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    from PIL import Image
+
+    # metafit refuses oversized images with its own one-line error (data.store.open_image); Pillow's
+    # warning for images between its two thresholds would print a second line
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (1, one line printed)
+        return done.code if isinstance(done.code, int) else 1
     try:
         return COMMANDS[args.command](args)
     except MetafitError as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:  # a path that cannot be read or written: name it
+        if args.debug:
+            raise
+        what = f" {short_repr(os.fsdecode(err.filename))}" if err.filename is not None else ""
+        print(f"error: cannot use{what}: {err.strerror or err}. Check the path, its permissions and the free disk space.",
+              file=sys.stderr, flush=True)
+        return 1
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory. Use smaller tasks, batches, images or a smaller model.", file=sys.stderr, flush=True)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the last resort keeps the promise of one line
+        if args.debug:
+            raise
+        text = " ".join(str(err).split())
+        print(f"error: unexpected {type(err).__name__}: {text[:300]}. This is a bug in metafit: rerun with --debug for "
+              "the traceback and report it.", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
