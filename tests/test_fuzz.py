@@ -4,7 +4,7 @@ valid input) or 1 and exactly one ``error:`` line on stderr: no traceback, no "b
 cases run in a child process under a 3 GiB address-space limit and a hang guard, so a
 blow-up fails the test instead of the machine.
 
-``METAFIT_FUZZ_EXAMPLES`` sets the cases per target (default 500); ``benchmarks/fuzz.py`` runs
+``METAFIT_FUZZ_EXAMPLES`` sets the cases per target (default 500); ``benchmarks/reliability.py`` runs
 a longer campaign and prints the table of the docs' Reliability section.
 """
 
