@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, constraint_message
+from ..stats import mean_ci
 from ._common import check_int, check_nonnegative, check_positive, random_argmax
 from .bandits import BatchedBandit
 from .gittins import finite_horizon_gittins_table
@@ -505,14 +506,6 @@ def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int 
 
 
 # ------------------------------------------------------------------------------------- utilities
-
-
-def mean_ci(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and 95% confidence half-width (normal approximation, ``1.96 * sd / sqrt(n)``)."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if v.numel() < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), float(1.96 * v.std(unbiased=True) / math.sqrt(v.numel()))
 
 
 def tune(make_agent: Callable[[float], object], grid: Sequence[float],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -10,6 +9,7 @@ import torch
 
 from ..algorithms import Algorithm
 from ..data import EpisodeSampler
+from ..stats import mean_ci
 from ..types import Task
 
 __all__ = ["EvalResult", "evaluate_episodes", "evaluate_tasks", "expected_calibration_error", "summarize"]
@@ -62,9 +62,10 @@ def summarize(accs: list[float], losses: list[float], metric: str = "accuracy") 
     t = torch.tensor(accs, dtype=torch.float64)
     n = len(accs)
     std = float(t.std(unbiased=True)) if n > 1 else 0.0
+    mean, ci95 = mean_ci(t)
     return EvalResult(
-        mean=float(t.mean()),
-        ci95=1.96 * std / math.sqrt(n) if n > 1 else float("nan"),
+        mean=mean,
+        ci95=ci95,
         std=std,
         episodes=n,
         loss=float(torch.tensor(losses, dtype=torch.float64).mean()),

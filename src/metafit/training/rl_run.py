@@ -35,6 +35,7 @@ from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..rl import FAMILIES, make_family
 from ..rl.learner import RLLearner, get_rl_learner
+from ..stats import mean_ci
 from ..validation import ConfigModel, parse_config
 from ..data.cache import atomic_write_bytes
 from ..errors import short_repr
@@ -47,7 +48,7 @@ from .tracking import TensorBoardLog
 from .trainer import resolve_device
 
 __all__ = ["RLRunConfig", "WeightAverage", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl",
-           "load_rl_config", "rl_device", "mean_ci95", "train_rl"]
+           "load_rl_config", "rl_device", "train_rl"]
 
 
 class RLFamilyConfig(ConfigModel):
@@ -160,13 +161,6 @@ def learner_device(learner: RLLearner) -> torch.device:
     return next(iter(learner.parameters()), torch.empty(0)).device
 
 
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    v = values.double().flatten()
-    n = v.numel()
-    mean = float(v.mean())
-    return mean, (1.96 * float(v.std(unbiased=True)) / math.sqrt(n)) if n > 1 else float("nan")
-
-
 def _score(learner: RLLearner, returns: torch.Tensor) -> torch.Tensor:
     """Per-task score: the whole trial's reward for learners whose points are episodes of one
     trial (RL²), the return after the last adaptation point otherwise."""
@@ -183,9 +177,9 @@ def _evaluate(learner: RLLearner, tasks: list, seed: int) -> dict[str, Any]:
     points = learner.eval_points()
     per_point = {}
     for name, col in zip(points, returns.T):
-        m, ci = mean_ci95(col)
+        m, ci = mean_ci(col)
         per_point[name] = {"mean": m, "ci95": ci}
-    score, score_ci = mean_ci95(_score(learner, returns))
+    score, score_ci = mean_ci(_score(learner, returns))
     return {"score": score, "ci95": score_ci, "tasks": len(tasks), "points": per_point}
 
 
