@@ -97,7 +97,21 @@ class AugmentConfig(ConfigModel):
         return aug if (aug.uses_kornia or affine is not None) else None
 
 
-class TrainConfig(ConfigModel):
+class LoopConfig(ConfigModel):
+    """Settings of the training loop shared by supervised (``train``) and meta-RL (``rl train``)
+    runs."""
+
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="wall-clock budget: stop (and validate) once training took this long"
+    )
+    num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (None: torch's default)")
+    progress: bool = Field(True, description="show a progress bar")
+    tensorboard: bool = Field(
+        True, description="write TensorBoard event files to <out_dir>/tensorboard (needs the tensorboard package)"
+    )
+
+
+class TrainConfig(LoopConfig):
     meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
     meta_batch_size: int = Field(1, ge=1, le=4096, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -111,19 +125,11 @@ class TrainConfig(ConfigModel):
     grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm (None: off)")
     eval_every: int = Field(500, ge=1, description="validate every this many steps")
     save_interval: int = Field(1000, ge=1, description="keep a numbered checkpoint every this many steps")
-    max_minutes: float | None = Field(
-        None, gt=0.0, description="wall-clock budget: stop (and validate) once training took this long"
-    )
     log_every: int = Field(50, ge=1, description="write a metrics line every this many steps")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = Field(True, description="channels_last memory format for conv backbones")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: autocast the training forward pass to bfloat16 (evaluation stays fp32)"
-    )
-    num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (None: torch's default)")
-    progress: bool = Field(True, description="show a progress bar")
-    tensorboard: bool = Field(
-        True, description="write TensorBoard event files to <out_dir>/tensorboard (needs the tensorboard package)"
     )
 
 

@@ -42,7 +42,7 @@ from ..errors import short_repr
 from .checkpoint import (FORMAT, FORMAT_VERSION, check_optimizer_state, check_rng_state, check_tensors,
                          config_difference, join_optimizer_state, model_state, read_checkpoint,
                          remove_stale_temp_files, split_optimizer_state, write_checkpoint)
-from .config import apply_overrides, config_source
+from .config import LoopConfig, apply_overrides, config_source
 from .metrics_log import kept_rows, write_json
 from .tracking import TensorBoardLog
 from .trainer import resolve_device
@@ -63,15 +63,13 @@ class RLFamilyConfig(ConfigModel):
         return v
 
 
-class RLTrainConfig(ConfigModel):
+class RLTrainConfig(LoopConfig):
     iterations: int = Field(500, ge=1, description="outer updates")
     eval_every: int = Field(50, ge=1, description="validate every this many iterations")
     save_interval: int = Field(100, ge=1, description="keep a numbered checkpoint every this many iterations")
     eval_tasks: int = Field(200, ge=1, description="fixed validation tasks")
     test_tasks: int = Field(1000, ge=1, description="fixed test tasks for the final report")
     eval_seed: int = Field(2024, ge=0, description="seed of the validation tasks (test: eval_seed + 1)")
-    max_minutes: float | None = Field(None, gt=0.0, description="wall-clock budget; stops (and validates) when spent")
-    num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (None: torch's default)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="where the learner, its environments and updates run (RL2: cpu or cuda; MAML-RL: "
                            "cpu); auto: cuda when available and supported. A GPU pays off for large batches only")
@@ -92,8 +90,6 @@ class RLTrainConfig(ConfigModel):
                            "hidden_size units, every other network setting the same); load it into this "
                            "wider one so that the run starts from exactly the policy and value it kept "
                            "(RL2.load_widened: the new units start with zero outgoing weights)")
-    progress: bool = Field(True, description="show a progress bar")
-    tensorboard: bool = Field(True, description="write TensorBoard event files (needs the tensorboard package)")
 
 
 class RLRunConfig(ConfigModel):
