@@ -1,14 +1,12 @@
-"""benchmarks/rl2.py and benchmarks/gpu_session.sh (the script a GPU lease runs in one call) on the CPU
-with tiny settings: jobs run side by side, results are merged and packed, a deadline stops late jobs."""
+"""benchmarks/rl2.py on the CPU with tiny settings: kept weights re-score, continue and widen; runs are
+recorded and merged; the diagnostics score kept weights."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,54 +14,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = "--val-points 2 --val-instances 16 --instances 16 --set meta_batch_size=8 --set hidden_size=8"
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None,
-                                reason="needs bash and tar")
-
-
-def _session(tmp_path: Path, jobs: str, minutes: str, deadline: str) -> subprocess.CompletedProcess:
-    (tmp_path / "jobs.txt").write_text(jobs)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"), WHEELS="0", DEVICE="cpu",
-               RL2_MINUTES=minutes, DEADLINE_S=deadline,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    return subprocess.run(["bash", "benchmarks/gpu_session.sh", str(tmp_path / "jobs.txt")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_gpu_session_runs_jobs_side_by_side_and_packs_their_results(tmp_path):
-    jobs = f"# a comment\nbandit bandit-n10-k5 {TINY} --ema 0.9\n\nmdp mdp-n10 {TINY} --threads 1\n"
-    proc = _session(tmp_path, jobs, "0.003", "300")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    merged = json.loads((tmp_path / "out" / "rl2_gpu_jobs.json").read_text())
-    assert set(merged["jobs"]) == {"bandit", "mdp"}
-    bandit = merged["jobs"]["bandit"]
-    assert bandit["job"].startswith("bandit bandit-n10-k5 --val-points 2")
-    assert bandit["eval"]["instances"] == 16 and bandit["iterations"] >= 1 and bandit["ema_decay"] == 0.9
-    # per-update training statistics beside the learning curve
-    assert bandit["training_stats_columns"] == ["iteration", "entropy", "approx_kl", "minibatch_steps"]
-    assert len(bandit["training_stats_curve"]) == len(bandit["learning_curve"])
-    assert all(row[1] > 0 and row[3] >= 1 for row in bandit["training_stats_curve"])
-    with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
-        names = {Path(n).name for n in tar.getnames()}
-    assert {"bandit.safetensors", "bandit.json", "bandit.log", "mdp.safetensors"} <= names
-    assert (tmp_path / "out" / "log.txt").read_text().count("started 2 jobs: bandit mdp") == 1
-
-    # the kept weights start another run; --iterations 0 only evaluates them
-    out = tmp_path / "again.json"
-    subprocess.run([sys.executable, "benchmarks/rl2.py", "--settings", "bandit-n10-k5", "--iterations", "0",
-                    "--init-weights", str(tmp_path / "runs" / "bandit.safetensors"), *TINY.split(), "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
-    again = json.loads(out.read_text())["settings"]["bandit-n10-k5"]
-    assert again["iterations"] == 0 and "--iterations 0" in again["command"]
-    assert "--val-instances 16 --instances 16" in again["command"]  # the command reproduces the run
-    assert again["best_val_return"] == pytest.approx(bandit["best_val_return"])  # same weights, same instances
-
-
-def test_gpu_session_deadline_stops_late_jobs_and_still_packs(tmp_path):
-    proc = _session(tmp_path, f"slow bandit-n10-k5 {TINY}\n", "5", "1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "stopped job pid" in proc.stdout and "no result for slow" in proc.stdout
-    assert json.loads((tmp_path / "out" / "rl2_gpu_jobs.json").read_text())["jobs"] == {}
-    assert (tmp_path / "out" / "runs.tar.gz").exists()
+def test_kept_weights_rescore_to_the_recorded_figure(tmp_path):
+    """What the manifest's re-score commands do: --save-weights keeps the best weights of a run and
+    --iterations 0 only evaluates them, on the same instances, to the same validation score."""
+    first, again = tmp_path / "first.json", tmp_path / "again.json"
+    weights = tmp_path / "bandit.safetensors"
+    _rl2(["--settings", "bandit-n10-k5", "--iterations", "3", *TINY.split(), "--save-weights", str(weights),
+          "--out", str(first)])
+    kept = json.loads(first.read_text())["settings"]["bandit-n10-k5"]
+    _rl2(["--settings", "bandit-n10-k5", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+          "--out", str(again)])
+    scored = json.loads(again.read_text())["settings"]["bandit-n10-k5"]
+    assert scored["iterations"] == 0 and "--iterations 0" in scored["command"]
+    assert "--val-instances 16 --instances 16" in scored["command"]  # the command reproduces the run
+    assert scored["best_val_return"] == pytest.approx(kept["best_val_return"])  # same weights, same instances
 
 
 def _rl2(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
