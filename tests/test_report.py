@@ -147,3 +147,77 @@ def test_algorithm_label_names_the_variant():
     assert _algorithm_label({"name": "maml", "first_order": True}) == "maml, first order"
     assert _algorithm_label({"name": "maml", "first_order": False}) == "maml"
     assert _algorithm_label({"name": "transfer", "head": "finetune"}) == "transfer, finetune head"
+
+
+@pytest.fixture(scope="module")
+def class_runs(tmp_path_factory):
+    """Image classification runs on one folder dataset: two ProtoNet runs trained on 4-way episodes
+    (validated 3-way and 2-way) and a transfer run trained on supervised mini-batches (validated 3-way)."""
+    root = tmp_path_factory.mktemp("class_runs")
+    data = write_image_tree(root / "images", n_classes=12, per_class=6, size=16, groups=2)
+    runs = {}
+    for name, alg, eval_ways in (("proto-3way", {"name": "protonet"}, 3), ("proto-2way", {"name": "protonet"}, 2),
+                                 ("transfer", {"name": "transfer", "batch_size": 8, "head": "centroid"}, 3)):
+        cfg = tiny_config(root / "runs" / name, data={"root": str(data), "val_fraction": 0.25, "test_fraction": 0.25},
+                          algorithm=alg, train={"meta_steps": 8, "eval_every": 4, "log_every": 2, "num_threads": 1})
+        cfg["eval"].update({"n_ways": eval_ways, "val_episodes": 6, "test_episodes": 6})
+        cfg["task"]["n_ways"] = 4
+        train(make_config(cfg), test=False)
+        runs[name] = root / "runs" / name
+    return runs
+
+
+def test_curves_never_overlay_metrics_of_different_meaning(class_runs, tmp_path, monkeypatch):
+    import metafit.training.report as report_module
+
+    figures = []
+    monkeypatch.setattr(report_module, "_save", lambda fig, path: figures.append(fig) or path)
+    names = ["proto-3way", "transfer", "proto-2way"]
+    result = report_runs([class_runs[n] for n in names], tmp_path / "rep")
+    n_base = json.loads((class_runs["transfer"] / "config.json").read_text())["algorithm"]["n_base_classes"]
+    panels = {p["title"]: p["runs"] for p in result["panels"]}
+    # training accuracy: 4-way episode accuracy and supervised accuracy over all base classes apart
+    assert panels["training accuracy (%): 4-way 1-shot training episodes"] == ["proto-3way", "proto-2way"]
+    assert panels[f"training accuracy (%): supervised over {n_base} classes (mini-batches)"] == ["transfer"]
+    assert panels[f"training loss (smoothed): supervised over {n_base} classes (mini-batches)"] == ["transfer"]
+    # validation: the same fixed 3-way episodes share a panel, the 2-way ones do not
+    assert panels["validation accuracy (%) (95% CI): folder 3-way 1-shot, 6 fixed episodes"] == ["proto-3way",
+                                                                                                "transfer"]
+    assert panels["validation accuracy (%) (95% CI): folder 2-way 1-shot, 6 fixed episodes"] == ["proto-2way"]
+    assert len(panels) == 6
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "- validation accuracy (%) (95% CI): folder 3-way 1-shot, 6 fixed episodes: proto-3way, transfer" in md
+
+    # the figure: one panel each, labelled, x = training time from the logs' elapsed_s
+    (fig,) = figures
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [" ".join(ax.get_title().split()) for ax in axes] == [p["title"] for p in result["panels"]]
+    for ax, panel in zip(axes, result["panels"]):
+        assert ax.get_xlabel() == "training time (s, validation included)"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == panel["runs"]
+    val_3way = axes[[p["title"] for p in result["panels"]].index(
+        "validation accuracy (%) (95% CI): folder 3-way 1-shot, 6 fixed episodes")]
+    run = read_run(class_runs["transfer"])
+    line = next(ln for ln in val_3way.get_lines() if ln.get_label() == "transfer")
+    assert list(line.get_xdata()) == pytest.approx([r["elapsed_s"] for r in run.val])
+    assert list(line.get_ydata()) == pytest.approx([100 * r["accuracy"] for r in run.val])
+
+    # images seen: a ProtoNet step is one 4-way episode of 1 + 3 images per class, a transfer step 8 images
+    figures.clear()
+    report_runs([class_runs["proto-3way"], class_runs["transfer"]], tmp_path / "rep2", x="images")
+    lines = {ln.get_label(): ln for ax in figures[0].axes for ln in ax.get_lines()
+             if ax.get_title().startswith("validation")}
+    proto, transfer = read_run(class_runs["proto-3way"]), read_run(class_runs["transfer"])
+    assert list(lines["proto-3way"].get_xdata()) == [r["step"] * 16 for r in proto.val]
+    assert list(lines["transfer"].get_xdata()) == [r["step"] * 8 for r in transfer.val]
+    assert figures[0].axes[0].get_xlabel() == "training images seen"
+
+
+def test_cli_report_lists_the_panels(class_runs, tmp_path, capsys):
+    dirs = [str(class_runs["proto-3way"]), str(class_runs["transfer"])]
+    assert main(["report", *dirs, "--out", str(tmp_path / "r"), "--x", "images", "--metric", "loss"]) == 0
+    text = capsys.readouterr().out
+    assert "  training loss (smoothed): 4-way 1-shot training episodes: proto-3way\n" in text
+    assert "  validation loss: folder 3-way 1-shot, 6 fixed episodes: proto-3way, transfer\n" in text
+    assert main(["report", *dirs, "--x", "steps"]) == 1
+    assert "argument --x: invalid choice: 'steps'" in capsys.readouterr().err

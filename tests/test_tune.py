@@ -12,7 +12,8 @@ from PIL import Image
 
 from metafit import ConfigError
 from metafit.cli import main
-from metafit.training import load_config, load_space, train, tune
+from metafit.training import builtin_configs, load_config, load_space, train, tune
+from metafit.training.tune import best_config
 
 optuna = pytest.importorskip("optuna")  # the tune extra (metafit imports it only when a study runs)
 
@@ -24,6 +25,32 @@ SPACE = {
     "algorithm.inner_steps": {"type": "int", "low": 1, "high": 2},
     "train.optimizer": ["adam", "sgd"],
 }
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_best_config_is_the_users_config_with_the_searched_values(tmp_path):
+    folder = {"data": {"name": "folder", "root": str(tmp_path), "image_size": 28}, "algorithm": "protonet",
+              "train": {"meta_steps": 5000, "meta_lr": 0.001}, "out_dir": "runs/mine"}
+    params = load_space({"train.meta_lr": {"type": "float", "low": 1e-4, "high": 1e-2},
+                         "task.n_ways": [5, 20], "backbone.hidden_channels": [32, 64]})
+    data = best_config(folder, params, {"train.meta_lr": 0.003, "task.n_ways": 20, "backbone.hidden_channels": 32})
+    assert data == {"data": {"name": "folder", "root": str(tmp_path), "image_size": 28}, "algorithm": "protonet",
+                    "train": {"meta_steps": 5000, "meta_lr": 0.003}, "out_dir": "runs/mine",
+                    "task": {"n_ways": 20}, "backbone": {"hidden_channels": 32}}  # no sinusoid fields, no defaults
+    assert folder["train"]["meta_lr"] == 0.001  # the caller's mapping is left alone
+    encoded = load_space({"backbone.hidden": [[40, 40], [64]]})["backbone.hidden"]
+    assert best_config("sinusoid_maml", {"backbone.hidden": encoded}, {"backbone.hidden": "[64]"})["backbone"] == {
+        "name": "mlp", "hidden": [64]}
 
 
 def _trials(out) -> list[dict]:
@@ -129,12 +156,21 @@ def test_study_writes_a_best_config_that_trains(tmp_path):
     with Image.open(out / "history.png") as img:
         assert img.format == "PNG" and img.size[0] > 300
 
-    cfg = load_config(out / "best.yaml")  # ready to train: the best values, a fresh out_dir
+    cfg = load_config(out / "best.yaml")  # ready to train: the best values in the user's config
     assert cfg.train.meta_lr == pytest.approx(summary["best"]["params"]["train.meta_lr"])
     assert cfg.algorithm.inner_steps == summary["best"]["params"]["algorithm.inner_steps"]
     assert cfg.train.optimizer == summary["best"]["params"]["train.optimizer"]
-    assert cfg.out_dir == str(tmp_path / "sinusoid_maml-best") and cfg.eval.calibrate is True
-    report = train(load_config(out / "best.yaml", ["train.meta_steps=4", "train.eval_every=2"]))
+    assert cfg.eval.calibrate is True
+    # the user's config with only the searched fields changed: not the trials' short budget (FAST)
+    original = _flat(yaml.safe_load(builtin_configs()["sinusoid_maml"].read_text()))
+    written = _flat(yaml.safe_load((out / "best.yaml").read_text()))
+    changed = {k for k in original.keys() | written.keys() if original.get(k, "unset") != written.get(k, "unset")}
+    assert changed <= set(SPACE) and written["train.meta_steps"] == 70000
+    assert {k: written[k] for k in SPACE} == summary["best"]["params"]
+    assert summary["best"]["train_command"] == (f"metafit train {out / 'best.yaml'} --out-dir "
+                                                f"{tmp_path / 'sinusoid_maml-best'}")
+    report = train(load_config(out / "best.yaml", [*FAST, "train.meta_steps=4", "train.eval_every=2",
+                                                   f"out_dir={tmp_path / 'sinusoid_maml-best'}"]))
     assert report["steps"] == 4 and report["test"]["episodes"] == 10
 
 
@@ -146,7 +182,8 @@ def test_cli_tune_resumes_and_counts_finished_trials(tmp_path, capsys):
             "--study-name", "demo", "--seed", "3"] + [a for item in FAST for a in ("--set", item)]
     assert main(args + ["--trials", "2"]) == 0
     text = capsys.readouterr().out
-    assert "study demo: 2 complete" in text and f"train it: metafit train {out / 'best.yaml'}" in text
+    assert "study demo: 2 complete" in text and f"train it: metafit train {out / 'best.yaml'} --out-dir" in text
+    assert "the trials' --set values (train.meta_steps=20, " in text  # not in best.yaml
     first = _trials(out)
     assert len(first) == 2
 

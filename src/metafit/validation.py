@@ -8,8 +8,10 @@ them from there.
 
 from __future__ import annotations
 
+import difflib
 import json
-from typing import Any, Mapping
+import re
+from typing import Any, Iterable, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 from .errors import ConfigError, short_repr
 
 __all__ = ["ConfigModel", "parse_config", "field_names", "set_by_path", "load_yaml", "load_json", "named_section",
-           "MAX_NESTING", "MAX_DOCUMENT_BYTES", "MAX_INT"]
+           "did_you_mean", "MAX_NESTING", "MAX_DOCUMENT_BYTES", "MAX_INT"]
 
 #: deepest nesting of lists/mappings accepted in a config, override, metadata or request field
 MAX_NESTING = 32
@@ -150,6 +152,27 @@ class ConfigModel(BaseModel):
         return value
 
 
+def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
+    """``" Did you mean 'x'?"`` naming the choices closest to ``value`` (a misspelt key or name,
+    compared case-insensitively with :func:`difflib.get_close_matches`), or ``""`` when none is close."""
+    if not isinstance(value, str) or not value:
+        return ""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        if isinstance(choice, str):
+            by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(value[:200].lower(), list(by_lower), n=2, cutoff=0.6)
+    close = [by_lower[c] for c in close if by_lower[c] != value]
+    if not close:
+        return ""
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?"
+
+
+def _literal_choices(expected: str) -> list[str]:
+    """The quoted string choices of pydantic's ``expected`` text (``"'adam' or 'sgd'"``)."""
+    return re.findall(r"'((?:[^'\\]|\\.)*)'", expected)
+
+
 def field_names(model_cls: type[BaseModel]) -> list[str]:
     return list(model_cls.model_fields)
 
@@ -181,14 +204,16 @@ def _format(err: Mapping[str, Any], model_cls: type[BaseModel], where: str, owne
     if kind == "extra_forbidden":
         parent = _model_at(model_cls, loc[:-1])
         valid = ", ".join(field_names(parent)) if parent is not None else "see the documentation"
+        hint = did_you_mean(loc[-1], field_names(parent)) if parent is not None and loc else ""
         return (
-            f"{owner}: unknown key {path!r}; valid keys here: {valid}. "
+            f"{owner}: unknown key {path!r}; valid keys here: {valid}.{hint} "
             f"{fix or 'Remove the key or fix its spelling.'}"
         )
     if kind == "literal_error":
-        expected = ctx.get("expected", "")
+        expected = str(ctx.get("expected", ""))
+        hint = did_you_mean(value, _literal_choices(expected))
         return (
-            f"{owner}: {path} must be one of {expected}; got {short_repr(value)}. "
+            f"{owner}: {path} must be one of {expected}; got {short_repr(value)}.{hint} "
             f"{fix or 'Choose one of the listed values.'}"
         )
     if kind == "missing":
@@ -240,7 +265,7 @@ def named_section(data: Any, section: str, names: Mapping[str, Any], default: st
     name = data.get("name", default)
     if not isinstance(name, str) or name not in names:
         raise ConfigError(
-            f"Config: {section}.name must be one of {sorted(names)}; got {short_repr(name)}. "
+            f"Config: {section}.name must be one of {sorted(names)}; got {short_repr(name)}.{did_you_mean(name, names)} "
             f"Choose one of the listed {section} names."
         )
     return name, data

@@ -8,6 +8,10 @@ numpy arrays (H x W, H x W x C; uint8, or floats in [0, 1]) or torch tensors; a 
 already has the model's shape ([C, H, W] or [N, C, H, W] at the model's size, values in [0, 1])
 is taken as converted, like the tensors the episode samplers produce.
 
+Float input must already be scaled to [0, 1] (within :data:`FLOAT_TOLERANCE`), and integer input
+must lie in 0-255: a float image of 0-255 values, or NaN/inf, is a one-line
+:class:`~metafit.errors.DataError` (divide by 255, or pass uint8), never a silently wrong prediction.
+
 Files are read by the one image reader (:func:`metafit.data.store.open_image`), and PIL images
 are checked against the same pixel limit (``METAFIT_MAX_IMAGE_PIXELS``, default 89,478,485)
 before they are decoded: an image over it is a one-line :class:`~metafit.data.store.ImageTooLargeError`.
@@ -28,7 +32,53 @@ from .store import ImageFormat, check_image_size, read_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFormat", "convert_images", "list_images", "list_labelled_images"]
+__all__ = ["FLOAT_TOLERANCE", "IMAGE_SUFFIXES", "ImageFormat", "convert_images", "list_images",
+           "list_labelled_images"]
+
+#: how far float pixel values may stray outside [0, 1] (rounding of a division by 255, resampling)
+FLOAT_TOLERANCE = 1e-3
+
+
+def _out_of_range(where: str, lo: float, hi: float, finite: bool, dtype: object) -> DataError:
+    if not finite:
+        got, fix = "NaN or infinite values", "Replace them with pixel values in [0, 1]."
+    else:
+        got = f"values from {lo:.4g} to {hi:.4g}"
+        fix = ("Divide 0-255 values by 255 (x / 255.0), or pass them as uint8 (numpy: x.astype(np.uint8); "
+               "torch: x.to(torch.uint8)).")
+    return DataError(f"Images: {where} ({dtype}) must hold float values in [0, 1]; got {got}. {fix}")
+
+
+def _check_float_tensor(x: torch.Tensor, where: str, batch: bool = False) -> None:
+    """Refuse float pixel values outside [0, 1] (beyond :data:`FLOAT_TOLERANCE`) and NaN/inf;
+    ``x`` is one image, or with ``batch`` a batch [N, ...] (the message names the first bad image)."""
+    bad = ~torch.isfinite(x) | (x < -FLOAT_TOLERANCE) | (x > 1.0 + FLOAT_TOLERANCE)
+    if not bool(bad.any()):
+        return
+    if batch:  # name the first image that is out of range
+        i = int(bad.flatten(1).any(1).nonzero()[0, 0])
+        x, where = x[i], f"image {i}"
+    finite = bool(torch.isfinite(x).all())
+    lo, hi = (float(v) for v in torch.aminmax(x.float())) if finite else (0.0, 0.0)
+    raise _out_of_range(where, lo, hi, finite, x.dtype)
+
+
+def _check_array(arr: np.ndarray, where: str) -> None:
+    """Float arrays: values in [0, 1] (see :func:`_check_float_tensor`); integer arrays: 0-255."""
+    if arr.size == 0:
+        return
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = bool(np.isfinite(arr).all())
+        lo, hi = (float(arr.min()), float(arr.max())) if finite else (0.0, 0.0)
+        if not finite or lo < -FLOAT_TOLERANCE or hi > 1.0 + FLOAT_TOLERANCE:
+            raise _out_of_range(where, lo, hi, finite, arr.dtype)
+    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"Images: {where} ({arr.dtype}) must hold integer values in 0-255; got values from {lo} to {hi}. "
+                "Rescale them to 0-255 and pass uint8, or pass floats in [0, 1]."
+            )
 
 
 class _Converter:
@@ -57,8 +107,10 @@ class _Converter:
             return self._from_pil(item, where)
         if isinstance(item, torch.Tensor):
             if item.is_floating_point() and tuple(item.shape) == (self.channels, self.size, self.size):
+                _check_float_tensor(item.detach(), where)
                 return item.detach().float()
-            item = item.detach().cpu().numpy()
+            item = item.detach().cpu()
+            item = (item.float() if item.dtype in (torch.bfloat16, torch.float16) else item).numpy()
         if isinstance(item, np.ndarray):
             arr = item
             if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
@@ -70,8 +122,9 @@ class _Converter:
                     f"Images: {where} must be an H x W or H x W x 3/4 array; got shape {tuple(item.shape)}. "
                     "Pass one image per item."
                 )
+            _check_array(arr, where)
             if np.issubdtype(arr.dtype, np.floating):
-                arr = np.clip(np.nan_to_num(arr) * 255.0, 0, 255).round()
+                arr = np.clip(arr * 255.0, 0, 255).round()
             return self._from_pil(Image.fromarray(arr.astype(np.uint8)))
         raise DataError(
             f"Images: {where} must be a file path, PIL image, numpy array or tensor; got "
@@ -83,6 +136,7 @@ class _Converter:
         (or a batch tensor / array [N, ...])."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             if images.is_floating_point() and tuple(images.shape[1:]) == (self.channels, self.size, self.size):
+                _check_float_tensor(images.detach(), "images", batch=True)
                 return images.detach().float()
             images = list(images)
         elif isinstance(images, np.ndarray) and images.ndim == 4:

@@ -5,6 +5,12 @@ line; rows with ``"split": "train"``, ``"val"``, ``"stop"``; other rows, e.g. mo
 are ignored) and, once training finished, ``report.json``. A crash may leave a truncated last
 line and a resumed run appends rows that repeat steps after its checkpoint: damaged lines are
 skipped (and counted) and a repeated step replaces the rows logged after it before the resume.
+
+Learning curves are drawn against training time (``elapsed_s`` of the rows) or images seen, never
+against steps: a step is one episode for ProtoNet, a meta-batch of tasks for MAML and a mini-batch
+of images for transfer. Curves share a panel only where they measure the same thing: training
+loss and accuracy per kind of training task (n-way k-shot episodes, supervised over N classes,
+k-shot regression), validation results per validation setting (the same fixed episodes).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,9 +27,11 @@ from ..data.cache import atomic_write_bytes
 from ..errors import ConfigError, DataError
 from .plots import _save
 
-__all__ = ["RunLog", "markdown_table", "read_run", "report_runs"]
+__all__ = ["Panel", "RunLog", "curve_panels", "markdown_table", "read_run", "report_runs"]
 
 METRICS = ("accuracy", "mse")
+#: what the x-axis of the learning curves may be
+X_AXES = ("time", "images")
 
 
 @dataclass
@@ -180,16 +189,23 @@ def _task(config: dict | None) -> str:
     if data.get("name") == "sinusoid":
         return f"sinusoid {ev.get('k_shots', '?')}-shot"
     text = f"{data.get('name', '?')} {ev.get('n_ways', '?')}-way {ev.get('k_shots', '?')}-shot"
-    episodic = True
+    alg = config.get("algorithm") or {}
+    if _trains_on_batches(alg):
+        if alg.get("n_base_classes"):
+            text += f" (trained supervised over {alg['n_base_classes']} classes)"
+    elif (tr.get("n_ways"), tr.get("k_shots")) != (ev.get("n_ways"), ev.get("k_shots")):
+        text += f" (trained {tr.get('n_ways', '?')}-way {tr.get('k_shots', '?')}-shot)"
+    return text
+
+
+def _trains_on_batches(alg: dict) -> bool:
+    """Whether the algorithm trains on supervised mini-batches (transfer) rather than episodes."""
     try:
         from ..algorithms import get_algorithm
 
-        episodic = get_algorithm((config.get("algorithm") or {}).get("name")).training_data != "batches"
+        return get_algorithm(alg.get("name")).training_data == "batches"
     except (ConfigError, TypeError):
-        pass
-    if episodic and (tr.get("n_ways"), tr.get("k_shots")) != (ev.get("n_ways"), ev.get("k_shots")):
-        text += f" (trained {tr.get('n_ways', '?')}-way {tr.get('k_shots', '?')}-shot)"
-    return text
+        return False
 
 
 def _summary(run: RunLog) -> dict[str, Any]:
@@ -272,87 +288,203 @@ def _ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def _series(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float], list[float]]:
-    xs, ys, cis = [], [], []
-    for r in rows:
-        y = _num(r.get(key))
-        if math.isfinite(y):
-            xs.append(r["step"])
-            ys.append(scale * y)
-            cis.append(scale * _num(r.get("ci95")))
-    return xs, ys, cis
-
-
 def _maybe_log(ax, values: list[float]) -> None:
     positive = [v for v in values if v > 0]
     if positive and len(positive) == len(values) and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
 
 
-def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "accuracy") -> Path:
-    """One figure: per task metric (accuracy, MSE), a row of panels: training loss (smoothed),
-    training metric, validation metric with its 95% CI band; with ``metric="loss"`` the panels are
-    training loss and validation loss. One line per run."""
+#: data fields that do not change which validation episodes are drawn (where the files are, how
+#: images are decoded and fed to the model); ``root`` counts for folder data (it is the dataset)
+_NOT_EPISODE_FIELDS = {"root", "cache_dir", "workers", "storage", "memory_budget_gb", "download", "normalize", "mean",
+                       "std", "image_size", "fit", "channels", "invert", "rotations"}
+
+
+def _training_measure(run: RunLog) -> tuple[tuple, str]:
+    """What a run's training loss and metric measure: a key (equal keys are comparable) and a label."""
+    config, metric = run.config, run.metric
+    if not config:
+        return ("unknown", str(run.path)), f"{run.name} (no config.json: its training tasks are unknown)"
+    alg, task = config.get("algorithm") or {}, config.get("task") or {}
+    if metric == "mse":
+        k = task.get("k_shots", "?")
+        return ("regression", k), f"{k}-shot regression tasks"
+    if _trains_on_batches(alg):
+        n = alg.get("n_base_classes") or "?"
+        return ("supervised", n), f"supervised over {n} classes (mini-batches)"
+    n, k = task.get("n_ways", "?"), task.get("k_shots", "?")
+    return ("episodic", n, k), f"{n}-way {k}-shot training episodes"
+
+
+def _eval_setting(run: RunLog) -> tuple[tuple, str]:
+    """The validation setting of a run: a key (equal keys validate on the same fixed episodes) and
+    a label."""
+    config, metric = run.config, run.metric
+    if not config:
+        return ("unknown", str(run.path)), f"{run.name} (no config.json: its validation episodes are unknown)"
+    data, ev = config.get("data") or {}, config.get("eval") or {}
+    source = {k: v for k, v in data.items() if k not in _NOT_EPISODE_FIELDS or (k == "root" and data.get("name") == "folder")}
+    rotations = ev.get("rotations") if ev.get("rotations") is not None else data.get("rotations")
+    key = (metric, json.dumps(source, sort_keys=True, default=str), ev.get("n_ways"), ev.get("k_shots"),
+           ev.get("n_queries"), ev.get("val_episodes"), ev.get("seed"), ev.get("within_group"), bool(rotations))
+    name = data.get("name", "?")
+    if metric == "mse":
+        label = f"{name} {ev.get('k_shots', '?')}-shot, {ev.get('val_episodes', '?')} fixed tasks"
+    else:
+        label = (f"{name} {ev.get('n_ways', '?')}-way {ev.get('k_shots', '?')}-shot, {ev.get('val_episodes', '?')} "
+                 f"fixed episodes" + (", rotated classes" if rotations else ""))
+    return key, label
+
+
+def _images_per_step(run: RunLog) -> float:
+    """Training examples one step draws (all ranks together), NaN where the config is missing."""
+    config = run.config or {}
+    alg, task, tr = config.get("algorithm") or {}, config.get("task") or {}, config.get("train") or {}
+    if not config:
+        return math.nan
+    if _trains_on_batches(alg):
+        return _num(alg.get("batch_size"))
+    per_task = _num(task.get("k_shots")) + _num(task.get("n_queries"))
+    if run.metric != "mse":
+        per_task *= _num(task.get("n_ways"))
+    return per_task * _num(tr.get("meta_batch_size", 1))
+
+
+@dataclass
+class Panel:
+    """One panel of the learning curves: ``key`` (loss, accuracy or mse) of the ``split`` rows of
+    the runs ``members`` (indices), which measure the same thing."""
+
+    title: str
+    split: str
+    key: str
+    members: list[int]
+    ylabel: str
+    xlabel: str
+
+
+def _grouped(runs: Sequence[RunLog], of) -> list[tuple[str, list[int]]]:
+    """Runs grouped by ``of(run) -> (key, label)`` in order of first appearance; labels made unique."""
+    groups: dict[tuple, tuple[str, list[int]]] = {}
+    for i, run in enumerate(runs):
+        key, label = of(run)
+        groups.setdefault(key, (label, []))[1].append(i)
+    out, seen = [], {}
+    for label, members in groups.values():
+        seen[label] = seen.get(label, 0) + 1
+        out.append((label if seen[label] == 1 else f"{label} (other settings {seen[label]})", members))
+    return out
+
+
+def curve_panels(runs: Sequence[RunLog], metric: str = "accuracy", x: str = "time") -> list[Panel]:
+    """The panels of :func:`plot_curves`: per kind of training task, training loss and metric
+    (``metric="loss"``: the loss only); per validation setting, the validation metric (or loss).
+    A panel holds only runs whose numbers mean the same thing."""
+    panels = []
+    for label, members in _grouped(runs, _training_measure):
+        m = runs[members[0]].metric
+        xlabel = _xlabel(x, m)
+        panels.append(Panel(f"training loss (smoothed): {label}", "train", "loss", members, "loss", xlabel))
+        if metric != "loss":
+            what = "accuracy (%)" if m == "accuracy" else "MSE"
+            panels.append(Panel(f"training {what}: {label}", "train", m, members, what, xlabel))
+    for label, members in _grouped(runs, _eval_setting):
+        m = runs[members[0]].metric
+        xlabel = _xlabel(x, m)
+        if metric == "loss":
+            panels.append(Panel(f"validation loss: {label}", "val", "loss", members, "loss", xlabel))
+        else:
+            what = "accuracy (%)" if m == "accuracy" else "MSE"
+            panels.append(Panel(f"validation {what} (95% CI): {label}", "val", m, members, what, xlabel))
+    return panels
+
+
+def _xlabel(x: str, metric: str) -> str:
+    if x == "images":
+        return "training images seen" if metric == "accuracy" else "training examples (points) seen"
+    return "training time"
+
+
+def _xs(run: RunLog, rows: list[dict], x: str, scale: float) -> list[float]:
+    if x == "images":
+        per_step = _images_per_step(run)
+        return [r["step"] * per_step for r in rows]
+    return [_num(r.get("elapsed_s")) / scale for r in rows]
+
+
+def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "accuracy",
+                x: str = "time") -> Path:
+    """Learning curves, one line per run, in the panels of :func:`curve_panels`: training loss
+    (smoothed) and metric per kind of training task, the validation metric with its 95% CI band per
+    validation setting (``metric="loss"``: training and validation losses). The x-axis is training
+    time (``x="time"``: the rows' ``elapsed_s``, validation included) or images seen
+    (``x="images"``: steps x the images a step draws)."""
     from matplotlib.figure import Figure
 
-    groups: dict[str, list[tuple[int, RunLog]]] = {}
-    for i, run in enumerate(runs):
-        groups.setdefault(run.metric, []).append((i, run))
-    panels = ["train_loss", "val_loss"] if metric == "loss" else ["train_loss", "train_metric", "val_metric"]
-    fig = Figure(figsize=(5.0 * len(panels), 3.6 * len(groups)), layout="constrained")
-    axes = fig.subplots(len(groups), len(panels), squeeze=False)
+    if x not in X_AXES:
+        raise ConfigError(f"Report: x must be one of {', '.join(X_AXES)}; got {x!r}. Choose one of them.")
+    panels = curve_panels(runs, metric, x)
+    longest = max((_num(r.get("elapsed_s")) for run in runs for r in run.train + run.val
+                   if math.isfinite(_num(r.get("elapsed_s")))), default=0.0)
+    scale, unit = (60.0, "min") if longest >= 120 else (1.0, "s")
+    cols = min(3 if metric != "loss" else 2, len(panels))
+    n_rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5.0 * cols, 3.8 * n_rows), layout="constrained")
+    axes = [ax for row in fig.subplots(n_rows, cols, squeeze=False) for ax in row]
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    for row_axes, (m, members) in zip(axes, groups.items()):
-        label_m, scale = ("accuracy (%)", 100.0) if m == "accuracy" else ("MSE", 1.0)
-        for ax, panel in zip(row_axes, panels):
-            plotted: list[float] = []
-            for i, run in members:
-                c = colors[i]
-                if panel == "train_loss" or panel == "train_metric":
-                    key = "loss" if panel == "train_loss" else m
-                    xs, ys, _ = _series(run.train, key, 1.0 if panel == "train_loss" else scale)
-                    smooth = _ema(ys, 0.6) if len(ys) >= 10 else ys
-                    if smooth is not ys:
-                        ax.plot(xs, ys, color=c, alpha=0.25, lw=0.8)
-                    ax.plot(xs, smooth, color=c, lw=1.5, label=run.name)
-                    plotted += ys
-                else:
-                    key = "loss" if panel == "val_loss" else m
-                    xs, ys, cis = _series(run.val, key, 1.0 if panel == "val_loss" else scale)
-                    ax.plot(xs, ys, color=c, lw=1.5, marker="o", ms=3, label=run.name)
-                    if panel == "val_metric":
-                        band = [(x, y, ci) for x, y, ci in zip(xs, ys, cis) if math.isfinite(ci)]
-                        if band:
-                            bx, by, bc = zip(*band)
-                            ax.fill_between(bx, [y - e for y, e in zip(by, bc)], [y + e for y, e in zip(by, bc)],
-                                            color=c, alpha=0.15, lw=0)
-                    plotted += ys
-            what = {"train_loss": "training loss (smoothed)",
-                    "val_loss": "validation loss",
-                    "train_metric": f"training {label_m}",
-                    "val_metric": f"validation {label_m} (95% CI)"}[panel]
-            kind = "classification" if m == "accuracy" else "regression"
-            ax.set_title(what if len(groups) == 1 else f"{what}, {kind} runs", fontsize=10)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if m == "mse" or panel in ("train_loss", "val_loss"):
-                _maybe_log(ax, plotted)
-            if not plotted:
-                ax.text(0.5, 0.5, "no rows logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-        row_axes[-1].legend(fontsize=8, loc="best")
+    for ax, panel in zip(axes, panels):
+        plotted: list[float] = []
+        pct = 100.0 if panel.key == "accuracy" else 1.0
+        for i in panel.members:
+            run, c = runs[i], colors[i]
+            rows = run.train if panel.split == "train" else run.val
+            points = [(xv, pct * _num(r.get(panel.key)), pct * _num(r.get("ci95")))
+                      for xv, r in zip(_xs(run, rows, x, scale), rows)
+                      if math.isfinite(xv) and math.isfinite(_num(r.get(panel.key)))]
+            xs, ys, cis = ([list(v) for v in zip(*points)] if points else ([], [], []))
+            if panel.split == "train":
+                smooth = _ema(ys, 0.6) if len(ys) >= 10 else ys
+                if smooth is not ys:
+                    ax.plot(xs, ys, color=c, alpha=0.25, lw=0.8)
+                ax.plot(xs, smooth, color=c, lw=1.5, label=run.name)
+            else:
+                ax.plot(xs, ys, color=c, lw=1.5, marker="o", ms=3, label=run.name)
+                if panel.key != "loss":
+                    band = [(a, b, e) for a, b, e in zip(xs, ys, cis) if math.isfinite(e)]
+                    if band:
+                        bx, by, bc = zip(*band)
+                        ax.fill_between(bx, [v - e for v, e in zip(by, bc)], [v + e for v, e in zip(by, bc)],
+                                        color=c, alpha=0.15, lw=0)
+            plotted += ys
+        ax.set_title(textwrap.fill(panel.title, 60, break_on_hyphens=False), fontsize=9)
+        ax.set_xlabel(panel.xlabel + (f" ({unit}, validation included)" if x == "time" else ""))
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        if panel.key in ("mse", "loss"):
+            _maybe_log(ax, plotted)
+        if plotted:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            none = "no rows with elapsed_s logged" if x == "time" else "no rows logged"
+            ax.text(0.5, 0.5, none, ha="center", va="center", transform=ax.transAxes, color="grey")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     return _save(fig, Path(path))
 
 
 def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-                metric: str = "accuracy") -> dict[str, Any]:
+                metric: str = "accuracy", x: str = "time") -> dict[str, Any]:
     """Summarise run folders: ``<out_dir>/report.md`` (a table: run, algorithm, task, steps,
     training minutes, best validation result with its 95% CI and step, test result) and
     ``<out_dir>/curves.png``. ``out_dir`` defaults to ``<parent of the first run>/report``.
     ``metric``: ``accuracy`` plots each run's task metric (accuracy, or MSE for regression),
-    ``loss`` plots the training and validation losses. Returns the summary rows, the table and
-    the paths written."""
+    ``loss`` plots the training and validation losses. ``x``: ``time`` (training time) or
+    ``images`` (images seen) on the x-axis (see :func:`plot_curves`). Returns the summary rows,
+    the table, the panels of the curves (titles and runs) and the paths written."""
     if metric not in ("accuracy", "loss"):
         raise ConfigError(f"Report: metric must be 'accuracy' or 'loss'; got {metric!r}. Choose one of them.")
+    if x not in X_AXES:
+        raise ConfigError(f"Report: x must be one of {', '.join(X_AXES)}; got {x!r}. Choose one of them.")
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     if not run_dirs:
@@ -363,21 +495,31 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     out = Path(out_dir) if out_dir is not None else runs[0].path.resolve().parent / "report"
     summaries = [_summary(r) for r in runs]
     table = runs_table(summaries)
-    curves = plot_curves(runs, out / "curves.png", metric)
+    curves = plot_curves(runs, out / "curves.png", metric, x)
+    panels = [{"title": p.title, "runs": [runs[i].name for i in p.members]} for p in curve_panels(runs, metric, x)]
     notes = []
-    for s in summaries:
+    for s, run in zip(summaries, runs):
         if not s["finished"]:
             notes.append(f"- {s['run']}: no report.json (training was interrupted, stopped or is still running); "
                          "the numbers come from metrics.jsonl.")
         if s["skipped_lines"]:
             notes.append(f"- {s['run']}: {s['skipped_lines']} damaged line(s) of metrics.jsonl skipped "
                          "(a crash cut a line short).")
+        if x == "time" and (run.train or run.val) and not any(
+                math.isfinite(_num(r.get("elapsed_s"))) for r in run.train + run.val):
+            notes.append(f"- {s['run']}: metrics.jsonl has no elapsed_s (an older metafit wrote it): it is not "
+                         "on the time axis; plot against images seen (--x images).")
     text = "# metafit report\n\n" + table + "\n"
     text += "\nbest val: the best validation result (95% CI) and its step; test: the best checkpoint on the " \
             "fixed test episodes.\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
+    axis = "training time (validation included)" if x == "time" else "training images seen"
+    text += (f"\nLearning curves against {axis}; runs share a panel only where their numbers measure the same "
+             "thing (training: the same kind of training task; validation: the same fixed episodes):\n\n"
+             + "".join(f"- {p['title']}: {', '.join(p['runs'])}\n" for p in panels))
     text += f"\n![learning curves]({curves.name})\n"
     md = out / "report.md"
     atomic_write_bytes(md, lambda f: f.write(text.encode()))
-    return {"runs": summaries, "table": table, "notes": notes, "report": str(md), "curves": str(curves)}
+    return {"runs": summaries, "table": table, "notes": notes, "panels": panels, "report": str(md),
+            "curves": str(curves)}

@@ -25,6 +25,7 @@ error stops the study (the trial is marked failed) with metafit's one-line messa
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -43,13 +45,14 @@ from pydantic_core import PydanticCustomError
 from ..data.cache import atomic_write_bytes
 from ..errors import ConfigError, TrainingError, short_repr
 from ..validation import ConfigModel, load_yaml
-from .config import RunConfig, load_config
+from .config import RunConfig, apply_overrides, builtin_configs, config_source, load_config, make_config
 from .metrics_log import write_json
 from .plots import _save
 from .report import markdown_table
 from .run import train
 
-__all__ = ["CategoricalParam", "FloatParam", "IntParam", "builtin_spaces", "load_space", "trials_table", "tune"]
+__all__ = ["CategoricalParam", "FloatParam", "IntParam", "best_config", "builtin_spaces", "load_space", "trials_table",
+           "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +320,14 @@ def _storage(optuna, storage: Any, out: Path):
         ) from err
 
 
+def best_config(config: Any, params: Mapping[str, Param], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's config mapping (the YAML file, built-in config or mapping passed to :func:`tune`)
+    with only the searched fields set to ``values``: the trials' ``--set`` values (a short budget,
+    a data folder) and everything the user left to defaults stay as they were."""
+    data = copy.deepcopy(config_source(config, builtin_configs(), "config"))
+    return apply_overrides(data, _sample_overrides(params, values), "train.meta_lr=0.001")
+
+
 def _config_stem(config: Any) -> str:
     if isinstance(config, (str, os.PathLike)):
         return Path(config).stem
@@ -453,17 +464,32 @@ def _write_outputs(study, params: Mapping[str, Param], metric: str, out: Path, c
     best = None
     if best_t is not None:
         best_run = str(out.parent / f"{stem}-best")
-        cfg = load_config(config, [*overrides, *_sample_overrides(params, best_t.params), f"out_dir={_yaml_text(best_run)}"])
+        data = best_config(config, params, best_t.params)
+        try:
+            make_config(data)
+            refused = ""
+        except ConfigError as err:  # valid only together with the trials' --set values
+            refused = f"# Note: without the trials' --set values this config is refused: {err}\n"
         row = next(r for r in rows if r["number"] == best_t.number)
+        # where the data is (a --set data.root, as --data-dir gives) is no budget: the command keeps it
+        data_root = [o for o in overrides if o.partition("=")[0].strip() == "data.root"]
+        command = " ".join([f"metafit train {shlex.quote(str(out / 'best.yaml'))}",
+                            f"--out-dir {shlex.quote(best_run)}", *(f"--set {shlex.quote(o)}" for o in data_root)])
         best = {"number": best_t.number, "value": best_t.value, "metric_value": row["metric_value"],
                 "ci95": row["ci95"], "best_step": row["best_step"], "params": dict(best_t.params),
-                "trial_dir": row["out_dir"], "config": str(out / "best.yaml"), "out_dir": best_run}
+                "trial_dir": row["out_dir"], "config": str(out / "best.yaml"), "out_dir": best_run,
+                "trial_overrides": list(overrides), "train_command": command}
+        source = str(config) if isinstance(config, (str, os.PathLike)) else "the config mapping passed to tune"
         header = (f"# Best trial {best_t.number} of study {study.study_name!r} ({storage_name}): validation "
                   f"{'accuracy' if metric == 'accuracy' else 'MSE'} {_fmt_metric(metric, row['metric_value'], row['ci95'])}"
                   f"{'%' if metric == 'accuracy' else ''} at step {row['best_step']}.\n"
+                  f"# This is {source} with only the searched fields changed:\n"
                   + "".join(f"#   {k} = {_fmt_param(v)}\n" for k, v in best_t.params.items())
-                  + f"# Train it: metafit train {out / 'best.yaml'}\n")
-        text = header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+                  + ("# The trials also ran with --set " + " --set ".join(" ".join(o.splitlines()) for o in overrides)
+                     + ": those values are not applied here (this is the config's own budget).\n" if overrides else "")
+                  + refused
+                  + f"# Train it: {' '.join(command.splitlines())}\n")
+        text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         atomic_write_bytes(out / "best.yaml", lambda f: f.write(text.encode()))
         files["best"] = str(out / "best.yaml")
     summary = {
@@ -504,7 +530,8 @@ def tune(config: str | os.PathLike | Mapping | RunConfig, space: str | os.PathLi
     ``storage``: an SQLAlchemy URL (default ``sqlite:///<out_dir>/study.db``) or an Optuna storage;
     ``study_name`` defaults to the config's name; ``out_dir`` to ``runs/tune-<config name>``;
     ``seed`` seeds the TPE sampler (a resumed study continues with ``seed + trials so far``);
-    ``pruner`` replaces the default ``MedianPruner()``. Writes ``best.yaml`` (ready to train),
+    ``pruner`` replaces the default ``MedianPruner()``. Writes ``best.yaml`` (the user's config with
+    only the searched fields set to the best trial's values: ``overrides`` are not applied),
     ``trials.md``, ``trials.csv``, ``history.png`` and ``tune.json`` into ``out_dir`` (refreshed after
     every trial) and returns the summary of ``tune.json``."""
     optuna = _import_optuna()
