@@ -106,7 +106,7 @@ def main() -> None:
             import json
             report = json.loads(report_path.read_text())
         else:
-            report = train(cfg, test=False)
+            report = train(cfg, test=False, overwrite=True)  # a rerun retrains (--reuse keeps the run)
         ckpt = Path(report["best_checkpoint"])
         for head in heads:
             tests = []

@@ -41,7 +41,7 @@ def main() -> None:
 
     cfg = load_config(args.config, [f"data.root={args.data_dir}", "train.progress=false", *args.set])
     t0 = time.time()
-    report = None if args.skip_train else train(cfg, test=False)
+    report = None if args.skip_train else train(cfg, test=False, overwrite=True)  # a rerun retrains
     ckpt = Path(cfg.out_dir) / "best.safetensors"
     settings = [tuple(int(v) for v in e.split(",")) for e in args.eval] or [(cfg.eval.n_ways, cfg.eval.k_shots)]
     rows = []

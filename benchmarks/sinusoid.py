@@ -41,7 +41,7 @@ def run(algorithm: str, shots: int, steps: int, out: Path) -> dict:
         "algorithm.eval_inner_steps=1",
     ])
     t0 = time.perf_counter()
-    report = train(cfg, test=False)
+    report = train(cfg, test=False, overwrite=True)  # a rerun retrains
     minutes = (time.perf_counter() - t0) / 60
     ckpt = report["best_checkpoint"]
     # Meta-SGD learns step sizes for exactly one step (repeating it diverges): test it at one step

@@ -73,7 +73,7 @@ def main() -> None:
     if args.skip_train:  # the run's own summary, written when it trained
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
     else:
-        report = train(cfg, test=False)
+        report = train(cfg, test=False, overwrite=True)  # a rerun retrains (--skip-train keeps the run)
     ckpt = run / "best.safetensors"
     specs = [f"head={h}" for h in args.head] + args.variant
     variants: list[tuple[str, dict]] = [("default", {})] + [

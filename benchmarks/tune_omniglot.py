@@ -57,7 +57,7 @@ def main() -> None:
 
     t1 = time.perf_counter()
     default_cfg = load_config(CONFIG, overrides + [f"out_dir={out / 'default'}", "eval.calibrate=false"])
-    default = train(default_cfg, test=False)
+    default = train(default_cfg, test=False, overwrite=True)  # a rerun retrains
     default_minutes = (time.perf_counter() - t1) / 60
 
     best = study["best"]

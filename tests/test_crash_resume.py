@@ -177,8 +177,8 @@ def test_supervised_run_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_
     # (stall point, how the next process starts): save_interval 3 and log_every 2 leave the
     # running averages of a training row half-way at every resumable checkpoint
     plan = [
-        ("step:1", None),     # inside step-0000003, before any last.safetensors: the user starts afresh
-        ("log:4", None),      # after row 4 (last at step 3): rows 4.. are replayed on resume
+        ("step:1", None),     # inside step-0000003, before any last.safetensors: the user starts afresh (--overwrite)
+        ("log:4", "overwrite"),  # after row 4 (last at step 3): rows 4.. are replayed on resume
         ("best:1", "resume"),  # inside best.safetensors at step 4: its temp file is left
         ("last:2", "resume"),  # inside last.safetensors at step 9 (last stays at 6)
         ("log:10", "resume"),  # after row 10 (last at 9)
@@ -187,7 +187,7 @@ def test_supervised_run_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_
     left: set[str] = set()
     verified = 0
     for stall, start in plan:
-        h.run(run, *(["--resume"] if start else []), stall=stall)
+        h.run(run, *{"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(start, []), stall=stall)
         survived = left & _temp_files(run)
         assert not survived, f"temp files of an earlier kill survived a start: {survived}"
         left = _temp_files(run)

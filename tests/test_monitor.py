@@ -120,7 +120,7 @@ def test_too_many_rollbacks_or_flagged_steps_stop_with_a_clear_error(tmp_path, s
     trainer = Trainer(_cfg(tmp_path, {"policy": "skip", "patience": 2}), splits=synthetic_splits)
     _spike_at(trainer, monkeypatch, {12, 13, 14})
     with pytest.raises(TrainingError, match=r"monitor.patience=2.*3 in a row"):
-        trainer.fit()
+        trainer.fit(overwrite=True)  # the first case's run folder is replaced
 
 
 def test_skip_policy_steps_over_a_nan_batch(tmp_path, synthetic_splits, monkeypatch):
@@ -173,7 +173,8 @@ from metafit.training import Trainer, make_config
 data = conftest.synthetic_classes(n_classes=30); ids = torch.arange(data.n_classes)
 splits = {{"train": data.subset(ids[:18]), "val": data.subset(ids[18:24]), "test": data.subset(ids[24:])}}
 cfg = make_config(conftest.tiny_config({str(tmp_path / "run")!r}, train={{"meta_steps": 6, "eval_every": 6,
-    "save_interval": 6, "tensorboard": False}}, monitor={{"grad_spike": 1.0001, "min_history": 3, "patience": 100}}))
+    "save_interval": 6, "tensorboard": False}}, monitor={{"grad_spike": 1.0001, "over_recent_max": None, "min_history": 3,
+    "patience": 100}}))
 Trainer(cfg, splits=splits).fit()
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.meta_lr=0.0005 (repeatable)")
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue exactly from <out_dir>/last.safetensors (or the given checkpoint)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a run folder that is not empty (its checkpoints, logs and report are "
+                        "deleted first; without --resume or --overwrite such a folder is refused)")
     t.add_argument("--data-dir", help="dataset folder (sets data.root)")
     t.add_argument("--out-dir", help="run folder (sets out_dir)")
     t.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decoded image bytes held at once by all requests being decoded")
     sv.add_argument("--api-key-env", default="METAFIT_API_KEY", metavar="VAR",
                     help="environment variable holding the API key (requests must send it when it is set)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level; info prints an access log line per request")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
 
@@ -142,12 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "first run>/report)")
     rp.add_argument("--metric", choices=["accuracy", "loss"], default="accuracy",
                     help="curves of the task metric (accuracy, or MSE for regression) or of the loss")
+    rp.add_argument("--x", choices=["time", "images"], default="time",
+                    help="x-axis of the curves: training time (default) or training images seen (a step is one "
+                         "episode for ProtoNet but a mini-batch for transfer, so steps are not compared)")
 
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
 
     c = sub.add_parser("configs", help="list the built-in configs, or every config field with --fields")
-    c.add_argument("--fields", action="store_true", help="list every config key with its default and meaning")
+    c.add_argument("--fields", nargs="?", const="", default=None, metavar="NAME",
+                   help="list every config key with its default and meaning, grouped by section and by algorithm, "
+                        "backbone and data source; with NAME (e.g. maml, resnet12, folder, train) only that one")
 
     rl = sub.add_parser("rl", help="meta-reinforcement learning: train / eval / configs (RL2, MAML-RL)")
     rsub = rl.add_subparsers(dest="rl_command", required=True, metavar="RL_COMMAND")
@@ -199,8 +209,11 @@ def _cmd_train(args) -> int:
     if main_rank:
         _print(f"metafit {__version__}: training {cfg.algorithm.name} ({what}) for {cfg.train.meta_steps} steps "
                f"-> {cfg.out_dir}" + (f" on {world} processes" if world > 1 else ""))
-    with _printing_log("metafit.training.pretrained") if main_rank else contextlib.nullcontext():
-        report = train(cfg, resume=args.resume, test=not args.no_test)
+    with contextlib.ExitStack() as stack:
+        if main_rank:  # what training logs: pretrained weights, the data split, --overwrite, a budget stop
+            stack.enter_context(_printing_log("metafit.training.pretrained"))
+            stack.enter_context(_printing_log("metafit.training.trainer"))
+        report = train(cfg, resume=args.resume, test=not args.no_test, overwrite=args.overwrite)
     if main_rank:
         _print_train_report(report)
     return 0
@@ -250,15 +263,19 @@ def _print_train_report(report: dict) -> None:
         if test:
             _print(f"test MSE ({test['k_shots']}-shot, {test['episodes']} fixed tasks): {test['mean']:.4f} "
                    f"+/- {test['ci95']:.4f} (95% CI)")
-        return
-    if val:
-        _print(f"best validation accuracy {100 * val['mean']:.2f}% +/- {100 * val['ci95']:.2f}% "
-               f"at step {report['best_step']} -> {report['best_checkpoint']}")
-    test = report.get("test")
-    if test:
-        _print(f"test accuracy ({test['n_ways']}-way {test['k_shots']}-shot, {test['episodes']} fixed episodes): "
-               f"{100 * test['mean']:.2f}% +/- {100 * test['ci95']:.2f}% (95% CI)")
-    _print(f"training time {report['train_seconds'] / 60:.1f} min; report: {Path(report['out_dir']) / 'report.json'}")
+    else:
+        if val:
+            _print(f"best validation accuracy {100 * val['mean']:.2f}% +/- {100 * val['ci95']:.2f}% "
+                   f"at step {report['best_step']} -> {report['best_checkpoint']}")
+        test = report.get("test")
+        if test:
+            _print(f"test accuracy ({test['n_ways']}-way {test['k_shots']}-shot, {test['episodes']} fixed episodes): "
+                   f"{100 * test['mean']:.2f}% +/- {100 * test['ci95']:.2f}% (95% CI)")
+    stop = report.get("stop") or {}
+    ended = (f"; stopped by the time budget train.max_minutes={stop['max_minutes']:g} at step {stop['step']} of "
+             f"{stop['meta_steps']}" if stop.get("reason") == "max_minutes" else "")
+    _print(f"training time {report['train_seconds'] / 60:.1f} min{ended}; "
+           f"report: {Path(report['out_dir']) / 'report.json'}")
 
 
 def _cmd_eval(args) -> int:
@@ -455,7 +472,7 @@ def _cmd_serve(args) -> int:
     try:
         model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
         app = create_app(model, limits)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
         _print(f"serving {model.config.algorithm.name} from {args.checkpoint} on http://{args.host}:{args.port} "
                f"(API docs at /docs; API key {'required' if key else 'off'})")
         if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -494,8 +511,11 @@ def _cmd_tune(args) -> int:
     best = summary["best"]
     files = summary["files"]
     if best:
-        _print(f"best: trial {best['number']} -> {files['best']}\n"
-               f"train it: metafit train {files['best']}")
+        _print(f"best: trial {best['number']} -> {files['best']} (your config with only the searched fields changed)")
+        if overrides:
+            _print("the trials' --set values (" + ", ".join(overrides) + ") are not in it: it keeps the config's "
+                   "own budget")
+        _print(f"train it: {best['train_command']}")
     else:
         _print("no trial completed yet (all pruned or failed): widen the space or raise train.meta_steps")
     _print(f"tables: {files['trials_md']}, {files['trials_csv']}; plot: {files['history']}; summary: {files['summary']}")
@@ -505,10 +525,13 @@ def _cmd_tune(args) -> int:
 def _cmd_report(args) -> int:
     from ..training import report_runs
 
-    result = report_runs(args.runs, args.out, metric=args.metric)
+    result = report_runs(args.runs, args.out, metric=args.metric, x=args.x)
     _print(result["table"])
     for note in result["notes"]:
         _print(note)
+    _print("curve panels (runs share one only where their numbers mean the same):")
+    for panel in result["panels"]:
+        _print(f"  {panel['title']}: {', '.join(panel['runs'])}")
     _print(f"report: {result['report']}\ncurves: {result['curves']}")
     return 0
 
@@ -553,8 +576,21 @@ def _cmd_info(args) -> int:
                f"phase=[{d['phase_min']:.3g}, {d['phase_max']:.3g}] x=[{d['x_min']}, {d['x_max']}]")
         _print(f"trained on   {t['k_shots']}-shot regression tasks ({t['n_queries']} query points)")
     else:
-        shown = " ".join(f"{k}={_short(v)}" for k, v in d.items() if k != "name" and v is not None)
+        split = meta.get("split")
+        # only what describes this source's data: not where it was cached or how it was decoded, nor
+        # the split fractions of a tree that came with train/, val/ and test/ folders
+        skip = {"name", "cache_dir", "storage", "workers", "memory_budget_gb", "download"}
+        if split and split.get("how", "").startswith("the train/, val/ and test/ folders"):
+            skip |= {"val_fraction", "test_fraction", "split_seed"}
+        shown = " ".join(f"{k}={_short(v)}" for k, v in d.items() if k not in skip and v is not None)
         _print(f"data         {d['name']} {shown}")
+        if split:
+            from ..training.trainer import split_lines
+
+            first, *rest = split_lines(split)
+            _print(f"split        {first.removeprefix('data split: ')}")
+            for line in rest:
+                _print(f"             {line.strip()}")
         _print(f"images       read as {run_cfg.data.image_format().describe()} (metafit adapt/predict)")
         alg = cfg["algorithm"]
         if alg.get("n_base_classes"):  # pretrained on standard mini-batches (transfer)
@@ -569,42 +605,95 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_configs(args) -> int:
-    from ..training import builtin_configs, make_config
+    from ..training import builtin_configs
 
-    if args.fields:
-        from pydantic import BaseModel
-
-        from ..algorithms import ALGORITHMS
-        from ..data import DATASETS
-        from ..nn import BACKBONES
-
-        registries = {"data": {k: v for k, v in DATASETS.items()},
-                      "algorithm": {k: v.Config for k, v in ALGORITHMS.items()},
-                      "backbone": {k: v[0] for k, v in BACKBONES.items()}}
-
-        def show(key: str, default: str, help_: str, indent: str = "") -> None:
-            _print(f"{indent}{key:{28 - len(indent)}s} {default:24s} {help_}")
-
-        cfg = make_config({})
-        for section, value in cfg:
-            model = getattr(cfg, section)
-            if section in registries:  # one block per registered entry, selected by <section>.name
-                for name, cls in registries[section].items():
-                    summary = getattr(cls, "summary", "") or next(iter((cls.__doc__ or "").strip().splitlines()), "")
-                    _print(f"{section}.name: {name}" + (f"  ({summary})" if summary else ""))
-                    for key, field in cls.model_fields.items():
-                        if key != "name":
-                            show(f"{section}.{key}", repr(field.get_default(call_default_factory=True)),
-                                 field.description or "", "  ")
-                continue
-            if not isinstance(model, BaseModel):
-                show(section, repr(value), type(cfg).model_fields[section].description or "")
-                continue
-            for key, field in type(model).model_fields.items():
-                show(f"{section}.{key}", repr(getattr(model, key)), field.description or "")
-        return 0
+    if args.fields is not None:
+        return _show_fields(args.fields)
     for name, path in sorted(builtin_configs().items()):
         _print(f"{name:32s} {path}")
+    return 0
+
+
+def _field_help(field) -> str:
+    """A field's description, with its choices where it takes one of a few literal values."""
+    from typing import Literal, get_args, get_origin
+
+    choices = [a for arg in (field.annotation, *get_args(field.annotation)) if get_origin(arg) is Literal
+               for a in get_args(arg)]
+    text = field.description or ""
+    if choices and not all(str(c) in text for c in choices):
+        text = f"{text} (one of: {', '.join(map(str, choices))})" if text else f"one of: {', '.join(map(str, choices))}"
+    return text
+
+
+def _entry_summary(cls, module_cls=None) -> str:
+    """One line about a registry entry: its ``summary``, else its module's first sentence."""
+    import sys as _sys
+
+    text = getattr(cls, "summary", "") or ""
+    if not text and module_cls is not None:
+        doc = (_sys.modules.get(module_cls.__module__).__doc__ or "").strip().split("\n\n")[0]
+        doc = " ".join(doc.split())
+        text = "" if doc.endswith(":") else doc  # a module of several entries says nothing about one
+    return text.rstrip(".")
+
+
+def _show_fields(only: str) -> int:
+    """Every config field with its default and meaning, grouped by section and by registry entry
+    (``algorithm (name: maml)``); ``only`` (an algorithm, backbone, data source or section name)
+    shows just that part."""
+    from pydantic import BaseModel
+
+    from ..algorithms import ALGORITHMS
+    from ..data import DATASETS
+    from ..nn import BACKBONES
+    from ..training import RunConfig, make_config
+    from ..validation import did_you_mean
+
+    registries = {"data": {k: (v, None) for k, v in DATASETS.items()},
+                  "algorithm": {k: (v.Config, v) for k, v in ALGORITHMS.items()},
+                  "backbone": {k: (v[0], v[1]) for k, v in BACKBONES.items()}}
+    kinds = {"data": "data sources", "algorithm": "algorithms", "backbone": "backbones"}
+    cfg = make_config({})
+    blocks: list[tuple[str, str, str, list[tuple[str, str, str]]]] = []  # (section, entry, header, fields)
+    top = [(key, repr(getattr(cfg, key)), _field_help(field)) for key, field in RunConfig.model_fields.items()
+           if not isinstance(getattr(cfg, key), BaseModel)]
+    blocks.append(("run", "", "run (top-level keys)", top))
+    for section, field in RunConfig.model_fields.items():
+        model = getattr(cfg, section)
+        if not isinstance(model, BaseModel):
+            continue
+        if section in registries:  # one block per registered entry, selected by <section>.name
+            for name, (cls, module_cls) in registries[section].items():
+                default = ", the default" if getattr(model, "name", None) == name else ""
+                summary = _entry_summary(cls, module_cls)
+                rows = [(f"{section}.{key}",
+                         "required" if f.is_required() else repr(f.get_default(call_default_factory=True)),
+                         _field_help(f)) for key, f in cls.model_fields.items() if key != "name"]
+                blocks.append((section, name, f"{section} (name: {name}{default})" + (f": {summary}" if summary else ""),
+                               rows))
+            continue
+        rows = [(f"{section}.{key}", repr(getattr(model, key)), _field_help(f))
+                for key, f in type(model).model_fields.items()]
+        blocks.append((section, "", f"{section}" + (f": {field.description}" if field.description else ""), rows))
+    if only:
+        chosen = [b for b in blocks if only in (b[0], b[1])]
+        if not chosen:
+            names = [n for reg in registries.values() for n in reg]
+            sections = [b[0] for b in blocks if not b[1]]
+            listed = "; ".join(f"{kinds[s]}: {', '.join(reg)}" for s, reg in registries.items())
+            raise ConfigError(
+                f"Configs: --fields NAME must name an algorithm, backbone, data source or config section "
+                f"({listed}; sections: {', '.join(dict.fromkeys(sections + list(registries)))}); got {short_repr(only)}."
+                f"{did_you_mean(only, names + sections + list(registries))} "
+                "Run 'metafit configs --fields' to list every field."
+            )
+        blocks = chosen
+    width = max((len(key) for b in blocks for key, _, _ in b[3]), default=20) + 2
+    for i, (_, _, header, rows) in enumerate(blocks):
+        _print(("" if i == 0 else "\n") + header)
+        for key, default, help_ in rows:
+            _print(f"  {key:{width}s} {default:24s} {help_}".rstrip())
     return 0
 
 
@@ -643,8 +732,10 @@ def _quickstart_sinusoid(args) -> int:
     ])
     _print("metafit quickstart: MAML on few-shot sinusoid regression (built in, no download)\n"
            f"  meta-train {steps} steps (the paper uses 70000: `metafit train sinusoid_maml`), keep the best\n"
-           "  checkpoint on 200 validation tasks, then adapt to 600 unseen sinusoids from 5 points each.")
-    report = train(cfg)
+           "  checkpoint on 200 validation tasks, then adapt to 600 unseen sinusoids from 5 points each.\n"
+           f"  Run folder {out}: an earlier run there is replaced (pass another --out-dir to keep it).")
+    with _printing_log("metafit.training.trainer"):
+        report = train(cfg, overwrite=True)
     _print_train_report(report)
     ckpt = report["best_checkpoint"]
     _print("\n5-shot MSE on 600 unseen tasks (100 query points each), 95% CI:")
@@ -674,8 +765,10 @@ def _quickstart_omniglot(args, root) -> int:
     ])
     _print(f"metafit quickstart: Prototypical Networks on Omniglot ({root})\n"
            f"  meta-train {steps} steps on 20-way 1-shot tasks, validate on held-out characters,\n"
-           f"  keep the best checkpoint, then test on 600 fixed 5-way 1-shot episodes of unseen characters.")
-    report = train(cfg)
+           f"  keep the best checkpoint, then test on 600 fixed 5-way 1-shot episodes of unseen characters.\n"
+           f"  Run folder {cfg.out_dir}: an earlier run there is replaced (pass another --out-dir to keep it).")
+    with _printing_log("metafit.training.trainer"):
+        report = train(cfg, overwrite=True)
     _print_train_report(report)
     _print(f"next: metafit eval {report['best_checkpoint']} --ways 20 --shots 1\n"
            f"      metafit train omniglot_protonet_20w1s --data-dir {root}   (the full recipe, about an hour on 2 CPU cores)")

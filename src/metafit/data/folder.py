@@ -225,8 +225,9 @@ class FolderConfig(FileSourceConfig):
     root: str | None = Field(None, description="the folder of the class tree (with train/, val/, test/ sub-trees, "
                              "or one tree split by val_fraction/test_fraction)")
     image_size: int = Field(28, ge=8, le=1024, description="images are brought to size x size")
-    rotations: bool = Field(True, description="90-degree rotations as new classes (training; validation/test "
-                            "too unless eval.rotations is set)")
+    rotations: bool = Field(False, description="90-degree rotations as new classes (training; validation/test "
+                            "too unless eval.rotations is set): for handwriting like Omniglot, not for photos "
+                            "or digits")
     fit: Literal["squash", "crop"] = Field(
         "squash", description="squash: resize to image_size x image_size; crop: shorter side to image_size, then "
         "the centre square (no distortion; small images are upscaled)")
@@ -251,6 +252,14 @@ class FolderConfig(FileSourceConfig):
     @property
     def invert_images(self) -> bool:
         return self.invert
+
+    def split_description(self) -> str:
+        """How :meth:`load_splits` divides the classes (printed and stored when training starts)."""
+        root = Path(self.root) if self.root is not None else None
+        if root is not None and all((root / s).is_dir() for s in ("train", "val", "test")):
+            return f"the train/, val/ and test/ folders of {short_repr(self.root)}"
+        return (f"the classes of {short_repr(self.root)} split at random: data.val_fraction={self.val_fraction:g}, "
+                f"data.test_fraction={self.test_fraction:g}, data.split_seed={self.split_seed}")
 
     def load_splits(self) -> dict[str, ImageClasses]:
         if self.root is None:

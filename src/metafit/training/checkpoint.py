@@ -134,6 +134,22 @@ class TrainStateMeta(OpenMetaModel):
     window: WindowMeta | None = None  # absent in checkpoints of older versions
 
 
+_SplitName = Literal["train", "val", "test"]
+
+
+class SplitMeta(OpenMetaModel):
+    """The classes a run trained, validated and tested on (``Trainer.split``): counts per split,
+    names of the small splits, rotations and how the split was made."""
+
+    source: str = Field(max_length=100)
+    how: str = Field("", max_length=2000)
+    classes: dict[_SplitName, typing.Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    images: dict[_SplitName, typing.Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    rotations: dict[_SplitName, bool] = Field(default_factory=dict)
+    names: dict[_SplitName, typing.Annotated[list[typing.Annotated[str, Field(max_length=1000)]],
+                                            Field(max_length=10_000)]] = Field(default_factory=dict)
+
+
 class CheckpointMeta(OpenMetaModel):
     """The metadata of a few-shot checkpoint (:func:`save_checkpoint`)."""
 
@@ -148,6 +164,7 @@ class CheckpointMeta(OpenMetaModel):
     image_format: ImageFormatMeta | None = None  # absent in checkpoints of older versions
     calibration: CalibrationMeta | None = None
     train_state: TrainStateMeta | None = None
+    split: SplitMeta | None = None  # absent in checkpoints of older versions and for sinusoid data
 
 
 class RLOptimizerMeta(OpenMetaModel):

@@ -3,7 +3,12 @@
 A step is *flagged* when its loss or gradient norm is not finite, when its loss lies more than
 ``loss_spike`` robust standard deviations (1.4826 x the median absolute deviation) above the
 median of the last ``window`` accepted steps, when its gradient norm exceeds ``grad_spike`` times
-the median of that window, or when it exceeds ``max_grad_norm``. Spikes are judged only once
+the median of that window, or when it exceeds ``max_grad_norm``. A loss or gradient-norm spike
+must also exceed ``over_recent_max`` times the largest value of the window: the loss of one
+episode (or a few) is heavy-tailed, the more so as it approaches zero, and ordinary episode noise
+reaches 30 times the median (and 30 robust standard deviations) but stays below about 2.2 times
+the window's largest value in the shipped configs, while a diverging step, a NaN or a 100-fold
+loss lies far beyond it. Spikes are judged only once
 ``min_history`` steps were seen, and flagged steps never enter the window, so one spike does not
 raise the bar for the next. What happens to a flagged step is the ``policy``:
 
@@ -44,6 +49,10 @@ class MonitorConfig(ConfigModel):
         10.0, gt=1.0, description="flag a gradient norm this many times the recent median (None: off)"
     )
     max_grad_norm: float | None = Field(None, gt=0.0, description="flag any gradient norm above this value (None: off)")
+    over_recent_max: float | None = Field(
+        4.0, ge=1.0, description="a loss or gradient-norm spike must also exceed this multiple of the largest "
+        "value among the recent accepted steps, so that ordinary episode noise is not flagged (None: off)"
+    )
     window: int = Field(100, ge=5, le=100000, description="recent accepted steps the spike tests compare against")
     min_history: int = Field(20, ge=3, description="accepted steps needed before spikes are judged")
     patience: int = Field(10, ge=1, description="flagged steps in a row before training stops with an error")
@@ -93,17 +102,23 @@ class Monitor:
         if cfg.max_grad_norm is not None and grad_norm > cfg.max_grad_norm:
             found.append(Finding("grad_norm_limit", grad_norm, cfg.max_grad_norm))
         if len(self.losses) >= cfg.min_history:
+            ratio = cfg.over_recent_max
             if cfg.loss_spike is not None:
                 med = _median(list(self.losses))
                 mad = _median([abs(v - med) for v in self.losses])
                 spread = max(1.4826 * mad, 1e-3 * abs(med), 1e-12)
                 threshold = med + cfg.loss_spike * spread
+                if ratio is not None:
+                    threshold = max(threshold, ratio * max(self.losses))
                 if loss > threshold:
                     found.append(Finding("loss_spike", loss, threshold, med))
             if cfg.grad_spike is not None:
                 med = _median(list(self.norms))
-                if med > 0 and grad_norm > cfg.grad_spike * med:
-                    found.append(Finding("grad_spike", grad_norm, cfg.grad_spike * med, med))
+                threshold = cfg.grad_spike * med
+                if ratio is not None:
+                    threshold = max(threshold, ratio * max(self.norms))
+                if med > 0 and grad_norm > threshold:
+                    found.append(Finding("grad_spike", grad_norm, threshold, med))
         return found
 
     def accept(self, loss: float, grad_norm: float) -> None:

@@ -17,7 +17,7 @@ from .checkpoint import load, with_algorithm_overrides
 from .config import RunConfig, TaskConfig
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .metrics_log import write_json
-from .trainer import Trainer, make_sampler
+from .trainer import Trainer, check_run_folder, make_sampler
 
 __all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "with_algorithm_overrides"]
 
@@ -27,25 +27,34 @@ TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide w
 
 
 def train(config: RunConfig, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,
-          test: bool = True, on_validate=None) -> dict[str, Any]:
+          test: bool = True, on_validate=None, overwrite: bool = False) -> dict[str, Any]:
     """Meta-train, then evaluate the best checkpoint on ``eval.test_episodes`` fixed test episodes.
     Returns (and writes to ``<out_dir>/report.json``) a summary. ``on_validate(step, result)``
-    is called after every validation (see :class:`Trainer`)."""
+    is called after every validation (see :class:`Trainer`). An ``out_dir`` that already holds
+    something is refused unless ``resume`` (continue that run) or ``overwrite`` (delete its
+    checkpoints, logs and report first). ``report["stop"]`` says why training ended (all
+    ``train.meta_steps``, or the ``train.max_minutes`` budget at ``step``); ``report["split"]``
+    lists the classes of every split (image data)."""
+    check_run_folder(config.out_dir, resume, overwrite)  # before the data is read: a refusal comes at once
     trainer = Trainer(config, splits, pretrained=not resume, on_validate=on_validate)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     if not trainer.dist.is_main:  # distributed: rank 0 calibrates, tests and writes the report
         return {"out_dir": str(result.out_dir), "steps": result.steps, "rank": trainer.dist.rank,
                 "best_checkpoint": str(result.checkpoint), "val": result.best_val.to_dict() if result.best_val else None,
-                "train_seconds": result.train_seconds, "best_step": result.best_step, "timing": trainer.timing}
+                "train_seconds": result.train_seconds, "best_step": result.best_step, "timing": trainer.timing,
+                "stop": result.stop}
     report: dict[str, Any] = {
         "out_dir": str(result.out_dir),
         "steps": result.steps,
+        "stop": result.stop,
         "train_seconds": result.train_seconds,
         "timing": trainer.timing,
         "best_step": result.best_step,
         "best_checkpoint": str(result.checkpoint),
         "val": result.best_val.to_dict() if result.best_val else None,
     }
+    if trainer.split is not None:
+        report["split"] = trainer.split
     temperature = None
     if config.eval.calibrate and config.data.task_kind == "classification":
         from .calibration import calibrate_checkpoint

@@ -32,9 +32,19 @@ from .metrics_log import MetricsLog, write_json
 from .monitor import Finding, Monitor
 from .tracking import TensorBoardLog
 
-__all__ = ["Trainer", "TrainResult", "make_sampler", "resolve_device"]
+__all__ = ["RUN_FILES", "Trainer", "TrainResult", "check_run_folder", "describe_split", "make_sampler",
+           "resolve_device"]
 
 logger = logging.getLogger(__name__)
+#: the monitor's findings (apart from ``logger``, whose INFO records the CLI prints: the monitor
+#: prints its own lines above the progress bar)
+monitor_logger = logging.getLogger("metafit.training.monitor")
+
+#: what a run writes into its folder (``overwrite=True`` deletes them before training): files by
+#: name or pattern, and the TensorBoard folder
+RUN_FILES = ("*.safetensors", "config.json", "split.json", "report.json", "metrics.jsonl", "metrics.csv",
+             "learning_curve.png", "adaptation.png")
+RUN_FOLDERS = ("tensorboard",)
 
 
 def resolve_device(name: str, field: str = "train.device",
@@ -91,6 +101,152 @@ def _with_base_classes(config: RunConfig, train: ImageClasses) -> RunConfig:
     return config
 
 
+def _visible_entries(folder: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def check_run_folder(out_dir: str | Path, resume: bool | str | Path = False, overwrite: bool = False) -> None:
+    """Refuse to start a new run in a folder that already holds something (an earlier run's
+    checkpoints and logs would be replaced or mixed with this run's), unless ``resume`` (continue
+    it) or ``overwrite`` (replace it) says so; refuse both at once. Reads only."""
+    if resume and overwrite:
+        raise ConfigError(
+            f"Trainer: resume and overwrite must not both be set; got resume={short_repr(resume)} and overwrite=True. "
+            "Pass --resume to continue the run in out_dir, or --overwrite to replace it, not both."
+        )
+    if resume or overwrite:
+        return
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(
+            f"Trainer: out_dir must be a folder; got {short_repr(str(out_dir))}, an existing file. "
+            "Choose another --out-dir (out_dir)."
+        )
+    held = _visible_entries(out_dir)
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError(
+            f"Trainer: out_dir must be a new or empty folder; got {short_repr(str(out_dir))} holding {shown}. "
+            "Continue that run with --resume (resume=True), replace it with --overwrite (overwrite=True: its "
+            "checkpoints, logs, report and TensorBoard files are deleted first), or choose another --out-dir."
+        )
+
+
+def _remove_run_files(out_dir: Path) -> list[str]:
+    """Delete what an earlier run wrote into ``out_dir`` (:data:`RUN_FILES`, :data:`RUN_FOLDERS`);
+    other entries are left alone. Returns the names removed."""
+    import shutil
+
+    removed = []
+    if not out_dir.is_dir():
+        return removed
+    for entry in sorted(out_dir.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name in RUN_FOLDERS:
+                shutil.rmtree(entry)
+                removed.append(entry.name + "/")
+        elif any(entry.match(pattern) for pattern in RUN_FILES):
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+#: class names are listed (printed and stored in checkpoints) for splits of at most this many classes
+MAX_LISTED_CLASSES = 20
+
+
+def describe_split(splits: dict[str, Any], config: RunConfig, given: bool = False) -> dict[str, Any] | None:
+    """What the run trains, validates and tests on: the classes of every split (their number,
+    images, and names where at most :data:`MAX_LISTED_CLASSES`), whether rotated copies count as
+    classes, and how the split was made. None for data that is not a set of classes (sinusoids:
+    every split draws tasks from the same family with its own seed). ``given``: the splits were
+    passed in (``Trainer(splits=...)``), not read as the data config says."""
+    if not all(isinstance(splits.get(s), ImageClasses) for s in ("train", "val", "test")):
+        return None
+    dc = config.data
+    rotations = bool(getattr(dc, "rotations", False))
+    eval_rotations = rotations if config.eval.rotations is None else bool(config.eval.rotations)
+    how = "the splits passed to the Trainer" if given else dc.split_description() if hasattr(
+        dc, "split_description") else (
+        f"protocol {dc.protocol}" if getattr(dc, "protocol", None) else "the source's own split")
+    return {
+        "source": dc.name,
+        "how": how,
+        "classes": {s: splits[s].n_classes for s in ("train", "val", "test")},
+        "images": {s: splits[s].n_images for s in ("train", "val", "test")},
+        "rotations": {"train": rotations, "val": eval_rotations, "test": eval_rotations},
+        "names": {s: list(splits[s].class_names) for s in ("train", "val", "test")
+                  if splits[s].n_classes <= MAX_LISTED_CLASSES},
+    }
+
+
+def split_lines(split: dict[str, Any]) -> list[str]:
+    """``split`` (see :func:`describe_split`; from a checkpoint, any key but ``source`` may be
+    missing) as printable lines."""
+    c, rot = split.get("classes") or {}, split.get("rotations") or {}
+    counts = ", ".join(f"{s} {c[s]} classes" + (" (x4 with rotations)" if rot.get(s) else "")
+                       for s in ("train", "val", "test") if s in c)
+    how = f": {split['how']}" if split.get("how") else ""
+    lines = [f"data split: {counts or 'classes not recorded'} ({split.get('source')} data{how})"]
+    for s, names in (split.get("names") or {}).items():
+        lines.append(f"  {s} classes: " + ", ".join(n if n.isprintable() else short_repr(n, 60) for n in names))
+    return lines
+
+
+def _check_split_sizes(split: dict[str, Any], config: RunConfig) -> None:
+    """Refuse a split with fewer classes (rotated copies included) than its tasks' n_ways, before
+    anything is trained: a short test split would otherwise be found only after training."""
+    episodic = get_algorithm(config.algorithm.name).training_data != "batches"
+    for s, field, n_ways in (("train", "task.n_ways", config.task.n_ways if episodic else 0),
+                             ("val", "eval.n_ways", config.eval.n_ways), ("test", "eval.n_ways", config.eval.n_ways)):
+        have = split["classes"][s] * (4 if split["rotations"][s] else 1)
+        if have >= n_ways:
+            continue
+        counts = "/".join(str(split["classes"][k]) for k in ("train", "val", "test"))
+        more = {"train": "smaller data.val_fraction/data.test_fraction", "val": "a larger data.val_fraction",
+                "test": "a larger data.test_fraction"}[s]
+        fix = (f"Lower {field}, or give the split more classes ({more}, or more class folders in {s}/)"
+               if split["how"].startswith(("the classes of", "the train/")) else f"Lower {field}")
+        raise ConfigError(
+            f"Trainer: the {s} split must have at least {field}={n_ways} classes; got {have} "
+            f"({'rotations included; ' if split['rotations'][s] else ''}train/val/test classes {counts}, "
+            f"{split['how']}). {fix}."
+        )
+
+
+def _split_warnings(split: dict[str, Any], config: RunConfig) -> list[str]:
+    out = []
+    if split["source"] == "folder" and split["rotations"]["train"]:
+        out.append(
+            "warning: data.rotations is on: every class also counts as 3 more classes, its copies rotated by 90, "
+            "180 and 270 degrees (in training, and in validation/test unless eval.rotations=false). Right for "
+            "handwriting like Omniglot, wrong where a rotated image is something else (6 and 9) or never occurs "
+            "(photos): set data.rotations=false.")
+    n_ways = config.eval.n_ways
+    for s in ("val", "test"):
+        have = split["classes"][s]
+        if split["rotations"][s] and have < n_ways:
+            out.append(
+                f"warning: the {s} split has {have} classes, fewer than eval.n_ways={n_ways}: its {n_ways}-way tasks "
+                f"reach {n_ways} classes only with rotated copies of the same classes. Lower eval.n_ways or give "
+                f"the split more classes" + (f" (a larger data.{s}_fraction, or more class folders in {s}/)."
+                                            if split["how"].startswith(("the classes of", "the train/"))
+                                            else "."))
+    return out
+
+
+def stop_line(stop: dict[str, Any]) -> str:
+    """One line saying why training ended early (a ``TrainResult.stop`` / report ``stop``)."""
+    if stop.get("reason") != "max_minutes":
+        return f"training ran all {stop.get('meta_steps')} steps (train.meta_steps)"
+    return (f"the time budget train.max_minutes={stop['max_minutes']:g} ended training at step {stop['step']} of "
+            f"{stop['meta_steps']} (raise train.max_minutes, or set it to null to run all train.meta_steps; "
+            "--resume --set train.max_minutes=... continues this run)")
+
+
 _EMPTY_WINDOW = {"loss": 0.0, "acc": 0.0, "n": 0, "steps": 0, "seconds": 0.0}
 
 #: the config fields that a resumed run must share with its checkpoint: they shape the model (its
@@ -109,6 +265,8 @@ class TrainResult:
     best_val: EvalResult | None
     train_seconds: float
     checkpoint: Path
+    #: why training ended: ``{"reason": "meta_steps" | "max_minutes", "step", "meta_steps", "max_minutes"}``
+    stop: dict[str, Any] | None = None
 
 
 class Trainer:
@@ -144,6 +302,16 @@ class Trainer:
         if get_algorithm(config.algorithm.name).training_data == "batches":
             config = self.config = _with_base_classes(config, self.splits["train"])
         self._check_divisible(config)
+        #: the classes of every split (see :func:`describe_split`): logged when training starts,
+        #: written to ``split.json`` and into every checkpoint's metadata
+        self.split = describe_split(self.splits, config, given=splits is not None)
+        if self.split is not None:
+            if self.dist.is_main:
+                for line in split_lines(self.split):
+                    logger.info("%s", line)
+                for line in _split_warnings(self.split, config):
+                    logger.warning("%s", line)
+            _check_split_sizes(self.split, config)
         torch.manual_seed(config.seed)
         self.model: Algorithm = build_model(config, pretrained=pretrained).to(self.device)
         self.dist.broadcast_module(self.model)
@@ -174,6 +342,8 @@ class Trainer:
         self.events = {"skipped": 0, "rolled_back": 0, "flagged": 0}
         # running sums of the steps since the last training row (checkpointed: a resumed run logs the same rows)
         self.window = dict(_EMPTY_WINDOW)
+        self.stop: dict[str, Any] | None = None  # why the last fit() ended
+        self._fitted = False  # a second fit() of this trainer continues its own run in out_dir
 
     def _check_divisible(self, config: RunConfig) -> None:
         world = self.dist.world_size
@@ -232,10 +402,12 @@ class Trainer:
         """Write a checkpoint (rank 0 only; the other ranks wait until it is on disk)."""
         path = self.out_dir / name
         if self.dist.is_main:
+            extra = {**({"split": self.split} if self.split is not None else {}),
+                     **(self._resume_meta() if resumable else {})}
             save_checkpoint(
                 path, self.model, self.config, step=self.step, metrics=metrics or {},
                 extra_tensors=self._resume_tensors() if resumable else None,
-                extra_meta=self._resume_meta() if resumable else None,
+                extra_meta=extra or None,
             )
         self.dist.barrier()
         return path
@@ -328,18 +500,50 @@ class Trainer:
     def validate(self) -> EvalResult:
         return evaluate_episodes(self.model, self.val_sampler, self.val_episodes, self.device, self.channels_last)
 
-    def fit(self, resume: bool | str | Path = False) -> TrainResult:
+    def _prepare_folder(self, resume: bool | str | Path, overwrite: bool) -> None:
+        """Refuse a folder holding an earlier run unless resuming or overwriting (rank 0 looks, every
+        rank raises alike); with ``overwrite``, delete that run's files (rank 0)."""
+        continuing = self._fitted and not resume and not overwrite
+        problem = None
+        if self.dist.is_main:
+            # temp files of writes that a killed run left half done (no write of this run is in flight)
+            remove_stale_temp_files(self.out_dir)
+            try:
+                check_run_folder(self.out_dir, resume, overwrite or continuing)
+            except ConfigError as err:
+                problem = str(err)
+        problem = self.dist.broadcast(problem)
+        if problem is not None:
+            raise ConfigError(problem)
+        if overwrite and self.dist.is_main:
+            removed = _remove_run_files(self.out_dir)
+            if removed:
+                logger.info("overwrite: deleted the earlier run's files in %s (%s)", self.out_dir,
+                            ", ".join(removed[:6]) + (f" and {len(removed) - 6} more" if len(removed) > 6 else ""))
+        self.dist.barrier()
+
+    def fit(self, resume: bool | str | Path = False, overwrite: bool = False) -> TrainResult:
+        """Train until ``train.meta_steps`` (or the ``train.max_minutes`` budget). A folder that
+        already holds something is refused unless ``resume`` (continue the run there: True for its
+        ``last.safetensors``, or a checkpoint path) or ``overwrite`` (delete that run's files
+        first); a second ``fit()`` of the same trainer continues its own run."""
         tc = self.config.train
         main = self.dist.is_main
-        if main:  # temp files of writes that a killed run left half done (no write of this run is in flight)
-            remove_stale_temp_files(self.out_dir)
+        continuing = self._fitted and not resume and not overwrite
+        self._prepare_folder(resume, overwrite)
         if resume:
             self.resume(None if resume is True else resume)
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.out_dir / "config.json", self.config.to_dict())
+            if self.split is not None:
+                write_json(self.out_dir / "split.json", {**self.split, "class_names": {
+                    s: list(self.splits[s].class_names) for s in ("train", "val", "test")}})
+        self._fitted = True
+        self.stop = None
         # on resume, the rows logged after the checkpoint's step are removed: the replayed steps log them again
-        log = MetricsLog(self.out_dir, append=bool(resume), resume_step=self.step if resume else None) if main else None
+        log = MetricsLog(self.out_dir, append=bool(resume) or continuing,
+                         resume_step=self.step if resume else None) if main else None
         tb = TensorBoardLog(self.out_dir, main and tc.tensorboard, purge_step=self.step + 1 if resume else None)
         bar = tqdm(total=tc.meta_steps, initial=self.step, disable=not (tc.progress and main), desc="meta-train",
                    dynamic_ncols=True)
@@ -350,7 +554,10 @@ class Trainer:
         try:
             while self.step < tc.meta_steps:
                 if tc.max_minutes is not None and self.dist.broadcast(self.train_seconds >= 60.0 * tc.max_minutes):
-                    self._write(log, tb, {"step": self.step, "split": "stop", "elapsed_s": self.train_seconds})
+                    self.stop = {"reason": "max_minutes", "step": self.step, "meta_steps": tc.meta_steps,
+                                 "max_minutes": tc.max_minutes}
+                    self._write(log, tb, {"step": self.step, "split": "stop", "event": "max_minutes",
+                                          "elapsed_s": self.train_seconds})
                     self._validate_and_keep_best(log, tb)
                     break
                 t0 = time.perf_counter()
@@ -424,9 +631,14 @@ class Trainer:
                 log.close()
             tb.close()
             self.train_sampler.close()  # stop decoding workers (lazy storage)
+        if self.stop is None:
+            self.stop = {"reason": "meta_steps", "step": self.step, "meta_steps": tc.meta_steps,
+                         "max_minutes": tc.max_minutes}
+        elif main:
+            logger.info("%s", stop_line(self.stop))
         best = self.out_dir / "best.safetensors"
         return TrainResult(self.out_dir, self.step, self.best_step, self.best_result,
-                           self.train_seconds, best if best.exists() else last)
+                           self.train_seconds, best if best.exists() else last, dict(self.stop))
 
     @staticmethod
     def _write(log: MetricsLog | None, tb: TensorBoardLog, row: dict) -> None:
@@ -458,11 +670,10 @@ class Trainer:
                    "grad_norm": grad_norm, "elapsed_s": self.train_seconds}
             if log is not None:  # rank 0
                 log.write(row)
-                tqdm.write(f"step {step}: {f.describe()} -> {action}")
-                if logger.hasHandlers():  # else logging's last-resort handler would print it a second time
-                    logger.warning("step %d: %s -> %s", step, f.describe(), action)
         tb.scalars("monitor", {"flagged": self.events["flagged"], "skipped": self.events["skipped"],
                                "rolled_back": self.events["rolled_back"]}, step)
+        if action == "stop" or self.monitor.in_a_row > mc.patience:
+            self._say(log, step, findings, "stopped training")
         if action == "stop":
             self._stop(findings, nonfinite)
         if self.monitor.in_a_row > mc.patience:
@@ -475,9 +686,24 @@ class Trainer:
         if action == "skip":
             self.optimizer.zero_grad(set_to_none=True)
             self.events["skipped"] += 1
+            self._say(log, step, findings, "skipped the step (its update is dropped; monitor.policy=skip)")
         elif action == "rollback":
             self._rollback(log, step)
+            self._say(log, step, findings, f"rolled back to the checkpoint of step {self.step} "
+                                           "(monitor.policy=rollback)")
+        else:
+            self._say(log, step, findings, "kept the step (its update is applied; monitor.policy=warn)")
         return action
+
+    @staticmethod
+    def _say(log: MetricsLog | None, step: int, findings: list[Finding], outcome: str) -> None:
+        """Print each finding of a flagged step with what was done about it (rank 0)."""
+        if log is None:
+            return
+        for f in findings:
+            tqdm.write(f"step {step}: {f.describe()} -> {outcome}")
+            if monitor_logger.hasHandlers():  # else logging's last-resort handler would print it a second time
+                monitor_logger.warning("step %d: %s -> %s", step, f.describe(), outcome)
 
     def _stop(self, findings: list[Finding], nonfinite: bool) -> None:
         last = self.out_dir / "last.safetensors"
