@@ -72,6 +72,20 @@ def _cfg(tmp_path, name="run", **train):
             "learner": {"name": "arm-picker", "lr": 0.2}, "train": t}
 
 
+def test_a_finished_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    train_rl(load_rl_config(_cfg(tmp_path, iterations=2)), test=False)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"out_dir must be a new or empty folder; got .*run' holding best.safetensors"):
+        train_rl(load_rl_config(_cfg(tmp_path, iterations=2)), test=False)
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, iterations=2)))
+    assert main(["rl", "train", str(path), "--no-test"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["rl", "train", str(path), "--no-test", "--overwrite"]) == 0
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only what a run writes is deleted
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) > 0
+
+
 def test_training_keeps_best_and_interval_checkpoints_logs_and_tests(tmp_path):
     report = train_rl(load_rl_config(_cfg(tmp_path)))
     out = tmp_path / "run"
@@ -304,10 +318,11 @@ def test_init_from_starts_a_run_from_another_runs_weights_with_a_longer_trial(tm
     assert list(load_rl(tmp_path / "long" / "best.safetensors").eval_points())[-1] == "episode 5"
 
     with pytest.raises(CheckpointError, match="no such file.*Train the run it comes from first"):
-        train_rl(load_rl_config({**longer, "train": {**tiny, "init_from": str(tmp_path / "nope.safetensors")}}))
+        train_rl(load_rl_config({**longer, "train": {**tiny, "init_from": str(tmp_path / "nope.safetensors")}}),
+                 overwrite=True)
     with pytest.raises(CheckpointError, match=r"same network.*'hidden_size': \(8, 16\)"):
         train_rl(load_rl_config({**longer, "learner": {**learner, "hidden_size": 16},
-                                 "train": {**tiny, "init_from": str(src)}}))
+                                 "train": {**tiny, "init_from": str(src)}}), overwrite=True)
     # a wider network started from the narrower one's weights (train.init_widen): the same policy at the start
     wider = load_rl_config({**longer, "out_dir": str(tmp_path / "wide"), "learner": {**longer["learner"], "hidden_size": 16},
                             "train": {**tiny, "init_from": str(src), "init_widen": True}})

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.iterations=200 (repeatable)")
     rt.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/last.safetensors")
+    rt.add_argument("--overwrite", action="store_true",
+                    help="replace the run in out_dir (its checkpoints, logs and report are deleted first)")
     rt.add_argument("--out-dir", help="run folder (sets out_dir)")
     rt.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     re_ = rsub.add_parser("eval", help="returns per adaptation step (mean and 95%% CI) on fixed test tasks")
@@ -788,7 +790,7 @@ def _cmd_rl(args) -> int:
         cfg = rl_run.load_rl_config(args.config, overrides)
         _print(f"metafit {__version__}: training {cfg.learner.name} on {cfg.family.name} "
                f"{cfg.family.settings or ''} for {cfg.train.iterations} iterations -> {cfg.out_dir}")
-        report = rl_run.train_rl(cfg, resume=args.resume, test=not args.no_test)
+        report = rl_run.train_rl(cfg, resume=args.resume, test=not args.no_test, overwrite=args.overwrite)
         _print(f"best validation score {report['val']['score']:.4g} at iteration {report['best_iteration']} "
                f"-> {report['best_checkpoint']}" if report["val"]["score"] is not None else "no validation yet")
         if "test" in report:

@@ -45,7 +45,7 @@ from .checkpoint import (FORMAT, FORMAT_VERSION, check_optimizer_state, check_rn
 from .config import LoopConfig, apply_overrides, config_source
 from .metrics_log import kept_rows, write_json
 from .tracking import TensorBoardLog
-from .trainer import resolve_device
+from .trainer import check_run_folder, remove_run_files, resolve_device
 
 __all__ = ["RLRunConfig", "WeightAverage", "builtin_rl_configs", "evaluate_rl_checkpoint", "load_rl",
            "load_rl_config", "rl_device", "train_rl"]
@@ -405,10 +405,15 @@ def _plot_curve(rows: list[dict], path: Path, title: str) -> None:
         plt.close(fig)
 
 
-def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True) -> dict[str, Any]:
+def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train, keep the best checkpoint on the validation tasks, then test it; returns (and writes
-    to ``<out_dir>/report.json``) a summary."""
+    to ``<out_dir>/report.json``) a summary. Like the supervised trainer, a folder holding an
+    earlier run is refused unless ``resume`` (continue it) or ``overwrite`` (delete what that run
+    wrote first)."""
     tc, out = config.train, Path(config.out_dir)
+    check_run_folder(out, resume, overwrite)
+    if overwrite:
+        remove_run_files(out)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(config.seed)

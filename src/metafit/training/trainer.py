@@ -32,7 +32,7 @@ from .metrics_log import MetricsLog, write_json
 from .monitor import Finding, Monitor
 from .tracking import TensorBoardLog
 
-__all__ = ["RUN_FILES", "Trainer", "TrainResult", "check_run_folder", "describe_split", "make_sampler",
+__all__ = ["RUN_FILES", "Trainer", "TrainResult", "check_run_folder", "remove_run_files", "describe_split", "make_sampler",
            "resolve_device"]
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def check_run_folder(out_dir: str | Path, resume: bool | str | Path = False, ove
         )
 
 
-def _remove_run_files(out_dir: Path) -> list[str]:
+def remove_run_files(out_dir: Path) -> list[str]:
     """Delete what an earlier run wrote into ``out_dir`` (:data:`RUN_FILES`, :data:`RUN_FOLDERS`);
     other entries are left alone. Returns the names removed."""
     import shutil
@@ -516,7 +516,7 @@ class Trainer:
         if problem is not None:
             raise ConfigError(problem)
         if overwrite and self.dist.is_main:
-            removed = _remove_run_files(self.out_dir)
+            removed = remove_run_files(self.out_dir)
             if removed:
                 logger.info("overwrite: deleted the earlier run's files in %s (%s)", self.out_dir,
                             ", ".join(removed[:6]) + (f" and {len(removed) - 6} more" if len(removed) > 6 else ""))
