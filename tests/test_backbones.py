@@ -570,3 +570,12 @@ def test_first_block_folding_keeps_outputs_and_gradients(monkeypatch, backbone):
             first = model.blocks[0] if backbone == "conv4" else model.layer1[0]
             conv, bn = (first[0], first[1]) if backbone == "conv4" else (first.conv1, first.bn1)
             assert module.conv_bn_fusable(x, conv, bn)
+
+
+def test_a_checkpoint_of_another_backbone_is_named_not_listed(tmp_path):
+    from metafit.training import build_model, make_config, save_checkpoint
+
+    cfg = make_config({"backbone": {"name": "conv4", "hidden_channels": 8}, "data": {"name": "folder", "image_size": 16}})
+    ckpt = save_checkpoint(tmp_path / "conv4.safetensors", build_model(cfg), cfg, step=0)
+    with pytest.raises(CheckpointError, match=r"got a metafit checkpoint of a \{name: \"conv4\", .*hidden_channels: 8"):
+        load_backbone_weights(_resnet(), ckpt)

@@ -269,3 +269,19 @@ def test_a_second_fit_of_the_same_trainer_continues_its_own_run(tmp_path, synthe
     # a new Trainer in that folder is another run: refused
     with pytest.raises(ConfigError, match="out_dir must be a new or empty folder"):
         Trainer(cfg, splits=synthetic_splits).fit()
+
+
+def test_info_describes_a_saved_task_file(tmp_path, capsys):
+    import metafit
+    from metafit.data import list_labelled_images
+    from metafit.training import build_model, make_config, save_checkpoint
+
+    cfg = make_config(tiny_config(tmp_path / "run"))
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", build_model(cfg).eval(), cfg, step=0)
+    files, labels = list_labelled_images(write_image_tree(tmp_path / "support", n_classes=3, per_class=1, size=16))
+    task = metafit.load(ckpt).adapt(files, labels)
+    path = task.save(tmp_path / "t.safetensors")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "algorithm    protonet (Prototypes)" in out and "classes      3: class00, class01, class02" in out
+    assert f"model        {ckpt}" in out

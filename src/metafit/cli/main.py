@@ -545,10 +545,36 @@ def _short(value) -> str:
     return str(value)
 
 
+def _info_task(path: str) -> int:
+    """``metafit info`` of a task file saved by ``metafit adapt`` / ``task.save``."""
+    from ..errors import CheckpointError
+    from ..training.checkpoint import validate_meta
+    from ..training.inference import TaskMeta, _task_raw
+    from ..validation import load_json
+
+    where = f"the metadata of {path!r}"
+    meta: TaskMeta = validate_meta(TaskMeta, load_json(_task_raw(Path(path)), f"Task: {where}", CheckpointError),
+                                   where, "The file is damaged or was edited; adapt again and save.", owner="Task")
+    names = [str(n) for n in meta.class_names]
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    model = meta.checkpoint or "not recorded"
+    if not (meta.checkpoint and Path(meta.checkpoint).is_file()):
+        model += " (missing: metafit.load_task(TASK, checkpoint=PATH) takes the checkpoint it was adapted with)"
+    _print(f"task         {path} (adapted by metafit adapt / task.save)")
+    _print(f"algorithm    {meta.algorithm} ({meta.adapted_type})")
+    _print(f"classes      {len(names)}: {shown}")
+    _print(f"model        {model}")
+    _print(f"metafit      {meta.metafit_version or 'unknown'} (task format {meta.format_version})")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
     from ..training.checkpoint import load
+    from ..training.inference import is_task_file
 
+    if is_task_file(args.checkpoint):
+        return _info_task(args.checkpoint)
     meta, tensors = read_checkpoint(args.checkpoint)  # metadata validated against the checkpoint schema
     n_params = sum(v.numel() for k, v in tensors.items() if k.startswith("model."))
     version = f"{meta.get('metafit_version') or 'unknown'} (format {meta['format_version']})"

@@ -153,6 +153,20 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return dict(obj), "torch state dict, weights_only" + (f", under {where}" if where else "")
 
 
+def _checkpoint_backbone(path: str | os.PathLike) -> str | None:
+    """The backbone a metafit checkpoint was trained with, as ``{name: ..., <widths>}`` text
+    (None when its metadata cannot tell)."""
+    from .checkpoint import read_checkpoint, stored_config
+
+    try:
+        meta, _ = read_checkpoint(path)
+        bb = stored_config(meta, Path(path)).backbone.model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller raises anyway
+        return None
+    keep = {k: v for k, v in bb.items() if v is not None and not k.startswith("weights")}
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in keep.items()) + "}"
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """``(tensors, format)`` of a weights file, without running any code from it."""
     path = Path(path).expanduser()
@@ -250,7 +264,14 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: st
         tried = [prefix] + ([prefix + "."] if prefix and not prefix.endswith(".") else [])
         chosen = next((p for p in tried if any(k.startswith(p) and k[len(p):] in names for k in tensors)), None)
     if chosen is None:
-        shown = ", ".join(repr(p) for p in tried[:_SHOW]) + (f" and {len(tried) - _SHOW} more" if len(tried) > _SHOW else "")
+        holds = _checkpoint_backbone(path) if "metafit checkpoint" in fmt else None
+        if holds is not None:  # say what the file is rather than list the prefixes tried
+            raise CheckpointError(
+                f"Weights: {shown_path!r} must hold weights of this backbone; got a metafit checkpoint of a "
+                f"{holds} backbone, whose tensor names match none of this one's. Configure backbone: "
+                f"{holds} to start from it, or pass weights of this backbone."
+            )
+        shown = ", ".join(repr(p) for p in tried[:3]) + (f" and {len(tried) - 3} more" if len(tried) > 3 else "")
         raise CheckpointError(
             f"Weights: {shown_path!r} must contain tensors named like the backbone's (e.g. "
             f"{_names(list(target)[:3], 3)}) after stripping a key prefix; got no match with prefix "
