@@ -4,6 +4,7 @@
     task = model.adapt(["a1.png", "a2.png", "b1.png"], ["alpha", "alpha", "beta"])
     print(task.predict(["query.png"]).labels)
     task.save("task.safetensors"); task = metafit.load_task("task.safetensors")
+    model.save_pretrained("my-model"); model = metafit.Model.from_pretrained("my-model")  # or "user/repo"
 """
 
 __version__ = "0.1.0"
@@ -21,10 +22,12 @@ from .types import Task, TaskBatch  # noqa: E402
 
 
 def load(path, device="cpu", algorithm=None):
-    """A trained model from a metafit checkpoint, ready to ``adapt`` to labelled images and
-    predict (see :class:`metafit.training.inference.Model`; its ``algorithm`` attribute is the
-    tensor-level :class:`~metafit.algorithms.Algorithm`). ``algorithm``: adaptation-only config
-    changes, e.g. ``{"finetune_steps": 20}`` to fine-tune a ProtoNet's backbone on each support set."""
+    """A trained model from a metafit checkpoint (or a folder written by
+    ``model.save_pretrained``), ready to ``adapt`` to labelled images and predict (see
+    :class:`metafit.Model`; its ``algorithm`` attribute is the tensor-level
+    :class:`~metafit.algorithms.Algorithm`). ``algorithm``: adaptation-only config changes, e.g.
+    ``{"finetune_steps": 20}`` to fine-tune a ProtoNet's backbone on each support set. For a
+    Hugging Face Hub repo id use ``metafit.Model.from_pretrained``."""
     from .training.inference import load_model
 
     return load_model(path, device, algorithm)
@@ -37,12 +40,22 @@ def load_task(path, checkpoint=None, device="cpu"):
     return _load_task(path, checkpoint, device)
 
 
+def __getattr__(name):
+    # imported on first use: ``import metafit`` stays light (no training modules)
+    if name == "Model":
+        from .training.inference import Model
+
+        return Model
+    raise AttributeError(f"module 'metafit' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
     "DownloadError",
     "MetafitError",
+    "Model",
     "Task",
     "TaskBatch",
     "TaskError",

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,16 +34,28 @@ from .. import __version__
 from ..algorithms import Adapted, Algorithm
 from ..data import ImageFormat
 from ..data.cache import atomic_write_bytes, file_digest
-from ..errors import CheckpointError, TaskError, short_repr
+from ..errors import CheckpointError, ConfigError, DownloadError, MetafitError, TaskError, short_repr
 from ..validation import load_json
 from .checkpoint import OpenMetaModel, validate_meta, with_algorithm_overrides
 from .checkpoint import load as load_algorithm
+from .checkpoint import save_checkpoint
 from .config import RunConfig
 
-__all__ = ["AdaptedTask", "Model", "Prediction", "is_task_file", "load_model", "load_task"]
+__all__ = ["AdaptedTask", "Model", "Prediction", "checkpoint_file", "is_task_file", "load_model", "load_task",
+           "model_card"]
 
 TASK_FORMAT = "metafit-task"
 TASK_FORMAT_VERSION = 1
+
+#: the files of a folder written by :meth:`Model.save_pretrained` (Hugging Face layout)
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+#: the first line after a generated model card's front matter; a README.md without it is the
+#: user's own and is never overwritten
+CARD_MARKER = "<!-- metafit model card: written by save_pretrained; delete this line to keep your edits -->"
+#: what pip installs for the Hugging Face Hub functions (from_pretrained of a repo id, push_to_hub)
+HUB_EXTRA = 'pip install "metafit[hub]"'
 
 
 class TaskMeta(OpenMetaModel):
@@ -167,6 +181,126 @@ class Model:
         fmt = self.image_format.describe() if self.image_format else "vectors"
         return f"Model({self.config.algorithm.name}, {fmt}, checkpoint={str(self.checkpoint)!r})"
 
+    # -- Hugging Face style folders and the Hub ---------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, *, repo_id: str | None = None) -> Path:
+        """Write the model to ``directory`` the Hugging Face way: ``model.safetensors`` (a metafit
+        checkpoint: ``metafit.load`` reads it, or the folder), ``config.json`` (the run config and
+        metafit version, for people and the Hub; loading reads the checkpoint's own copy) and a
+        ``README.md`` model card (kept if the folder has a README.md metafit did not write).
+        Each file is written atomically; returns the folder. Resume state (optimizer, RNG) is not
+        copied; calibration, metrics and split are. ``repo_id`` only names the repo in the card."""
+        directory = Path(directory)
+        meta = dict(self.checkpoint_meta)
+        kept = {k: v for k, v in meta.items()
+                if k not in ("format", "format_version", "metafit_version", "algorithm", "config", "step",
+                             "metrics", "image_format", "train_state")}
+        try:
+            if directory.exists() and not directory.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(directory))
+            weights = save_checkpoint(directory / WEIGHTS_NAME, self.algorithm, self.config,
+                                      step=int(meta.get("step") or 0), metrics=meta.get("metrics") or {},
+                                      extra_meta=kept)
+            config = self.pretrained_config()
+            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+            atomic_write_bytes(directory / CONFIG_NAME, lambda f: f.write(text.encode("utf-8")))
+            card_path = directory / CARD_NAME
+            if not card_path.exists() or CARD_MARKER in card_path.read_text(encoding="utf-8", errors="replace"):
+                card = model_card(self, repo_id or directory.resolve().name)
+                atomic_write_bytes(card_path, lambda f: f.write(card.encode("utf-8")))
+        except OSError as err:
+            raise CheckpointError(
+                f"Save: directory must be a folder metafit can write; got {str(directory)!r} "
+                f"({err.strerror or err}). Pass another folder."
+            ) from err
+        if self.checkpoint == weights.resolve():  # rewritten in place: its digest is recomputed when asked
+            self._digest = None
+        return directory
+
+    def pretrained_config(self) -> dict[str, Any]:
+        """The content of ``config.json`` in a :meth:`save_pretrained` folder."""
+        meta = self.checkpoint_meta
+        return {
+            "library_name": "metafit",
+            "metafit_version": __version__,
+            "algorithm": self.config.algorithm.name,
+            "backbone": self.config.backbone.name if self.config.backbone is not None else None,
+            "image_format": self.image_format.to_dict() if self.image_format is not None else None,
+            "step": int(meta.get("step") or 0),
+            "weights": WEIGHTS_NAME,
+            "config": self.config.to_dict(),
+        }
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                        revision: str | None = None, algorithm: dict[str, Any] | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, force_download: bool = False) -> "Model":
+        """A model from a :meth:`save_pretrained` folder (or a checkpoint file), else from the
+        Hugging Face Hub repo ``name_or_path`` (``"user/name"``; needs ``pip install
+        "metafit[hub]"``): ``model.safetensors`` and ``config.json`` are downloaded into the Hub
+        cache (``cache_dir``; ``revision``: a branch, tag or commit; ``token`` for private repos;
+        offline: ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` uses the cache only). Only
+        safetensors and JSON are read: loading a stranger's model runs no code. ``algorithm``:
+        adaptation-only config changes, as in :func:`metafit.load`."""
+        local = Path(name_or_path).expanduser()
+        if isinstance(name_or_path, os.PathLike) or local.exists():
+            return load_model(local, device, algorithm)
+        repo_id = str(name_or_path)
+        if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith(".safetensors"):
+            raise CheckpointError(
+                f"Model: name_or_path must be a folder written by save_pretrained or a Hugging Face Hub repo id "
+                f"('user/name'); got {short_repr(repo_id)}, which is neither an existing folder nor a repo id. "
+                "Check the path."
+            )
+        hub = _hub("from_pretrained of a Hub repo id")
+        try:
+            folder = hub.snapshot_download(
+                repo_id, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token,
+                local_files_only=local_files_only, force_download=force_download,
+                allow_patterns=[WEIGHTS_NAME, CONFIG_NAME], library_name="metafit", library_version=__version__)
+        except Exception as err:
+            if not _is_hub_error(err):
+                raise
+            raise DownloadError(
+                f"Model: {repo_id!r} must be a local folder or a Hugging Face Hub model repo metafit can download; "
+                f"got no such folder, and the Hub answered {type(err).__name__} ({_first_line(err)}). Check the "
+                "path or repo id and revision, your connection (offline: only cached repos load), or pass token= "
+                "for a private repo."
+            ) from err
+        weights = Path(folder) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(
+                f"Model: Hub repo {repo_id!r} must hold {WEIGHTS_NAME} (a folder written by save_pretrained); got "
+                f"none at revision {revision or 'main'}. Pass the repo of a metafit model."
+            )
+        return load_model(weights, device, algorithm)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str = "Upload metafit model", revision: str | None = None,
+                    create_pr: bool = False) -> Any:
+        """Upload the model as :meth:`save_pretrained` writes it to the Hugging Face Hub repo
+        ``repo_id`` (created if absent; needs ``pip install "metafit[hub]"`` and a token:
+        ``token=`` or ``hf auth login``). Returns the Hub's commit info."""
+        hub = _hub("push_to_hub")
+        with tempfile.TemporaryDirectory(prefix="metafit-push-") as tmp:
+            try:
+                api = hub.HfApi()
+                url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+                full_id = getattr(url, "repo_id", None) or repo_id  # "name" becomes "user/name"
+                self.save_pretrained(tmp, repo_id=full_id)
+                return api.upload_folder(repo_id=full_id, folder_path=tmp, commit_message=commit_message,
+                                         token=token, revision=revision, create_pr=create_pr, repo_type="model")
+            except MetafitError:
+                raise
+            except Exception as err:
+                if not _is_hub_error(err):
+                    raise
+                raise DownloadError(
+                    f"Model: push_to_hub must reach a Hub repo it may write; got {type(err).__name__} for "
+                    f"{short_repr(repo_id)} ({_first_line(err)}). Check the repo id, your connection and your token "
+                    "(hf auth login, or token=)."
+                ) from err
+
 
 class AdaptedTask:
     """A model adapted to one task: predicts its classes; :meth:`save` keeps it for later."""
@@ -278,10 +412,123 @@ def is_task_file(path: str | os.PathLike) -> bool:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                algorithm: dict[str, Any] | None = None) -> Model:
-    """A trained :class:`Model` from a metafit checkpoint (safetensors; no code is executed).
+    """A trained :class:`Model` from a metafit checkpoint (safetensors; no code is executed) or
+    a folder written by :meth:`Model.save_pretrained` (its ``model.safetensors``).
     ``algorithm`` changes adaptation-only fields, e.g. ``{"finetune_steps": 20, "finetune_lr":
     0.01}`` (ProtoNet's fine-tuning at adaptation) or ``{"head": "centroid"}`` (transfer)."""
+    path = checkpoint_file(path)
     return Model(with_algorithm_overrides(load_algorithm(path, device), algorithm), path)
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path``, or the ``model.safetensors`` of a :meth:`Model.save_pretrained` folder; a
+    folder without one is refused."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(
+            f"Checkpoint: folder {str(path)!r} must hold {WEIGHTS_NAME} (written by model.save_pretrained); got a "
+            "folder without it. Pass a folder written by save_pretrained, or a .safetensors checkpoint."
+        )
+    return weights
+
+
+#: a Hugging Face Hub repo id: ``name`` or ``namespace/name``
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+#: packages whose exceptions are the Hub's or its HTTP client's (not all of them are OSErrors)
+_HUB_ERROR_PACKAGES = frozenset({"huggingface_hub", "httpx", "httpx2", "requests", "urllib3", "hf_xet"})
+
+
+def _hub(what: str) -> Any:
+    """The ``huggingface_hub`` module, or a one-line :class:`ConfigError` naming the extra."""
+    try:
+        import huggingface_hub  # noqa: PLC0415 (optional extra)
+    except ImportError as err:
+        raise ConfigError(
+            f"Model: the huggingface_hub package must be installed for {what}; got an import error ({err}). "
+            f"Install it with {HUB_EXTRA}, or use a local folder."
+        ) from err
+    return huggingface_hub
+
+
+def _is_hub_error(err: BaseException) -> bool:
+    """Whether ``err`` is a failure of the Hub (not found, unauthorized, offline, invalid id, a
+    connection error of its HTTP client), as opposed to a bug to let through."""
+    if isinstance(err, (OSError, ValueError)):
+        return True
+    return any(c.__module__.partition(".")[0] in _HUB_ERROR_PACKAGES for c in type(err).__mro__)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else "no message"
+    return text if len(text) <= 200 else text[:196] + " ..."
+
+
+def _cell(value: Any) -> str:
+    """``value`` as text for one Markdown table cell (no line breaks or column separators)."""
+    return " ".join(str(value).split()).replace("|", "\\|")[:200]
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, value in list(metrics.items())[:20]:
+        if isinstance(value, dict) and isinstance(value.get("mean"), (int, float)):
+            what = value.get("metric", "accuracy")
+            text = f"{what} {value['mean']:.4f}"
+            if isinstance(value.get("ci95"), (int, float)):
+                text += f" ± {value['ci95']:.4f}"
+            if isinstance(value.get("episodes"), int):
+                text += f" over {value['episodes']} episodes"
+        elif isinstance(value, float):
+            text = f"{value:.4g}"
+        elif isinstance(value, (int, str, bool)):
+            text = str(value)
+        else:
+            continue
+        lines.append(f"- {_cell(name)}: {_cell(text)}")
+    return lines
+
+
+def model_card(model: Model, name: str) -> str:
+    """The ``README.md`` of a :meth:`Model.save_pretrained` folder: Hub metadata (library and
+    tags), how to use the model, and what it is (algorithm, backbone, data, image format,
+    episodes, metrics when the checkpoint holds them)."""
+    config, meta = model.config, model.checkpoint_meta
+    alg = config.algorithm.name
+    backbone = config.backbone.name if config.backbone is not None else "none"
+    images = model.image_format is not None
+    tags = ["metafit", "meta-learning", "few-shot-learning", *(["image-classification"] if images else []), alg]
+    front = ["---", "library_name: metafit", "tags:", *(f"- {json.dumps(t)}" for t in dict.fromkeys(tags)), "---"]
+    split = meta.get("split") or {}
+    data = config.data.name
+    if split.get("classes"):
+        data += " (" + ", ".join(f"{k}: {v} classes" for k, v in split["classes"].items()) + ")"
+    rows = [("Algorithm", alg), ("Backbone", backbone), ("Data", data),
+            ("Input", model.image_format.describe() if images else "vectors"),
+            ("Training episodes", f"{config.task.n_ways}-way {config.task.k_shots}-shot" if images
+             else f"{config.task.k_shots}-shot"),
+            ("Training steps", int(meta.get("step") or 0))]
+    if model.temperature != 1.0:
+        rows.append(("Calibration temperature", f"{model.temperature:.4g}"))
+    rows.append(("metafit version", __version__))
+    usage = (["```python", "import metafit", "", f"model = metafit.Model.from_pretrained({json.dumps(name)})",
+              'task = model.adapt(["a1.png", "a2.png", "b1.png"], ["alpha", "alpha", "beta"])',
+              'print(task.predict(["query.png"]).labels)', "```"] if images else
+             ["```python", "import metafit", "", f"model = metafit.Model.from_pretrained({json.dumps(name)})",
+              "adapted = model.algorithm.adapt(x_support, y_support, n_ways=1)  # float tensors", "```"])
+    metrics = _metric_lines(meta.get("metrics") or {})
+    body = [CARD_MARKER, "", f"# {_cell(name)}", "",
+            f"A {alg} few-shot model ({backbone} backbone) trained with metafit. Adapt it to new classes from a "
+            "few labelled examples, then predict:", "", *usage, "",
+            "| | |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows), ""]
+    if metrics:
+        body += ["## Metrics", "", *metrics, ""]
+    body += ["`model.safetensors` is a metafit checkpoint (safetensors with JSON metadata: loading it runs no "
+             "code); `config.json` is its run config.", ""]
+    return "\n".join(front + body)
 
 
 def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | None = None,
@@ -315,7 +562,7 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
         model = checkpoint
     else:
         source = checkpoint or meta.get("checkpoint")
-        if not source or not Path(source).is_file():
+        if not source or not (Path(source).is_file() or Path(source).is_dir()):
             raise CheckpointError(
                 f"Task: the model checkpoint of {str(path)!r} must be available; got {str(source)!r}, which does "
                 "not exist. Pass checkpoint=PATH (the file the task was adapted with)."
