@@ -4,7 +4,8 @@ A step is *flagged* when its loss or gradient norm is not finite, when its loss 
 ``loss_spike`` robust standard deviations (1.4826 x the median absolute deviation) above the
 median of the last ``window`` accepted steps, when its gradient norm exceeds ``grad_spike`` times
 the median of that window, or when it exceeds ``max_grad_norm``. A loss or gradient-norm spike
-must also exceed ``over_recent_max`` times the largest value of the window: the loss of one
+must also exceed ``over_recent_max`` times the largest value of the window (and a loss spike
+``loss_floor``, below which a loss is never a spike): the loss of one
 episode (or a few) is heavy-tailed, the more so as it approaches zero, and ordinary episode noise
 reaches 30 times the median (and 30 robust standard deviations) but stays below about 2.2 times
 the window's largest value in the shipped configs, while a diverging step, a NaN or a 100-fold
@@ -52,6 +53,10 @@ class MonitorConfig(ConfigModel):
     over_recent_max: float | None = Field(
         4.0, ge=1.0, description="a loss or gradient-norm spike must also exceed this multiple of the largest "
         "value among the recent accepted steps, so that ordinary episode noise is not flagged (None: off)"
+    )
+    loss_floor: float | None = Field(
+        1.0, ge=0.0, description="a loss at or below this value is never a spike: a near-perfect model's episode "
+        "losses swing by large factors at tiny values (None: no floor)"
     )
     window: int = Field(100, ge=5, le=100000, description="recent accepted steps the spike tests compare against")
     min_history: int = Field(20, ge=3, description="accepted steps needed before spikes are judged")
@@ -110,6 +115,8 @@ class Monitor:
                 threshold = med + cfg.loss_spike * spread
                 if ratio is not None:
                     threshold = max(threshold, ratio * max(self.losses))
+                if cfg.loss_floor is not None:
+                    threshold = max(threshold, cfg.loss_floor)
                 if loss > threshold:
                     found.append(Finding("loss_spike", loss, threshold, med))
             if cfg.grad_spike is not None:
