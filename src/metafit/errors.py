@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "TrainingError",
+    "ExportError",
     "constraint_message",
     "short_repr",
     "MAX_MESSAGE_CHARS",
@@ -82,6 +83,10 @@ class DownloadError(MetafitError):
 
 class TrainingError(MetafitError, RuntimeError):
     """Training cannot continue (for example the loss became NaN)."""
+
+
+class ExportError(MetafitError, RuntimeError):
+    """A task cannot be exported (missing packages, an untraceable algorithm, a failed check)."""
 
 
 def constraint_message(owner: str, name: str, constraint: str, value: object, fix: str) -> str:

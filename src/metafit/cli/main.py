@@ -1,4 +1,4 @@
-"""``metafit`` command line: train, eval, tune, report, info, configs, quickstart.
+"""``metafit`` command line: train, eval, adapt, predict, export, serve, tune, report, info, configs, rl, quickstart.
 
 Errors of metafit print as one line on stderr with exit code 1 (``--debug`` shows the traceback).
 """
@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answer 'unknown' where the top probability is below P (0 < P <= 1)")
     pr.add_argument("--batch-size", type=int, default=256, help="images converted and predicted at a time")
     pr.add_argument("--device", default="cpu")
+
+    ex = sub.add_parser("export", help="write an adapted task (or checkpoint + --support) as one ONNX graph")
+    ex.add_argument("model", metavar="TASK|CHECKPOINT", help="a saved task, or a checkpoint together with --support")
+    ex.add_argument("--out", required=True, metavar="FILE", help="where to write the graph (e.g. task.onnx)")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    ex.add_argument("--support", metavar="DIR", help="with a checkpoint: support images, DIR/<label>/<image>")
+    ex.add_argument("--steps", type=int, help="with a checkpoint: adaptation steps of a gradient-based learner")
+    ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="with a checkpoint: change an adaptation-only algorithm field (repeatable)")
+    ex.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
 
     cb = sub.add_parser("calibrate", help="fit a softmax temperature on validation episodes; store it in the checkpoint")
     cb.add_argument("checkpoint")
@@ -409,6 +418,43 @@ def _cmd_predict(args) -> int:
             sys.stdout.write(buf.getvalue())
     if args.out:
         _print(f"{len(rows)} predictions over {task.n_classes} classes -> {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from ..data import list_labelled_images
+    from ..training.export import export_onnx, export_spec
+    from ..training.inference import is_task_file, load_model, load_task
+
+    if is_task_file(args.model):
+        if args.support:
+            raise ConfigError(
+                f"Export: --support must not be given with a saved task; got {args.model!r} (a task) and --support. "
+                "Drop --support, or pass the checkpoint instead of the task."
+            )
+        task = load_task(args.model)
+    else:
+        if not args.support:
+            from ..training import read_checkpoint
+
+            read_checkpoint(args.model)  # a missing or damaged file: say that, not "needs --support"
+            raise ConfigError(
+                f"Export: a checkpoint needs --support DIR to adapt first; got {args.model!r} without it. "
+                "Pass --support, or a task saved by `metafit adapt`."
+            )
+        files, labels = list_labelled_images(args.support)
+        task = load_model(args.model, "cpu", _algorithm_overrides(args.overrides)).adapt(files, labels, steps=args.steps)
+    path = export_onnx(task, args.out, opset=args.opset)
+    spec = export_spec(task)
+    shape = ", ".join(str(d) for d in spec["input"]["shape"])
+    _print(f"exported {spec['algorithm']} task over {task.n_classes} classes {short_repr(list(task.class_names))} "
+           f"-> {path}")
+    _print(f"input: {spec['input']['name']} float32 [{shape}] in [0, 1] (N: any batch size)")
+    _print(f"outputs: logits [N, {task.n_classes}], probabilities [N, {task.n_classes}] "
+           f"(softmax(logits / {spec['temperature']:g}))")
+    _print(f"preprocessing: {spec['preprocessing']}")
+    if spec["batch_statistics"]:
+        _print("note: BatchNorm uses the statistics of each batch (as in PyTorch): feed a task's images together")
     return 0
 
 
@@ -843,7 +889,8 @@ def _print_rl_eval(res: dict) -> None:
 
 COMMANDS = {"rl": _cmd_rl, "train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
             "calibrate": _cmd_calibrate, "serve": _cmd_serve, "tune": _cmd_tune, "report": _cmd_report,
-            "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart}
+            "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart,
+            "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
