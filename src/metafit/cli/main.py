@@ -794,6 +794,14 @@ def _cmd_quickstart(args) -> int:
     return _quickstart_omniglot(args, find_omniglot(args.data_dir, download=args.download))
 
 
+def _replacing(out_dir) -> str:
+    """The quickstart's note that it replaces an earlier run in its folder (empty if there is none)."""
+    folder = Path(out_dir)
+    if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+        return f"\n  Run folder {out_dir}: the earlier run there is replaced (pass another --out-dir to keep it)."
+    return ""
+
+
 def _quickstart_sinusoid(args) -> int:
     from ..training import evaluate_checkpoint, load, load_config, train
     from ..training.plots import plot_sinusoid_adaptation
@@ -806,8 +814,8 @@ def _quickstart_sinusoid(args) -> int:
     ])
     _print("metafit quickstart: MAML on few-shot sinusoid regression (built in, no download)\n"
            f"  meta-train {steps} steps (the paper uses 70000: `metafit train sinusoid_maml`), keep the best\n"
-           "  checkpoint on 200 validation tasks, then adapt to 600 unseen sinusoids from 5 points each.\n"
-           f"  Run folder {out}: an earlier run there is replaced (pass another --out-dir to keep it).")
+           "  checkpoint on 200 validation tasks, then adapt to 600 unseen sinusoids from 5 points each."
+           + _replacing(out))
     with _printing_log("metafit.training.trainer"):
         report = train(cfg, overwrite=True)
     _print_train_report(report)
@@ -839,8 +847,8 @@ def _quickstart_omniglot(args, root) -> int:
     ])
     _print(f"metafit quickstart: Prototypical Networks on Omniglot ({root})\n"
            f"  meta-train {steps} steps on 20-way 1-shot tasks, validate on held-out characters,\n"
-           f"  keep the best checkpoint, then test on 600 fixed 5-way 1-shot episodes of unseen characters.\n"
-           f"  Run folder {cfg.out_dir}: an earlier run there is replaced (pass another --out-dir to keep it).")
+           f"  keep the best checkpoint, then test on 600 fixed 5-way 1-shot episodes of unseen characters."
+           + _replacing(cfg.out_dir))
     with _printing_log("metafit.training.trainer"):
         report = train(cfg, overwrite=True)
     _print_train_report(report)
