@@ -67,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rotations", choices=["on", "off"], help="rotated classes in episodes (default: as trained)")
     e.add_argument("--seed", type=int, help="episode seed (default: the trainer's test seed)")
     e.add_argument("--data-dir", help="dataset folder, if it moved since training")
+    e.add_argument("--data", metavar="SOURCE", help="evaluate on another dataset (cross-domain): folder:PATH (every "
+                   "class a test class unless PATH has train/val/test), or a built-in source NAME or NAME:PATH")
+    e.add_argument("--polarity", choices=["auto", "as_trained", "flip"], default="auto", help="with --data: image polarity (auto: "
+                   "flip images whose border shows the opposite polarity to the training images')")
     e.add_argument("--runs", metavar="DIR", help="evaluate on Lake's one-shot runs folder instead")
     e.add_argument("--json", metavar="PATH", help="also write the report to this JSON file")
+    e.add_argument("--plots", metavar="DIR", help="also draw DIR/confusion.png (by class) and DIR/episodes.png (example episodes)")
     e.add_argument("--device", default="cpu")
 
     a = sub.add_parser("adapt", help="adapt a trained model to your labelled images; save the task")
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--support", required=True, metavar="DIR", help="support images, one folder per label: DIR/<label>/<image>")
     a.add_argument("--out", required=True, metavar="TASK", help="where to save the adapted task (.safetensors)")
     a.add_argument("--steps", type=int, help="adaptation steps of a gradient-based learner")
+    a.add_argument("--polarity", choices=["auto", "as_trained", "flip"], default="auto", help="image polarity: auto (flip images "
+                   "whose border shows the opposite polarity to the training images'), as_trained or flip")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
     a.add_argument("--device", default="cpu")
 
@@ -84,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     pr.add_argument("--support", metavar="DIR", help="with a checkpoint: support images, DIR/<label>/<image>")
     pr.add_argument("--steps", type=int, help="with a checkpoint: adaptation steps of a gradient-based learner")
+    pr.add_argument("--polarity", choices=["auto", "as_trained", "flip"], help="image polarity: auto, as_trained or flip "
+                    "(default: the task's own; with a checkpoint, auto)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
     pr.add_argument("--out", metavar="FILE", help="write .csv or .json (default: CSV on standard output)")
     pr.add_argument("--top-k", type=int, default=3, help="most probable labels listed per image")
@@ -287,6 +296,8 @@ def _print_train_report(report: dict) -> None:
              f"{stop['meta_steps']}" if stop.get("reason") == "max_minutes" else "")
     _print(f"training time {report['train_seconds'] / 60:.1f} min{ended}; "
            f"report: {Path(report['out_dir']) / 'report.json'}")
+    if report.get("learning_curve"):
+        _print(f"learning curve: {report['learning_curve']}")
 
 
 def _cmd_eval(args) -> int:
@@ -307,10 +318,15 @@ def _cmd_eval(args) -> int:
                 episodes=args.episodes, split=args.split, within_group=True if args.within_group else None,
                 rotations=None if args.rotations is None else args.rotations == "on",
                 seed=args.seed, data_root=args.data_dir, device=args.device, progress=bar.update,
-                inner_steps=args.inner_steps, algorithm_overrides=_algorithm_overrides(args.overrides))
+                inner_steps=args.inner_steps, algorithm_overrides=_algorithm_overrides(args.overrides),
+                data=args.data, polarity=args.polarity, plots=args.plots)
         finally:
             bar.close()
         steps = f", {report['inner_steps']} inner steps" if "inner_steps" in report else ""
+        if report.get("data"):
+            d = report["data"]
+            _print(f"data: {d['source']} ({d['classes']} {report['split']} classes, {d['split']}); images read as "
+                   f"{d['image_format']}; {d['polarity_text']}")
         if report.get("metric") == "mse":
             _print(f"{report['split']} {report['k_shots']}-shot regression{steps}: MSE {report['mean']:.4f} "
                    f"+/- {report['ci95']:.4f} (95% CI over {report['episodes']} tasks, seed {report['seed']})")
@@ -326,6 +342,10 @@ def _cmd_eval(args) -> int:
     if args.json:
         write_json(args.json, report)
         _print(f"report: {args.json}")
+    if args.plots and args.runs:
+        _print("note: --plots draws evaluations on fixed episodes; with --runs nothing was drawn")
+    for name, path in (report.get("plots") or {}).items():
+        _print(f"{name} plot: {path}")
     return 0
 
 
@@ -350,11 +370,12 @@ def _cmd_adapt(args) -> int:
 
     files, labels = list_labelled_images(args.support)
     model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
-    task = model.adapt(files, labels, steps=args.steps)
+    task = model.adapt(files, labels, steps=args.steps, polarity=args.polarity)
     path = task.save(args.out)
     counts = {n: labels.count(n) for n in task.class_names}
     _print(f"adapted {model.config.algorithm.name} to {task.n_classes} classes from {len(files)} images "
            f"({', '.join(f'{n}: {c}' for n, c in counts.items())}); images read as {model.image_format.describe()}")
+    _print(f"{task.support_polarity.describe()}; predictions use polarity {task.polarity}")
     _print(f"task: {path}")
     return 0
 
@@ -373,6 +394,7 @@ def _cmd_predict(args) -> int:
         raise ConfigError(
             f"Predict: --top-k and --batch-size must be >= 1; got {args.top_k} and {args.batch_size}. Pass positive values."
         )
+    notes: list = []
     if is_task_file(args.model):
         if args.support:
             raise ConfigError(
@@ -391,18 +413,22 @@ def _cmd_predict(args) -> int:
             )
         files, labels = list_labelled_images(args.support)
         task = load_model(args.model, args.device, _algorithm_overrides(args.overrides)).adapt(
-            files, labels, steps=args.steps)
+            files, labels, steps=args.steps, polarity=args.polarity or "auto")
+        notes.append(("support", task.support_polarity))
     images = list_images(args.images)
     bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True, disable=None)
     try:
-        pred = task.predict(images, batch_size=args.batch_size, progress=bar.update, abstain_below=args.abstain_below)
+        pred = task.predict(images, batch_size=args.batch_size, progress=bar.update, abstain_below=args.abstain_below,
+                            polarity=args.polarity)
     finally:
         bar.close()
+    notes.append(("images", pred.polarity))
     rows = [{"file": str(f), "label": label, "probability": float(p.max()), "abstained": label is None,
              "top_k": [{"label": n, "probability": q} for n, q in top]}
             for f, label, p, top in zip(images, pred.labels, pred.probabilities, pred.top_k(args.top_k))]
     if args.out and args.out.lower().endswith(".json"):
-        write_json(args.out, {"classes": list(task.class_names), "predictions": rows})
+        write_json(args.out, {"classes": list(task.class_names), "polarity": pred.polarity.to_dict(),
+                              "predictions": rows})
     else:
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -416,6 +442,11 @@ def _cmd_predict(args) -> int:
             atomic_write_bytes(Path(args.out), lambda f: f.write(buf.getvalue().encode()))
         else:
             sys.stdout.write(buf.getvalue())
+    # what polarity was used, once the output is written (only for models with a polarity convention;
+    # beside CSV on stdout the notes go to stderr)
+    for what, use in notes:
+        if use.background is not None:
+            print(f"{what}: {use.describe()}", file=sys.stdout if args.out else sys.stderr, flush=True)
     if args.out:
         _print(f"{len(rows)} predictions over {task.n_classes} classes -> {args.out}")
     return 0

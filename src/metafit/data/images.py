@@ -8,6 +8,14 @@ numpy arrays (H x W, H x W x C; uint8, or floats in [0, 1]) or torch tensors; a 
 already has the model's shape ([C, H, W] or [N, C, H, W] at the model's size, values in [0, 1])
 is taken as converted, like the tensors the episode samplers produce.
 
+Polarity: ``polarity="as_trained"`` converts exactly as the training images were; ``"flip"``
+inverts every image relative to that (light-on-dark images for a model trained on dark ink on a
+light background, and the reverse); ``"auto"`` decides per image from its border (the median of
+the outer 2-pixel frame, after conversion) for formats with a polarity convention (grayscale,
+inverted like Omniglot: :attr:`ImageFormat.background`), flipping only the images whose
+background is the opposite of the training images'; other formats are left as trained.
+:func:`convert_images_polarity` also reports what was used (:class:`PolarityUse`).
+
 Float input must already be scaled to [0, 1] (within :data:`FLOAT_TOLERANCE`), and integer input
 must lie in 0-255: a float image of 0-255 values, or NaN/inf, is a one-line
 :class:`~metafit.errors.DataError` (divide by 255, or pass uint8), never a silently wrong prediction.
@@ -28,12 +36,12 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .store import ImageFormat, check_image_size, read_image
+from .store import ImageFormat, PolarityUse, check_image_size, check_polarity, polarity_flips, read_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-__all__ = ["FLOAT_TOLERANCE", "IMAGE_SUFFIXES", "ImageFormat", "convert_images", "list_images",
-           "list_labelled_images"]
+__all__ = ["FLOAT_TOLERANCE", "IMAGE_SUFFIXES", "ImageFormat", "PolarityUse", "convert_images",
+           "convert_images_polarity", "list_images", "list_labelled_images"]
 
 #: how far float pixel values may stray outside [0, 1] (rounding of a division by 255, resampling)
 FLOAT_TOLERANCE = 1e-3
@@ -131,9 +139,17 @@ class _Converter:
             f"{type(item).__name__}. Convert it to one of those."
         )
 
-    def convert(self, images: Any) -> torch.Tensor:
+    def convert(self, images: Any, polarity: str = "as_trained") -> tuple[torch.Tensor, PolarityUse]:
         """Float tensor [N, channels, size, size] in [0, 1] from one image or a sequence of them
-        (or a batch tensor / array [N, ...])."""
+        (or a batch tensor / array [N, ...]), with ``polarity`` applied, and what was used."""
+        check_polarity(polarity)
+        x = self._convert(images)
+        flip = polarity_flips(self.fmt, x, polarity)
+        if bool(flip.any()):
+            x = torch.where(flip.to(x.device)[:, None, None, None], 1.0 - x, x)  # never in place: x may be the caller's
+        return x, PolarityUse(polarity, int(flip.sum()), int(x.shape[0]), self.fmt.background)
+
+    def _convert(self, images: Any) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             if images.is_floating_point() and tuple(images.shape[1:]) == (self.channels, self.size, self.size):
                 _check_float_tensor(images.detach(), "images", batch=True)
@@ -197,7 +213,14 @@ def list_labelled_images(root: str | os.PathLike) -> tuple[list[Path], list[str]
     return files, labels
 
 
-def convert_images(fmt: ImageFormat, images: Any) -> torch.Tensor:
+def convert_images(fmt: ImageFormat, images: Any, polarity: str = "as_trained") -> torch.Tensor:
     """Float tensor [N, channels, size, size] in [0, 1] of users' images (paths, PIL images,
-    arrays, tensors, or a sequence of them) converted as ``fmt`` says."""
-    return _Converter(fmt).convert(images)
+    arrays, tensors, or a sequence of them) converted as ``fmt`` says, with ``polarity``
+    (``as_trained``, ``flip`` or ``auto``; see the module notes)."""
+    return _Converter(fmt).convert(images, polarity)[0]
+
+
+def convert_images_polarity(fmt: ImageFormat, images: Any, polarity: str = "auto") -> tuple[torch.Tensor, PolarityUse]:
+    """:func:`convert_images` and the polarity used (:class:`PolarityUse`: how many images were
+    flipped relative to the training polarity)."""
+    return _Converter(fmt).convert(images, polarity)

@@ -39,7 +39,8 @@ from ..errors import ConfigError, DataError, MetafitError, short_repr
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_ENV", "FileImages", "ImageFormat", "ImageStore",
            "ImageTooLargeError", "check_image_size", "decode_all", "decoded_bytes", "image_array",
-           "max_image_pixels", "open_image", "quote_path", "read_image", "to_mode"]
+           "max_image_pixels", "open_image", "quote_path", "read_image", "to_mode",
+           "POLARITIES", "PolarityImages", "PolarityUse", "border_level", "check_polarity", "polarity_flips"]
 
 #: the most pixels (width x height) an image may have, checked from its header before decoding
 #: (Pillow's warning threshold; its own error comes only at twice this)
@@ -200,15 +201,112 @@ class ImageFormat:
         fit = ", centre-cropped" if self.fit == "crop" else ""
         return f"{mode} {self.size}x{self.size}{fit}{ink}"
 
+    @property
+    def background(self) -> str | None:
+        """The background of the training images before any inversion, where the format implies
+        one: ``"light"`` for grayscale inverted formats (dark ink on a light background, like
+        Omniglot), else None (no polarity convention: ``polarity="auto"`` leaves images as they are)."""
+        return "light" if self.channels == 1 and self.invert else None
+
+    @property
+    def input_background(self) -> str | None:
+        """The background of model input (after the inversion): ``"dark"``, ``"light"`` or None."""
+        if self.background is None:
+            return None
+        return {"light": "dark", "dark": "light"}[self.background] if self.invert else self.background
+
     def array(self, im: Image.Image) -> np.ndarray:
         return image_array(im, self.size, self.channels, self.invert, self.fit)
 
-    def convert(self, images: Any) -> torch.Tensor:
+    def convert(self, images: Any, polarity: str = "as_trained") -> torch.Tensor:
         """Float tensor [N, channels, size, size] in [0, 1] from one image or a sequence of them
-        (paths, PIL images, arrays, tensors; see :mod:`metafit.data.images`)."""
+        (paths, PIL images, arrays, tensors; see :mod:`metafit.data.images`); ``polarity`` as
+        in :func:`polarity_flips`."""
         from .images import convert_images  # noqa: PLC0415 (images builds on this module)
 
-        return convert_images(self, images)
+        return convert_images(self, images, polarity)
+
+
+#: how users' images relate to the training polarity: ``auto`` (detected per image from its
+#: border, for formats with a polarity convention), ``as_trained`` (converted exactly as the
+#: training images), ``flip`` (the other polarity: intensities inverted relative to training)
+POLARITIES = ("auto", "as_trained", "flip")
+#: the outer frame (pixels) whose median intensity is taken as an image's background
+BORDER_WIDTH = 2
+#: a border median within this distance of mid-gray decides nothing (the image is left as is)
+BORDER_MARGIN = 0.15
+
+
+def check_polarity(polarity: Any, owner: str = "Images", fix: str | None = None) -> str:
+    """``polarity`` if it is one of :data:`POLARITIES`, else a one-line ConfigError."""
+    if not isinstance(polarity, str) or polarity not in POLARITIES:
+        raise ConfigError(
+            f"{owner}: polarity must be one of {', '.join(repr(p) for p in POLARITIES)}; got {short_repr(polarity)}. "
+            + (fix or "Pass 'auto' (detect from each image's border), 'as_trained' or 'flip'.")
+        )
+    return polarity
+
+
+def border_level(images: torch.Tensor | np.ndarray, width: int = BORDER_WIDTH) -> torch.Tensor:
+    """Median intensity in [0, 1] of the outer ``width``-pixel frame of every image of
+    ``images`` ([N, C, H, W]; uint8, or floats in [0, 1]), over all channels: [N]."""
+    x = torch.as_tensor(images)
+    x = x.float() / 255.0 if not x.is_floating_point() else x.float()
+    n, _, h, w = x.shape
+    wy, wx = min(width, h), min(width, w)
+    frame = torch.cat([x[:, :, :wy].flatten(1), x[:, :, h - wy:].flatten(1),
+                       x[:, :, wy:h - wy, :wx].flatten(1), x[:, :, wy:h - wy, w - wx:].flatten(1)], dim=1)
+    return frame.median(dim=1).values if frame.shape[1] else torch.full((n,), 0.5)
+
+
+def polarity_flips(fmt: ImageFormat, images: torch.Tensor | np.ndarray, polarity: str) -> torch.Tensor:
+    """Which of ``images`` (model input [N, C, H, W], converted as trained) to invert: none for
+    ``as_trained``, all for ``flip``; for ``auto`` those whose border (the median of the outer
+    2-pixel frame) says their background is the opposite of the training images' input
+    background. Formats without a polarity convention (:attr:`ImageFormat.background` None) and
+    images whose border is near mid-gray are never flipped by ``auto``."""
+    n = len(images)
+    if polarity == "flip":
+        return torch.ones(n, dtype=torch.bool)
+    if polarity != "auto" or fmt.input_background is None or n == 0:
+        return torch.zeros(n, dtype=torch.bool)
+    level = border_level(images)
+    if fmt.input_background == "dark":
+        return level > 0.5 + BORDER_MARGIN
+    return level < 0.5 - BORDER_MARGIN
+
+
+@dataclass(frozen=True)
+class PolarityUse:
+    """Which polarity a set of images was read with: ``requested`` (one of :data:`POLARITIES`),
+    ``flipped`` of ``images`` inverted relative to the training polarity, and the format's
+    convention (``background``: the training images' background before inversion, or None)."""
+
+    requested: str
+    flipped: int
+    images: int
+    background: str | None = None
+
+    @property
+    def used(self) -> str:
+        """``as_trained`` (nothing flipped), ``flip`` (all flipped) or ``mixed``."""
+        if self.flipped == 0:
+            return "as_trained"
+        return "flip" if self.flipped == self.images else "mixed"
+
+    def merge(self, other: "PolarityUse") -> "PolarityUse":
+        return PolarityUse(self.requested, self.flipped + other.flipped, self.images + other.images, self.background)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "used": self.used, "flipped": self.flipped, "images": self.images,
+                "training_background": self.background}
+
+    def describe(self) -> str:
+        conv = (f"training images: dark on a {self.background} background" if self.background
+                else "no polarity convention")
+        what = {"as_trained": "as trained", "flip": "flipped (other polarity)",
+                "mixed": f"{self.flipped} of {self.images} images flipped"}[self.used]
+        return f"polarity {what} (requested {self.requested}; {conv})"
 
 
 def _unreadable(where: str, err: BaseException) -> DataError:
@@ -324,6 +422,41 @@ class FileImages(ImageStore):
                 raise _unreadable(where, err) from err
         with open_image(source, where) as im:
             return self.fmt.array(im)
+
+
+class PolarityImages(ImageStore):
+    """An :class:`ImageStore` (or uint8 tensor ``[N, C, H, W]``) read with ``polarity``: image
+    ``i`` is inverted where :func:`polarity_flips` says so (decided per image on read)."""
+
+    def __init__(self, base: Any, fmt: ImageFormat, polarity: str) -> None:
+        self.base, self.fmt, self.polarity = base, fmt, polarity
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def nbytes(self) -> int:
+        n, c, h, w = self.shape
+        return n * c * h * w
+
+    def read(self, i: int) -> np.ndarray:
+        return self.fetch(torch.tensor([int(i)]))[0].numpy()
+
+    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(indices).reshape(-1)
+        x = self.base.fetch(idx) if hasattr(self.base, "fetch") else self.base[idx]
+        flip = polarity_flips(self.fmt, x, self.polarity)
+        if bool(flip.any()):
+            x = x.clone()
+            x[flip] = 255 - x[flip]
+        return x
+
+    def __getitem__(self, indices) -> torch.Tensor:
+        return self.fetch(indices)
 
 
 def decode_all(store: ImageStore, workers: int = 0, progress: Callable[[int], None] | None = None) -> torch.Tensor:

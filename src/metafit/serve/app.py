@@ -55,7 +55,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..data.store import ImageTooLargeError, decoded_bytes, open_image
+from ..data.store import ImageTooLargeError, check_polarity, decoded_bytes, open_image
 from ..errors import ConfigError, DataError, MetafitError, TaskError, short_repr
 from ..training.inference import AdaptedTask, Model
 from ..validation import load_json
@@ -372,14 +372,16 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
                 "tasks": len(store), "limits": limits.public()}
 
     @app.post("/tasks", status_code=201, dependencies=[Depends(check_key)])
-    def create_task(images: list[UploadFile] = File(...), labels: list[str] = Form(...)) -> dict[str, Any]:
+    def create_task(images: list[UploadFile] = File(...), labels: list[str] = Form(...),
+                    polarity: str = Form("auto")) -> dict[str, Any]:
         names = parse_labels(labels)
+        check_polarity(polarity, "Serve", "Send polarity=auto (detect from each image's border), as_trained or flip.")
         x, _ = read_images(images)
         with compute:
-            task = model.adapt(x, names)
+            task = model.adapt(x, names, polarity=polarity)
         task_id = store.add(task)
         return {"task_id": task_id, "class_names": list(task.class_names), "n_support": len(x),
-                "bytes": task_bytes(task)}
+                "bytes": task_bytes(task), "polarity": task.support_polarity.to_dict()}
 
     @app.get("/tasks", dependencies=[Depends(check_key)])
     def list_tasks() -> dict[str, Any]:
@@ -391,14 +393,16 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
 
     @app.post("/tasks/{task_id}/predict", dependencies=[Depends(check_key)])
     def predict(task_id: str, images: list[UploadFile] = File(...), top_k: int = 3,
-                abstain_below: float | None = None) -> dict[str, Any]:
+                abstain_below: float | None = None, polarity: str | None = Form(None)) -> dict[str, Any]:
         task = store.get(task_id)
         if top_k < 1:
             raise TaskError(f"Serve: top_k must be >= 1; got {top_k}. Pass a positive top_k.")
+        if polarity is not None:
+            check_polarity(polarity, "Serve", "Send polarity=auto, as_trained or flip, or leave it out (the task's own).")
         x, names = read_images(images)
         with compute:
-            pred = task.predict(x, abstain_below=abstain_below)
-        return {"task_id": task_id, "predictions": [
+            pred = task.predict(x, abstain_below=abstain_below, polarity=polarity)
+        return {"task_id": task_id, "polarity": pred.polarity.to_dict(), "predictions": [
             {"file": n, "label": lab, "probability": float(p.max()), "abstained": lab is None,
              "top_k": [{"label": c, "probability": q} for c, q in top]}
             for n, lab, p, top in zip(names, pred.labels, pred.probabilities, pred.top_k(top_k))]}

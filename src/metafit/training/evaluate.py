@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -12,7 +12,43 @@ from ..data import EpisodeSampler
 from ..stats import mean_ci
 from ..types import Task
 
-__all__ = ["EvalResult", "evaluate_episodes", "evaluate_tasks", "expected_calibration_error", "summarize"]
+__all__ = ["EpisodePredictions", "EvalPredictions", "EvalResult", "evaluate_episodes", "evaluate_tasks",
+           "expected_calibration_error", "summarize"]
+
+
+@dataclass(frozen=True)
+class EpisodePredictions:
+    """One evaluated episode as it was shown to the model (images in [0, 1], on the CPU), with
+    the model's predicted query labels and the dataset class name of every episode label."""
+
+    support_x: torch.Tensor  # [n_ways * k_shots, C, H, W]
+    support_y: torch.Tensor  # [n_ways * k_shots] episode labels 0..n_ways-1
+    query_x: torch.Tensor  # [n_ways * n_queries, C, H, W]
+    query_y: torch.Tensor  # [n_ways * n_queries] true episode labels
+    predicted: torch.Tensor  # [n_ways * n_queries] predicted episode labels
+    class_names: tuple[str, ...]  # class_names[label]: the dataset class of episode label ``label``
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predicted == self.query_y
+
+
+@dataclass(frozen=True)
+class EvalPredictions:
+    """What :func:`evaluate_episodes` keeps with ``keep_predictions``: the true and predicted
+    dataset class of every query of every evaluated episode (indices into ``classes``: episode
+    labels are per episode, dataset classes are what a confusion matrix can pool), and the first
+    few ``episodes`` with their images."""
+
+    classes: tuple[str, ...]  # names of the dataset classes that occurred (rotated copies apart)
+    true: torch.Tensor  # [all queries] index into ``classes``
+    predicted: torch.Tensor  # [all queries] index into ``classes``
+    episodes: list[EpisodePredictions]
+    n_episodes: int
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.true.numel())
 
 
 @dataclass(frozen=True)
@@ -27,6 +63,9 @@ class EvalResult:
     ece: float | None = None  # expected calibration error of the softmax probabilities (classification)
     ece_calibrated: float | None = None  # the same with the checkpoint's calibrated temperature
     temperature: float | None = None
+    #: the predictions kept for plots: set on the result of ``evaluate_episodes(keep_predictions=n)``,
+    #: else None; not a field (never in ``to_dict``, equality or checkpoints; ``replace`` drops it)
+    predictions: ClassVar[EvalPredictions | None] = None
 
     @property
     def score(self) -> float:
@@ -77,12 +116,15 @@ def summarize(accs: list[float], losses: list[float], metric: str = "accuracy") 
 @torch.no_grad()
 def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device | str = "cpu",
                    channels_last: bool = False, progress: Callable | None = None,
-                   inner_steps: int | None = None, temperature: float | None = None) -> EvalResult:
+                   inner_steps: int | None = None, temperature: float | None = None,
+                   on_predictions: Callable[[int, Task, torch.Tensor], None] | None = None) -> EvalResult:
     """Accuracy (or, for regression models, mean squared error) of ``model.task_logits`` on each
     task; the model is put in eval mode and restored. ``inner_steps`` overrides the adaptation
     steps of gradient-based learners (``adapt(..., steps=inner_steps)``). Classification also
     reports the expected calibration error of the pooled query predictions, and with a
-    ``temperature`` (a calibrated checkpoint's) the ECE of ``softmax(logits / temperature)``."""
+    ``temperature`` (a calibrated checkpoint's) the ECE of ``softmax(logits / temperature)``.
+    ``on_predictions(i, task, predicted)`` (classification) is called after task ``i`` with the
+    task as evaluated (on ``device``) and its predicted query labels (on the CPU)."""
     regression = getattr(model, "task_kind", "classification") == "regression"
     was_training = model.training
     model.eval()
@@ -111,6 +153,8 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
                 logits = logits.float()
                 conf.append(torch.softmax(logits, -1).amax(-1).cpu())
                 hits.append((logits.argmax(-1) == task.query_y).cpu())
+                if on_predictions is not None:
+                    on_predictions(len(accs) - 1, task, logits.argmax(-1).cpu())
                 if temperature is not None:
                     conf_t.append(torch.softmax(logits / temperature, -1).amax(-1).cpu())
             if progress is not None:
@@ -129,7 +173,45 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
 
 def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, device="cpu",
                       channels_last: bool = False, progress: Callable | None = None,
-                      inner_steps: int | None = None, temperature: float | None = None) -> EvalResult:
-    """Evaluate on fixed episode descriptions of ``sampler`` (no augmentation)."""
+                      inner_steps: int | None = None, temperature: float | None = None,
+                      keep_predictions: int = 0) -> EvalResult:
+    """Evaluate on fixed episode descriptions of ``sampler`` (no augmentation).
+
+    ``keep_predictions=n`` (classification, image episodes) also keeps, in ``result.predictions``
+    (an :class:`EvalPredictions`), the true and predicted dataset class of every query and the
+    images and predictions of the first ``n`` episodes; the numbers are the same as without it.
+    Rotated copies of a class count as classes of their own (``"name @90"``)."""
     tasks = sampler.tasks(episodes)
-    return evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps, temperature)
+    if keep_predictions <= 0 or getattr(model, "task_kind", "classification") == "regression":
+        return evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps, temperature)
+    episodes = list(episodes)
+    n_rot = getattr(sampler, "n_rot", 1)
+    names = sampler.data.class_names
+    kept: list[EpisodePredictions] = []
+    true, predicted = [], []
+
+    def keep(i: int, task: Task, pred: torch.Tensor) -> None:
+        classes = episodes[i].classes  # virtual class id of every episode label
+        true.append(classes[task.query_y.cpu()])
+        predicted.append(classes[pred])
+        if len(kept) < keep_predictions:
+            kept.append(EpisodePredictions(
+                task.support_x.detach().cpu().contiguous(), task.support_y.cpu(),
+                task.query_x.detach().cpu().contiguous(), task.query_y.cpu(), pred,
+                tuple(_class_name(names, int(c), n_rot) for c in classes)))
+
+    res = evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps, temperature, keep)
+    none = torch.zeros(0, dtype=torch.long)
+    true_ids, pred_ids = torch.cat(true or [none]), torch.cat(predicted or [none])
+    present, index = torch.unique(torch.cat([true_ids, pred_ids]), return_inverse=True)
+    n = len(true_ids)
+    object.__setattr__(res, "predictions", EvalPredictions(
+        classes=tuple(_class_name(names, int(c), n_rot) for c in present), true=index[:n], predicted=index[n:],
+        episodes=kept, n_episodes=len(true)))
+    return res
+
+
+def _class_name(names: Sequence[str], virtual: int, n_rot: int) -> str:
+    """The name of a virtual class id (``base * n_rot + rotation``)."""
+    base, rot = divmod(virtual, n_rot)
+    return names[base] + (f" @{90 * rot}" if rot else "")

@@ -11,6 +11,15 @@ Images are converted the way the model's training images were (:class:`ImageForm
 from the data section of the checkpoint's config). Labels may be any strings or integers; they
 are mapped to the model's classes in order of first appearance and reported back as
 ``task.class_names``.
+
+Polarity: ``model.adapt(..., polarity="auto")`` (the default) detects, per image, whether the
+images have the training images' polarity (models trained on dark ink on a light background,
+inverted, like Omniglot: judged from each image's border) and flips those that do not; images
+that already match are never flipped, and models without a polarity convention read images as
+trained. ``"as_trained"`` converts exactly as the training images, ``"flip"`` inverts them all.
+The task remembers its polarity for :meth:`AdaptedTask.predict` (``task.polarity``), reports
+what its support set used (``task.support_polarity``), and every :class:`Prediction` carries
+what its images used (``prediction.polarity``).
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from safetensors.torch import save as st_save
 from .. import __version__
 from ..algorithms import Adapted, Algorithm
 from ..data import ImageFormat
+from ..data.images import convert_images_polarity
+from ..data.store import PolarityUse, check_polarity
 from ..data.cache import atomic_write_bytes, file_digest
 from ..errors import CheckpointError, ConfigError, DownloadError, MetafitError, TaskError, short_repr
 from ..validation import load_json
@@ -72,6 +83,7 @@ class TaskMeta(OpenMetaModel):
     class_names: list[str | int] = Field(min_length=2, max_length=100_000)
     checkpoint: str | None = Field(None, max_length=4096)
     checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    polarity: Literal["auto", "as_trained", "flip"] = "auto"  # absent in task files of older versions
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,8 @@ class Prediction:
     probabilities: torch.Tensor
     class_names: tuple
     abstain_below: float | None = None
+    #: the polarity the images were read with (None: vectors)
+    polarity: PolarityUse | None = None
 
     def top_k(self, k: int = 3) -> list[list[tuple[Any, float]]]:
         """The ``k`` most probable (class name, probability) pairs of every image."""
@@ -135,19 +149,30 @@ class Model:
             self._digest = file_digest(self.checkpoint)
         return self._digest
 
-    def images(self, images: Any) -> torch.Tensor:
-        """Model-ready tensor of ``images`` (see :mod:`metafit.data.images`)."""
+    def images(self, images: Any, polarity: str = "auto") -> torch.Tensor:
+        """Model-ready tensor of ``images`` (see :mod:`metafit.data.images`), read with ``polarity``."""
+        return self.images_polarity(images, polarity)[0]
+
+    def images_polarity(self, images: Any, polarity: str = "auto") -> tuple[torch.Tensor, PolarityUse]:
+        """:meth:`images` and the polarity used (:class:`~metafit.data.store.PolarityUse`)."""
+        check_polarity(polarity, "Adapt", "Pass polarity='auto' (detect from each image's border), 'as_trained' "
+                       "or 'flip'.")
         if self.image_format is None:
             raise TaskError(
                 f"Adapt: this {self.config.data.task_kind} model takes vectors, not images; got images. "
                 "Use model.algorithm.adapt(x, y, n_ways=1) with float tensors."
             )
-        return self.image_format.convert(images).to(self.device)
+        x, used = convert_images_polarity(self.image_format, images, polarity)
+        return x.to(self.device), used
 
-    def adapt(self, images: Any, labels: Sequence[Any], steps: int | None = None) -> "AdaptedTask":
+    def adapt(self, images: Any, labels: Sequence[Any], steps: int | None = None,
+              polarity: str = "auto") -> "AdaptedTask":
         """Learn a new task from labelled support images (paths, PIL images, arrays or tensors)
-        and arbitrary label names. ``steps`` overrides a gradient-based learner's adaptation steps."""
-        x = self.images(images)
+        and arbitrary label names. ``steps`` overrides a gradient-based learner's adaptation steps.
+        ``polarity``: ``auto`` (flip images whose border shows the opposite polarity to the
+        training images'; models without a polarity convention read them as trained),
+        ``as_trained`` or ``flip``; the task remembers it for :meth:`AdaptedTask.predict`."""
+        x, used = self.images_polarity(images, polarity)
         if isinstance(labels, torch.Tensor):
             labels = labels.tolist()
         keys = [_label_key(v) for v in labels]
@@ -175,7 +200,7 @@ class Model:
                         f"{self.config.algorithm.name!r}. Drop steps."
                     ) from err
                 raise
-        return AdaptedTask(self, adapted, names)
+        return AdaptedTask(self, adapted, names, polarity, used)
 
     def __repr__(self) -> str:
         fmt = self.image_format.describe() if self.image_format else "vectors"
@@ -305,17 +330,25 @@ class Model:
 class AdaptedTask:
     """A model adapted to one task: predicts its classes; :meth:`save` keeps it for later."""
 
-    def __init__(self, model: Model, adapted: Adapted, class_names: tuple) -> None:
+    def __init__(self, model: Model, adapted: Adapted, class_names: tuple, polarity: str = "auto",
+                 support_polarity: PolarityUse | None = None) -> None:
         self.model = model
         self.adapted = adapted
         self.class_names = tuple(class_names)
+        #: the polarity queries are read with unless predict is told otherwise (the one adapt used)
+        self.polarity = check_polarity(polarity, "Task")
+        #: what the support set was read with (None: a loaded task, or vectors)
+        self.support_polarity = support_polarity
 
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
 
-    def logits(self, images: Any) -> torch.Tensor:
-        x = self.model.images(images)
+    def logits(self, images: Any, polarity: str | None = None) -> torch.Tensor:
+        return self._logits(images, polarity)[0]
+
+    def _logits(self, images: Any, polarity: str | None) -> tuple[torch.Tensor, PolarityUse]:
+        x, used = self.model.images_polarity(images, self.polarity if polarity is None else polarity)
         with torch.no_grad():
             logits = self.model.algorithm.predict(self.adapted, x).float()
         if logits.shape[-1] != self.n_classes:  # a loaded task whose class names do not fit its tensors
@@ -323,12 +356,16 @@ class AdaptedTask:
                 f"Predict: the adapted task must score each of its {self.n_classes} classes; got {logits.shape[-1]} "
                 "scores per image. The task file is damaged or was edited; adapt again."
             )
-        return logits
+        return logits, used
 
     def predict(self, images: Any, batch_size: int = 256, progress: Callable[[int], Any] | None = None,
-                abstain_below: float | None = None) -> Prediction:
+                abstain_below: float | None = None, polarity: str | None = None) -> Prediction:
         """Class names and probabilities of ``images``, converted and run ``batch_size`` at a time;
-        with ``abstain_below`` in (0, 1], images whose top probability is lower get label None."""
+        with ``abstain_below`` in (0, 1], images whose top probability is lower get label None.
+        ``polarity`` (``auto``, ``as_trained``, ``flip``) defaults to the one the task was adapted
+        with; ``prediction.polarity`` says what was used."""
+        check_polarity(self.polarity if polarity is None else polarity, "Predict",
+                       "Pass polarity='auto', 'as_trained' or 'flip' (or None: the task's own).")
         if abstain_below is not None and not 0.0 < abstain_below <= 1.0:
             raise TaskError(
                 f"Predict: abstain_below must be a probability in (0, 1]; got {abstain_below!r}. "
@@ -338,16 +375,18 @@ class AdaptedTask:
             chunks = [images]
         else:
             chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-        probs = []
+        probs, used = [], None
         for chunk in chunks:
-            probs.append(torch.softmax(self.logits(chunk) / self.model.temperature, dim=-1).cpu())
+            logits, u = self._logits(chunk, polarity)
+            used = u if used is None else used.merge(u)
+            probs.append(torch.softmax(logits / self.model.temperature, dim=-1).cpu())
             if progress is not None:
                 progress(len(chunk) if isinstance(chunk, (list, tuple)) else 1)
         p = torch.cat(probs)
         top, idx = p.max(-1)
         labels = [None if abstain_below is not None and float(q) < abstain_below else self.class_names[i]
                   for q, i in zip(top.tolist(), idx.tolist())]
-        return Prediction(labels, p, self.class_names, abstain_below)
+        return Prediction(labels, p, self.class_names, abstain_below, used)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -372,14 +411,15 @@ class AdaptedTask:
             "algorithm": self.model.config.algorithm.name, "adapted_type": type(self.adapted).__name__,
             "values": values, "dict_fields": dicts, "class_names": list(self.class_names),
             "checkpoint": str(self.model.checkpoint) if self.model.checkpoint else None,
-            "checkpoint_sha256": self.model.checkpoint_digest(),
+            "checkpoint_sha256": self.model.checkpoint_digest(), "polarity": self.polarity,
         }
         blob = st_save(tensors, metadata={"metafit_task": json.dumps(meta)})
         atomic_write_bytes(path, lambda f: f.write(blob))
         return path
 
     def __repr__(self) -> str:
-        return f"AdaptedTask({self.model.config.algorithm.name}, classes={list(self.class_names)})"
+        return (f"AdaptedTask({self.model.config.algorithm.name}, classes={list(self.class_names)}, "
+                f"polarity={self.polarity!r})")
 
 
 def _adapted_types() -> dict[str, type]:
@@ -593,7 +633,7 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
             f"Task: {str(path)!r} must hold every field of {cls.__name__}; got {sorted(kwargs)} ({err}). "
             "The file is damaged or from another version; adapt again."
         ) from err
-    return AdaptedTask(model, adapted, tuple(task_meta.class_names))
+    return AdaptedTask(model, adapted, tuple(task_meta.class_names), task_meta.polarity)
 
 
 def _adapted_fields(cls: type, meta: TaskMeta, tensors: dict[str, torch.Tensor], model: Model,

@@ -3,15 +3,18 @@ on fixed episodes or on Lake's one-shot runs. Reports are written as JSON (atomi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from ..data import ImageClasses, load_runs, load_splits
-from ..errors import ConfigError
+from ..data import DATASETS, ImageClasses, data_config, load_image_folder, load_runs, load_splits
+from ..data.store import ImageFormat, PolarityImages, PolarityUse, check_polarity, polarity_flips
+from ..errors import ConfigError, DataError, short_repr
 from ..validation import parse_config
 from .checkpoint import load, with_algorithm_overrides
 from .config import RunConfig, TaskConfig
@@ -19,7 +22,7 @@ from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .metrics_log import write_json
 from .trainer import Trainer, check_run_folder, make_sampler
 
-__all__ = ["evaluate_checkpoint", "evaluate_runs", "train", "with_algorithm_overrides"]
+__all__ = ["cross_domain_data", "evaluate_checkpoint", "evaluate_runs", "train", "with_algorithm_overrides"]
 
 TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide with validation
 
@@ -52,6 +55,7 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
         "best_step": result.best_step,
         "best_checkpoint": str(result.checkpoint),
         "val": result.best_val.to_dict() if result.best_val else None,
+        "learning_curve": str(result.learning_curve) if result.learning_curve else None,
     }
     if trainer.split is not None:
         report["split"] = trainer.split
@@ -76,11 +80,119 @@ def train(config: RunConfig, resume: bool | str = False, splits: dict[str, Image
 
 def _evaluate(model, data, config: RunConfig, task: TaskConfig, episodes: int, seed: int,
               device, channels_last: bool, progress=None, split: str = "test",
-              inner_steps: int | None = None, temperature: float | None = None) -> EvalResult:
+              inner_steps: int | None = None, temperature: float | None = None,
+              keep_predictions: int = 0) -> EvalResult:
     ev = config.model_copy(update={"eval": config.eval.model_copy(update=task.model_dump())})
     sampler = make_sampler(data, ev, split, 0)
     eps = sampler.fixed_episodes(episodes, seed)
-    return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps, temperature)
+    return evaluate_episodes(model, sampler, eps, device, channels_last, progress, inner_steps, temperature,
+                             keep_predictions)
+
+_SPLIT_DIRS = ("train", "val", "test")
+
+
+def _parse_source(spec: Any) -> tuple[str, str | None]:
+    """``folder:PATH``, ``NAME`` or ``NAME:PATH`` -> (name, path or None)."""
+    names = sorted(n for n in DATASETS if n != "sinusoid")
+    fix = (f"Pass folder:PATH (a class-per-folder tree) or a built-in source ({', '.join(names)}), "
+           "optionally NAME:PATH.")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"Eval: data must be a data source; got {short_repr(spec)}. {fix}")
+    name, sep, path = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in names:
+        raise ConfigError(f"Eval: data must name a known image source; got {short_repr(spec)}. {fix}")
+    path = path.strip() if sep else None
+    if sep and not path:
+        raise ConfigError(f"Eval: data must name a folder after the colon; got {short_repr(spec)}. {fix}")
+    if name == "folder" and path is None:
+        raise ConfigError(f"Eval: data 'folder' must give its folder as folder:PATH; got {short_repr(spec)}. "
+                          "Pass e.g. --data folder:/path/to/classes.")
+    return name, path
+
+
+def _with_polarity(data: ImageClasses, fmt: ImageFormat, polarity: str, invert: bool) -> tuple[ImageClasses, dict]:
+    """``data`` with its images inverted first where ``invert`` (a source that inverts otherwise
+    than the checkpoint), then read with ``polarity`` (:func:`polarity_flips`, per image)."""
+    if data.lazy:
+        base = PolarityImages(data.images, fmt, "flip") if invert else data.images
+        images = PolarityImages(base, fmt, polarity) if polarity != "as_trained" else base
+        if polarity == "auto":
+            use = {"requested": polarity, "used": "per image on read", "flipped": None, "images": data.n_images,
+                   "training_background": fmt.background}
+            text = "polarity auto, decided per image as the images are read"
+        else:
+            pu = PolarityUse(polarity, data.n_images if polarity == "flip" else 0, data.n_images, fmt.background)
+            use, text = pu.to_dict(), pu.describe()
+        return dataclasses.replace(data, images=images), {**use, "text": text}
+    idx = data.image_indices()
+    x = data.images
+    flips = torch.zeros(len(x), dtype=torch.bool)
+    for start in range(0, len(x), 4096):
+        part = x[start:start + 4096]
+        flips[start:start + 4096] = polarity_flips(fmt, 255 - part if invert else part, polarity)
+    flip_all = flips ^ invert
+    if bool(flip_all.any()):
+        x = x.clone()
+        x[flip_all] = 255 - x[flip_all]
+    use = PolarityUse(polarity, int(flips[idx].sum()), len(idx), fmt.background)
+    return dataclasses.replace(data, images=x), {**use.to_dict(), "text": use.describe()}
+
+
+def cross_domain_data(spec: str, fmt: ImageFormat | None, split: str = "test", polarity: str = "auto",
+                      cache_dir: str | None = None) -> tuple[ImageClasses, dict[str, Any]]:
+    """The classes of another data source to evaluate a checkpoint on, read with the
+    checkpoint's image format ``fmt`` (size, channels, inversion) and ``polarity``, and a
+    description for the report. ``spec``: ``folder:PATH`` (every class is a test class unless
+    PATH has train/, val/ and test/ sub-folders: then ``split``'s folder), or a built-in source
+    ``NAME`` (its default root) or ``NAME:PATH`` (its ``split``)."""
+    name, path = _parse_source(spec)
+    check_polarity(polarity, "Eval", "Pass --polarity auto, as_trained or flip.")
+    if fmt is None:
+        raise ConfigError(f"Eval: data {short_repr(spec)} needs a model of images; got a model that takes vectors. "
+                          "Drop --data.")
+    invert = False
+    if name == "folder":
+        root = Path(path)
+        if not root.is_dir():
+            raise DataError(f"Eval: data must name a folder of class folders; got {short_repr(spec)}, which is not "
+                            "a folder. Check the path.")
+        if all((root / s).is_dir() for s in _SPLIT_DIRS):
+            root, which = root / split, f"its {split}/ folder"
+        elif split != "test":
+            raise ConfigError(f"Eval: split must be 'test' for {short_repr(spec)} (no train/, val/, test/ folders: "
+                              f"every class is a test class); got {split!r}. Drop --split.")
+        else:
+            which = "every class a test class (no train/val/test folders)"
+        from ..data.source import memory_budget_bytes  # noqa: PLC0415
+
+        data = load_image_folder(root, fmt.size, fmt.channels, fmt.invert, cache_dir, fmt.fit, "lazy")
+        if data.images.nbytes <= memory_budget_bytes(None):
+            data = load_image_folder(root, fmt.size, fmt.channels, fmt.invert, cache_dir, fmt.fit, "memory")
+        where = str(root)
+    else:
+        cls = DATASETS[name]
+        fields: dict[str, Any] = {"name": name, "rotations": False}
+        if path is not None:
+            fields["root"] = path
+        for key, value in (("image_size", fmt.size), ("channels", fmt.channels), ("invert", fmt.invert),
+                           ("fit", fmt.fit), ("cache_dir", cache_dir)):
+            if key in cls.model_fields and value is not None:
+                fields[key] = value
+        cfg = data_config(fields)
+        src = cfg.image_format()
+        if src is None or src.channels != fmt.channels or src.size != fmt.size:
+            got = src.describe() if src is not None else "vectors"
+            raise ConfigError(f"Eval: data {short_repr(spec)} must give images like the checkpoint's "
+                              f"({fmt.describe()}); got {got}. Use a source with such images, or folder:PATH.")
+        invert = src.invert != fmt.invert
+        data = cfg.load_splits()[split]
+        which, where = f"its {split} split", str(path or getattr(cfg, "root", None) or "the default root")
+    data, use = _with_polarity(data, fmt, polarity, invert)
+    text = use.pop("text")
+    info = {"source": spec, "name": name, "root": where, "split": which, "classes": data.n_classes,
+            "images": data.n_images, "image_format": fmt.describe(), "polarity": use, "polarity_text": text}
+    return data, info
 
 
 class EvalRequest(TaskConfig):
@@ -96,17 +208,33 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
                         within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
                         data_root: str | None = None, device: str = "cpu", progress=None,
                         splits: dict[str, ImageClasses] | None = None,
-                        inner_steps: int | None = None,
-                        algorithm_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                        inner_steps: int | None = None, data: str | None = None, polarity: str = "auto",
+                        algorithm_overrides: dict[str, Any] | None = None,
+                        plots: str | os.PathLike | None = None) -> dict[str, Any]:
     """Accuracy (regression: mean squared error) of a checkpoint on fixed episodes of a split
     (task settings default to the checkpoint's ``eval`` section). Test episodes of the same seed
     are those the trainer reports. ``inner_steps`` overrides a gradient-based learner's
     adaptation steps; ``algorithm_overrides`` changes adaptation-only fields of the algorithm
-    (see :func:`with_algorithm_overrides`)."""
+    (see :func:`with_algorithm_overrides`). ``data`` evaluates on another data source
+    (cross-domain, :func:`cross_domain_data`): ``folder:PATH`` (every class a test class unless
+    the tree has train/val/test folders, then ``split``'s) or a built-in source ``NAME`` /
+    ``NAME:PATH``, its images read with the checkpoint's image format and ``polarity`` (``auto``,
+    ``as_trained``, ``flip``); rotated classes are off unless ``rotations``; ``out["data"]`` says
+    what was used. ``plots``: a folder to draw the evaluation in
+    (classification; see :func:`metafit.training.plots.write_eval_plots`): ``confusion.png`` over
+    all evaluated queries by dataset class and ``episodes.png`` with a few example episodes;
+    ``out["plots"]`` names the files."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"Eval: split must be one of 'train', 'val', 'test'; got {split!r}. Choose a listed split.")
+    # ``data`` (another source: cross-domain) evaluates on the classes of :func:`cross_domain_data`
+    source, data_info = data, None
+    if source is not None and (splits is not None or data_root is not None):
+        raise ConfigError("Eval: data must be given alone; got data together with "
+                          f"{'splits' if splits is not None else 'data_root'}. Pass the folder in data (folder:PATH).")
     model = with_algorithm_overrides(load(checkpoint, device), algorithm_overrides)
     config: RunConfig = model.run_config
+    if source is not None and rotations is None:
+        rotations = False  # another domain: rotated classes only where asked
     if data_root is not None:
         config = config.model_copy(update={"data": config.data.model_copy(update={"root": data_root})})
     if rotations is not None:
@@ -123,7 +251,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     }, owner="Eval", fix="Pass a value in that range (metafit eval --ways/--shots/--queries/--episodes/--seed/--inner-steps).")
     task = TaskConfig(**request.model_dump(include=set(TaskConfig.model_fields)))
     n_eps = request.episodes
-    data = (splits or load_splits(config.data))[split]
+    if source is not None:
+        recorded = model.checkpoint_meta.get("image_format")
+        fmt = ImageFormat(**recorded) if recorded else config.data.image_format()
+        data, data_info = cross_domain_data(source, fmt, split, polarity, getattr(config.data, "cache_dir", None))
+        if data.n_classes < task.n_ways:
+            raise ConfigError(
+                f"Eval: --ways must be at most the {data.n_classes} {split} classes of {short_repr(source)}; got "
+                f"{task.n_ways}. Lower --ways or add classes."
+            )
+    else:
+        data = (splits or load_splits(config.data))[split]
     t0 = time.perf_counter()
     dev = torch.device(device)
     if inner_steps is not None and not hasattr(model.config, "eval_inner_steps"):
@@ -132,8 +270,20 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
             f"{model.config.name!r}. Drop --inner-steps."
         )
     temperature = (model.checkpoint_meta.get("calibration") or {}).get("temperature")
+    if plots is not None:
+        from .plots import PLOT_EPISODES, write_eval_plots
+
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("Eval: --plots needs matplotlib; got it missing. pip install matplotlib, or drop "
+                              "--plots.") from err
+        if model.task_kind == "regression":
+            raise ConfigError(
+                f"Eval: --plots must be used with a classification checkpoint; got a regression one "
+                f"({config.data.name}). Drop --plots (the sinusoid quickstart draws adapted curves).")
     res = _evaluate(model, data, config, task, n_eps, seed, dev, dev.type in ("cpu", "cuda"), progress, split,
-                    inner_steps, temperature)
+                    inner_steps, temperature, keep_predictions=PLOT_EPISODES if plots is not None else 0)
     rot = ec.rotations if ec.rotations is not None else getattr(config.data, "rotations", False)
     out = {"checkpoint": str(checkpoint), "split": split, **task.model_dump(), "rotations": rot, "seed": seed,
            **res.to_dict(), "seconds": time.perf_counter() - t0}
@@ -141,6 +291,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
         out["inner_steps"] = inner_steps
     if algorithm_overrides:
         out["algorithm_overrides"] = dict(algorithm_overrides)
+    if data_info is not None:
+        out["data"] = data_info
+    if plots is not None:
+        out["plots"] = write_eval_plots(res.predictions, plots)
     return out
 
 

@@ -267,6 +267,8 @@ class TrainResult:
     checkpoint: Path
     #: why training ended: ``{"reason": "meta_steps" | "max_minutes", "step", "meta_steps", "max_minutes"}``
     stop: dict[str, Any] | None = None
+    #: ``<out_dir>/learning_curve.png`` (None: not drawn, see :meth:`Trainer.write_learning_curve`)
+    learning_curve: Path | None = None
 
 
 class Trainer:
@@ -636,9 +638,29 @@ class Trainer:
                          "max_minutes": tc.max_minutes}
         elif main:
             logger.info("%s", stop_line(self.stop))
+        curve = self.write_learning_curve() if main else None
         best = self.out_dir / "best.safetensors"
         return TrainResult(self.out_dir, self.step, self.best_step, self.best_result,
-                           self.train_seconds, best if best.exists() else last, dict(self.stop))
+                           self.train_seconds, best if best.exists() else last, dict(self.stop), curve)
+
+    def write_learning_curve(self) -> Path | None:
+        """Draw ``<out_dir>/learning_curve.png`` from the run's metrics.jsonl with the report's
+        plotting (:func:`metafit.training.report.plot_curves` of this one run): training loss and
+        accuracy (regression: MSE) and the validation metric with its 95% CI band, against
+        training time. :meth:`fit` calls it when training ends (all steps, or the time budget);
+        not at every validation, so drawing never counts as training time. Without matplotlib it
+        logs a note and returns None."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            logger.info("learning curve not drawn: matplotlib is not installed (pip install matplotlib, then "
+                        "`metafit report %s` draws the curves from metrics.jsonl)", self.out_dir)
+            return None
+        from .report import plot_curves, read_run
+
+        run = read_run(self.out_dir)
+        run.name = self.out_dir.name
+        return plot_curves([run], self.out_dir / "learning_curve.png")
 
     @staticmethod
     def _write(log: MetricsLog | None, tb: TensorBoardLog, row: dict) -> None:
