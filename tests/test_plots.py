@@ -226,3 +226,19 @@ def test_cli_eval_plots(tmp_path, capsys):
     assert f"episodes plot: {tmp_path / 'pics' / 'episodes.png'}" in text
     _png(tmp_path / "pics" / "confusion.png")
     _png(tmp_path / "pics" / "episodes.png")
+
+
+def test_figures_are_an_extra_named_where_they_are_needed(tmp_path, monkeypatch, capsys):
+    """Without matplotlib (the plots extra) training, quickstart and rl train go on without their
+    figures; report and eval --plots refuse with one line naming the extra."""
+    from metafit.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["quickstart", "--steps", "4", "--out-dir", str(tmp_path / "qs")]) == 0
+    assert 'plot of adapted curves: skipped, matplotlib is not installed (pip install -c constraints.txt -e ".[plots]"' \
+        in capsys.readouterr().out
+    assert not (tmp_path / "qs" / "adaptation.png").exists() and (tmp_path / "qs" / "best.safetensors").is_file()
+    assert main(["report", str(tmp_path / "qs"), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Report: drawing learning curves needs matplotlib" in err[0] and ".[plots]" in err[0]

@@ -856,10 +856,14 @@ def _quickstart_sinusoid(args) -> int:
     for s, paper in MAML_PAPER_SINUSOID.items():
         r = evaluate_checkpoint(ckpt, inner_steps=s)
         _print(f"  {s:>11d}  {r['mean']:8.3f} +/- {r['ci95']:.3f}  {paper:>19.2f}")
-    model = load(ckpt)
-    png = plot_sinusoid_adaptation(model, cfg.data.sinusoid_family(), Path(out) / "adaptation.png",
-                                   k_shots=cfg.eval.k_shots, steps=(0, 1, 10), seed=cfg.eval.seed + 7)
-    _print(f"plot of adapted curves: {png}")
+    from ..training.plots import PLOTS_EXTRA, have_matplotlib
+
+    if have_matplotlib():
+        png = plot_sinusoid_adaptation(load(ckpt), cfg.data.sinusoid_family(), Path(out) / "adaptation.png",
+                                       k_shots=cfg.eval.k_shots, steps=(0, 1, 10), seed=cfg.eval.seed + 7)
+        _print(f"plot of adapted curves: {png}")
+    else:
+        _print(f"plot of adapted curves: skipped, matplotlib is not installed ({PLOTS_EXTRA})")
     _print(f"next: metafit eval {ckpt} --inner-steps 5\n"
            "      metafit train sinusoid_maml   (the paper's 70000 steps, a few minutes on one CPU core)")
     return 0

@@ -11,11 +11,12 @@ import torch
 from ..algorithms import Algorithm
 from ..data import SinusoidFamily
 from ..data.cache import atomic_write_bytes
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .evaluate import EpisodePredictions, EvalPredictions
 
-__all__ = ["confusion_counts", "plot_confusion", "plot_eval_episodes", "plot_sinusoid_adaptation", "write_eval_plots"]
+__all__ = ["PLOTS_EXTRA", "have_matplotlib", "require_matplotlib", "confusion_counts", "plot_confusion", "plot_eval_episodes", "plot_sinusoid_adaptation", "write_eval_plots"]
 
 #: a confusion matrix shows at most this many classes (the most confused; the rest are pooled)
 CONFUSION_CLASSES = 20
@@ -24,6 +25,25 @@ PLOT_EPISODES = 3
 #: images per row of the episode grid
 EPISODE_COLUMNS = 10
 OTHER = "(other classes)"
+
+
+#: how to get matplotlib, which draws every figure (an extra: training, evaluation and serving need it not)
+PLOTS_EXTRA = 'pip install -c constraints.txt -e ".[plots]" (or pip install matplotlib)'
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (figures are optional: the ``plots`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_matplotlib(owner: str, what: str) -> None:
+    """A one-line :class:`ConfigError` naming the extra when matplotlib is missing."""
+    if not have_matplotlib():
+        raise ConfigError(f"{owner}: {what} needs matplotlib; got it not installed. Run {PLOTS_EXTRA}.")
 
 
 def _save(fig, path: Path) -> Path:
@@ -37,6 +57,7 @@ def plot_sinusoid_adaptation(model: Algorithm, family: SinusoidFamily, path: str
                              seed: int = 0) -> Path:
     """Adapted curves of a regression model on ``n_tasks`` unseen sinusoids: the true curve, the
     ``k_shots`` support points, and the model after each number of inner ``steps``."""
+    require_matplotlib("Plot", "the adapted-curves figure")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -419,6 +419,9 @@ def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "
     validation setting (``metric="loss"``: training and validation losses). The x-axis is training
     time (``x="time"``: the rows' ``elapsed_s``, validation included) or images seen
     (``x="images"``: steps x the images a step draws)."""
+    from .plots import require_matplotlib
+
+    require_matplotlib("Report", "drawing learning curves")
     from matplotlib.figure import Figure
 
     if x not in X_AXES:

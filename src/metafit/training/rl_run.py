@@ -531,8 +531,11 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True, overw
         bar.close()
         log.close()
         tb.close()
-    _plot_curve(rows, out / "learning_curve.png",
-                f"{config.learner.name} on {config.family.name} {config.family.settings or ''}".strip())
+    from .plots import have_matplotlib
+
+    if have_matplotlib():  # figures are the optional plots extra
+        _plot_curve(rows, out / "learning_curve.png",
+                    f"{config.learner.name} on {config.family.name} {config.family.settings or ''}".strip())
     report: dict[str, Any] = {"out_dir": str(out), "iterations": iteration, "train_seconds": seconds,
                               "env_steps": env_steps, "best_iteration": best_iter, "best_weights": best_weights,
                               "best_checkpoint": str(out / "best.safetensors"), "init_from": tc.init_from,

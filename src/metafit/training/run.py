@@ -271,13 +271,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
         )
     temperature = (model.checkpoint_meta.get("calibration") or {}).get("temperature")
     if plots is not None:
-        from .plots import PLOT_EPISODES, write_eval_plots
+        from .plots import PLOT_EPISODES, require_matplotlib, write_eval_plots
 
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ConfigError("Eval: --plots needs matplotlib; got it missing. pip install matplotlib, or drop "
-                              "--plots.") from err
+        require_matplotlib("Eval", "--plots")
         if model.task_kind == "regression":
             raise ConfigError(
                 f"Eval: --plots must be used with a classification checkpoint; got a regression one "

@@ -653,8 +653,10 @@ class Trainer:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            logger.info("learning curve not drawn: matplotlib is not installed (pip install matplotlib, then "
-                        "`metafit report %s` draws the curves from metrics.jsonl)", self.out_dir)
+            from .plots import PLOTS_EXTRA
+
+            logger.info("learning curve not drawn: matplotlib is not installed (%s; then `metafit report %s` "
+                        "draws the curves from metrics.jsonl)", PLOTS_EXTRA, self.out_dir)
             return None
         from .report import plot_curves, read_run
 

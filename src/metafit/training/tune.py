@@ -514,8 +514,13 @@ def _write_outputs(study, params: Mapping[str, Param], metric: str, out: Path, c
                     *[r["params"].get(k) for k in params], r["best_step"], r["last_step"],
                     None if r["minutes"] is None else round(r["minutes"], 3), r["out_dir"], r["note"]])
     atomic_write_bytes(out / "trials.csv", lambda f: f.write(buf.getvalue().encode()))
-    _plot_history(rows, metric, f"{study.study_name}: {n_done} complete, {counts.get('pruned', 0)} pruned",
-                  out / "history.png")
+    from .plots import PLOTS_EXTRA, have_matplotlib
+
+    if have_matplotlib():
+        _plot_history(rows, metric, f"{study.study_name}: {n_done} complete, {counts.get('pruned', 0)} pruned",
+                      out / "history.png")
+    else:
+        log.info("history.png not drawn: matplotlib is not installed (%s)", PLOTS_EXTRA)
     write_json(out / "tune.json", summary)
     return summary
 
