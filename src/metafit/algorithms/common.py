@@ -165,7 +165,7 @@ def check_ways(owner: str, n_ways: int, n_outputs: int, kind: TaskKind) -> None:
     if kind == "classification" and n_ways != n_outputs:
         raise TaskError(
             f"{owner}: n_ways must equal the {n_outputs} outputs of the learned head; got {n_ways}. "
-            f"MAML, ANIL and Meta-SGD adapt only to as many classes as they were trained with: use "
+            f"MAML, ANIL, Meta-SGD and Reptile adapt only to as many classes as they were trained with: use "
             f"{n_outputs}-way tasks ({n_outputs} labels), or train a model with task.n_ways={n_ways} "
             "(ProtoNet, SVM, ridge and transfer adapt to any number of classes)."
         )
