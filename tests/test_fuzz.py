@@ -136,6 +136,15 @@ if INNER:
             node = child
         node[parts[-1]] = value
 
+    def delete_path(tree: dict, dotted: str) -> None:
+        """Remove ``tree['a']['b']`` for ``dotted='a.b'`` where it exists."""
+        parent, _, last = dotted.rpartition(".")
+        node = tree
+        for p in parent.split(".") if parent else []:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+
     @st.composite
     def config_documents(draw) -> bytes:
         base = json.loads(json.dumps(BASES[draw(st.sampled_from(sorted(BASES)))]))
@@ -149,12 +158,7 @@ if INNER:
             elif kind == "junk":
                 set_path(base, key.rsplit(".", 1)[0] + "." + draw(st.text(min_size=1, max_size=8)), draw(values))
             else:
-                parent, _, last = key.rpartition(".")
-                node = base
-                for p in parent.split(".") if parent else []:
-                    node = node.get(p) if isinstance(node, dict) else None
-                if isinstance(node, dict):
-                    node.pop(last, None)
+                delete_path(base, key)
         text = yaml.safe_dump(base, allow_unicode=True)
         raw = draw(st.sampled_from(["plain", "plain", "plain", "prefix", "bytes", "duplicate"]))
         if raw == "prefix":
@@ -278,12 +282,7 @@ if INNER:
                 depth = draw(st.integers(30, 3000))
                 set_path(meta, key, json.loads("[" * depth + "]" * depth) if depth < 900 else None)
             else:
-                parent, _, last = key.rpartition(".")
-                node = meta
-                for p in parent.split(".") if parent else []:
-                    node = node.get(p) if isinstance(node, dict) else None
-                if isinstance(node, dict):
-                    node.pop(last, None)
+                delete_path(meta, key)
         text = json.dumps(meta)
         if draw(st.integers(0, 9)) == 0:  # nesting no JSON library object can hold
             text = "[" * 100_000 + "]" * 100_000

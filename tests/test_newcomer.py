@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from conftest import tiny_config, write_image_tree
+from test_monitor import _spike_at
 from metafit import ConfigError, TrainingError
-from metafit.algorithms import MetaOutput
 from metafit.cli import main
 from metafit.training import Trainer, load_config, make_config, read_checkpoint, train
 from metafit.training.checkpoint import write_checkpoint
@@ -205,18 +205,6 @@ def test_omniglot_protonet_small_logs_no_spike(omniglot_dir, tmp_path, capsys):
     assert "spike" not in out.out + out.err
 
 
-def _spiking(trainer, steps, factor):
-    real = trainer.model.meta_loss
-    calls = {"n": 0}
-
-    def spiky(batch):
-        calls["n"] += 1
-        out = real(batch)
-        return MetaOutput(out.loss * factor, out.accuracy) if calls["n"] in steps else out
-
-    trainer.model.meta_loss = spiky
-
-
 def _sinusoid_config(out, **monitor):
     return load_config("sinusoid_maml", [
         f"out_dir={out}", "train.meta_steps=300", "train.eval_every=100", "train.save_interval=100",
@@ -224,31 +212,31 @@ def _sinusoid_config(out, **monitor):
         *[f"monitor.{k}={v}" for k, v in monitor.items()]])
 
 
-def test_a_real_spike_is_still_caught_and_the_action_is_worded(tmp_path, capsys):
+def test_a_real_spike_is_still_caught_and_the_action_is_worded(tmp_path, capsys, monkeypatch):
     trainer = Trainer(_sinusoid_config(tmp_path / "warn"))
-    _spiking(trainer, {250}, 100.0)
+    _spike_at(trainer, monkeypatch, {250}, 100.0)
     trainer.fit()
     rows = _rows(tmp_path / "warn", "monitor")
     assert {r["step"] for r in rows} == {250} and "loss_spike" in {r["event"] for r in rows}
     assert "step 250: loss spike:" in capsys.readouterr().out
     # (tqdm.write prints on stdout) what "apply" did, in words
     trainer = Trainer(_sinusoid_config(tmp_path / "skip", policy="skip"))
-    _spiking(trainer, {250}, 100.0)
+    _spike_at(trainer, monkeypatch, {250}, 100.0)
     trainer.fit()
     assert "step 250: loss spike:" in (out := capsys.readouterr().out) and "-> skipped the step" in out
     trainer = Trainer(_sinusoid_config(tmp_path / "rollback", policy="rollback"))
-    _spiking(trainer, {250}, 100.0)
+    _spike_at(trainer, monkeypatch, {250}, 100.0)
     trainer.fit()
     assert "-> rolled back to the checkpoint of step 200" in capsys.readouterr().out
 
 
-def test_the_warn_policy_says_it_kept_the_step_and_a_nan_stops(tmp_path, capsys):
+def test_the_warn_policy_says_it_kept_the_step_and_a_nan_stops(tmp_path, capsys, monkeypatch):
     trainer = Trainer(_sinusoid_config(tmp_path / "warn"))
-    _spiking(trainer, {120}, 100.0)
+    _spike_at(trainer, monkeypatch, {120}, 100.0)
     trainer.fit()
     assert "-> kept the step (its update is applied; monitor.policy=warn)" in capsys.readouterr().out
     trainer = Trainer(_sinusoid_config(tmp_path / "nan"))
-    _spiking(trainer, {30}, math.nan)
+    _spike_at(trainer, monkeypatch, {30}, math.nan)
     with pytest.raises(TrainingError, match="loss must be finite"):
         trainer.fit()
     assert "step 30: non-finite loss: nan -> stopped training" in capsys.readouterr().out

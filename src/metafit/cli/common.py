@@ -11,6 +11,7 @@ from ..errors import ConfigError
 def _print(msg: str = "") -> None:
     print(msg, flush=True)
 
+
 @contextlib.contextmanager
 def _printing_log(name: str):
     """Print the INFO records of logger ``name`` (training code logs, the CLI prints)."""
@@ -27,6 +28,7 @@ def _printing_log(name: str):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
 
 def _algorithm_overrides(items: list[str]) -> dict:
     from ..training.config import parse_override_value

@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
         message = " ".join(message.split())
         self.exit(1, f"error: {self.prog}: {message}. Run '{self.prog} --help' for the usage.\n")
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="metafit", description="Practical meta-learning: train, evaluate, adapt.")
     p.add_argument("--version", action="version", version=f"metafit {__version__}")
@@ -201,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out-dir", help="run folder (default runs/quickstart-<task>)")
     return p
 
+
 COMMANDS = {"rl": _cmd_rl, "train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
             "calibrate": _cmd_calibrate, "serve": _cmd_serve, "tune": _cmd_tune, "report": _cmd_report,
             "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart,
             "export": _cmd_export}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
@@ -248,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
+
 
 def entrypoint() -> None:
     sys.exit(main())

@@ -26,14 +26,40 @@ def _cmd_adapt(args) -> int:
     _print(f"task: {path}")
     return 0
 
+
+def _task_or_adapted(owner: str, args, device: str, **adapt):
+    """The task ``args.model`` names: a saved task as it is, or a checkpoint adapted to the labelled
+    folder ``args.support`` (``adapt``: keyword arguments of ``Model.adapt``)."""
+    from ..data import list_labelled_images
+    from ..training.inference import is_task_file, load_model, load_task
+
+    if is_task_file(args.model):
+        if args.support:
+            raise ConfigError(
+                f"{owner}: --support must not be given with a saved task; got {args.model!r} (a task) and --support. "
+                "Drop --support, or pass the checkpoint instead of the task."
+            )
+        return load_task(args.model, device=device)
+    if not args.support:
+        from ..training import read_checkpoint
+
+        read_checkpoint(args.model)  # a missing or damaged file: say that, not "needs --support"
+        raise ConfigError(
+            f"{owner}: a checkpoint needs --support DIR to adapt first; got {args.model!r} without it. "
+            "Pass --support, or a task saved by `metafit adapt`."
+        )
+    files, labels = list_labelled_images(args.support)
+    model = load_model(args.model, device, _algorithm_overrides(args.overrides))
+    return model.adapt(files, labels, steps=args.steps, **adapt)
+
+
 def _cmd_predict(args) -> int:
     import csv
     import io
 
     from tqdm.auto import tqdm
 
-    from ..data import list_images, list_labelled_images
-    from ..training.inference import is_task_file, load_model, load_task
+    from ..data import list_images
     from ..training.metrics_log import write_json
 
     if args.top_k < 1 or args.batch_size < 1:
@@ -41,25 +67,8 @@ def _cmd_predict(args) -> int:
             f"Predict: --top-k and --batch-size must be >= 1; got {args.top_k} and {args.batch_size}. Pass positive values."
         )
     notes: list = []
-    if is_task_file(args.model):
-        if args.support:
-            raise ConfigError(
-                f"Predict: --support must not be given with a saved task; got {args.model!r} (a task) and --support. "
-                "Drop --support, or pass the checkpoint instead of the task."
-            )
-        task = load_task(args.model, device=args.device)
-    else:
-        if not args.support:
-            from ..training import read_checkpoint
-
-            read_checkpoint(args.model)  # a missing or damaged file: say that, not "needs --support"
-            raise ConfigError(
-                f"Predict: a checkpoint needs --support DIR to adapt first; got {args.model!r} without it. "
-                "Pass --support, or a task saved by `metafit adapt`."
-            )
-        files, labels = list_labelled_images(args.support)
-        task = load_model(args.model, args.device, _algorithm_overrides(args.overrides)).adapt(
-            files, labels, steps=args.steps, polarity=args.polarity or "auto")
+    task = _task_or_adapted("Predict", args, args.device, polarity=args.polarity or "auto")
+    if args.support:
         notes.append(("support", task.support_polarity))
     images = list_images(args.images)
     bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True, disable=None)
@@ -97,29 +106,11 @@ def _cmd_predict(args) -> int:
         _print(f"{len(rows)} predictions over {task.n_classes} classes -> {args.out}")
     return 0
 
+
 def _cmd_export(args) -> int:
-    from ..data import list_labelled_images
     from ..training.export import export_onnx, export_spec
-    from ..training.inference import is_task_file, load_model, load_task
 
-    if is_task_file(args.model):
-        if args.support:
-            raise ConfigError(
-                f"Export: --support must not be given with a saved task; got {args.model!r} (a task) and --support. "
-                "Drop --support, or pass the checkpoint instead of the task."
-            )
-        task = load_task(args.model)
-    else:
-        if not args.support:
-            from ..training import read_checkpoint
-
-            read_checkpoint(args.model)  # a missing or damaged file: say that, not "needs --support"
-            raise ConfigError(
-                f"Export: a checkpoint needs --support DIR to adapt first; got {args.model!r} without it. "
-                "Pass --support, or a task saved by `metafit adapt`."
-            )
-        files, labels = list_labelled_images(args.support)
-        task = load_model(args.model, "cpu", _algorithm_overrides(args.overrides)).adapt(files, labels, steps=args.steps)
+    task = _task_or_adapted("Export", args, "cpu")
     path = export_onnx(task, args.out, opset=args.opset)
     spec = export_spec(task)
     shape = ", ".join(str(d) for d in spec["input"]["shape"])
@@ -133,6 +124,7 @@ def _cmd_export(args) -> int:
         _print("note: BatchNorm uses the statistics of each batch (as in PyTorch): feed a task's images together")
     return 0
 
+
 def _cmd_calibrate(args) -> int:
     from ..training.calibration import calibrate_checkpoint
 
@@ -143,6 +135,7 @@ def _cmd_calibrate(args) -> int:
            f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}")
     _print(f"stored in {r['checkpoint']}")
     return 0
+
 
 def _cmd_serve(args) -> int:
     import os
@@ -207,11 +200,13 @@ def _cmd_serve(args) -> int:
                           "(logged above). Fix what the log names and start it again.")
     return 0
 
+
 def _short(value) -> str:
     """A config value for one line: numbers in lists rounded."""
     if isinstance(value, list):
         return "[" + ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + "]"
     return str(value)
+
 
 def _info_task(path: str) -> int:
     """``metafit info`` of a task file saved by ``metafit adapt`` / ``task.save``."""
@@ -234,6 +229,7 @@ def _info_task(path: str) -> int:
     _print(f"model        {model}")
     _print(f"metafit      {meta.metafit_version or 'unknown'} (task format {meta.format_version})")
     return 0
+
 
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
@@ -298,6 +294,7 @@ def _cmd_info(args) -> int:
         _print(f"metrics      {json.dumps(meta['metrics'])}")
     return 0
 
+
 def _cmd_configs(args) -> int:
     from ..training import builtin_configs
 
@@ -306,6 +303,7 @@ def _cmd_configs(args) -> int:
     for name, path in sorted(builtin_configs().items()):
         _print(f"{name:32s} {path}")
     return 0
+
 
 def _field_help(field) -> str:
     """A field's description, with its choices where it takes one of a few literal values."""
@@ -318,6 +316,7 @@ def _field_help(field) -> str:
         text = f"{text} (one of: {', '.join(map(str, choices))})" if text else f"one of: {', '.join(map(str, choices))}"
     return text
 
+
 def _entry_summary(cls, module_cls=None) -> str:
     """One line about a registry entry: its ``summary``, else its module's first sentence."""
     import sys as _sys
@@ -328,6 +327,7 @@ def _entry_summary(cls, module_cls=None) -> str:
         doc = " ".join(doc.split())
         text = "" if doc.endswith(":") else doc  # a module of several entries says nothing about one
     return text.rstrip(".")
+
 
 def _show_fields(only: str) -> int:
     """Every config field with its default and meaning, grouped by section and by registry entry

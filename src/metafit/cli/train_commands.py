@@ -43,6 +43,7 @@ def _cmd_train(args) -> int:
         _print_train_report(report)
     return 0
 
+
 def _check_config(cfg) -> int:
     from ..nn import MAX_PARAMETERS, count_backbone_weights
     from ..training.config import resolve_config
@@ -58,6 +59,7 @@ def _check_config(cfg) -> int:
     _print(f"config OK: {cfg.algorithm.name} on {cfg.data.name} data, {cfg.backbone.name} backbone ({weights}), "
            f"{cfg.train.meta_steps} steps -> {cfg.out_dir} (--check: nothing read, trained or written)")
     return 0
+
 
 def _print_train_report(report: dict) -> None:
     val = report.get("val")
@@ -83,6 +85,7 @@ def _print_train_report(report: dict) -> None:
            f"report: {Path(report['out_dir']) / 'report.json'}")
     if report.get("learning_curve"):
         _print(f"learning curve: {report['learning_curve']}")
+
 
 def _cmd_eval(args) -> int:
     from tqdm.auto import tqdm
@@ -132,6 +135,7 @@ def _cmd_eval(args) -> int:
         _print(f"{name} plot: {path}")
     return 0
 
+
 def _cmd_tune(args) -> int:
     from ..training import tune
     from ..training.tune import trials_table
@@ -167,6 +171,7 @@ def _cmd_tune(args) -> int:
     _print(f"tables: {files['trials_md']}, {files['trials_csv']}; plot: {files['history']}; summary: {files['summary']}")
     return 0
 
+
 def _cmd_report(args) -> int:
     from ..training import report_runs
 
@@ -180,7 +185,9 @@ def _cmd_report(args) -> int:
     _print(f"report: {result['report']}\ncurves: {result['curves']}")
     return 0
 
+
 MAML_PAPER_SINUSOID = {1: 0.67, 5: 0.38, 10: 0.35}
+
 
 def _cmd_quickstart(args) -> int:
     from ..data import find_omniglot
@@ -199,12 +206,14 @@ def _cmd_quickstart(args) -> int:
         return _quickstart_sinusoid(args)
     return _quickstart_omniglot(args, find_omniglot(args.data_dir, download=args.download))
 
+
 def _replacing(out_dir) -> str:
     """The quickstart's note that it replaces an earlier run in its folder (empty if there is none)."""
     folder = Path(out_dir)
     if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
         return f"\n  Run folder {out_dir}: the earlier run there is replaced (pass another --out-dir to keep it)."
     return ""
+
 
 def _quickstart_sinusoid(args) -> int:
     from ..training import evaluate_checkpoint, load, load_config, train
@@ -241,6 +250,7 @@ def _quickstart_sinusoid(args) -> int:
            "      metafit train sinusoid_maml   (the paper's 70000 steps, a few minutes on one CPU core)")
     return 0
 
+
 def _quickstart_omniglot(args, root) -> int:
     from ..training import load_config, train
 
@@ -262,6 +272,7 @@ def _quickstart_omniglot(args, root) -> int:
     _print(f"next: metafit eval {report['best_checkpoint']} --ways 20 --shots 1\n"
            f"      metafit train omniglot_protonet_20w1s --data-dir {root}   (the full recipe, about an hour on 2 CPU cores)")
     return 0
+
 
 def _cmd_rl(args) -> int:
     from ..training import rl_run
@@ -292,6 +303,7 @@ def _cmd_rl(args) -> int:
         write_json(args.out, res)
         _print(f"wrote {args.out}")
     return 0
+
 
 def _print_rl_eval(res: dict) -> None:
     _print(f"{res['tasks']} test tasks: score {res['score']:.4g} +/- {res['ci95']:.3g} (95% CI)")
