@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from metafit.training import evaluate_checkpoint, load_config, train, tune
+from metafit.tools import tune
+from metafit.training import evaluate_checkpoint, load_config, train
 from metafit.training.metrics_log import write_json
 
 HERE = Path(__file__).resolve().parent

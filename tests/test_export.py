@@ -20,7 +20,7 @@ ort = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (p
 onnx = pytest.importorskip("onnx", reason='onnx is not installed (pip install "metafit[onnx]")')
 pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install "metafit[onnx]")')
 
-from metafit.training.export import ExportError, export_onnx, export_spec, read_onnx_metadata  # noqa: E402
+from metafit.inference.export import ExportError, export_onnx, export_spec, read_onnx_metadata  # noqa: E402
 
 N_WAYS, K_SHOTS, N_QUERIES = 5, 2, 4
 TOL = 1e-5  # on logits of unit scale; relative to the largest logit beyond (float32 rounding grows with it)

@@ -33,7 +33,7 @@ from metafit.cli.main import main
 from metafit.errors import CheckpointError, MetafitError
 from metafit.training import Trainer, make_config, read_checkpoint
 from metafit.training.config import build_model
-from metafit.training.inference import load_task
+from metafit.inference import load_task
 from metafit.training.pretrained import load_backbone_weights
 from metafit.training.rl_run import load_rl, load_rl_config, train_rl
 from metafit.validation import MAX_DOCUMENT_BYTES, MAX_NESTING

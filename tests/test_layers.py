@@ -20,8 +20,10 @@ ALLOWED = {
     "rl": BASE | {"rl", "nn"},
     "algorithms": BASE | {"algorithms", "nn", "data"},  # data sits below (DESIGN.md); e.g. fine-tuning augments
     "training": BASE | {"training", "algorithms", "nn", "data", "rl"},
-    "cli": BASE | {"cli", "training", "algorithms", "nn", "data", "rl", "serve"},
-    "serve": BASE | {"serve", "training", "algorithms", "nn", "data", "rl"},
+    "inference": BASE | {"inference", "training", "algorithms", "nn", "data"},  # the user API: load, adapt, predict
+    "tools": BASE | {"tools", "training", "algorithms", "nn", "data", "rl"},  # tune, report
+    "cli": BASE | {"cli", "inference", "tools", "training", "algorithms", "nn", "data", "rl", "serve"},
+    "serve": BASE | {"serve", "inference", "training", "algorithms", "nn", "data", "rl"},
 }
 
 

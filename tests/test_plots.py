@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 import metafit.training.plots as plots_mod
-import metafit.training.report as report_mod
+import metafit.training.curves as report_mod
 from conftest import tiny_config, write_image_tree
 from metafit import ConfigError
 from metafit.cli import main
 from metafit.training import Trainer, evaluate_checkpoint, load, load_config, make_config, read_run, train
 from metafit.training.evaluate import evaluate_episodes
 from metafit.training.plots import OTHER, confusion_counts
-from metafit.training.report import curve_panels
+from metafit.training.curves import curve_panels
 from metafit.training.trainer import RUN_FILES, make_sampler, remove_run_files
 
 GREEN, RED = "tab:green", "tab:red"

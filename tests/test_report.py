@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import tiny_config, write_image_tree
 from metafit import DataError
 from metafit.cli import main
-from metafit.training import load_config, make_config, read_run, report_runs, train
+from metafit.tools import report_runs
+from metafit.training import load_config, make_config, read_run, train
 
 FAST = ["train.eval_every=10", "train.log_every=2", "eval.val_episodes=10", "eval.test_episodes=12",
         "train.progress=false", "train.num_threads=1"]
@@ -142,7 +143,7 @@ def test_cli_report(runs, tmp_path, capsys):
 
 
 def test_algorithm_label_names_the_variant():
-    from metafit.training.report import _algorithm_label
+    from metafit.tools.report import _algorithm_label
 
     assert _algorithm_label({"name": "maml", "first_order": True}) == "maml, first order"
     assert _algorithm_label({"name": "maml", "first_order": False}) == "maml"
@@ -168,7 +169,7 @@ def class_runs(tmp_path_factory):
 
 
 def test_curves_never_overlay_metrics_of_different_meaning(class_runs, tmp_path, monkeypatch):
-    import metafit.training.report as report_module
+    import metafit.training.curves as report_module
 
     figures = []
     monkeypatch.setattr(report_module, "_save", lambda fig, path: figures.append(fig) or path)

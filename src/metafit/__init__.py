@@ -28,14 +28,14 @@ def load(path, device="cpu", algorithm=None):
     :class:`~metafit.algorithms.Algorithm`). ``algorithm``: adaptation-only config changes, e.g.
     ``{"finetune_steps": 20}`` to fine-tune a ProtoNet's backbone on each support set. For a
     Hugging Face Hub repo id use ``metafit.Model.from_pretrained``."""
-    from .training.inference import load_model
+    from .inference import load_model
 
     return load_model(path, device, algorithm)
 
 
 def load_task(path, checkpoint=None, device="cpu"):
-    """An adapted task saved with ``task.save(path)`` (see :func:`metafit.training.inference.load_task`)."""
-    from .training.inference import load_task as _load_task
+    """An adapted task saved with ``task.save(path)`` (see :func:`metafit.inference.load_task`)."""
+    from .inference import load_task as _load_task
 
     return _load_task(path, checkpoint, device)
 
@@ -43,7 +43,7 @@ def load_task(path, checkpoint=None, device="cpu"):
 def __getattr__(name):
     # imported on first use: ``import metafit`` stays light (no training modules)
     if name == "Model":
-        from .training.inference import Model
+        from .inference import Model
 
         return Model
     raise AttributeError(f"module 'metafit' has no attribute {name!r}")

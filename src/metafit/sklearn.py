@@ -14,7 +14,7 @@
 layout, ``H x W`` (grayscale) or ``H x W x C`` (``features`` = size * size * channels, or size *
 size for a grayscale image given to a colour model); ``n_features_in_`` is set only for such rows.
 Values are uint8 / integers in 0-255, or floats in [0, 1]. A list (or 1-D object array) of image
-paths or PIL images works too. Images are converted exactly as :meth:`metafit.training.inference.Model.adapt`
+paths or PIL images works too. Images are converted exactly as :meth:`metafit.inference.Model.adapt`
 converts them, so ``clf.predict(X)`` equals ``metafit.load(ckpt).adapt(list(X_s), y_s).predict(list(X))``.
 
 Labels may be any values ``numpy.unique`` can sort (strings, integers, floats, ...); ``classes_``
@@ -145,7 +145,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
                 repr(self.algorithm), str(self.device))
 
     def _load(self):
-        """The loaded :class:`~metafit.training.inference.Model`, cached per (checkpoint, algorithm, device)."""
+        """The loaded :class:`~metafit.inference.Model`, cached per (checkpoint, algorithm, device)."""
         key = self._params_key()
         if getattr(self, "_model", None) is not None and self._model_key == key:
             return self._model
@@ -159,7 +159,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
                 f"{_OWNER}: algorithm must be a dict of adaptation overrides or None; got "
                 f"{short_repr(self.algorithm)}. Pass e.g. algorithm={{'finetune_steps': 20}}."
             )
-        from .training.inference import load_model
+        from .inference import load_model
 
         model = load_model(self.checkpoint, self.device, self.algorithm)
         if model.image_format is None or model.config.data.task_kind != "classification":
@@ -184,11 +184,11 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
 
     @property
     def task_(self):
-        """The :class:`~metafit.training.inference.AdaptedTask` (rebuilt after unpickling)."""
+        """The :class:`~metafit.inference.AdaptedTask` (rebuilt after unpickling)."""
         task = self.__dict__.get("_task")
         if task is None:
             check_is_fitted(self, "classes_")
-            from .training.inference import AdaptedTask
+            from .inference import AdaptedTask
 
             model = self._load()
             if self._sha256 and model.checkpoint_digest() not in (None, self._sha256):

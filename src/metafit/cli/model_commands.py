@@ -13,7 +13,7 @@ from .common import _algorithm_overrides, _print
 
 def _cmd_adapt(args) -> int:
     from ..data import list_labelled_images
-    from ..training.inference import load_model
+    from ..inference import load_model
 
     files, labels = list_labelled_images(args.support)
     model = load_model(args.checkpoint, args.device, _algorithm_overrides(args.overrides))
@@ -31,7 +31,7 @@ def _task_or_adapted(owner: str, args, device: str, **adapt):
     """The task ``args.model`` names: a saved task as it is, or a checkpoint adapted to the labelled
     folder ``args.support`` (``adapt``: keyword arguments of ``Model.adapt``)."""
     from ..data import list_labelled_images
-    from ..training.inference import is_task_file, load_model, load_task
+    from ..inference import is_task_file, load_model, load_task
 
     if is_task_file(args.model):
         if args.support:
@@ -108,7 +108,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from ..training.export import export_onnx, export_spec
+    from ..inference.export import export_onnx, export_spec
 
     task = _task_or_adapted("Export", args, "cpu")
     path = export_onnx(task, args.out, opset=args.opset)
@@ -148,7 +148,7 @@ def _cmd_serve(args) -> int:
         raise ConfigError(
             f"Serve: the serve extra must be installed; got {err}. Run pip install -c constraints.txt -e \".[serve]\"."
         ) from err
-    from ..training.inference import load_model
+    from ..inference import load_model
 
     for name, value in (("--port", args.port), ("--max-tasks", args.max_tasks), ("--max-images", args.max_images),
                         ("--max-body-mb", args.max_body_mb), ("--max-image-pixels", args.max_image_pixels),
@@ -212,7 +212,7 @@ def _info_task(path: str) -> int:
     """``metafit info`` of a task file saved by ``metafit adapt`` / ``task.save``."""
     from ..errors import CheckpointError
     from ..training.checkpoint import validate_meta
-    from ..training.inference import TaskMeta, _task_raw
+    from ..inference.task import TaskMeta, _task_raw
     from ..validation import load_json
 
     where = f"the metadata of {path!r}"
@@ -234,7 +234,7 @@ def _info_task(path: str) -> int:
 def _cmd_info(args) -> int:
     from ..training import read_checkpoint
     from ..training.checkpoint import load
-    from ..training.inference import is_task_file
+    from ..inference import is_task_file
 
     if is_task_file(args.checkpoint):
         return _info_task(args.checkpoint)

@@ -137,8 +137,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from ..training import tune
-    from ..training.tune import trials_table
+    from ..tools import tune
+    from ..tools.tune import trials_table
 
     overrides = list(args.overrides)
     if args.data_dir:
@@ -146,7 +146,7 @@ def _cmd_tune(args) -> int:
     _print(f"metafit {__version__}: tuning {args.config} over {args.space} until the study holds {args.trials} "
            "finished trials")
     try:
-        with _printing_log("metafit.training.tune"):
+        with _printing_log("metafit.tools.tune"):
             summary = tune(args.config, args.space, args.trials, storage=args.storage, study_name=args.study_name,
                            out_dir=args.out, overrides=overrides, seed=args.seed)
     except KeyboardInterrupt:
@@ -173,7 +173,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from ..training import report_runs
+    from ..tools import report_runs
 
     result = report_runs(args.runs, args.out, metric=args.metric, x=args.x)
     _print(result["table"])

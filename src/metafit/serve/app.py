@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..data.store import ImageTooLargeError, check_polarity, decoded_bytes, open_image
 from ..errors import ConfigError, DataError, MetafitError, TaskError, short_repr
-from ..training.inference import AdaptedTask, Model
+from ..inference import AdaptedTask, Model
 from ..validation import load_json
 
 __all__ = ["ServeLimits", "TaskStore", "create_app"]

@@ -15,10 +15,9 @@ from .config import (
     make_config,
 )
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
-from .report import read_run, report_runs
+from .curves import plot_curves, read_run
 from .run import evaluate_checkpoint, evaluate_runs, train, with_algorithm_overrides
 from .trainer import Trainer, TrainResult, make_sampler, resolve_device
-from .tune import builtin_spaces, load_space, tune
 
 __all__ = [
     "AugmentConfig",
@@ -31,22 +30,19 @@ __all__ = [
     "Trainer",
     "build_model",
     "builtin_configs",
-    "builtin_spaces",
     "evaluate_checkpoint",
     "evaluate_episodes",
     "evaluate_runs",
     "evaluate_tasks",
     "load",
     "load_config",
-    "load_space",
     "make_config",
     "make_sampler",
+    "plot_curves",
     "read_checkpoint",
     "read_run",
-    "report_runs",
     "resolve_device",
     "save_checkpoint",
     "train",
-    "tune",
     "with_algorithm_overrides",
 ]

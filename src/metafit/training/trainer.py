@@ -645,7 +645,7 @@ class Trainer:
 
     def write_learning_curve(self) -> Path | None:
         """Draw ``<out_dir>/learning_curve.png`` from the run's metrics.jsonl with the report's
-        plotting (:func:`metafit.training.report.plot_curves` of this one run): training loss and
+        plotting (:func:`metafit.training.curves.plot_curves` of this one run): training loss and
         accuracy (regression: MSE) and the validation metric with its 95% CI band, against
         training time. :meth:`fit` calls it when training ends (all steps, or the time budget);
         not at every validation, so drawing never counts as training time. Without matplotlib it
@@ -658,7 +658,7 @@ class Trainer:
             logger.info("learning curve not drawn: matplotlib is not installed (%s; then `metafit report %s` "
                         "draws the curves from metrics.jsonl)", PLOTS_EXTRA, self.out_dir)
             return None
-        from .report import plot_curves, read_run
+        from .curves import plot_curves, read_run
 
         run = read_run(self.out_dir)
         run.name = self.out_dir.name

@@ -45,11 +45,11 @@ from pydantic_core import PydanticCustomError
 from ..data.cache import atomic_write_bytes
 from ..errors import ConfigError, TrainingError, short_repr
 from ..validation import ConfigModel, load_yaml
-from .config import RunConfig, apply_overrides, builtin_configs, config_source, load_config, make_config
-from .metrics_log import write_json
-from .plots import _save
+from ..training.config import RunConfig, apply_overrides, builtin_configs, config_source, load_config, make_config
+from ..training.metrics_log import write_json
+from ..training.plots import _save
 from .report import markdown_table
-from .run import train
+from ..training.run import train
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "best_config", "builtin_spaces", "load_space", "trials_table",
            "tune"]
@@ -514,7 +514,7 @@ def _write_outputs(study, params: Mapping[str, Param], metric: str, out: Path, c
                     *[r["params"].get(k) for k in params], r["best_step"], r["last_step"],
                     None if r["minutes"] is None else round(r["minutes"], 3), r["out_dir"], r["note"]])
     atomic_write_bytes(out / "trials.csv", lambda f: f.write(buf.getvalue().encode()))
-    from .plots import PLOTS_EXTRA, have_matplotlib
+    from ..training.plots import PLOTS_EXTRA, have_matplotlib
 
     if have_matplotlib():
         _plot_history(rows, metric, f"{study.study_name}: {n_done} complete, {counts.get('pruned', 0)} pruned",

@@ -1,4 +1,4 @@
-"""Reports of finished (or interrupted) runs: a Markdown table and PNG learning curves.
+"""Learning curves of a run: read a run folder's logs and draw them.
 
 A run folder is what the trainer writes: ``config.json``, ``metrics.jsonl`` (one JSON object per
 line; rows with ``"split": "train"``, ``"val"``, ``"stop"``; other rows, e.g. monitoring events,
@@ -11,6 +11,8 @@ against steps: a step is one episode for ProtoNet, a meta-batch of tasks for MAM
 of images for transfer. Curves share a panel only where they measure the same thing: training
 loss and accuracy per kind of training task (n-way k-shot episodes, supervised over N classes,
 k-shot regression), validation results per validation setting (the same fixed episodes).
+The trainer draws ``learning_curve.png`` with :func:`plot_curves`; ``metafit report``
+(:mod:`metafit.tools.report`) tabulates several runs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data.cache import atomic_write_bytes
 from ..errors import ConfigError, DataError
 from .plots import _save
 
-__all__ = ["Panel", "RunLog", "curve_panels", "markdown_table", "read_run", "report_runs"]
+__all__ = ["METRICS", "X_AXES", "Panel", "RunLog", "as_number", "curve_panels", "plot_curves", "read_run",
+           "trains_on_batches"]
 
 METRICS = ("accuracy", "mse")
 #: what the x-axis of the learning curves may be
@@ -66,7 +68,7 @@ class RunLog:
         return "mse" if data.get("name") == "sinusoid" else "accuracy"
 
 
-def _num(value: Any) -> float:
+def as_number(value: Any) -> float:
     """A logged number (non-finite values are logged as null) as a float, NaN when absent."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
@@ -138,67 +140,15 @@ def read_run(run_dir: str | os.PathLike) -> RunLog:
             stop_step = row["step"]
         else:
             continue
-        elapsed = _num(row.get("elapsed_s"))
+        elapsed = as_number(row.get("elapsed_s"))
         if math.isfinite(elapsed):
             run.last_elapsed_s = elapsed
     run.last_step = max([r["step"] for r in run.train + run.val] + [stop_step], default=0)
     return run
 
 
-def _run_names(paths: Sequence[Path]) -> list[str]:
-    names = [p.resolve().name for p in paths]
-    if len(set(names)) < len(names):
-        names = ["/".join(p.resolve().parts[-2:]) for p in paths]
-    if len(set(names)) < len(names):
-        names = [str(p) for p in paths]
-    return names
 
-
-def _best_val(run: RunLog) -> tuple[dict | None, int | None]:
-    """The best validation result (``mean``, ``ci95``, ``metric``) and its step: report.json's
-    when training finished, else the best logged validation row (earliest on ties, as the
-    trainer keeps the first best)."""
-    report = run.report or {}
-    if report.get("val"):
-        return report["val"], report.get("best_step")
-    metric = run.metric
-    best, best_step = None, None
-    for row in run.val:
-        value = _num(row.get(metric))
-        if not math.isfinite(value):
-            continue
-        score = -value if metric == "mse" else value
-        if best is None or score > best[0]:
-            best, best_step = (score, {"mean": value, "ci95": _num(row.get("ci95")), "metric": metric}), row["step"]
-    return (best[1] if best else None), best_step
-
-
-def _fmt_result(res: dict | None) -> str:
-    if not res or not math.isfinite(_num(res.get("mean"))):
-        return "-"
-    mean, ci = _num(res.get("mean")), _num(res.get("ci95"))
-    if res.get("metric") == "mse":
-        return f"MSE {mean:.4f}" + (f" ± {ci:.4f}" if math.isfinite(ci) else "")
-    return f"{100 * mean:.2f}%" + (f" ± {100 * ci:.2f}%" if math.isfinite(ci) else "")
-
-
-def _task(config: dict | None) -> str:
-    if not config:
-        return "-"
-    data, ev, tr = config.get("data") or {}, config.get("eval") or {}, config.get("task") or {}
-    if data.get("name") == "sinusoid":
-        return f"sinusoid {ev.get('k_shots', '?')}-shot"
-    text = f"{data.get('name', '?')} {ev.get('n_ways', '?')}-way {ev.get('k_shots', '?')}-shot"
-    alg = config.get("algorithm") or {}
-    if _trains_on_batches(alg):
-        if alg.get("n_base_classes"):
-            text += f" (trained supervised over {alg['n_base_classes']} classes)"
-    elif (tr.get("n_ways"), tr.get("k_shots")) != (ev.get("n_ways"), ev.get("k_shots")):
-        text += f" (trained {tr.get('n_ways', '?')}-way {tr.get('k_shots', '?')}-shot)"
-    return text
-
-
-def _trains_on_batches(alg: dict) -> bool:
+def trains_on_batches(alg: dict) -> bool:
     """Whether the algorithm trains on supervised mini-batches (transfer) rather than episodes."""
     try:
         from ..algorithms import get_algorithm
@@ -207,75 +157,6 @@ def _trains_on_batches(alg: dict) -> bool:
     except (ConfigError, TypeError):
         return False
 
-
-def _summary(run: RunLog) -> dict[str, Any]:
-    config, report = run.config or {}, run.report or {}
-    best, best_step = _best_val(run)
-    seconds = report.get("train_seconds", run.last_elapsed_s)
-    test = report.get("test") or None
-    return {
-        "run": run.name,
-        "path": str(run.path),
-        "finished": run.finished,
-        "algorithm": _algorithm_label(config.get("algorithm") or {}),
-        "backbone": (config.get("backbone") or {}).get("name"),
-        "task": _task(run.config),
-        "metric": run.metric,
-        "steps": report.get("steps", run.last_step),
-        "train_minutes": seconds / 60.0 if isinstance(seconds, (int, float)) else None,
-        "best_val": best,
-        "best_step": best_step,
-        "test": test,
-        "skipped_lines": run.skipped_lines,
-    }
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table whose columns are padded, so it also reads well on a terminal."""
-    cells = [[_cell(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def _algorithm_label(alg: dict) -> str | None:
-    """The algorithm's name, with the variant that changes what it is (first-order MAML, a
-    transfer head)."""
-    name = alg.get("name")
-    if name and alg.get("first_order"):
-        return f"{name}, first order"
-    if name == "transfer" and alg.get("head"):
-        return f"{name}, {alg['head']} head"
-    return name
-
-
-RUN_COLUMNS = ["run", "algorithm", "task", "steps", "train min", "best val", "best step", "test"]
-
-
-def runs_table(summaries: Sequence[dict]) -> str:
-    rows = []
-    for s in summaries:
-        alg = s["algorithm"] or "-"
-        if s["backbone"]:
-            alg += f" ({s['backbone']})"
-        test = s["test"]
-        rows.append([
-            s["run"] + ("" if s["finished"] else " (unfinished)"),
-            alg,
-            s["task"],
-            s["steps"],
-            "-" if s["train_minutes"] is None else f"{s['train_minutes']:.{2 if s['train_minutes'] < 1 else 1}f}",
-            _fmt_result(s["best_val"]),
-            "-" if s["best_step"] is None else s["best_step"],
-            _fmt_result(test) + (f" ({test['episodes']} {'tasks' if test.get('metric') == 'mse' else 'episodes'})"
-                                 if test and test.get("episodes") else ""),
-        ])
-    return markdown_table(RUN_COLUMNS, rows)
 
 
 def _ema(values: list[float], weight: float) -> list[float]:
@@ -309,7 +190,7 @@ def _training_measure(run: RunLog) -> tuple[tuple, str]:
     if metric == "mse":
         k = task.get("k_shots", "?")
         return ("regression", k), f"{k}-shot regression tasks"
-    if _trains_on_batches(alg):
+    if trains_on_batches(alg):
         n = alg.get("n_base_classes") or "?"
         return ("supervised", n), f"supervised over {n} classes (mini-batches)"
     n, k = task.get("n_ways", "?"), task.get("k_shots", "?")
@@ -342,12 +223,12 @@ def _images_per_step(run: RunLog) -> float:
     alg, task, tr = config.get("algorithm") or {}, config.get("task") or {}, config.get("train") or {}
     if not config:
         return math.nan
-    if _trains_on_batches(alg):
-        return _num(alg.get("batch_size"))
-    per_task = _num(task.get("k_shots")) + _num(task.get("n_queries"))
+    if trains_on_batches(alg):
+        return as_number(alg.get("batch_size"))
+    per_task = as_number(task.get("k_shots")) + as_number(task.get("n_queries"))
     if run.metric != "mse":
-        per_task *= _num(task.get("n_ways"))
-    return per_task * _num(tr.get("meta_batch_size", 1))
+        per_task *= as_number(task.get("n_ways"))
+    return per_task * as_number(tr.get("meta_batch_size", 1))
 
 
 @dataclass
@@ -409,7 +290,7 @@ def _xs(run: RunLog, rows: list[dict], x: str, scale: float) -> list[float]:
     if x == "images":
         per_step = _images_per_step(run)
         return [r["step"] * per_step for r in rows]
-    return [_num(r.get("elapsed_s")) / scale for r in rows]
+    return [as_number(r.get("elapsed_s")) / scale for r in rows]
 
 
 def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "accuracy",
@@ -427,8 +308,8 @@ def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "
     if x not in X_AXES:
         raise ConfigError(f"Report: x must be one of {', '.join(X_AXES)}; got {x!r}. Choose one of them.")
     panels = curve_panels(runs, metric, x)
-    longest = max((_num(r.get("elapsed_s")) for run in runs for r in run.train + run.val
-                   if math.isfinite(_num(r.get("elapsed_s")))), default=0.0)
+    longest = max((as_number(r.get("elapsed_s")) for run in runs for r in run.train + run.val
+                   if math.isfinite(as_number(r.get("elapsed_s")))), default=0.0)
     scale, unit = (60.0, "min") if longest >= 120 else (1.0, "s")
     cols = min(3 if metric != "loss" else 2, len(panels))
     n_rows = math.ceil(len(panels) / cols)
@@ -441,9 +322,9 @@ def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "
         for i in panel.members:
             run, c = runs[i], colors[i]
             rows = run.train if panel.split == "train" else run.val
-            points = [(xv, pct * _num(r.get(panel.key)), pct * _num(r.get("ci95")))
+            points = [(xv, pct * as_number(r.get(panel.key)), pct * as_number(r.get("ci95")))
                       for xv, r in zip(_xs(run, rows, x, scale), rows)
-                      if math.isfinite(xv) and math.isfinite(_num(r.get(panel.key)))]
+                      if math.isfinite(xv) and math.isfinite(as_number(r.get(panel.key)))]
             xs, ys, cis = ([list(v) for v in zip(*points)] if points else ([], [], []))
             if panel.split == "train":
                 smooth = _ema(ys, 0.6) if len(ys) >= 10 else ys
@@ -475,54 +356,3 @@ def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "
     return _save(fig, Path(path))
 
 
-def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-                metric: str = "accuracy", x: str = "time") -> dict[str, Any]:
-    """Summarise run folders: ``<out_dir>/report.md`` (a table: run, algorithm, task, steps,
-    training minutes, best validation result with its 95% CI and step, test result) and
-    ``<out_dir>/curves.png``. ``out_dir`` defaults to ``<parent of the first run>/report``.
-    ``metric``: ``accuracy`` plots each run's task metric (accuracy, or MSE for regression),
-    ``loss`` plots the training and validation losses. ``x``: ``time`` (training time) or
-    ``images`` (images seen) on the x-axis (see :func:`plot_curves`). Returns the summary rows,
-    the table, the panels of the curves (titles and runs) and the paths written."""
-    if metric not in ("accuracy", "loss"):
-        raise ConfigError(f"Report: metric must be 'accuracy' or 'loss'; got {metric!r}. Choose one of them.")
-    if x not in X_AXES:
-        raise ConfigError(f"Report: x must be one of {', '.join(X_AXES)}; got {x!r}. Choose one of them.")
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    if not run_dirs:
-        raise ConfigError("Report: at least one run folder must be given; got none. Pass the out_dir of a run.")
-    runs = [read_run(d) for d in run_dirs]
-    for run, name in zip(runs, _run_names([r.path for r in runs])):
-        run.name = name
-    out = Path(out_dir) if out_dir is not None else runs[0].path.resolve().parent / "report"
-    summaries = [_summary(r) for r in runs]
-    table = runs_table(summaries)
-    curves = plot_curves(runs, out / "curves.png", metric, x)
-    panels = [{"title": p.title, "runs": [runs[i].name for i in p.members]} for p in curve_panels(runs, metric, x)]
-    notes = []
-    for s, run in zip(summaries, runs):
-        if not s["finished"]:
-            notes.append(f"- {s['run']}: no report.json (training was interrupted, stopped or is still running); "
-                         "the numbers come from metrics.jsonl.")
-        if s["skipped_lines"]:
-            notes.append(f"- {s['run']}: {s['skipped_lines']} damaged line(s) of metrics.jsonl skipped "
-                         "(a crash cut a line short).")
-        if x == "time" and (run.train or run.val) and not any(
-                math.isfinite(_num(r.get("elapsed_s"))) for r in run.train + run.val):
-            notes.append(f"- {s['run']}: metrics.jsonl has no elapsed_s (an older metafit wrote it): it is not "
-                         "on the time axis; plot against images seen (--x images).")
-    text = "# metafit report\n\n" + table + "\n"
-    text += "\nbest val: the best validation result (95% CI) and its step; test: the best checkpoint on the " \
-            "fixed test episodes.\n"
-    if notes:
-        text += "\n" + "\n".join(notes) + "\n"
-    axis = "training time (validation included)" if x == "time" else "training images seen"
-    text += (f"\nLearning curves against {axis}; runs share a panel only where their numbers measure the same "
-             "thing (training: the same kind of training task; validation: the same fixed episodes):\n\n"
-             + "".join(f"- {p['title']}: {', '.join(p['runs'])}\n" for p in panels))
-    text += f"\n![learning curves]({curves.name})\n"
-    md = out / "report.md"
-    atomic_write_bytes(md, lambda f: f.write(text.encode()))
-    return {"runs": summaries, "table": table, "notes": notes, "panels": panels, "report": str(md),
-            "curves": str(curves)}

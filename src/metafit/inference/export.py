@@ -45,7 +45,7 @@ from ..errors import ConfigError, ExportError, MetafitError, TaskError, short_re
 from ..nn.normalize import has_input_normalization
 
 if TYPE_CHECKING:
-    from .inference import AdaptedTask
+    from .model import AdaptedTask
 
 __all__ = ["ExportError", "INPUT_NAME", "OUTPUT_NAMES", "export_onnx", "export_spec", "read_onnx_metadata"]
 
