@@ -14,7 +14,7 @@ from metafit import ConfigError
 from metafit.cli import main
 from metafit.tools import load_space, tune
 from metafit.training import builtin_configs, load_config, train
-from metafit.tools.tune import best_config
+from metafit.tools.space import best_config
 
 optuna = pytest.importorskip("optuna")  # the tune extra (metafit imports it only when a study runs)
 
@@ -101,7 +101,7 @@ def test_space_from_yaml_and_builtin(tmp_path):
     assert space["train.meta_lr"].log and space["backbone.hidden"].labels() == ["[20, 20]", "[40, 40]"]
     builtin = load_space("omniglot_protonet_5w1s")  # shipped in metafit/configs/spaces
     assert "train.meta_lr" in builtin and "task.n_ways" in builtin
-    from metafit.tools.tune import check_space
+    from metafit.tools.space import check_space
 
     check_space("omniglot_protonet_5w1s", builtin)  # every value of its ranges is a valid config
     (tmp_path / "bad.yaml").write_text("train.meta_lr: {type: float, low: [\n")
