@@ -17,6 +17,11 @@ from PIL import Image
 from metafit.data import ImageClasses
 
 REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get("METAFIT_TEST_TOYS") == "1":  # tests/test_extending.py: the contract suites with the toys registered
+    import toys
+
+    toys.register()
 OMNIGLOT_DIR = Path(os.environ.get("METAFIT_DATA_DIR", REPO.parent / "shared" / "data" / "omniglot"))
 
 
