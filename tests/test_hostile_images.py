@@ -22,7 +22,7 @@ from conftest import tiny_config, write_image_tree
 from metafit import DataError
 from metafit.cli.main import main
 from metafit.data import DataConfig, list_images, load_image_folder, load_splits
-from metafit.data.store import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, max_image_pixels, open_image
+from metafit.data.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, max_image_pixels, open_image
 from metafit.errors import ConfigError
 from metafit.training import build_model, make_config, save_checkpoint
 

@@ -17,7 +17,8 @@ from metafit import DataError
 from metafit.data import (DATASETS, ClassBatchSampler, EpisodeSampler, ImageAugment, data_config,
                           load_image_folder, migrate_legacy_data)
 from metafit.data.split_files import published_split
-from metafit.data.store import ImageFormat, image_array
+from metafit.data.decode import image_array
+from metafit.data.store import ImageFormat
 from metafit.training import Trainer, build_model, load, make_config, save_checkpoint
 
 

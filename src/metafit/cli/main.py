@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from PIL import Image
 
-    # metafit refuses oversized images with its own one-line error (data.store.open_image); Pillow's
+    # metafit refuses oversized images with its own one-line error (data.decode.open_image); Pillow's
     # warning for images between its two thresholds would print a second line
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     parser = build_parser()

@@ -8,7 +8,7 @@ Omniglot, or decoded on demand (``data.storage: lazy``) for trees too large for 
 
 A folder (or a link to one) among a class's images is refused naming it, as is a link back up
 the tree; hidden entries are skipped. Every image is read by the one image reader
-(:func:`metafit.data.store.open_image`): an image over the pixel limit
+(:func:`metafit.data.decode.open_image`): an image over the pixel limit
 (``METAFIT_MAX_IMAGE_PIXELS``, default 89,478,485) is refused from its header, before decoding.
 """
 
@@ -29,8 +29,8 @@ from .cache import cached
 from .classes import ImageClasses
 from .images import IMAGE_SUFFIXES
 from .source import FileSourceConfig, split_by_fractions
-from .store import (FileImages, ImageFormat, decode_all, image_array, open_image, quote_path, read_image,
-                    stat_fingerprint)
+from .decode import image_array, open_image, quote_path, read_image
+from .store import FileImages, ImageFormat, decode_all, stat_fingerprint
 
 __all__ = ["FolderConfig", "IMAGE_SUFFIXES", "file_classes", "image_array", "load_image_folder", "read_image"]
 

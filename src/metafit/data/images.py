@@ -20,9 +20,9 @@ Float input must already be scaled to [0, 1] (within :data:`FLOAT_TOLERANCE`), a
 must lie in 0-255: a float image of 0-255 values, or NaN/inf, is a one-line
 :class:`~metafit.errors.DataError` (divide by 255, or pass uint8), never a silently wrong prediction.
 
-Files are read by the one image reader (:func:`metafit.data.store.open_image`), and PIL images
+Files are read by the one image reader (:func:`metafit.data.decode.open_image`), and PIL images
 are checked against the same pixel limit (``METAFIT_MAX_IMAGE_PIXELS``, default 89,478,485)
-before they are decoded: an image over it is a one-line :class:`~metafit.data.store.ImageTooLargeError`.
+before they are decoded: an image over it is a one-line :class:`~metafit.data.decode.ImageTooLargeError`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .store import ImageFormat, PolarityUse, check_image_size, check_polarity, polarity_flips, read_image
+from .decode import check_image_size, read_image
+from .store import ImageFormat, PolarityUse, check_polarity, polarity_flips
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

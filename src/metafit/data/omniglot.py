@@ -38,7 +38,7 @@ from .cache import cached, file_digest
 from .classes import ImageClasses
 from .download import download_file
 from .source import ImageSourceConfig
-from .store import image_array, open_image, quote_path
+from .decode import image_array, open_image, quote_path
 
 __all__ = [
     "OMNIGLOT_FILES",

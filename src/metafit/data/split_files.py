@@ -117,7 +117,7 @@ def convert_arrays(images: np.ndarray, fmt: ImageFormat, index: np.ndarray | Non
     """Decoded uint8 images ``[n, H, W, C]`` (C 1 or 3; or ``[n, H, W]``), or those at ``index``,
     in ``fmt``: uint8 ``[len, channels, size, size]``. Images already at the size and channels
     are only transposed (a chunk at a time); others go through
-    :func:`~metafit.data.store.image_array` one by one."""
+    :func:`~metafit.data.decode.image_array` one by one."""
     if images.ndim == 3:
         images = images[..., None]
     n, h, w, c = images.shape

@@ -43,7 +43,8 @@ from .safe_pickle import as_text, load_pickle, pickle_field
 from .source import NaturalImageSourceConfig
 from .split_files import (SPLITS, array_classes, check_published_splits, convert_arrays, files_fingerprint,
                           find_root, folder_classes, published_split, split_classes)
-from .store import ImageFormat, ImageStore, open_image
+from .decode import open_image
+from .store import ImageFormat, ImageStore
 
 __all__ = ["EncodedImages", "LAYOUT", "TieredImageNetConfig", "tiered_pickle_classes"]
 

@@ -17,7 +17,7 @@ Protection (:class:`ServeLimits`, all listed by ``/info``):
   in (chunked uploads too) -> 413.
 - ``max_images`` (256): images per request -> 413.
 - ``max_image_pixels`` (4096 x 4096): pixels per image, read from each image's header before
-  anything is decoded, by the one image reader of :mod:`metafit.data.store` -> 413.
+  anything is decoded, by the one image reader of :mod:`metafit.data.decode` -> 413.
 - ``max_request_decoded_bytes`` (1 GiB): the decoded size of all images of a request together
   (width x height x bytes per pixel, from the headers), checked before any is decoded -> 413.
 - ``max_decoding_bytes`` (256 MiB): decoded images held at once over all concurrent requests.
@@ -55,7 +55,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..data.store import ImageTooLargeError, check_polarity, decoded_bytes, open_image
+from ..data.decode import ImageTooLargeError, decoded_bytes, open_image
+from ..data.store import check_polarity
 from ..errors import ConfigError, DataError, MetafitError, TaskError, short_repr
 from ..inference import AdaptedTask, Model
 from ..validation import load_json

@@ -326,25 +326,7 @@ def tune(config: str | os.PathLike | Mapping | RunConfig, space: str | os.PathLi
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(
-            storage=store, study_name=name, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=seed),
-            pruner=pruner if pruner is not None else optuna.pruners.MedianPruner())
-        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-            raise ConfigError(
-                f"Tune: study {name!r} must maximise (metafit's objective); got a study that minimises in "
-                f"{storage_name}. Choose another --study-name."
-            )
-        old_space = study.user_attrs.get("space")
-        if old_space is not None and old_space != space_text:
-            raise ConfigError(
-                f"Tune: the space must be the one study {name!r} was started with; got a different space for "
-                f"the study in {storage_name}. Use the original space, or a new --study-name (or --out)."
-            )
-        if old_space is None:
-            study.set_user_attr("space", space_text)
-            study.set_user_attr("metric", metric)
-            study.set_user_attr("config", str(config) if isinstance(config, (str, os.PathLike)) else "mapping")
+        study = _open_study(optuna, store, storage_name, name, seed, pruner, space_text, metric, config)
         finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished_states))
         n_all = len(study.get_trials(deepcopy=False))
@@ -382,6 +364,31 @@ def tune(config: str | os.PathLike | Mapping | RunConfig, space: str | os.PathLi
         return write()
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _open_study(optuna, store: Any, storage_name: str, name: str, seed: int, pruner: Any, space_text: str,
+                metric: str, config: Any):
+    """The study ``name`` (created, or the one the storage holds if it was started with this space)."""
+    study = optuna.create_study(
+        storage=store, study_name=name, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=pruner if pruner is not None else optuna.pruners.MedianPruner())
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ConfigError(
+            f"Tune: study {name!r} must maximise (metafit's objective); got a study that minimises in "
+            f"{storage_name}. Choose another --study-name."
+        )
+    old_space = study.user_attrs.get("space")
+    if old_space is not None and old_space != space_text:
+        raise ConfigError(
+            f"Tune: the space must be the one study {name!r} was started with; got a different space for "
+            f"the study in {storage_name}. Use the original space, or a new --study-name (or --out)."
+        )
+    if old_space is None:
+        study.set_user_attr("space", space_text)
+        study.set_user_attr("metric", metric)
+        study.set_user_attr("config", str(config) if isinstance(config, (str, os.PathLike)) else "mapping")
+    return study
 
 
 def _objective(optuna, config: Any, overrides: list[str], params: Mapping[str, Param], metric: str, out: Path):
