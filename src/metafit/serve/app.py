@@ -46,7 +46,7 @@ import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.decode import ImageTooLargeError, decoded_bytes, open_image
-from ..data.store import check_polarity
+from ..data.store import ImageFormat, check_polarity
 from ..errors import ConfigError, DataError, MetafitError, TaskError, short_repr
 from ..inference import AdaptedTask, Model
 from ..validation import load_json
@@ -251,22 +251,8 @@ class BodyLimit:
                 await self._reject(send, over)
 
 
-def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
-    """The FastAPI application serving ``model`` under ``limits``. It sets glibc's mmap threshold
-    of the process (1 MiB) so that memory of decoded images goes back to the system when freed."""
-    if model.image_format is None:
-        raise TaskError(
-            f"Serve: the model must take images; got a {model.config.data.task_kind} model on vectors. "
-            "Serve an image classification checkpoint."
-        )
-    app = FastAPI(title="metafit", version=__version__,
-                  description="Adapt a meta-trained model to your labelled images and predict.")
-    store = TaskStore(limits.max_tasks)
-    compute = threading.Lock()  # one adapt/predict at a time: models are not re-entrant (BatchNorm modes)
-    budget = DecodeBudget(limits.max_decoding_bytes, limits.decode_wait_s)
-    fmt = model.image_format
-    app.state.store, app.state.limits, app.state.model = store, limits, model
-    _return_freed_memory()
+def _key_check(limits: ServeLimits) -> Callable[[Request], None]:
+    """The dependency that refuses requests without the API key (none is needed without one)."""
 
     def check_key(request: Request) -> None:
         if limits.api_key is None:
@@ -279,6 +265,11 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
             raise HTTPError(401, "Serve: requests must carry the API key; got none or a wrong one. Send it in "
                                  "the X-API-Key header (or Authorization: Bearer KEY).")
 
+    return check_key
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error becomes one JSON line ``{"error": ...}`` with its status."""
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, err: HTTPError):
         return JSONResponse({"error": err.message}, status_code=err.status)
@@ -314,49 +305,76 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
                                       f"error ({type(err).__name__}). Report it with the request that caused it."},
                             status_code=500)
 
+
+def _read_images(files: list[UploadFile], limits: ServeLimits, budget: DecodeBudget,
+                 fmt: ImageFormat) -> tuple[torch.Tensor, list[str]]:
+    """The uploads as model input [N, C, size, size]: every header checked first (pixels
+    per image, decoded bytes of the request), then decoded one at a time straight into the
+    model's input size under the shared decoding budget."""
+    if not files:
+        raise DataError("Serve: a request must carry at least one image (form field 'images'); got none. "
+                        "Attach image files.")
+    if len(files) > limits.max_images:
+        raise HTTPError(413, f"Serve: a request may carry at most {limits.max_images} images; got {len(files)}. "
+                             "Split them over several requests.")
+    fix = "Downscale it before sending it."
+    names = [short_repr(f.filename or f"image {i}") for i, f in enumerate(files)]
+
+    def opened(i: int):  # the reader closes what it opens: hand it a copy of the (compressed) upload
+        files[i].file.seek(0)
+        return open_image(io.BytesIO(files[i].file.read()), names[i], limits.max_image_pixels, fix)
+
+    sizes = []
+    for i in range(len(files)):  # headers only: nothing is decoded yet
+        with opened(i) as im:
+            sizes.append(decoded_bytes(im))
+    total = sum(sizes)
+    if total > limits.max_request_decoded_bytes:
+        raise HTTPError(413, f"Serve: the images of a request must decode to at most "
+                             f"{limits.max_request_decoded_bytes} bytes together; got {total} bytes from "
+                             f"{len(files)} images. Send fewer or smaller images per request.")
+    out = torch.empty((len(files), fmt.channels, fmt.size, fmt.size))
+    for i, n in enumerate(sizes):  # one at a time, each let go before the next
+        with budget.hold(n), opened(i) as im:
+            out[i] = torch.from_numpy(fmt.array(im)).float() / 255.0
+    return out, [f.filename or f"image {i}" for i, f in enumerate(files)]
+
+
+def _parse_labels(labels: list[str]) -> list[str | int]:
+    if len(labels) == 1 and labels[0].lstrip().startswith("["):
+        parsed = load_json(labels[0], "Serve: the labels field", error=TaskError)
+        if not isinstance(parsed, list):
+            raise TaskError("Serve: a JSON labels field must be a list; got another value. Send [\"a\", ...].")
+        for value in parsed:
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise TaskError(f"Serve: labels must be strings or integers; got {short_repr(value)}. "
+                                "Send one class name per image.")
+        return parsed
+    return labels
+
+
+def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
+    """The FastAPI application serving ``model`` under ``limits``. It sets glibc's mmap threshold
+    of the process (1 MiB) so that memory of decoded images goes back to the system when freed."""
+    if model.image_format is None:
+        raise TaskError(
+            f"Serve: the model must take images; got a {model.config.data.task_kind} model on vectors. "
+            "Serve an image classification checkpoint."
+        )
+    app = FastAPI(title="metafit", version=__version__,
+                  description="Adapt a meta-trained model to your labelled images and predict.")
+    store = TaskStore(limits.max_tasks)
+    compute = threading.Lock()  # one adapt/predict at a time: models are not re-entrant (BatchNorm modes)
+    budget = DecodeBudget(limits.max_decoding_bytes, limits.decode_wait_s)
+    fmt = model.image_format
+    app.state.store, app.state.limits, app.state.model = store, limits, model
+    _return_freed_memory()
+    check_key = _key_check(limits)
+    _add_error_handlers(app)
+
     def read_images(files: list[UploadFile]) -> tuple[torch.Tensor, list[str]]:
-        """The uploads as model input [N, C, size, size]: every header checked first (pixels
-        per image, decoded bytes of the request), then decoded one at a time straight into the
-        model's input size under the shared decoding budget."""
-        if not files:
-            raise DataError("Serve: a request must carry at least one image (form field 'images'); got none. "
-                            "Attach image files.")
-        if len(files) > limits.max_images:
-            raise HTTPError(413, f"Serve: a request may carry at most {limits.max_images} images; got {len(files)}. "
-                                 "Split them over several requests.")
-        fix = "Downscale it before sending it."
-        names = [short_repr(f.filename or f"image {i}") for i, f in enumerate(files)]
+        return _read_images(files, limits, budget, fmt)
 
-        def opened(i: int):  # the reader closes what it opens: hand it a copy of the (compressed) upload
-            files[i].file.seek(0)
-            return open_image(io.BytesIO(files[i].file.read()), names[i], limits.max_image_pixels, fix)
-
-        sizes = []
-        for i in range(len(files)):  # headers only: nothing is decoded yet
-            with opened(i) as im:
-                sizes.append(decoded_bytes(im))
-        total = sum(sizes)
-        if total > limits.max_request_decoded_bytes:
-            raise HTTPError(413, f"Serve: the images of a request must decode to at most "
-                                 f"{limits.max_request_decoded_bytes} bytes together; got {total} bytes from "
-                                 f"{len(files)} images. Send fewer or smaller images per request.")
-        out = torch.empty((len(files), fmt.channels, fmt.size, fmt.size))
-        for i, n in enumerate(sizes):  # one at a time, each let go before the next
-            with budget.hold(n), opened(i) as im:
-                out[i] = torch.from_numpy(fmt.array(im)).float() / 255.0
-        return out, [f.filename or f"image {i}" for i, f in enumerate(files)]
-
-    def parse_labels(labels: list[str]) -> list[str | int]:
-        if len(labels) == 1 and labels[0].lstrip().startswith("["):
-            parsed = load_json(labels[0], "Serve: the labels field", error=TaskError)
-            if not isinstance(parsed, list):
-                raise TaskError("Serve: a JSON labels field must be a list; got another value. Send [\"a\", ...].")
-            for value in parsed:
-                if not isinstance(value, (str, int)) or isinstance(value, bool):
-                    raise TaskError(f"Serve: labels must be strings or integers; got {short_repr(value)}. "
-                                    "Send one class name per image.")
-            return parsed
-        return labels
 
     @app.get("/health")
     async def health() -> dict[str, str]:  # on the event loop: answers while workers are busy
@@ -375,7 +393,7 @@ def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
     @app.post("/tasks", status_code=201, dependencies=[Depends(check_key)])
     def create_task(images: list[UploadFile] = File(...), labels: list[str] = Form(...),
                     polarity: str = Form("auto")) -> dict[str, Any]:
-        names = parse_labels(labels)
+        names = _parse_labels(labels)
         check_polarity(polarity, "Serve", "Send polarity=auto (detect from each image's border), as_trained or flip.")
         x, _ = read_images(images)
         with compute:
