@@ -27,12 +27,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"error: {self.prog}: {message}. Run '{self.prog} --help' for the usage.\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="metafit", description="Practical meta-learning: train, evaluate, adapt.")
-    p.add_argument("--version", action="version", version=f"metafit {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_training_commands(sub) -> None:
+    """The parsers of train, eval, tune and report: runs and their results."""
     t = sub.add_parser("train", help="meta-train from a YAML config (or a built-in config name)")
     t.add_argument("config", help="YAML file or built-in name (see `metafit configs`)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -71,6 +67,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", metavar="DIR", help="also draw DIR/confusion.png (by class) and DIR/episodes.png (example episodes)")
     e.add_argument("--device", default="cpu")
 
+    tu = sub.add_parser("tune", help="hyperparameter search with Optuna (TPE sampler, median pruner); resumable",
+                        description="Search config fields: every trial trains CONFIG with sampled values into "
+                                    "OUT/trial-<n>; unpromising trials are pruned at validations. Running the same "
+                                    "command again resumes the study; --storage shares it between machines.")
+    tu.add_argument("config", help="YAML file or built-in name (see `metafit configs`)")
+    tu.add_argument("--space", required=True, metavar="SPACE",
+                    help="YAML mapping config fields to distributions, e.g. 'train.meta_lr: {type: float, low: 1.0e-4, "
+                         "high: 1.0e-2, log: true}' (or a built-in space name)")
+    tu.add_argument("--trials", type=int, required=True, metavar="N",
+                    help="finished (complete + pruned) trials the study should hold in total; a resumed study runs "
+                         "only the missing ones")
+    tu.add_argument("--storage", metavar="URL", help="database URL of the study (default sqlite:///OUT/study.db); "
+                                                     "e.g. postgresql://user@host/db to share it between machines")
+    tu.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the config's name)")
+    tu.add_argument("--out", metavar="DIR", help="output folder (default runs/tune-<config name>)")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="fixed config value for every trial, e.g. --set train.meta_steps=2000 (repeatable)")
+    tu.add_argument("--data-dir", help="dataset folder (sets data.root)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the sampler (use a different one on each machine "
+                                                         "sharing a study)")
+
+    rp = sub.add_parser("report", help="Markdown table and learning curves (PNG) of one or several run folders")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (the out_dir of `metafit train`)")
+    rp.add_argument("--out", metavar="DIR", help="where report.md and curves.png go (default: <parent of the "
+                                                 "first run>/report)")
+    rp.add_argument("--metric", choices=["accuracy", "loss"], default="accuracy",
+                    help="curves of the task metric (accuracy, or MSE for regression) or of the loss")
+    rp.add_argument("--x", choices=["time", "images"], default="time",
+                    help="x-axis of the curves: training time (default) or training images seen (a step is one "
+                         "episode for ProtoNet but a mini-batch for transfer, so steps are not compared)")
+
+
+def _add_model_commands(sub) -> None:
+    """The parsers of adapt, predict, export, calibrate, serve and info: putting a checkpoint to work."""
     a = sub.add_parser("adapt", help="adapt a trained model to your labelled images; save the task")
     a.add_argument("checkpoint")
     a.add_argument("--support", required=True, metavar="DIR", help="support images, one folder per label: DIR/<label>/<image>")
@@ -133,40 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="change an adaptation-only algorithm field, e.g. algorithm.finetune_steps=20 (repeatable)")
 
-    tu = sub.add_parser("tune", help="hyperparameter search with Optuna (TPE sampler, median pruner); resumable",
-                        description="Search config fields: every trial trains CONFIG with sampled values into "
-                                    "OUT/trial-<n>; unpromising trials are pruned at validations. Running the same "
-                                    "command again resumes the study; --storage shares it between machines.")
-    tu.add_argument("config", help="YAML file or built-in name (see `metafit configs`)")
-    tu.add_argument("--space", required=True, metavar="SPACE",
-                    help="YAML mapping config fields to distributions, e.g. 'train.meta_lr: {type: float, low: 1.0e-4, "
-                         "high: 1.0e-2, log: true}' (or a built-in space name)")
-    tu.add_argument("--trials", type=int, required=True, metavar="N",
-                    help="finished (complete + pruned) trials the study should hold in total; a resumed study runs "
-                         "only the missing ones")
-    tu.add_argument("--storage", metavar="URL", help="database URL of the study (default sqlite:///OUT/study.db); "
-                                                     "e.g. postgresql://user@host/db to share it between machines")
-    tu.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the config's name)")
-    tu.add_argument("--out", metavar="DIR", help="output folder (default runs/tune-<config name>)")
-    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="fixed config value for every trial, e.g. --set train.meta_steps=2000 (repeatable)")
-    tu.add_argument("--data-dir", help="dataset folder (sets data.root)")
-    tu.add_argument("--seed", type=int, default=0, help="seed of the sampler (use a different one on each machine "
-                                                         "sharing a study)")
-
-    rp = sub.add_parser("report", help="Markdown table and learning curves (PNG) of one or several run folders")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (the out_dir of `metafit train`)")
-    rp.add_argument("--out", metavar="DIR", help="where report.md and curves.png go (default: <parent of the "
-                                                 "first run>/report)")
-    rp.add_argument("--metric", choices=["accuracy", "loss"], default="accuracy",
-                    help="curves of the task metric (accuracy, or MSE for regression) or of the loss")
-    rp.add_argument("--x", choices=["time", "images"], default="time",
-                    help="x-axis of the curves: training time (default) or training images seen (a step is one "
-                         "episode for ProtoNet but a mini-batch for transfer, so steps are not compared)")
-
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
 
+
+def _add_other_commands(sub) -> None:
+    """The parsers of configs, rl (train / eval / configs) and quickstart."""
     c = sub.add_parser("configs", help="list the built-in configs, or every config field with --fields")
     c.add_argument("--fields", nargs="?", const="", default=None, metavar="NAME",
                    help="list every config key with its default and meaning, grouped by section and by algorithm, "
@@ -200,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--download", action="store_true", help="download Omniglot (checksum-verified) if missing")
     q.add_argument("--steps", type=int, help="meta-training steps (default: sinusoid 10000, omniglot 500)")
     q.add_argument("--out-dir", help="run folder (default runs/quickstart-<task>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="metafit", description="Practical meta-learning: train, evaluate, adapt.")
+    p.add_argument("--version", action="version", version=f"metafit {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_other_commands(sub)
     return p
 
 
