@@ -265,6 +265,78 @@ def _kkt(q, p, c, beta, nu, mask):
     return violation, new
 
 
+def _check_svm_inputs(features: torch.Tensor, labels: torch.Tensor, n_ways: int, C: float, ridge: float,
+                      gram: bool) -> None:
+    """One-line errors for inputs :func:`svm_crammer_singer` cannot solve."""
+    owner = "svm_crammer_singer"
+    _check_batched(owner, "features", features, 3, "[episodes, n, d] or a Gram matrix [episodes, n, n]")
+    bsz, n = features.shape[:2]
+    if labels.shape != (bsz, n):
+        raise TaskError(constraint_message(
+            owner, "labels.shape", f"{(bsz, n)} (one label per support example)", tuple(labels.shape),
+            "Pass labels of shape [episodes, n]."))
+    if gram and features.shape[2] != n:
+        raise TaskError(constraint_message(
+            owner, "features.shape", "[B, n, n] with gram=True", tuple(features.shape),
+            "Pass a square Gram matrix or gram=False with features."))
+    if not C > 0:
+        raise ConfigError(constraint_message(owner, "C", "> 0", C, "Use a positive box constraint."))
+    if not ridge >= 0:
+        raise ConfigError(constraint_message(owner, "ridge", ">= 0", ridge, "Use a non-negative ridge."))
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_ways):
+        raise TaskError(constraint_message(
+            owner, "labels", f"in 0..{n_ways - 1}", (int(labels.min()), int(labels.max())),
+            "Relabel classes as 0..n_ways-1."))
+
+
+def _repolish(q, p, qd, pd, c, z, u, rho, new, beta, mask, viol, polished, used, r_prim, r_dual, *, max_iter, tol,
+              kkt_tol, polish_rounds, check_every):
+    """Steps 2+ of :func:`svm_crammer_singer` on the episodes whose first polish failed the KKT
+    check: active-set steps, then more ADMM at a tighter tolerance while iterations remain; an
+    episode that never passes keeps the ADMM point's value (straight-through gradient)."""
+    rounds = 1
+    # the rest, on the failing episodes only: active-set steps, then more ADMM if needed
+    sub = torch.nonzero(~polished).flatten()
+    with torch.no_grad():
+        qs, ps, zs, us, rs = qd[sub], pd[sub], z[sub], u[sub], rho[sub]
+        ms = new[sub]
+        todo = torch.ones(len(sub), dtype=torch.bool, device=q.device)
+        stage_tol, left = float(tol), polish_rounds - 1
+        while True:
+            for _ in range(left):
+                rounds += 1
+                bs, nus, oks = _polish(qs, ps, c, ms)
+                vs, news = _kkt(qs, ps, c, bs, nus, ms)
+                todo = todo & ~(oks & (vs <= kkt_tol))
+                if not bool(todo.any()):
+                    break
+                ms = torch.where(todo[:, None, None], news, ms)
+            if not bool(todo.any()) or used >= max_iter or stage_tol <= 1e-12:
+                break  # done, out of iterations, or at float64's limit (singular Q: no polish)
+            stage_tol *= 1e-2
+            zs, us, rs, it, rp, rd = _admm(qs, ps, c, zs, us, rs, max_iter - used, stage_tol, check_every)
+            used += it
+            r_prim, r_dual = r_prim.index_put((sub,), rp), r_dual.index_put((sub,), rd)
+            ms = torch.where(todo[:, None, None], zs > 0, ms)
+            left = polish_rounds
+        # episodes that never passed the KKT check fall back to the free set of the ADMM point
+        ms = torch.where(todo[:, None, None], zs > 0, ms)
+    bs, nus, oks = _ActiveSetSolve.apply(q[sub], p[sub], ms, c)  # failing episodes only
+    fail = todo | ~oks
+    if bool(fail.any()):
+        # value of the ADMM point, gradient of the active-set system at it (straight-through)
+        bs = torch.where(fail[:, None, None], zs, bs.detach()) + (bs - bs.detach())
+    with torch.no_grad():
+        vs = _kkt(qs, ps, c, bs.detach(), nus.detach(), ms)[0]
+        if bool(fail.any()):
+            vs = torch.where(fail, _kkt(qs, ps, c, zs, None, zs > 0)[0], vs)
+    beta = beta.index_put((sub,), bs)
+    mask = mask.index_put((sub,), ms)
+    viol = viol.index_put((sub,), vs)
+    polished = polished.index_put((sub,), ~fail)
+    return beta, mask, viol, polished, used, rounds, r_prim, r_dual
+
+
 def svm_crammer_singer(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -338,26 +410,8 @@ def svm_crammer_singer(
 
     Returns ``alpha`` in the dtype of ``features`` (and an :class:`SVMInfo` with ``return_info``).
     """
-    owner = "svm_crammer_singer"
-    _check_batched(owner, "features", features, 3, "[episodes, n, d] or a Gram matrix [episodes, n, n]")
+    _check_svm_inputs(features, labels, n_ways, C, ridge, gram)
     bsz, n = features.shape[:2]
-    if labels.shape != (bsz, n):
-        raise TaskError(constraint_message(
-            owner, "labels.shape", f"{(bsz, n)} (one label per support example)", tuple(labels.shape),
-            "Pass labels of shape [episodes, n]."))
-    if gram and features.shape[2] != n:
-        raise TaskError(constraint_message(
-            owner, "features.shape", "[B, n, n] with gram=True", tuple(features.shape),
-            "Pass a square Gram matrix or gram=False with features."))
-    if not C > 0:
-        raise ConfigError(constraint_message(owner, "C", "> 0", C, "Use a positive box constraint."))
-    if not ridge >= 0:
-        raise ConfigError(constraint_message(owner, "ridge", ">= 0", ridge, "Use a non-negative ridge."))
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_ways):
-        raise TaskError(constraint_message(
-            owner, "labels", f"in 0..{n_ways - 1}", (int(labels.min()), int(labels.max())),
-            "Relabel classes as 0..n_ways-1."))
-
     out_dtype = features.dtype
     work = torch.float64
     g = features.to(work)
@@ -394,45 +448,9 @@ def svm_crammer_singer(
     polished = ok & (viol <= kkt_tol)
     rounds = 1
     if not bool(polished.all()):
-        # the rest, on the failing episodes only: active-set steps, then more ADMM if needed
-        sub = torch.nonzero(~polished).flatten()
-        with torch.no_grad():
-            qs, ps, zs, us, rs = qd[sub], pd[sub], z[sub], u[sub], rho[sub]
-            ms = new[sub]
-            todo = torch.ones(len(sub), dtype=torch.bool, device=features.device)
-            stage_tol, left = float(tol), polish_rounds - 1
-            while True:
-                for _ in range(left):
-                    rounds += 1
-                    bs, nus, oks = _polish(qs, ps, c, ms)
-                    vs, news = _kkt(qs, ps, c, bs, nus, ms)
-                    todo = todo & ~(oks & (vs <= kkt_tol))
-                    if not bool(todo.any()):
-                        break
-                    ms = torch.where(todo[:, None, None], news, ms)
-                if not bool(todo.any()) or used >= max_iter or stage_tol <= 1e-12:
-                    break  # done, out of iterations, or at float64's limit (singular Q: no polish)
-                stage_tol *= 1e-2
-                zs, us, rs, it, rp, rd = _admm(qs, ps, c, zs, us, rs, max_iter - used, stage_tol, check_every)
-                used += it
-                r_prim, r_dual = r_prim.index_put((sub,), rp), r_dual.index_put((sub,), rd)
-                ms = torch.where(todo[:, None, None], zs > 0, ms)
-                left = polish_rounds
-            # episodes that never passed the KKT check fall back to the free set of the ADMM point
-            ms = torch.where(todo[:, None, None], zs > 0, ms)
-        bs, nus, oks = _ActiveSetSolve.apply(q[sub], p[sub], ms, c)  # failing episodes only
-        fail = todo | ~oks
-        if bool(fail.any()):
-            # value of the ADMM point, gradient of the active-set system at it (straight-through)
-            bs = torch.where(fail[:, None, None], zs, bs.detach()) + (bs - bs.detach())
-        with torch.no_grad():
-            vs = _kkt(qs, ps, c, bs.detach(), nus.detach(), ms)[0]
-            if bool(fail.any()):
-                vs = torch.where(fail, _kkt(qs, ps, c, zs, None, zs > 0)[0], vs)
-        beta = beta.index_put((sub,), bs)
-        mask = mask.index_put((sub,), ms)
-        viol = viol.index_put((sub,), vs)
-        polished = polished.index_put((sub,), ~fail)
+        beta, mask, viol, polished, used, rounds, r_prim, r_dual = _repolish(
+            q, p, qd, pd, c, z, u, rho, new, beta, mask, viol, polished, used, r_prim, r_dual,
+            max_iter=max_iter, tol=tol, kkt_tol=kkt_tol, polish_rounds=polish_rounds, check_every=check_every)
     alpha = (c * y - beta).to(out_dtype)
     if not return_info:
         return alpha
