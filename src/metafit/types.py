@@ -9,6 +9,12 @@ import torch
 __all__ = ["LabelledBatch", "Task", "TaskBatch"]
 
 
+def _moved(tasks: "Task | TaskBatch", device: torch.device | str):
+    """``tasks`` (a Task or a TaskBatch) with every tensor on ``device``."""
+    tensors = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+    return type(tasks)(*(x.to(device, non_blocking=True) for x in tensors), tasks.n_ways)
+
+
 @dataclass(frozen=True)
 class Task:
     """One few-shot task. Labels are ``0..n_ways-1``.
@@ -23,13 +29,7 @@ class Task:
     n_ways: int
 
     def to(self, device: torch.device | str) -> "Task":
-        return Task(
-            self.support_x.to(device, non_blocking=True),
-            self.support_y.to(device, non_blocking=True),
-            self.query_x.to(device, non_blocking=True),
-            self.query_y.to(device, non_blocking=True),
-            self.n_ways,
-        )
+        return _moved(self, device)
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,7 @@ class TaskBatch:
         )
 
     def to(self, device: torch.device | str) -> "TaskBatch":
-        return TaskBatch(
-            self.support_x.to(device, non_blocking=True),
-            self.support_y.to(device, non_blocking=True),
-            self.query_x.to(device, non_blocking=True),
-            self.query_y.to(device, non_blocking=True),
-            self.n_ways,
-        )
+        return _moved(self, device)
 
 
 @dataclass(frozen=True)

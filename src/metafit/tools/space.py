@@ -48,7 +48,26 @@ def _rule(ok: bool, rule: str, got: Any, fix: str) -> None:
         raise PydanticCustomError("tune_rule", "{rule}; got {got}. {fix}", {"rule": rule, "got": got, "fix": fix})
 
 
-class FloatParam(ConfigModel):
+class _RangeParam(ConfigModel):
+    """A number from [low, high]: both ends are the corners :func:`check_space` builds."""
+
+    def _check_range(self, step_set: bool, log_low: str, log_fix: str, log_ok: bool) -> None:
+        _rule(self.low < self.high, "must have low below high", f"low={self.low!r}, high={self.high!r}",
+              "Swap low and high, or use --set for a fixed value.")
+        _rule(not (self.log and step_set), "must not set both log and step", f"log=true, step={self.step!r}",
+              "Drop one of them.")
+        _rule(not self.log or log_ok, f"must have low {log_low} with log: true", f"low={self.low!r}", log_fix)
+
+    def candidates(self) -> list:
+        """The values every trial's config must accept: both ends of the range."""
+        return [self.low, self.high]
+
+    def text(self, value: Any) -> str:
+        """``value`` as the YAML text of a ``--set`` override."""
+        return yaml_text(value)
+
+
+class FloatParam(_RangeParam):
     """A float from [low, high], log-uniform with ``log``, on a grid with ``step``."""
 
     type: Literal["float"]
@@ -59,25 +78,15 @@ class FloatParam(ConfigModel):
 
     @model_validator(mode="after")
     def _rules(self):
-        _rule(self.low < self.high, "must have low below high", f"low={self.low!r}, high={self.high!r}",
-              "Swap low and high, or use --set for a fixed value.")
-        _rule(not (self.log and self.step is not None), "must not set both log and step",
-              f"log=true, step={self.step!r}", "Drop one of them.")
-        _rule(not self.log or self.low > 0, "must have low > 0 with log: true", f"low={self.low!r}",
-              "Raise low above zero or drop log.")
+        self._check_range(self.step is not None, "> 0", "Raise low above zero or drop log.", self.low > 0)
         return self
 
-    def candidates(self) -> list:
-        return [self.low, self.high]
-
     def suggest(self, trial, name: str) -> Any:
+        """The value Optuna's ``trial`` suggests for the field ``name``."""
         return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
 
-    def text(self, value: Any) -> str:
-        return yaml_text(value)
 
-
-class IntParam(ConfigModel):
+class IntParam(_RangeParam):
     """An integer from [low, high] (both included), log-uniform with ``log``, every ``step``."""
 
     type: Literal["int"]
@@ -88,22 +97,12 @@ class IntParam(ConfigModel):
 
     @model_validator(mode="after")
     def _rules(self):
-        _rule(self.low < self.high, "must have low below high", f"low={self.low!r}, high={self.high!r}",
-              "Swap low and high, or use --set for a fixed value.")
-        _rule(not (self.log and self.step != 1), "must not set both log and step", f"log=true, step={self.step!r}",
-              "Drop one of them.")
-        _rule(not self.log or self.low >= 1, "must have low >= 1 with log: true", f"low={self.low!r}",
-              "Raise low to 1 or drop log.")
+        self._check_range(self.step != 1, ">= 1", "Raise low to 1 or drop log.", self.low >= 1)
         return self
 
-    def candidates(self) -> list:
-        return [self.low, self.high]
-
     def suggest(self, trial, name: str) -> Any:
+        """The value Optuna's ``trial`` suggests for the field ``name``."""
         return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)
-
-    def text(self, value: Any) -> str:
-        return yaml_text(value)
 
 
 class CategoricalParam(ConfigModel):
