@@ -167,3 +167,15 @@ def test_model_adapt_and_predict_refuse_unscaled_floats(tmp_path):
     with pytest.raises(DataError, match="Divide 0-255 values by 255"):
         task.predict(x * 255)
     assert task.predict(list((x * 255).round().to(torch.uint8).numpy()[:, 0])).labels == labels  # uint8: 0-255
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`metafit configs --fields | head -1`: no error line when head closes the pipe."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "from metafit.cli.main import entrypoint; entrypoint()",
+                             "configs", "--fields"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as head does after its first line; here before the first (the child is still importing)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 141 and stderr == "", stderr

@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except BrokenPipeError:  # the reader went away (e.g. `metafit configs --fields | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit-time flush does not fail again
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except OSError as err:  # a path that cannot be read or written: name it
         if args.debug:
             raise
