@@ -13,7 +13,7 @@ from metafit import TaskError
 from metafit.cli.main import main
 from metafit.data import list_labelled_images
 from metafit.training import evaluate_checkpoint, make_config, read_checkpoint, train
-from metafit.training.calibration import calibrate_checkpoint, fit_temperature
+from metafit.training.calibration import TEMPERATURE_RANGE, calibrate_checkpoint, fit_temperature
 from metafit.training.evaluate import expected_calibration_error
 
 
@@ -38,6 +38,13 @@ def test_fitted_temperature_recovers_the_one_that_generated_the_labels():
     labels = torch.multinomial(torch.softmax(z / 2.5, -1), 1, generator=g).flatten()
     assert fit_temperature(z, labels) == pytest.approx(2.5, rel=0.05)
 
+
+
+def test_a_temperature_the_queries_do_not_determine_stays_in_range():
+    # every query right with a wide margin: the NLL keeps falling as T -> 0
+    z = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0]], dtype=torch.float64)
+    assert fit_temperature(z, torch.tensor([0, 1, 2])) == TEMPERATURE_RANGE[0]
+    assert fit_temperature(z, torch.tensor([1, 2, 0])) == TEMPERATURE_RANGE[1]  # all wrong: T -> infinity
 
 @pytest.fixture
 def trained(tmp_path, synthetic_splits):

@@ -9,6 +9,7 @@ not change, probabilities do. ``metafit.load`` applies a stored temperature in `
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -26,25 +27,52 @@ from .config import RunConfig, TaskConfig
 from .evaluate import expected_calibration_error
 from .trainer import make_sampler
 
-__all__ = ["calibrate_checkpoint", "fit_temperature", "query_logits"]
+__all__ = ["TEMPERATURE_RANGE", "calibrate_checkpoint", "fit_temperature", "query_logits"]
+
+log = logging.getLogger(__name__)
+
+
+#: the range a fitted temperature is kept in: on validation queries that are all right with a wide
+#: margin the NLL keeps falling as T -> 0 (no finite optimum); the bound keeps such a fit usable
+TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the mean NLL of ``softmax(logits / T)`` (L-BFGS on log T, float64)."""
+    """The temperature T in :data:`TEMPERATURE_RANGE` minimising the mean NLL of
+    ``softmax(logits / T)`` of validation queries (``logits`` [N, n_ways], ``labels`` [N]); returns T.
+
+    The NLL is convex in 1/T, so a golden-section search over log(1/T) (float64, to machine
+    precision) finds the minimum, or the end of the range where the queries do not determine it."""
     logits = logits.detach().double()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-10, tolerance_change=1e-12)
+    low, high = TEMPERATURE_RANGE
+    # logits relative to the true class's, which is left out: NLL_i = log(1 + sum_k exp(beta * margin_ik))
+    margins = (logits - logits.gather(1, labels[:, None])).masked_fill(
+        F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
+    def nll(log_inverse: float) -> float:
+        """log of the summed NLL at 1/T = exp(log_inverse), accurate where the NLL underflows."""
+        s = torch.logsumexp(margins * math.exp(log_inverse), 1)
+        log_terms = torch.where(s < -30.0, s, torch.log(F.softplus(s)))  # log(log1p(exp(s))) ~ s far below 0
+        return float(torch.logsumexp(log_terms, 0))
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return float(log_t.detach().exp())
+    a, b = -math.log(high), -math.log(low)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > 1e-9:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    temperature = math.exp(-(a + b) / 2.0)
+    for end in TEMPERATURE_RANGE:  # a minimum at an end of the range is that end
+        if abs(math.log(temperature / end)) < 1e-6:
+            return end
+    return temperature
 
 
 @torch.no_grad()
@@ -99,7 +127,11 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, episodes: int | None 
         return ece, float(F.cross_entropy(logits / t, labels))
 
     (ece0, nll0), (ece1, nll1) = stats(1.0), stats(temperature)
-    record = {"temperature": temperature, "split": "val", "episodes": n_eps, **task.model_dump(),
+    if temperature in TEMPERATURE_RANGE:
+        log.warning("Calibrate: the fitted temperature %g is at the end of the range %s: the validation episodes "
+                    "do not determine it (e.g. every query right with a wide margin); use more or harder episodes",
+                    temperature, TEMPERATURE_RANGE)
+    record = {"temperature": temperature, "at_range_end": temperature in TEMPERATURE_RANGE, "split": "val", "episodes": n_eps, **task.model_dump(),
               "seed": ec.seed if seed is None else seed, "ece_before": ece0, "ece_after": ece1,
               "nll_before": nll0, "nll_after": nll1, "seconds": time.perf_counter() - t0}
     update_checkpoint_meta(checkpoint, {"calibration": record}, out)
