@@ -27,14 +27,21 @@ def load(path, device="cpu", algorithm=None):
     :class:`metafit.Model`; its ``algorithm`` attribute is the tensor-level
     :class:`~metafit.algorithms.Algorithm`). ``algorithm``: adaptation-only config changes, e.g.
     ``{"finetune_steps": 20}`` to fine-tune a ProtoNet's backbone on each support set. For a
-    Hugging Face Hub repo id use ``metafit.Model.from_pretrained``."""
+    Hugging Face Hub repo id use ``metafit.Model.from_pretrained``.
+
+    ``path``: the checkpoint file or folder; ``device``: where the weights go (``"cpu"``,
+    ``"cuda"``, ...). Returns a :class:`metafit.Model`. This imports the inference and training
+    modules on first use (``import metafit`` alone stays light)."""
     from .inference import load_model
 
     return load_model(path, device, algorithm)
 
 
 def load_task(path, checkpoint=None, device="cpu"):
-    """An adapted task saved with ``task.save(path)`` (see :func:`metafit.inference.load_task`)."""
+    """An adapted task saved with ``task.save(path)`` (see :func:`metafit.inference.load_task`):
+    ``path``: the task file; ``checkpoint``: the model it was adapted with (a path or a loaded
+    :class:`metafit.Model`; None: the path recorded in the file); ``device``: where a model loaded
+    here goes. Returns the :class:`~metafit.inference.AdaptedTask`."""
     from .inference import load_task as _load_task
 
     return _load_task(path, checkpoint, device)

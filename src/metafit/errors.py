@@ -53,7 +53,14 @@ def _bounded(text: str) -> str:
 
 class MetafitError(Exception):
     """Base class of every error metafit raises on purpose. Its message is one line of at most
-    :data:`MAX_MESSAGE_CHARS` characters (longer ones are cut in the middle)."""
+    :data:`MAX_MESSAGE_CHARS` characters (longer ones are cut in the middle).
+
+    ``args``: as for ``Exception``; when it is a single string, its line breaks become spaces and it
+    is bounded in length, other arguments are kept as they are.
+
+    >>> str(MetafitError("two" + chr(10) + "lines"))
+    'two lines'
+    """
 
     def __init__(self, *args: object) -> None:
         if len(args) == 1 and isinstance(args[0], str):
@@ -90,5 +97,14 @@ class ExportError(MetafitError, RuntimeError):
 
 
 def constraint_message(owner: str, name: str, constraint: str, value: object, fix: str) -> str:
-    """Format the one error shape used across metafit."""
+    """Format the one error shape used across metafit and return it as a string:
+    ``"<owner>: <name> must be <constraint>; got <value>. <fix>"``.
+
+    ``owner``: who complains (a class or command name); ``name``: the offending key or argument;
+    ``constraint``: what it must be; ``value``: what it was, quoted with :func:`short_repr`;
+    ``fix``: what to do about it.
+
+    >>> constraint_message("MAML", "steps", "an integer >= 1", 0, "Raise it.")
+    'MAML: steps must be an integer >= 1; got 0. Raise it.'
+    """
     return f"{owner}: {name} must be {constraint}; got {short_repr(value)}. {fix}"

@@ -325,7 +325,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities [N, n_classes], columns in ``classes_`` order."""
+        """Class probabilities [N, n_classes] of the images ``X`` (shapes as for :meth:`fit`), columns
+        in ``classes_`` order (float64)."""
         check_is_fitted(self, "classes_")
         images, n_features = self._images(X, "X")
         self._check_features(n_features)
@@ -335,10 +336,11 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def predict_log_proba(self, X) -> np.ndarray:
+        """The natural log of :meth:`predict_proba` of ``X`` (``-inf`` where a probability is 0)."""
         with np.errstate(divide="ignore"):
             return np.log(self.predict_proba(X))
 
     def predict(self, X) -> np.ndarray:
-        """The most probable label of every image, an array of ``classes_``'s dtype."""
+        """The most probable label of every image of ``X``, an array of ``classes_``'s dtype."""
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]

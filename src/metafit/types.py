@@ -17,9 +17,20 @@ def _moved(tasks: "Task | TaskBatch", device: torch.device | str):
 
 @dataclass(frozen=True)
 class Task:
-    """One few-shot task. Labels are ``0..n_ways-1``.
+    """One few-shot task: a labelled support set to adapt on and a query set to predict. Frozen.
 
-    ``support_x``: ``[n_ways * k_shots, *x_shape]``, ``query_x``: ``[n_ways * n_queries, *x_shape]``.
+    ``support_x``: the support inputs, ``[n_ways * k_shots, *x_shape]``; ``support_y``: their labels,
+    ``[n_ways * k_shots]``; ``query_x``: the query inputs, ``[n_ways * n_queries, *x_shape]``; ``query_y``:
+    their labels (or regression targets); ``n_ways``: the number of classes, labels being ``0..n_ways-1``
+    (regression tasks, such as the sinusoids, use 1).
+
+    >>> import torch
+    >>> task = Task(torch.zeros(6, 1, 28, 28), torch.arange(3).repeat(2), torch.zeros(9, 1, 28, 28),
+    ...             torch.arange(3).repeat(3), n_ways=3)
+    >>> tuple(task.support_x.shape), task.query_y.tolist()
+    ((6, 1, 28, 28), [0, 1, 2, 0, 1, 2, 0, 1, 2])
+    >>> TaskBatch.stack([task, task]).support_x.shape
+    torch.Size([2, 6, 1, 28, 28])
     """
 
     support_x: torch.Tensor
@@ -29,12 +40,20 @@ class Task:
     n_ways: int
 
     def to(self, device: torch.device | str) -> "Task":
+        """A copy of the task with its four tensors moved to ``device`` (a ``torch.device`` or a
+        name such as ``"cuda"``); returns a new :class:`Task`."""
         return _moved(self, device)
 
 
 @dataclass(frozen=True)
 class TaskBatch:
-    """Tasks of identical shape stacked on a leading meta-batch dimension."""
+    """Tasks of identical shape stacked on a leading meta-batch dimension. Frozen.
+
+    The fields are those of :class:`Task` with one more leading dimension (the ``meta_batch_size``):
+    ``support_x`` ``[B, n_ways * k_shots, *x_shape]``, ``support_y``, ``query_x``, ``query_y``, and
+    ``n_ways`` shared by every task. ``len(batch)`` is the number of tasks, ``batch[i]`` the ``i``-th
+    :class:`Task`, and iterating yields the tasks in order.
+    """
 
     support_x: torch.Tensor
     support_y: torch.Tensor
@@ -44,6 +63,7 @@ class TaskBatch:
 
     @property
     def meta_batch_size(self) -> int:
+        """The number of tasks in the batch (the size of the leading dimension)."""
         return int(self.support_x.shape[0])
 
     def __len__(self) -> int:
@@ -58,6 +78,8 @@ class TaskBatch:
 
     @staticmethod
     def stack(tasks: list[Task]) -> "TaskBatch":
+        """Stack ``tasks`` (a non-empty list of :class:`Task` of identical shapes) into one
+        :class:`TaskBatch`; its ``n_ways`` is the first task's. Raises ``ValueError`` on an empty list."""
         if not tasks:
             raise ValueError("TaskBatch.stack needs at least one task")
         return TaskBatch(
@@ -69,13 +91,18 @@ class TaskBatch:
         )
 
     def to(self, device: torch.device | str) -> "TaskBatch":
+        """A copy of the batch with its four tensors moved to ``device``; returns a new :class:`TaskBatch`."""
         return _moved(self, device)
 
 
 @dataclass(frozen=True)
 class LabelledBatch:
     """A standard (non-episodic) mini-batch: images and their base-class labels, for
-    supervised pretraining (transfer baselines)."""
+    supervised pretraining (transfer baselines). Frozen.
+
+    ``x``: the images, ``[batch, *x_shape]``; ``y``: their base-class labels, ``[batch]``.
+    ``len(batch)`` is the number of images.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -84,4 +111,5 @@ class LabelledBatch:
         return int(self.x.shape[0])
 
     def to(self, device: torch.device | str) -> "LabelledBatch":
+        """A copy of the batch with ``x`` and ``y`` moved to ``device``; returns a new :class:`LabelledBatch`."""
         return LabelledBatch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))

@@ -39,6 +39,9 @@ def _head(params, features, step):
 
 
 class ANILConfig(InnerLoopConfig):
+    """Config of :class:`ANIL` (``algorithm: {name: anil}``): the inner-loop fields (for the head only,
+    with more steps by default than MAML) plus ``first_order``."""
+
     name: Literal["anil"] = "anil"
     inner_steps: int = Field(5, ge=0, le=1000, description="head-only inner-loop steps during meta-training")
     eval_inner_steps: int = Field(10, ge=0, le=10000, description="head-only inner-loop steps at evaluation")
@@ -46,6 +49,14 @@ class ANILConfig(InnerLoopConfig):
 
 
 class ANIL(Algorithm):
+    """ANIL: MAML whose inner loop adapts only the linear head (see the module docstring).
+
+    Built as ``ANIL(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` an
+    :class:`ANILConfig`, ``n_outputs`` the size of the linear head put on ``backbone`` (classes per task,
+    which every task must have; target dimensions for regression), ``task_kind`` classification or regression.
+    ``adapt`` returns :class:`FastWeights` holding the adapted head (``head.weight``, ``head.bias``).
+    """
+
     name = "anil"
     Config = ANILConfig
     task_kinds = ("classification", "regression")
@@ -67,7 +78,9 @@ class ANIL(Algorithm):
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
-        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
+        """Fine-tune the head on the support set's features (``support_x``, ``support_y``, ``n_ways`` as
+        in :meth:`Algorithm.adapt`; the backbone is not changed) with ``steps`` SGD steps of size
+        ``inner_lr`` (default: ``eval_inner_steps``); returns the :class:`FastWeights` of the head."""
         check_support("ANIL.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("ANIL.adapt", n_ways, self.n_outputs, self.task_kind)
         cfg = self.config

@@ -28,14 +28,16 @@ __all__ = ["Adapted", "Algorithm", "AlgorithmConfig", "MetaOutput", "check_task"
 
 
 class AlgorithmConfig(ConfigModel):
-    """Base of algorithm configs; subclasses add a ``name`` literal and their own fields."""
+    """Base of algorithm configs (the ``algorithm:`` section of a run's config); subclasses add a
+    ``name`` literal, the key that selects the algorithm in ``ALGORITHMS``, and their own fields."""
 
     name: str
 
 
 @dataclass(frozen=True)
 class Adapted:
-    """Marker base for the result of ``adapt``."""
+    """Marker base for the result of ``adapt``: a frozen dataclass of tensors (prototypes, fast
+    weights, solver weights) that :meth:`Algorithm.predict` classifies queries with."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,18 @@ class MetaOutput:
 
 
 def check_task(support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int, owner: str) -> None:
-    """Reject support sets that cannot define an ``n_ways``-class task."""
+    """Reject support sets that cannot define an ``n_ways``-class task: raise a :class:`TaskError`
+    (its message started by ``owner``) unless ``support_y`` is a 1-D label vector with one label per
+    row of ``support_x``, every label lies in ``0..n_ways-1`` and every class has an example.
+    Returns nothing.
+
+    >>> import torch
+    >>> check_task(torch.zeros(4, 8), torch.tensor([0, 1, 0, 1]), 2, "ProtoNet.adapt")
+    >>> check_task(torch.zeros(4, 8), torch.tensor([0, 0, 0, 0]), 2, "ProtoNet.adapt")
+    Traceback (most recent call last):
+    ...
+    metafit.errors.TaskError: ProtoNet.adapt: every class must have at least one support example; got none for...
+    """
     if support_y.ndim != 1 or support_y.shape[0] != support_x.shape[0]:
         raise TaskError(
             f"{owner}: support_y must be a 1-D label vector with one label per support example; "
@@ -70,7 +83,15 @@ def check_task(support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int, ow
 
 
 class Algorithm(nn.Module):
-    """Base class: subclasses set ``name`` and ``Config`` and implement the methods below."""
+    """Base class: subclasses set ``name`` and ``Config`` and implement the methods below.
+
+    Every algorithm is built as ``Algorithm(config, backbone, n_outputs, task_kind)``: ``config``, an instance
+    of its ``Config``; ``backbone``, the ``nn.Module`` that embeds inputs (algorithms that put a head on it
+    read its ``out_features``, the size of its flat output); ``n_outputs``, the size of a learned head
+    (classes per task, or target dimensions for regression; unused by metric and solver heads); ``task_kind``,
+    ``"classification"`` or ``"regression"``, which must be one of the class's ``task_kinds`` (else a
+    :class:`ConfigError`). :func:`metafit.algorithms.build_algorithm` builds one from a config.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[AlgorithmConfig]]
@@ -95,14 +116,26 @@ class Algorithm(nn.Module):
         self.task_kind = task_kind
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Adapted:
+        """Learn a task from its support set alone: ``support_x`` ``[n, *x_shape]``, ``support_y``
+        its labels ``[n]`` in ``0..n_ways-1`` (float targets ``[n, d]`` for regression) and ``n_ways``
+        the number of classes. Returns the :class:`Adapted` state (e.g. prototypes or fast weights)
+        that :meth:`predict` uses; it can be cached and reused. Invalid support sets raise a
+        :class:`~metafit.errors.TaskError`."""
         raise NotImplementedError
 
     def predict(self, adapted: Adapted, x: torch.Tensor) -> torch.Tensor:
+        """The outputs for inputs ``x`` ``[m, *x_shape]`` of the task that ``adapted`` (the result of
+        :meth:`adapt`) describes: logits ``[m, n_ways]`` for classification, predictions ``[m, d]``
+        for regression."""
         raise NotImplementedError
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
+        """The differentiable meta-objective over ``batch`` (a :class:`~metafit.types.TaskBatch` of
+        training tasks: adapt on each support set, score its query set), averaged over the tasks; the
+        Trainer calls ``loss.backward()`` on the returned :class:`MetaOutput`."""
         raise NotImplementedError
 
     def task_logits(self, task: Task) -> torch.Tensor:
-        """Query logits for one task (evaluation path); default: adapt then predict."""
+        """Query logits (or predictions) for one ``task`` (evaluation path), ``[n_query, n_ways]``;
+        default: adapt on its support set then predict its query set."""
         return self.predict(self.adapt(task.support_x, task.support_y, task.n_ways), task.query_x)

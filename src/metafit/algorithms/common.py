@@ -61,6 +61,9 @@ VMAP_OOM_HINT = (
 
 
 class InnerLoopConfig(AlgorithmConfig):
+    """The config fields every gradient-based meta-learner (MAML, ANIL, Meta-SGD, Reptile) shares: the
+    inner loop's step size and step counts, the BatchNorm mode and how the tasks of a meta-batch run."""
+
     inner_lr: float = Field(0.4, gt=0.0, le=100.0, description="inner-loop (adaptation) SGD step size")
     inner_steps: int = Field(1, ge=0, le=100, description="inner-loop steps during meta-training")
     eval_inner_steps: int = Field(3, ge=0, le=1000, description="inner-loop steps when adapting at evaluation")
@@ -84,13 +87,16 @@ class InnerLoopConfig(AlgorithmConfig):
 
 @dataclass(frozen=True)
 class FastWeights(Adapted):
-    """Adapted parameters (detached) and the inner step count they were reached with."""
+    """The adapted task of the gradient-based learners: ``params``, the adapted parameters by name
+    (detached), and ``steps``, the inner step count they were reached with (it selects the per-step
+    BatchNorm statistics in ``predict``)."""
 
     params: dict[str, torch.Tensor]
     steps: int
 
 
 def batchnorm_layers(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """The ``(name, layer)`` pairs of every BatchNorm layer in ``module``."""
     return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -114,6 +120,7 @@ class StatBank(nn.Module):
         return f"s{step}__" + name.replace(".", "__")
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
+        """The statistics of inner step ``step`` (the last step's beyond it), by full buffer name."""
         k = min(step, self.n_steps - 1)
         return {name: getattr(self, self._key(k, name)) for name in self.names}
 
@@ -143,6 +150,8 @@ def functional_forward(module: nn.Module, params: Params, x: torch.Tensor, bank:
 
 
 def executor_for(config: InnerLoopConfig, backbone: nn.Module) -> TaskExecutor:
+    """The :class:`TaskExecutor` for ``config.execution`` on ``backbone``: vmap only where it is exact,
+    one task after another with per-step BatchNorm statistics."""
     has_bn = bool(batchnorm_layers(backbone))
     # vmap over tasks is exact with transductive BatchNorm (batch statistics of each task's own
     # images: float64 tests against the loop and finite differences); per-step running statistics
@@ -162,6 +171,8 @@ def executor_for(config: InnerLoopConfig, backbone: nn.Module) -> TaskExecutor:
 
 
 def check_ways(owner: str, n_ways: int, n_outputs: int, kind: TaskKind) -> None:
+    """Raise a :class:`TaskError` (started by ``owner``) when a classification task (``kind``) has
+    ``n_ways`` different from the ``n_outputs`` of the learned head."""
     if kind == "classification" and n_ways != n_outputs:
         raise TaskError(
             f"{owner}: n_ways must equal the {n_outputs} outputs of the learned head; got {n_ways}. "
@@ -172,6 +183,8 @@ def check_ways(owner: str, n_ways: int, n_outputs: int, kind: TaskKind) -> None:
 
 
 def check_support(owner: str, x: torch.Tensor, y: torch.Tensor, n_ways: int, kind: TaskKind) -> None:
+    """:func:`check_task` on a classification support set (``x``, ``y``, ``n_ways``); for regression
+    (``kind``) check that ``y`` holds float targets, one row per row of ``x``. ``owner`` starts the message."""
     if kind == "classification":
         check_task(x, y, n_ways, owner)
     elif y.shape[0] != x.shape[0] or y.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -209,6 +222,7 @@ def forward_with(model: nn.Module, module: nn.Module):
 
 
 def trainable_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that require a gradient."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

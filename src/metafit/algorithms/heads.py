@@ -66,12 +66,17 @@ class LinearSolverHead(Algorithm):
     adapted_type: type[HeadWeights] = HeadWeights
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's embeddings ``[n, d]`` of ``x``."""
         return self.backbone(x)
 
     def solve(self, support: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
+        """The head's weights ``[B, d', n_ways]`` for a batch of support sets: ``support`` the
+        embeddings ``[B, n, d]``, ``labels`` their classes ``[B, n]`` in ``0..n_ways-1``."""
         raise NotImplementedError
 
     def scores(self, queries: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The logits ``[..., n_ways]`` of query embeddings ``queries`` ``[..., d]`` under the head
+        ``weights`` that :meth:`solve` returned."""
         raise NotImplementedError
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> HeadWeights:

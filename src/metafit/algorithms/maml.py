@@ -31,11 +31,21 @@ __all__ = ["MAML", "MAMLConfig"]
 
 
 class MAMLConfig(InnerLoopConfig):
+    """Config of :class:`MAML` (``algorithm: {name: maml}``): the inner-loop fields plus ``first_order``."""
+
     name: Literal["maml"] = "maml"
     first_order: bool = Field(False, description="first-order approximation (FOMAML): no second derivatives")
 
 
 class MAML(Algorithm):
+    """MAML: meta-learns the initialisation of the backbone and a linear head (see the module docstring).
+
+    Built as ``MAML(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
+    :class:`MAMLConfig`, ``n_outputs`` the size of the linear head put on ``backbone`` (classes per task,
+    which every task must have; target dimensions for regression), ``task_kind`` classification or regression.
+    ``adapt`` returns :class:`FastWeights`; ``predict`` runs the network with them.
+    """
+
     name = "maml"
     Config = MAMLConfig
     task_kinds = ("classification", "regression")
@@ -50,7 +60,9 @@ class MAML(Algorithm):
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
-        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
+        """Fine-tune every weight on the support set (``support_x``, ``support_y``, ``n_ways`` as in
+        :meth:`Algorithm.adapt`) with ``steps`` SGD steps of size ``inner_lr`` (default:
+        ``eval_inner_steps``); returns the :class:`FastWeights`."""
         return adapt_fast_weights(self, "MAML.adapt", support_x, support_y, n_ways, steps, trainable_names(self),
                                   self.config.inner_lr)
 

@@ -22,6 +22,9 @@ __all__ = ["MetaOptNetSVM", "SVMConfig", "SVMWeights"]
 
 
 class SVMConfig(AlgorithmConfig):
+    """Config of :class:`MetaOptNetSVM` (``algorithm: {name: svm}``): the SVM's box constraint and ridge,
+    the solver's budget, the logit scale and the label smoothing."""
+
     name: Literal["svm"] = "svm"
     C: float = Field(0.1, gt=0.0, description="SVM box constraint: cost of a margin violation (MetaOptNet: 0.1)")
     ridge: float = Field(
@@ -41,7 +44,7 @@ class SVMConfig(AlgorithmConfig):
 
 @dataclass(frozen=True)
 class SVMWeights(HeadWeights):
-    """The task's primal weights [d, n_ways]."""
+    """MetaOptNet-SVM's adapted task: ``weights``, the primal SVM weights [d, n_ways]."""
 
 
 class MetaOptNetSVM(LinearSolverHead):
@@ -59,6 +62,10 @@ class MetaOptNetSVM(LinearSolverHead):
     (ADMM, then an active-set polish) and differentiated implicitly through the KKT system, see
     :func:`metafit.nn.solvers.svm_crammer_singer`. ``adapt`` stores ``W``, so ``predict`` needs
     no support set.
+
+    Built as ``MetaOptNetSVM(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`):
+    ``config`` an :class:`SVMConfig`; ``n_outputs`` is not used (any number of classes per task);
+    classification only (``task_kind``). ``adapt`` returns :class:`SVMWeights`.
     """
 
     name = "svm"
@@ -72,7 +79,8 @@ class MetaOptNetSVM(LinearSolverHead):
                                       requires_grad=config.learn_scale)
 
     def solve(self, support: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
-        """Primal SVM weights [B, d, n_ways] from support embeddings [B, n, d]."""
+        """Primal SVM weights [B, d, n_ways] from support embeddings ``support`` [B, n, d] and their
+        ``labels`` [B, n] in ``0..n_ways-1``."""
         cfg = self.config
         alpha = svm_crammer_singer(support, labels, n_ways, C=cfg.C, ridge=cfg.ridge,
                                    max_iter=cfg.max_iter, tol=cfg.tol)

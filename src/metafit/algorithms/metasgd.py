@@ -29,6 +29,9 @@ __all__ = ["MetaSGD", "MetaSGDConfig"]
 
 
 class MetaSGDConfig(InnerLoopConfig):
+    """Config of :class:`MetaSGD` (``algorithm: {name: metasgd}``): the inner-loop fields, ``inner_lr``
+    being the initial value of the learned step sizes, plus ``first_order``."""
+
     name: Literal["metasgd"] = "metasgd"
     inner_lr: float = Field(0.4, gt=0.0, le=100.0, description="initial value of every learned step size")
     eval_inner_steps: int = Field(1, ge=0, le=1000, description="inner-loop steps when adapting at evaluation")
@@ -40,6 +43,15 @@ def _key(name: str) -> str:
 
 
 class MetaSGD(Algorithm):
+    """Meta-SGD: MAML with a meta-learned step size per weight (see the module docstring).
+
+    Built as ``MetaSGD(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
+    :class:`MetaSGDConfig`, ``n_outputs`` the size of the linear head put on ``backbone`` (classes per task,
+    which every task must have; target dimensions for regression), ``task_kind`` classification or regression.
+    The step sizes are the ``step_sizes`` parameters. ``adapt`` returns :class:`FastWeights`; ``predict`` runs
+    the network with them.
+    """
+
     name = "metasgd"
     Config = MetaSGDConfig
     task_kinds = ("classification", "regression")
@@ -62,7 +74,9 @@ class MetaSGD(Algorithm):
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
-        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)."""
+        """Fine-tune every weight on the support set (``support_x``, ``support_y``, ``n_ways`` as in
+        :meth:`Algorithm.adapt`) with ``steps`` inner steps at the learned step sizes (default:
+        ``eval_inner_steps``); returns the :class:`FastWeights`."""
         lrs = {n: t.detach() for n, t in self._lrs().items()}
         return adapt_fast_weights(self, "MetaSGD.adapt", support_x, support_y, n_ways, steps, self._weights, lrs)
 

@@ -36,6 +36,9 @@ __all__ = ["ProtoNet", "ProtoNetConfig", "Prototypes", "class_means", "prototype
 
 
 class ProtoNetConfig(AlgorithmConfig):
+    """Config of :class:`ProtoNet` (``algorithm: {name: protonet}``): the distance and the optional
+    fine-tuning of the backbone at adaptation."""
+
     name: Literal["protonet"] = "protonet"
     distance: Literal["squared_euclidean", "cosine"] = Field(
         "squared_euclidean", description="distance between query embeddings and prototypes"
@@ -58,6 +61,9 @@ FINETUNE_AUGMENT = ImageAugment(crop="resized", crop_scale_min=0.35, flip=True, 
 
 @dataclass(frozen=True)
 class Prototypes(Adapted):
+    """ProtoNet's adapted task: ``prototypes`` ``[n_ways, d]``, the class means of the support
+    embeddings, and ``params``, the fine-tuned backbone weights (``None`` unless ``finetune_steps`` > 0)."""
+
     prototypes: torch.Tensor  # [n_ways, d]
     params: dict[str, torch.Tensor] | None = None  # fine-tuned backbone weights (finetune_steps > 0)
 
@@ -91,6 +97,14 @@ def prototype_logits(
 
 
 class ProtoNet(Algorithm):
+    """Prototypical Networks: queries are classified by their distance to the class means of the
+    support embeddings (see the module docstring).
+
+    Built as ``ProtoNet(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
+    :class:`ProtoNetConfig`; ``n_outputs`` is not used (any number of classes per task);
+    classification only (``task_kind``). ``adapt`` returns :class:`Prototypes`.
+    """
+
     name = "protonet"
     Config = ProtoNetConfig
 
@@ -105,6 +119,8 @@ class ProtoNet(Algorithm):
         return self.log_scale.exp()
 
     def embed(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The backbone's embeddings ``[n, d]`` of ``x``, with the backbone weights ``params`` (by
+        parameter name) instead of its own when given."""
         return self.backbone(x) if params is None else functional_call(self.backbone, params, (x,))
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Prototypes:

@@ -25,6 +25,9 @@ __all__ = ["R2D2", "RidgeConfig", "RidgeWeights"]
 
 
 class RidgeConfig(AlgorithmConfig):
+    """Config of :class:`R2D2` (``algorithm: {name: ridge}``): the ridge regulariser, the logit scale
+    and whether they are learned."""
+
     name: Literal["ridge"] = "ridge"
     lambda_init: float = Field(
         1.0, gt=0.0,
@@ -39,7 +42,7 @@ class RidgeConfig(AlgorithmConfig):
 
 @dataclass(frozen=True)
 class RidgeWeights(HeadWeights):
-    """The task's primal weights [d (+1 with bias_feature), n_ways]."""
+    """R2D2's adapted task: ``weights``, the primal ridge weights [d (+1 with bias_feature), n_ways]."""
 
 
 class R2D2(LinearSolverHead):
@@ -56,6 +59,10 @@ class R2D2(LinearSolverHead):
     cross-entropy or any gradient). Defaults: lambda_init = 1 (the paper and MetaOptNet's R2D2
     head use 50 on much wider features; on 64-d Conv4 embeddings 50 over-shrinks W at the
     start), alpha = 1, bias feature on, no label smoothing.
+
+    Built as ``R2D2(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
+    :class:`RidgeConfig`; ``n_outputs`` is not used (any number of classes per task); classification
+    only (``task_kind``). ``adapt`` returns :class:`RidgeWeights`.
     """
 
     name = "ridge"
@@ -71,7 +78,8 @@ class R2D2(LinearSolverHead):
                                       requires_grad=config.learn_scale)
 
     def solve(self, support: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
-        """Ridge weights [B, d(+1), n_ways] from support embeddings [B, n, d]."""
+        """Ridge weights [B, d(+1), n_ways] from support embeddings ``support`` [B, n, d] and their
+        ``labels`` [B, n] in ``0..n_ways-1`` (regressed as one-hot rows)."""
         onehot = F.one_hot(labels, n_ways).to(support.dtype)
         lam = self.log_lambda.exp().to(support.dtype)
         return ridge_weights(support, onehot, lam, bias_feature=self.config.bias_feature)

@@ -52,6 +52,9 @@ __all__ = ["Reptile", "ReptileConfig"]
 
 
 class ReptileConfig(InnerLoopConfig):
+    """Config of :class:`Reptile` (``algorithm: {name: reptile}``): the inner-loop fields plus the
+    inner optimiser (SGD or Adam) and its mini-batch sizes."""
+
     name: Literal["reptile"] = "reptile"
     inner_lr: float = Field(0.1, gt=0.0, le=100.0, description="step size of the inner optimiser")
     inner_steps: int = Field(5, ge=1, le=1000, description="inner-loop steps on each training task")
@@ -93,6 +96,16 @@ def minibatch(order: torch.Tensor, step: int, size: int | None) -> torch.Tensor 
 
 
 class Reptile(Algorithm):
+    """Reptile: first-order meta-learning by moving towards the tasks' adapted weights (see the
+    module docstring).
+
+    Built as ``Reptile(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
+    :class:`ReptileConfig`, ``n_outputs`` the size of the linear head put on ``backbone`` (classes per task,
+    which every task must have; target dimensions for regression), ``task_kind`` classification or regression.
+    ``meta_loss`` returns a loss whose gradient is the Reptile direction ``theta - mean(theta~)``. ``adapt``
+    returns :class:`FastWeights`; ``predict`` runs the network with them.
+    """
+
     name = "reptile"
     Config = ReptileConfig
     task_kinds = ("classification", "regression")
@@ -130,8 +143,9 @@ class Reptile(Algorithm):
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:
-        """Fine-tune on the support set for ``steps`` inner steps (default: ``eval_inner_steps``)
-        with the inner optimiser, in mini-batches of ``eval_batch_size``."""
+        """Fine-tune every weight on the support set (``support_x``, ``support_y``, ``n_ways`` as in
+        :meth:`Algorithm.adapt`) for ``steps`` inner steps (default: ``eval_inner_steps``) with the
+        inner optimiser, in mini-batches of ``eval_batch_size``; returns the :class:`FastWeights`."""
         check_support("Reptile.adapt", support_x, support_y, n_ways, self.task_kind)
         check_ways("Reptile.adapt", n_ways, self.n_outputs, self.task_kind)
         n_steps = self.config.eval_inner_steps if steps is None else int(steps)

@@ -45,6 +45,9 @@ __all__ = ["Transfer", "TransferConfig", "TaskHead"]
 
 
 class TransferConfig(AlgorithmConfig):
+    """Config of :class:`Transfer` (``algorithm: {name: transfer}``): the pretraining classifier and its
+    batches, the task head fitted at adaptation and the feature normalisation."""
+
     name: Literal["transfer"] = "transfer"
     n_base_classes: int | None = Field(
         None, ge=2, description="classes of the pretraining classifier (None: every training class "
@@ -132,6 +135,16 @@ def _eval_mode(module: nn.Module):
 
 
 class Transfer(Algorithm):
+    """Transfer-learning baseline: supervised pretraining on the base classes, then a new head per task
+    (see the module docstring).
+
+    Built as ``Transfer(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
+    :class:`TransferConfig` whose ``n_base_classes`` is set (the Trainer fills it in; else a
+    :class:`ConfigError`); ``n_outputs`` is not used (any number of classes per task); classification
+    only (``task_kind``). It trains on ``LabelledBatch`` mini-batches (``training_data = "batches"``), and
+    ``adapt`` returns a :class:`TaskHead`.
+    """
+
     name = "transfer"
     Config = TransferConfig
     training_data = "batches"
@@ -160,12 +173,17 @@ class Transfer(Algorithm):
 
     # -- pretraining --------------------------------------------------------------------------
     def base_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """The pretraining classifier's logits ``[n, n_base_classes]`` for backbone embeddings ``emb``."""
         if self.config.classifier == "cosine":
             w = F.normalize(self.classifier.weight.float(), dim=-1)
             return self.config.cosine_scale * F.normalize(emb, dim=-1) @ w.T
         return self.classifier(emb)
 
     def meta_loss(self, batch: LabelledBatch) -> MetaOutput:
+        """The pretraining loss: cross-entropy of the base classifier on ``batch``, a
+        :class:`~metafit.types.LabelledBatch` of base-class images (anything else is a
+        :class:`TaskError`), and its accuracy. In training mode it also updates the running mean
+        feature used by ``normalize: center_l2``."""
         if not isinstance(batch, LabelledBatch):
             raise TaskError(
                 f"Transfer.meta_loss: batch must be a LabelledBatch of base-class images (supervised "
@@ -189,6 +207,9 @@ class Transfer(Algorithm):
 
     # -- adaptation ---------------------------------------------------------------------------
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> TaskHead:
+        """Fit the ``head`` of the config on the support set (``support_x``, ``support_y``, ``n_ways`` as
+        in :meth:`Algorithm.adapt`): a linear or cosine classifier on the frozen features, the class
+        means, or, for ``finetune``, the backbone and a linear head together; returns the :class:`TaskHead`."""
         check_task(support_x, support_y, n_ways, "Transfer.adapt")
         cfg = self.config
         if cfg.head == "finetune":

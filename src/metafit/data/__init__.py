@@ -120,6 +120,12 @@ def migrate_legacy_data(data: Any) -> Any:
 
 
 def load_splits(cfg: DataSourceConfig) -> dict[str, Any]:
-    """Training, validation and test task sources of a data config: image collections with
-    disjoint classes, or (sinusoid) the task family itself — its splits differ by seed."""
+    """Training, validation and test task sources of a data config ``cfg`` (a config, or a section
+    :func:`data_config` validates): ``{"train", "val", "test"}`` image collections with disjoint
+    classes, or (sinusoid) the task family itself — its splits differ by seed.
+
+    >>> splits = load_splits({"name": "sinusoid", "amplitude_max": 2.0})
+    >>> sorted(splits), splits["train"].amplitude
+    (['test', 'train', 'val'], (0.1, 2.0))
+    """
     return data_config(cfg).load_splits()

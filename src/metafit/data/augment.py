@@ -31,7 +31,13 @@ __all__ = ["ImageAugment", "random_affine"]
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
                   translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1),
                   shear: float = 0.0, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Apply an independent random affine transform to every image of ``x`` [N, C, H, W]."""
+    """Apply an independent random affine transform to every image of ``x`` [N, C, H, W] and return
+    the warped images (bilinear, zeros outside).
+
+    The parameters are drawn from ``generator``, uniformly per image: a rotation within
+    ``+-degrees``, a translation within ``+-translate`` of the image size, a zoom in ``scale``
+    ``(min, max)`` and a shear within ``+-shear`` degrees. ``shard``: ``(rank, world_size)``, see
+    the module docstring."""
     n = x.shape[0]
     rank, world = shard
     u = torch.rand(n * world, 5, generator=generator)[rank * n:(rank + 1) * n]
@@ -87,7 +93,9 @@ class ImageAugment:
     ``"none"``; then a horizontal ``flip``; ``rand_augment`` (``n`` operations of magnitude
     ``m``, Cubuk et al. 2020); ``color_jitter`` (brightness, contrast and saturation factors
     drawn from [1 - s, 1 + s]) with ``hue`` (a shift in [-hue, hue] of a full turn); and the
-    small ``affine`` warp (a dict of :func:`random_affine` arguments) last."""
+    small ``affine`` warp (a dict of :func:`random_affine` arguments) last. ``rand_augment_n`` and
+    ``rand_augment_m`` are RandAugment's ``n`` and ``m``. An unknown ``crop`` is a
+    :class:`~metafit.errors.ConfigError`. Frozen; call it as ``augment(x, generator, shard)``."""
 
     crop: str = "none"
     crop_padding: int = 8
@@ -138,7 +146,8 @@ class ImageAugment:
         return ops
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        """Augment images ``x`` [N, C, H, W] (floats in [0, 1]) with draws from ``generator``."""
+        """Augment images ``x`` [N, C, H, W] (floats in [0, 1]) with draws from ``generator`` and return
+        them (in [0, 1]); ``shard``: ``(rank, world_size)``, see the module docstring."""
         rank, world = shard
         n = x.shape[0]
         if self.uses_kornia and n:

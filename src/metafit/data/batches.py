@@ -20,7 +20,12 @@ __all__ = ["ClassBatchSampler"]
 
 class ClassBatchSampler(SamplerStreams):
     """Samples :class:`LabelledBatch` mini-batches with labels ``class * n_rot + rotation``
-    (``augment`` and ``workers``: see :class:`EpisodeSampler`)."""
+    (``augment`` and ``workers``: see :class:`EpisodeSampler`).
+
+    ``data``: the training classes (at least 2, else a :class:`~metafit.errors.DataError` started by
+    ``owner``); ``rotations``: every class also in 90, 180 and 270 degree rotations, as new classes;
+    ``seed``: seeds the random streams.
+    """
 
     def __init__(self, data: ImageClasses, *, rotations: bool = False, augment=None,
                  seed: int = 0, owner: str = "ClassBatchSampler", workers: int | None = None) -> None:

@@ -24,6 +24,19 @@ class ImageClasses:
     Class ``c`` owns ``images[class_start[c] : class_start[c] + class_count[c]]``. Subsets share
     the image storage and only re-index the classes. ``images`` is a uint8 tensor (memory
     storage) or a store that decodes on demand (lazy storage); :meth:`fetch` reads either.
+
+    Fields: ``images``; ``class_start`` and ``class_count``, int64 ``[n_classes]``; ``class_names``,
+    one name per class; ``class_group``, int64 ``[n_classes]``, every class's index into
+    ``group_names``, the names of the groups (alphabets, superclasses). Frozen.
+
+    >>> import torch
+    >>> data = ImageClasses(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 2, 4]),
+    ...                     torch.tensor([2, 2, 2]), ("a1", "a2", "b1"), torch.tensor([0, 0, 1]), ("A", "B"))
+    >>> data.n_classes, data.n_images, data.image_shape
+    (3, 6, (1, 8, 8))
+    >>> part = data.subset(data.classes_of_groups(["B"]))
+    >>> part.class_names, part.group_names, part.class_start.tolist()
+    (('b1',), ('B',), [4])
     """
 
     images: "torch.Tensor | FileImages"
@@ -35,14 +48,17 @@ class ImageClasses:
 
     @property
     def n_classes(self) -> int:
+        """The number of classes."""
         return len(self.class_names)
 
     @property
     def n_images(self) -> int:
+        """The number of images of the classes (a subset counts its own only)."""
         return int(self.class_count.sum())
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     @property
@@ -60,6 +76,8 @@ class ImageClasses:
             if self.n_classes else torch.zeros(0, dtype=torch.long)
 
     def subset(self, class_ids) -> "ImageClasses":
+        """The collection of the classes ``class_ids`` (indices, in the order given), sharing this
+        one's image storage; only the groups those classes use are kept, renumbered."""
         ids = torch.as_tensor(class_ids, dtype=torch.long)
         groups_used = torch.unique(self.class_group[ids])
         remap = torch.full((len(self.group_names),), -1, dtype=torch.long)
@@ -74,15 +92,20 @@ class ImageClasses:
         )
 
     def groups(self) -> list[str]:
+        """The group names, as a list."""
         return list(self.group_names)
 
     def classes_of_groups(self, names) -> list[int]:
+        """The indices of the classes whose group is one of ``names`` (group names; an unknown one
+        raises ``ValueError``), in class order."""
         wanted = {self.group_names.index(n) for n in names}
         return [c for c, g in enumerate(self.class_group.tolist()) if g in wanted]
 
     @staticmethod
     def concat(parts: list["ImageClasses"]) -> "ImageClasses":
-        """Concatenate collections (image storage is copied once)."""
+        """Concatenate the collections ``parts`` into one (image storage is copied once; only the
+        images of their classes are kept); groups are not merged, each part keeps its own. Lazily
+        stored parts raise ``TypeError``."""
         images, starts, counts, names, groups, group_names = [], [], [], [], [], []
         offset = 0
         for p in parts:
@@ -109,6 +132,8 @@ class ImageClasses:
 
     # -- serialisation for the on-disk cache (plain numpy arrays, no pickle) ------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """The collection as a dict of numpy arrays, one per field (for the on-disk cache; images in
+        memory only, else ``TypeError``). :meth:`from_arrays` reverses it."""
         if self.lazy:
             raise TypeError("ImageClasses.to_arrays needs images in memory")
         return {
@@ -122,6 +147,7 @@ class ImageClasses:
 
     @staticmethod
     def from_arrays(a: dict[str, np.ndarray]) -> "ImageClasses":
+        """The collection stored by :meth:`to_arrays` in ``a`` (images in memory)."""
         return ImageClasses(
             images=torch.from_numpy(np.ascontiguousarray(a["images"])),
             class_start=torch.from_numpy(a["class_start"].astype(np.int64)),

@@ -177,8 +177,8 @@ def unreadable(where: str, err: BaseException) -> DataError:
 
 def read_image(path: str | os.PathLike, image_size: int, channels: int, invert: bool = False,
                fit: str = "squash") -> np.ndarray:
-    """Decode one image file to uint8 ``[channels, size, size]``; a one-line DataError if
-    unreadable or over the pixel limit."""
+    """Decode the image file ``path`` to uint8 ``[channels, image_size, image_size]`` (``invert``
+    and ``fit`` as in :func:`image_array`); a one-line DataError if unreadable or over the pixel limit."""
     with open_image(path, quote_path(path)) as im:
         return image_array(im, image_size, channels, invert, fit)
 

@@ -20,7 +20,10 @@ def download_file(url: str, dest: str | os.PathLike, checksum: str, timeout: flo
     """Download ``url`` to ``dest`` and verify ``checksum`` (``"md5:<hex>"`` or ``"sha256:<hex>"``).
 
     If ``dest`` already exists with the right checksum it is kept; with a wrong one it is replaced.
-    ``progress``, if given, is called with ``(bytes_done, bytes_total_or_None)``.
+    ``progress``, if given, is called with ``(bytes_done, bytes_total_or_None)``; ``timeout`` is the
+    network timeout in seconds. Returns ``dest`` as a :class:`~pathlib.Path`. A bad ``checksum``
+    string, a failed download or a mismatching digest is a :class:`~metafit.errors.DownloadError`
+    (nothing partial is left behind).
     """
     dest = Path(dest)
     algo, _, expected = checksum.partition(":")

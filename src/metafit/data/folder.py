@@ -195,8 +195,13 @@ def file_classes(entries: list[tuple[str, str, list]], fmt: ImageFormat, archive
 def load_image_folder(root: str | os.PathLike, image_size: int = 28, channels: int | None = None,
                       invert: bool = False, cache: str | os.PathLike | None = None, fit: str = "squash",
                       storage: str = "memory", workers: int = 0) -> ImageClasses:
-    """Read a class-per-folder tree into :class:`ImageClasses`: decoded into memory (through the
-    cache) with ``storage="memory"``, or over a lazily decoded store with ``"lazy"``."""
+    """Read a class-per-folder tree under ``root`` (``root/<class>/<image>``, or
+    ``root/<group>/<class>/<image>``) into :class:`ImageClasses`: decoded into memory (through the
+    cache under ``cache``, by ``workers`` processes, 0: this one) with ``storage="memory"``, or over a
+    lazily decoded store with ``"lazy"``. Every image becomes ``image_size`` x ``image_size`` with
+    ``channels`` (1 or 3; None: inferred from the files), inverted if ``invert``, resized as ``fit``
+    says (``squash`` or ``crop``, see :func:`~metafit.data.decode.image_array`). An unusable tree is
+    a :class:`~metafit.errors.DataError` naming the problem."""
     root = Path(root)
     entries = _scan(root)
     files = [f for _, _, fs in entries for f in fs]

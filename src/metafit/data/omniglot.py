@@ -63,7 +63,9 @@ PROTOCOLS = ("vinyals", "lake", "small1", "small2", "small")
 def find_omniglot(root: str | os.PathLike | None = None, download: bool = False,
                   parts=("background", "evaluation")) -> Path:
     """Resolve the folder holding the zips: ``root``, else ``METAFIT_DATA_DIR``, else (with
-    ``download=True``) ``<cache>/omniglot`` after a checksum-verified download."""
+    ``download=True``) ``<cache>/omniglot`` after a checksum-verified download. ``parts``: the
+    archives that must be there (``background``, ``evaluation``, ...). Returns the folder; a folder
+    missing them without ``download`` is a :class:`~metafit.errors.DataError`."""
     candidates = []
     if root:
         candidates.append(Path(root))
@@ -135,7 +137,11 @@ def _read_zip(path: Path, size: int) -> ImageClasses:
 
 def load_omniglot(part: str, root: str | os.PathLike | None = None, image_size: int = 28,
                   cache: str | os.PathLike | None = None, download: bool = False) -> ImageClasses:
-    """Load one archive (``background``, ``evaluation``, ``background_small1``/``2``)."""
+    """Load one archive, ``part`` (``background``, ``evaluation``, ``background_small1``/``2``), found
+    by :func:`find_omniglot` from ``root`` (``download``: fetch it if missing), as an
+    :class:`ImageClasses` of ``image_size`` x ``image_size`` inverted grayscale images (ink high), one
+    class per character, grouped by alphabet. The decoded images are cached under ``cache`` (None:
+    the default cache folder)."""
     if part not in OMNIGLOT_FILES:
         raise DataError(
             f"Omniglot: part must be one of {sorted(OMNIGLOT_FILES)}; got {part!r}. Choose a listed part."
@@ -156,7 +162,8 @@ def _split_by_groups(data: ImageClasses, n_val_groups: int) -> tuple[ImageClasse
 
 def omniglot_splits(protocol: str = "vinyals", root=None, image_size: int = 28, cache=None,
                     download: bool = False) -> dict[str, ImageClasses]:
-    """``{"train", "val", "test"}`` collections for a protocol (see the module docstring)."""
+    """``{"train", "val", "test"}`` collections for a ``protocol`` (see the module docstring); ``root``,
+    ``image_size``, ``cache`` and ``download`` are passed to :func:`load_omniglot`."""
     if protocol not in PROTOCOLS:
         raise DataError(
             f"Omniglot: protocol must be one of {list(PROTOCOLS)}; got {protocol!r}. Choose a listed protocol."

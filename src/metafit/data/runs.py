@@ -38,7 +38,11 @@ def _locate(name: str, run: Path, directory: Path, labels_file: Path, line: int)
 
 def load_runs(directory: str | os.PathLike, image_size: int = 28, channels: int = 1,
               invert: bool = True) -> list[tuple[str, Task]]:
-    """``[(run_name, Task)]``; images are preprocessed like Omniglot (ink high when ``invert``)."""
+    """Read every ``runNN`` folder of ``directory`` as one task: ``[(run_name, Task)]``, the support
+    set being the run's training images (one per class, labelled in file-name order) and the query
+    set its test images. Images are preprocessed like Omniglot (``image_size`` x ``image_size``,
+    ``channels``, ink high when ``invert``). A missing or malformed run is a
+    :class:`~metafit.errors.DataError`."""
     directory = Path(directory)
     runs = sorted(p for p in directory.glob("run*") if p.is_dir())
     if not runs:

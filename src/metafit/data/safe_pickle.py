@@ -113,8 +113,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def load_pickle(path_or_file: str | os.PathLike | IO[bytes], where: str | None = None,
                 encoding: str = "latin1") -> Any:
-    """The object in a data pickle (a path, or a binary file object such as a tar member),
-    loaded with only numpy arrays, numpy scalars/dtypes and plain containers allowed.
+    """The object in a data pickle ``path_or_file`` (a path, or a binary file object such as a tar
+    member), loaded with only numpy arrays, numpy scalars/dtypes and plain containers allowed.
 
     ``where`` names the file in errors (default: the path, or the file object's ``name``).
     ``encoding`` decodes Python-2 byte strings (``"latin1"``: they become ``str``, and numpy

@@ -38,6 +38,11 @@ def _check_shard(rank: int, world_size: int) -> None:
 
 @dataclass(frozen=True)
 class Episode:
+    """An episode described by indices, before any image is read: ``classes``, the ``n_ways``
+    virtual class ids drawn (``base class * n_rot + rotation``; label ``i`` is ``classes[i]``), and
+    ``positions`` ``[n_ways, k_shots + n_queries]``, the images' positions inside each class (the
+    first ``k_shots`` of every row form the support set)."""
+
     classes: torch.Tensor  # [n_ways] virtual class ids (base * n_rot + rotation)
     positions: torch.Tensor  # [n_ways, k + q] image positions inside each class
 
@@ -124,6 +129,11 @@ class EpisodeSampler(SamplerStreams):
     :class:`ImageAugment`, or a dict of :func:`random_affine` arguments) is applied to sampled
     training images. ``workers``: processes decoding lazily stored images ahead of use (None:
     one per core beyond the first, at most 4; 0: decode in this process).
+
+    ``data``: the classes to draw from; ``n_ways`` (>= 2), ``k_shots`` and ``n_queries`` (>= 1): the
+    task shape; every class must have ``k_shots + n_queries`` images and there must be ``n_ways``
+    classes (a :class:`~metafit.errors.DataError` otherwise, started by ``owner``). ``seed``: seeds
+    both random streams (episodes and augmentation).
     """
 
     def __init__(self, data: ImageClasses, n_ways: int, k_shots: int, n_queries: int, *,
@@ -170,6 +180,7 @@ class EpisodeSampler(SamplerStreams):
 
     # -- sampling -----------------------------------------------------------------------------
     def sample_episode(self) -> Episode:
+        """Draw the description of one new episode (an :class:`Episode`) from the sampler's generator."""
         g = self.generator
         if self.within_group:
             pool = self.group_classes[int(torch.randint(len(self.group_classes), (1,), generator=g))]
@@ -183,7 +194,8 @@ class EpisodeSampler(SamplerStreams):
         return Episode(classes, positions)
 
     def fixed_episodes(self, n: int, seed: int) -> list[Episode]:
-        """A reproducible list of ``n`` episodes that leaves this sampler's own RNG untouched."""
+        """A reproducible list of ``n`` episodes, which depends only on ``seed`` (and the data), and
+        leaves this sampler's own RNG untouched."""
         saved = self.generator.get_state()
         self.generator.manual_seed(int(seed))
         try:
@@ -200,7 +212,9 @@ class EpisodeSampler(SamplerStreams):
     def assemble(self, episodes: list[Episode], images: torch.Tensor, augment: bool = False,
                  shard: tuple[int, int] = (0, 1)) -> TaskBatch:
         """The float ``TaskBatch`` (values in [0, 1]) of ``episodes`` from their uint8 ``images``
-        (in :meth:`image_indices` order): rotations, augmentation, support/query split."""
+        (in :meth:`image_indices` order): rotations, augmentation (only with ``augment=True`` and a
+        sampler ``augment``), support/query split. ``shard``: ``(rank, world_size)``, the batch being
+        rank's slice of a larger one (see :meth:`sample`), so the augmentation draws match."""
         classes = torch.stack([e.classes for e in episodes])  # [B, n]
         b, n = classes.shape
         m = self.k_shots + self.n_queries
@@ -225,13 +239,13 @@ class EpisodeSampler(SamplerStreams):
 
     def materialize(self, episodes: list[Episode], augment: bool = False,
                     shard: tuple[int, int] = (0, 1)) -> TaskBatch:
-        """Turn episode descriptions into a float ``TaskBatch`` in [0, 1] (``shard``: see
-        :meth:`sample`)."""
+        """Turn ``episodes`` (descriptions) into a float ``TaskBatch`` in [0, 1], reading their images;
+        ``augment`` applies the sampler's augmentation (``shard``: see :meth:`assemble`)."""
         return self.assemble(episodes, self.data.fetch(self.image_indices(episodes).flatten()), augment, shard)
 
     def tasks(self, episodes: list[Episode]):
-        """One :class:`Task` per fixed episode, in order (lazily stored images are decoded by
-        the worker processes ahead of use)."""
+        """One :class:`Task` per fixed episode of ``episodes``, in order, without augmentation (a
+        generator; lazily stored images are decoded by the worker processes ahead of use)."""
         if self.data.lazy and self.workers > 0:
             for e, images in prefetch_list(self.data.images, list(episodes),
                                            lambda e: self.image_indices([e]), self.workers):
@@ -260,4 +274,5 @@ class EpisodeSampler(SamplerStreams):
         return self._next((meta_batch_size, rank, world_size))
 
     def sample_task(self) -> Task:
+        """One training task (:meth:`sample` of one task, augmented if the sampler has ``augment``)."""
         return self.sample(1)[0]

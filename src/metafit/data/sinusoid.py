@@ -25,6 +25,19 @@ __all__ = ["SinusoidConfig", "SinusoidEpisode", "SinusoidFamily", "SinusoidSampl
 
 @dataclass(frozen=True)
 class SinusoidFamily:
+    """The family of sinusoid tasks: ``amplitude``, ``phase`` and ``x_range`` are the ``(min, max)``
+    of the uniform distributions the amplitude, the phase and the inputs are drawn from (finite,
+    ``min <= max``, else a :class:`~metafit.errors.DataError`). Frozen.
+
+    >>> family = SinusoidFamily()
+    >>> sampler = family.sampler(k_shots=5, n_queries=10, seed=0)
+    >>> batch = sampler.sample(4)
+    >>> tuple(batch.support_x.shape), tuple(batch.query_y.shape), batch.n_ways
+    ((4, 5, 1), (4, 10, 1), 1)
+    >>> [round(float(e.amplitude), 3) for e in sampler.fixed_episodes(3, seed=1)]
+    [3.812, 1.469, 2.075]
+    """
+
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
@@ -38,23 +51,42 @@ class SinusoidFamily:
                 )
 
     def sampler(self, k_shots: int, n_queries: int, seed: int = 0) -> "SinusoidSampler":
+        """A :class:`SinusoidSampler` of this family's tasks with ``k_shots`` support and ``n_queries``
+        query points, its random draws seeded by ``seed``."""
         return SinusoidSampler(self, k_shots, n_queries, seed)
 
     @staticmethod
     def curve(amplitude: torch.Tensor, phase: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The targets ``amplitude * sin(x - phase)`` (broadcast).
+
+        >>> import torch
+        >>> SinusoidFamily.curve(torch.tensor(2.0), torch.tensor(0.0), torch.tensor([0.0, math.pi / 2]))
+        tensor([0., 2.])
+        """
         return amplitude * torch.sin(x - phase)
 
 
 @dataclass(frozen=True)
 class SinusoidEpisode:
-    amplitude: torch.Tensor  # [1]
-    phase: torch.Tensor  # [1]
+    """One drawn sinusoid task, without its targets (:meth:`SinusoidSampler.materialize` computes
+    them): ``amplitude`` ``[1, 1]``, ``phase`` ``[1, 1]``, ``support_x`` ``[k_shots, 1]`` and ``query_x``
+    ``[n_queries, 1]``."""
+
+    amplitude: torch.Tensor  # [1, 1]
+    phase: torch.Tensor  # [1, 1]
     support_x: torch.Tensor  # [k, 1]
     query_x: torch.Tensor  # [q, 1]
 
 
 class SinusoidSampler:
-    """Samples sinusoid tasks; same interface as the image :class:`EpisodeSampler`."""
+    """Samples sinusoid tasks; same interface as the image :class:`EpisodeSampler`.
+
+    ``family``: the :class:`SinusoidFamily` to draw from; ``k_shots``: support points per task;
+    ``n_queries``: query points per task (both integers >= 1, else a
+    :class:`~metafit.errors.DataError`); ``seed``: seeds the sampler's generator, so a given seed
+    gives the same sequence of tasks. Tasks are :class:`~metafit.types.Task` with ``n_ways`` 1 and
+    inputs and targets of shape ``[points, 1]``.
+    """
 
     def __init__(self, family: SinusoidFamily, k_shots: int, n_queries: int, seed: int = 0) -> None:
         for name, v in (("k_shots", k_shots), ("n_queries", n_queries)):
@@ -65,9 +97,11 @@ class SinusoidSampler:
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def get_state(self) -> torch.Tensor:
+        """The state of the sampler's random generator (for checkpoints; see :meth:`set_state`)."""
         return self.generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
+        """Restore the random generator to ``state``, from :meth:`get_state`, so sampling resumes exactly."""
         self.generator.set_state(state)
 
     def _uniform(self, lo_hi: tuple[float, float], *shape: int, generator: torch.Generator) -> torch.Tensor:
@@ -94,20 +128,24 @@ class SinusoidSampler:
         return self._batch(*(t[sl] for t in self._draw(meta_batch_size * world_size, self.generator)))
 
     def sample_task(self) -> Task:
+        """One new task (a :class:`Task`), drawn from the sampler's generator."""
         return self.sample(1)[0]
 
     def fixed_episodes(self, n: int, seed: int) -> list[SinusoidEpisode]:
-        """``n`` tasks that depend only on ``seed`` (validation and test sets)."""
+        """``n`` tasks that depend only on ``seed`` (validation and test sets), as
+        :class:`SinusoidEpisode`; the sampler's own generator is not used."""
         g = torch.Generator().manual_seed(int(seed))
         amp, phase, xs, xq = self._draw(n, g)
         return [SinusoidEpisode(amp[i], phase[i], xs[i], xq[i]) for i in range(n)]
 
     def materialize(self, episodes: list[SinusoidEpisode], augment: bool = False) -> TaskBatch:
+        """The :class:`TaskBatch` of ``episodes`` (their targets computed); ``augment`` is accepted for
+        the image samplers' interface and ignored."""
         stack = lambda name: torch.stack([getattr(e, name) for e in episodes])  # noqa: E731
         return self._batch(stack("amplitude"), stack("phase"), stack("support_x"), stack("query_x"))
 
     def tasks(self, episodes: list[SinusoidEpisode]):
-        """One :class:`Task` per fixed episode, in order."""
+        """One :class:`Task` per fixed episode of ``episodes``, in order (a generator)."""
         for e in episodes:
             yield self.materialize([e])[0]
 
@@ -141,6 +179,7 @@ class SinusoidConfig(DataSourceConfig):
         return 1
 
     def sinusoid_family(self) -> SinusoidFamily:
+        """The :class:`SinusoidFamily` of the config's ranges."""
         return SinusoidFamily((self.amplitude_min, self.amplitude_max), (self.phase_min, self.phase_max),
                               (self.x_min, self.x_max))
 

@@ -165,7 +165,8 @@ class FileSourceConfig(ImageSourceConfig):
 
     def store_classes(self, classes: ImageClasses, key: str, cache_name: str) -> ImageClasses:
         """``classes`` (over a :class:`FileImages` store) in the configured storage: kept lazy, or
-        decoded into memory through the cache (``key`` fingerprints the source)."""
+        decoded into memory through the cache (``key`` fingerprints the source; ``cache_name`` names
+        the cache file, suffixed with the image size). Collections already in memory are returned as is."""
         store = classes.images
         if not isinstance(store, FileImages):
             return classes

@@ -32,7 +32,14 @@ __all__ = ["FileImages", "ImageFormat", "ImageStore", "decode_all", "stat_finger
 @dataclass(frozen=True)
 class ImageFormat:
     """How an image becomes model input: ``size`` x ``size``, ``channels`` (1 or 3), intensities
-    inverted or not, and ``fit`` (``squash`` or ``crop``, see :func:`image_array`)."""
+    inverted or not (``invert``), and ``fit`` (``squash`` or ``crop``, see :func:`image_array`). Frozen.
+
+    >>> fmt = ImageFormat(size=28, channels=1, invert=True)
+    >>> fmt.describe()
+    'grayscale 28x28, inverted (dark ink -> high)'
+    >>> fmt.to_dict()
+    {'size': 28, 'channels': 1, 'invert': True, 'fit': 'squash'}
+    """
 
     size: int
     channels: int
@@ -40,9 +47,11 @@ class ImageFormat:
     fit: str = "squash"
 
     def to_dict(self) -> dict[str, Any]:
+        """The four fields as a plain dict (``ImageFormat(**d)`` rebuilds it)."""
         return asdict(self)
 
     def describe(self) -> str:
+        """A short human-readable description, e.g. ``"RGB 84x84, centre-cropped"``."""
         mode = "grayscale" if self.channels == 1 else "RGB"
         ink = ", inverted (dark ink -> high)" if self.invert else ""
         fit = ", centre-cropped" if self.fit == "crop" else ""
@@ -63,6 +72,7 @@ class ImageFormat:
         return {"light": "dark", "dark": "light"}[self.background] if self.invert else self.background
 
     def array(self, im: Image.Image) -> np.ndarray:
+        """The PIL image ``im`` converted to this format: uint8 ``[channels, size, size]``."""
         return image_array(im, self.size, self.channels, self.invert, self.fit)
 
     def convert(self, images: Any, polarity: str = "as_trained") -> torch.Tensor:
@@ -192,7 +202,9 @@ class ImageStore:
 
 class FileImages(ImageStore):
     """Images decoded on demand: image ``i`` is ``members[i]`` inside ``archives[archive_of[i]]``
-    (a zip file), or the file ``members[i]`` itself where ``archive_of[i]`` is -1."""
+    (a zip file), or the file ``members[i]`` itself where ``archive_of[i]`` is -1 (the default
+    ``archive_of`` of ``None``: every member is a file). ``fmt``: the :class:`ImageFormat` every image
+    is converted to."""
 
     def __init__(self, members: list[str], fmt: ImageFormat, archives: tuple[str, ...] = (),
                  archive_of: np.ndarray | None = None) -> None:
@@ -217,6 +229,7 @@ class FileImages(ImageStore):
         return len(self.members)
 
     def name(self, i: int) -> str:
+        """Where image ``i`` is, for messages: its file, or ``archive:member``."""
         m = self.members[i]
         member = m.decode("utf-8") if isinstance(m, bytes) else str(m)
         a = int(self.archive_of[i])

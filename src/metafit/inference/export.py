@@ -159,8 +159,8 @@ def _metadata_props(spec: dict[str, Any]) -> dict[str, str]:
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``metafit.*`` metadata of an exported graph (keys without the prefix), JSON-decoded
-    except the text entries (:data:`TEXT_KEYS`)."""
+    """The ``metafit.*`` metadata of the graph exported to ``path`` (keys without the prefix), as a
+    dict, JSON-decoded except the text entries (:data:`TEXT_KEYS`); the weights are not loaded."""
     onnx = _import("onnx")
     proto = onnx.load(str(path), load_external_data=False)
     out: dict[str, Any] = {}
@@ -230,7 +230,9 @@ def export_onnx(task: "AdaptedTask", path: str | os.PathLike, opset: int | None 
     ``metafit.preprocessing``, ``metafit.input``, ``metafit.temperature``, ``metafit.version``, ...;
     see :func:`read_onnx_metadata`) says how to prepare images. With ``verify`` (default) the
     graph is run with onnxruntime on a random batch and must match PyTorch (|diff| <= 1e-4 +
-    1e-4 |logit|); an ExportError says by how much otherwise."""
+    1e-4 |logit|); an ExportError says by how much otherwise. ``opset``: the ONNX opset to target
+    (None: the exporter's default; else an integer the installed ``onnx`` supports, or a
+    ConfigError). Needs the ``onnx`` extra."""
     onnx, ort = _require_onnx()
     opset = _check_opset(opset, onnx)
     spec = export_spec(task)

@@ -60,7 +60,8 @@ CONFIG_NAME = "config.json"
 class Prediction:
     """``labels``: the predicted class name of every image (None where the model abstained:
     top probability below ``abstain_below``); ``probabilities`` [N, n_classes] in the order of
-    ``class_names`` (temperature-calibrated when the checkpoint holds a temperature)."""
+    ``class_names`` (temperature-calibrated when the checkpoint holds a temperature); ``polarity``,
+    the :class:`~metafit.data.store.PolarityUse` the images were read with (None: vectors). Frozen."""
 
     labels: list
     probabilities: torch.Tensor
@@ -90,7 +91,10 @@ def _label_key(label: Any) -> Any:
 
 class Model:
     """A trained model ready for new tasks: :meth:`adapt` on labelled examples, then predict.
-    ``algorithm`` is the underlying :class:`~metafit.algorithms.Algorithm` (tensor interface)."""
+    ``algorithm`` is the underlying :class:`~metafit.algorithms.Algorithm` (tensor interface), put
+    in evaluation mode, with the ``run_config`` a checkpoint gave it; ``checkpoint`` is the file it
+    came from (None: not from a file), whose digest ties saved tasks to it. Usually made by
+    :func:`load_model` (``metafit.load``) or :meth:`from_pretrained`."""
 
     def __init__(self, algorithm: Algorithm, checkpoint: str | os.PathLike | None = None) -> None:
         self.algorithm = algorithm.eval()
@@ -108,13 +112,16 @@ class Model:
 
     @property
     def run_config(self) -> RunConfig:
+        """The run's configuration (:class:`~metafit.training.config.RunConfig`), same as ``config``."""
         return self.config
 
     @property
     def device(self) -> torch.device:
+        """The device the model's weights are on."""
         return next(iter(self.algorithm.state_dict().values())).device
 
     def checkpoint_digest(self) -> str | None:
+        """The sha256 of the checkpoint file (computed once, then kept), or None without a file."""
         if self._digest is None and self.checkpoint is not None:
             self._digest = file_digest(self.checkpoint)
         return self._digest
@@ -137,11 +144,12 @@ class Model:
 
     def adapt(self, images: Any, labels: Sequence[Any], steps: int | None = None,
               polarity: str = "auto") -> "AdaptedTask":
-        """Learn a new task from labelled support images (paths, PIL images, arrays or tensors)
-        and arbitrary label names. ``steps`` overrides a gradient-based learner's adaptation steps.
-        ``polarity``: ``auto`` (flip images whose border shows the opposite polarity to the
-        training images'; models without a polarity convention read them as trained),
-        ``as_trained`` or ``flip``; the task remembers it for :meth:`AdaptedTask.predict`."""
+        """Learn a new task from labelled support ``images`` (paths, PIL images, arrays or tensors)
+        and ``labels``, one per image: any strings or integers, mapped to classes in order of first
+        appearance (at least 2 classes). Returns the :class:`AdaptedTask`. ``steps`` overrides a
+        gradient-based learner's adaptation steps. ``polarity``: ``auto`` (flip images whose border
+        shows the opposite polarity to the training images'; models without a polarity convention
+        read them as trained), ``as_trained`` or ``flip``; the task remembers it for :meth:`AdaptedTask.predict`."""
         x, used = self.images_polarity(images, polarity)
         if isinstance(labels, torch.Tensor):
             labels = labels.tolist()
@@ -238,7 +246,8 @@ class Model:
         cache (``cache_dir``; ``revision``: a branch, tag or commit; ``token`` for private repos;
         offline: ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` uses the cache only). Only
         safetensors and JSON are read: loading a stranger's model runs no code. ``algorithm``:
-        adaptation-only config changes, as in :func:`metafit.load`."""
+        adaptation-only config changes, as in :func:`metafit.load`. ``device``: where the model is
+        loaded; ``force_download``: fetch the files again even if cached."""
         local = Path(name_or_path).expanduser()
         if isinstance(name_or_path, os.PathLike) or local.exists():
             return load_model(local, device, algorithm)
@@ -272,12 +281,14 @@ class Model:
             )
         return load_model(weights, device, algorithm)
 
-    def push_tohub_module(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     commit_message: str = "Upload metafit model", revision: str | None = None,
                     create_pr: bool = False) -> Any:
         """Upload the model as :meth:`save_pretrained` writes it to the Hugging Face Hub repo
         ``repo_id`` (created if absent; needs ``pip install "metafit[hub]"`` and a token:
-        ``token=`` or ``hf auth login``). Returns the Hub's commit info."""
+        ``token=`` or ``hf auth login``). ``private``: create the repo private (None: the Hub's
+        default); ``commit_message``, ``revision`` (the branch to commit to) and ``create_pr`` (open a
+        pull request instead of committing) go to ``HfApi.upload_folder``. Returns the Hub's commit info."""
         hub = hub_module("push_to_hub")
         with tempfile.TemporaryDirectory(prefix="metafit-push-") as tmp:
             try:
@@ -303,8 +314,8 @@ class Model:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                algorithm: dict[str, Any] | None = None) -> Model:
-    """A trained :class:`Model` from a metafit checkpoint (safetensors; no code is executed) or
-    a folder written by :meth:`Model.save_pretrained` (its ``model.safetensors``).
+    """A trained :class:`Model` from ``path``, a metafit checkpoint (safetensors; no code is executed)
+    or a folder written by :meth:`Model.save_pretrained` (its ``model.safetensors``), on ``device``.
     ``algorithm`` changes adaptation-only fields, e.g. ``{"finetune_steps": 20, "finetune_lr":
     0.01}`` (ProtoNet's fine-tuning at adaptation) or ``{"head": "centroid"}`` (transfer)."""
     path = checkpoint_file(path)

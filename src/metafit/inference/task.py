@@ -48,7 +48,13 @@ class TaskMeta(OpenMetaModel):
     polarity: Literal["auto", "as_trained", "flip"] = "auto"  # absent in task files of older versions
 
 class AdaptedTask:
-    """A model adapted to one task: predicts its classes; :meth:`save` keeps it for later."""
+    """A model adapted to one task: predicts its classes; :meth:`save` keeps it for later.
+
+    Made by :meth:`Model.adapt` or :func:`load_task` rather than by hand: ``model``, the
+    :class:`Model`; ``adapted``, the algorithm's :class:`~metafit.algorithms.Adapted` state;
+    ``class_names``, the user's labels in class order; ``polarity``, the one queries are read with by
+    default; ``support_polarity``, what the support set was read with (None for a loaded task).
+    """
 
     def __init__(self, model: Model, adapted: Adapted, class_names: tuple, polarity: str = "auto",
                  support_polarity: PolarityUse | None = None) -> None:
@@ -62,9 +68,12 @@ class AdaptedTask:
 
     @property
     def n_classes(self) -> int:
+        """The number of classes of the task."""
         return len(self.class_names)
 
     def logits(self, images: Any, polarity: str | None = None) -> torch.Tensor:
+        """The raw scores ``[N, n_classes]`` (float32, uncalibrated) of ``images`` (paths, PIL images,
+        arrays or tensors), read with ``polarity`` (None: the task's own)."""
         return self._logits(images, polarity)[0]
 
     def _logits(self, images: Any, polarity: str | None) -> tuple[torch.Tensor, PolarityUse]:
@@ -82,8 +91,9 @@ class AdaptedTask:
                 abstain_below: float | None = None, polarity: str | None = None) -> Prediction:
         """Class names and probabilities of ``images``, converted and run ``batch_size`` at a time;
         with ``abstain_below`` in (0, 1], images whose top probability is lower get label None.
+        ``progress``, if given, is called with the number of images of each batch done.
         ``polarity`` (``auto``, ``as_trained``, ``flip``) defaults to the one the task was adapted
-        with; ``prediction.polarity`` says what was used."""
+        with; ``prediction.polarity`` says what was used. Returns a :class:`Prediction`."""
         check_polarity(self.polarity if polarity is None else polarity, "Predict",
                        "Pass polarity='auto', 'as_trained' or 'flip' (or None: the task's own).")
         if abstain_below is not None and not 0.0 < abstain_below <= 1.0:
@@ -110,8 +120,9 @@ class AdaptedTask:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the adapted task (tensors in safetensors, names and the checkpoint it belongs to
-        as JSON metadata); atomic. Loading needs the same checkpoint (its digest is checked)."""
+        """Write the adapted task to ``path`` (tensors in safetensors, names and the checkpoint it
+        belongs to as JSON metadata); atomic; returns the path. Loading needs the same checkpoint (its
+        digest is checked)."""
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         values: dict[str, Any] = {}
@@ -174,7 +185,8 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
               device: str | torch.device = "cpu") -> AdaptedTask:
     """An :class:`AdaptedTask` saved by :meth:`AdaptedTask.save`. The model comes from
     ``checkpoint`` (a path or a loaded :class:`Model`), else from the path recorded in the file;
-    either way it must be the checkpoint the task was adapted with (sha256 checked)."""
+    either way it must be the checkpoint the task was adapted with (sha256 checked). A model loaded
+    here goes to ``device``. Unreadable, edited or mismatched files are a :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Task: {str(path)!r} must be a saved task file; got no file there. Check the path.")

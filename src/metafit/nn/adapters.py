@@ -85,6 +85,9 @@ def _expand_channels(x: torch.Tensor) -> torch.Tensor:
 
 # -- Hugging Face transformers ------------------------------------------------------------------
 class HFBackboneConfig(_PretrainedConfig):
+    """Config of :class:`HFBackbone` (``backbone: {name: hf}``): which transformers model, how its
+    tokens are pooled into features, the attention kernel and the pretrained-weight fields."""
+
     name: Literal["hf"] = "hf"
     model: str = Field(
         "", max_length=1000,
@@ -123,10 +126,17 @@ def _read_json(path: Path) -> dict:
 
 
 class HFBackbone(nn.Module):
-    loads_weights = True  # built with pretrained=False when a checkpoint supplies the weights
     """A transformers vision model as a feature extractor: ``[N, 3, H, W]`` in [0, 1] ->
-    ``[N, out_features]``."""
+    ``[N, out_features]`` (single-channel images are repeated to three channels).
 
+    ``config``: an :class:`HFBackboneConfig` (resolved from the model directory when built);
+    ``in_channels`` and ``image_size``: the input images, used to detect ``out_features`` with one
+    forward pass; ``pretrained``: read the model's pretrained weights (with ``config.pretrained``);
+    ``False`` builds the architecture from ``config.architecture`` with random weights, for a
+    checkpoint to fill in.
+    """
+
+    loads_weights = True  # built with pretrained=False when a checkpoint supplies the weights
     normalizes_input = True
     def __init__(self, config: HFBackboneConfig, in_channels: int, image_size: int, pretrained: bool = True) -> None:
         super().__init__()
@@ -269,6 +279,9 @@ class _LibraryAdapter(nn.Module):
 
 # -- timm ---------------------------------------------------------------------------------------
 class TimmBackboneConfig(_PretrainedConfig):
+    """Config of :class:`TimmBackbone` (``backbone: {name: timm}``): the timm model name and arguments
+    and the pretrained-weight fields."""
+
     name: Literal["timm"] = "timm"
     model: str = Field("resnet18", max_length=200, description="a timm model name (timm.list_models())")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of timm.create_model")
@@ -286,6 +299,15 @@ def _timm():
 
 
 class TimmBackbone(_LibraryAdapter):
+    """A timm model (``timm.create_model(..., num_classes=0)``) as a feature extractor: ``[N, C, H, W]``
+    in [0, 1] -> ``[N, out_features]``, normalised with the model's pretrained statistics.
+
+    ``config``: a :class:`TimmBackboneConfig`; ``in_channels`` and ``image_size``: the input images,
+    used to detect ``out_features`` with one forward pass; ``pretrained``: load timm's pretrained
+    weights (with ``config.pretrained``; they download where online), ``False`` for random weights
+    that a checkpoint fills in. Needs the ``timm`` extra (a :class:`ConfigError` otherwise).
+    """
+
     def __init__(self, config: TimmBackboneConfig, in_channels: int, image_size: int, pretrained: bool = True) -> None:
         super().__init__()
         timm = _timm()
@@ -304,12 +326,25 @@ class TimmBackbone(_LibraryAdapter):
 
 # -- torchvision --------------------------------------------------------------------------------
 class TorchvisionBackboneConfig(_PretrainedConfig):
+    """Config of :class:`TorchvisionBackbone` (``backbone: {name: torchvision}``): the model name and
+    the pretrained-weight fields."""
+
     name: Literal["torchvision"] = "torchvision"
     model: str = Field("resnet18", max_length=200, description="a torchvision.models name (e.g. resnet18, "
                        "convnext_tiny, vit_b_16)")
 
 
 class TorchvisionBackbone(_LibraryAdapter):
+    """A ``torchvision.models`` model with its ImageNet classifier replaced by the identity, as a
+    feature extractor: ``[N, C, H, W]`` in [0, 1] -> ``[N, out_features]``, normalised with ImageNet's
+    statistics (or the config's ``mean``/``std``).
+
+    ``config``: a :class:`TorchvisionBackboneConfig`; ``in_channels`` and ``image_size``: the input
+    images, used to detect ``out_features`` with one forward pass; ``pretrained``: load the
+    ``DEFAULT`` weights (with ``config.pretrained``; they download where online), ``False`` for random
+    weights that a checkpoint fills in.
+    """
+
     def __init__(self, config: TorchvisionBackboneConfig, in_channels: int, image_size: int,
                  pretrained: bool = True) -> None:
         super().__init__()

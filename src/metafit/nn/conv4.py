@@ -16,6 +16,9 @@ __all__ = ["Conv4", "Conv4Config"]
 
 
 class Conv4Config(BatchNormConfig):
+    """Config of :class:`Conv4` (``backbone: {name: conv4}``): the width and number of blocks and the
+    BatchNorm fields."""
+
     name: Literal["conv4"] = "conv4"
     hidden_channels: int = Field(64, ge=1, le=4096, description="channels of every conv block")
     n_blocks: int = Field(4, ge=1, le=8, description="number of conv3x3-BN-ReLU-maxpool blocks")
@@ -36,6 +39,11 @@ def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
 
 class Conv4(nn.Module):
     """4 x [conv3x3-64, BatchNorm, maxpool2, ReLU]; flattens to ``out_features``.
+
+    ``config``: a :class:`Conv4Config` (width ``hidden_channels``, ``n_blocks`` blocks);
+    ``in_channels``: channels of the input images; ``image_size``: their side, which must be at least
+    ``2 ** n_blocks`` (a ``ValueError`` otherwise). ``out_features`` is
+    ``hidden_channels * (image_size // 2**n_blocks)**2``.
 
     With ``model.to(memory_format=torch.channels_last)`` every activation is kept channels_last
     (the fast layout for the CPU kernels here), the single-channel first layer included."""

@@ -15,6 +15,8 @@ __all__ = ["MLP", "MLPConfig"]
 
 
 class MLPConfig(BackboneConfig):
+    """Config of :class:`MLP` (``backbone: {name: mlp}``): the hidden widths and the activation."""
+
     name: Literal["mlp"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [40, 40], min_length=1, max_length=16,
                               description="width of each hidden layer")
@@ -22,7 +24,16 @@ class MLPConfig(BackboneConfig):
 
 
 class MLP(nn.Module):
-    """Flattens its input (``in_channels * image_size**2`` features; vectors use image_size 1)."""
+    """A multi-layer perceptron: ``Linear``-activation layers of the widths in ``config.hidden``
+    (``config``: an :class:`MLPConfig`), no output layer; ``out_features`` is the last width.
+
+    Flattens its input (``in_channels * image_size**2`` features; vectors use image_size 1).
+
+    >>> import torch
+    >>> mlp = MLP(MLPConfig(hidden=[40, 40]), in_channels=1, image_size=1)
+    >>> mlp(torch.zeros(5, 1)).shape, mlp.out_features
+    (torch.Size([5, 40]), 40)
+    """
 
     def __init__(self, config: MLPConfig, in_channels: int, image_size: int) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ def _normalize(module: nn.Module, args: tuple):
 
 
 def has_input_normalization(module: nn.Module) -> bool:
+    """Whether :func:`attach_input_normalization` gave ``module`` its statistics buffers."""
     return isinstance(getattr(module, "input_mean", None), torch.Tensor)
 
 

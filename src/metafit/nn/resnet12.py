@@ -33,6 +33,9 @@ SLOPE = 0.1  # LeakyReLU negative slope of the reference implementations
 
 
 class ResNet12Config(BatchNormConfig):
+    """Config of :class:`ResNet12` (``backbone: {name: resnet12}``): stage widths, pooling of the last
+    feature map, dropout/DropBlock and the BatchNorm fields."""
+
     name: Literal["resnet12"] = "resnet12"
     channels: tuple[
         Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)],
@@ -122,7 +125,8 @@ class _Block(nn.Module):
 class ResNet12(nn.Module):
     """ResNet-12 for ``in_channels`` x ``image_size`` x ``image_size`` images; ``out_features`` is
     ``channels[-1]`` (``pool='avg'``) or ``channels[-1] * side**2`` (``pool='flatten'``, with
-    ``side = image_size // 16``: 84 -> 5, Omniglot's 28 -> 1)."""
+    ``side = image_size // 16``: 84 -> 5, Omniglot's 28 -> 1). ``config``: a :class:`ResNet12Config`;
+    an ``image_size`` below 16 is a :class:`~metafit.errors.ConfigError`."""
 
     def __init__(self, config: ResNet12Config, in_channels: int, image_size: int) -> None:
         super().__init__()

@@ -66,7 +66,15 @@ __all__ = ["ServeLimits", "TaskStore", "create_app"]
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request, and all requests together, may cost the service (see the module doc)."""
+    """What one request, and all requests together, may cost the service (see the module doc).
+
+    ``max_body_bytes``: bytes of a request body; ``max_images``: images per request;
+    ``max_image_pixels``: pixels per image; ``max_request_decoded_bytes``: decoded bytes of all
+    images of one request; ``max_decoding_bytes``: decoded bytes held at once over all requests;
+    ``decode_wait_s``: seconds a decode waits for room before the request gets 503; ``max_tasks``:
+    tasks kept; ``api_key``: the key every endpoint but ``/health`` requires (None: no key). Every
+    limit must be a positive number (else a :class:`~metafit.errors.ConfigError`). Frozen.
+    """
 
     max_body_bytes: int = 32 * 1024 * 1024
     max_images: int = 256
@@ -86,6 +94,7 @@ class ServeLimits:
                                   f"{short_repr(value)}. Pass a positive limit.")
 
     def public(self) -> dict[str, Any]:
+        """The limits as a dict, for ``/info``: ``api_key`` says only whether a key is required."""
         d = asdict(self)
         d["api_key"] = self.api_key is not None  # whether one is required, never the key
         return d
@@ -116,7 +125,11 @@ def task_bytes(task: AdaptedTask) -> int:
 
 
 class TaskStore:
-    """Adapted tasks by id, least recently used evicted beyond ``max_tasks``; thread-safe."""
+    """Adapted tasks by id, least recently used evicted beyond ``max_tasks``; thread-safe.
+
+    Unknown ids raise the service's internal ``HTTPError`` (404), which :func:`create_app` answers
+    as a JSON error.
+    """
 
     def __init__(self, max_tasks: int) -> None:
         self.max_tasks = max_tasks
@@ -124,6 +137,7 @@ class TaskStore:
         self._lock = threading.Lock()
 
     def add(self, task: AdaptedTask) -> str:
+        """Keep ``task`` (evicting the least recently used beyond ``max_tasks``); returns its new id."""
         task_id = uuid.uuid4().hex
         with self._lock:
             self._tasks[task_id] = (task, time.time(), task_bytes(task))
@@ -132,6 +146,7 @@ class TaskStore:
         return task_id
 
     def get(self, task_id: str) -> AdaptedTask:
+        """The task kept under ``task_id``, now the most recently used (404 if unknown)."""
         with self._lock:
             if task_id not in self._tasks:
                 raise HTTPError(404, f"Serve: task_id must name a kept task; got {short_repr(task_id)}. Create it "
@@ -140,12 +155,15 @@ class TaskStore:
             return self._tasks[task_id][0]
 
     def delete(self, task_id: str) -> None:
+        """Forget the task ``task_id`` (404 if unknown)."""
         with self._lock:
             if self._tasks.pop(task_id, None) is None:
                 raise HTTPError(404, f"Serve: task_id must name a kept task; got {short_repr(task_id)}. List tasks "
                                      "with GET /tasks.")
 
     def describe(self) -> list[dict[str, Any]]:
+        """One dict per kept task, least recently used first: ``task_id``, ``class_names``, ``created``
+        (a Unix time) and ``bytes`` (its tensors' memory)."""
         with self._lock:
             return [{"task_id": k, "class_names": list(t.class_names), "created": c, "bytes": b}
                     for k, (t, c, b) in self._tasks.items()]
@@ -355,7 +373,8 @@ def _parse_labels(labels: list[str]) -> list[str | int]:
 
 def create_app(model: Model, limits: ServeLimits = ServeLimits()) -> FastAPI:
     """The FastAPI application serving ``model`` under ``limits``. It sets glibc's mmap threshold
-    of the process (1 MiB) so that memory of decoded images goes back to the system when freed."""
+    of the process (1 MiB) so that memory of decoded images goes back to the system when freed.
+    A model on vectors (not images) is a :class:`~metafit.errors.TaskError`."""
     if model.image_format is None:
         raise TaskError(
             f"Serve: the model must take images; got a {model.config.data.task_kind} model on vectors. "

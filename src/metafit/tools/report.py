@@ -101,7 +101,16 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table whose columns are padded, so it also reads well on a terminal."""
+    """A Markdown table whose columns are padded, so it also reads well on a terminal: ``headers``,
+    the column titles; ``rows``, the cells (any values, shown with ``str``; ``|`` is escaped and line
+    breaks become spaces). Returns the table's text, without a final newline.
+
+    >>> print(markdown_table(["run", "accuracy"], [["protonet", "98.10%"], ["maml", 0.95]]))
+    | run      | accuracy |
+    |----------|----------|
+    | protonet | 98.10%   |
+    | maml     | 0.95     |
+    """
     cells = [[_cell(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
@@ -124,6 +133,9 @@ RUN_COLUMNS = ["run", "algorithm", "task", "steps", "train min", "best val", "be
 
 
 def runs_table(summaries: Sequence[dict]) -> str:
+    """The Markdown table of ``report.md`` (columns :data:`RUN_COLUMNS`: run, algorithm, task, steps,
+    training minutes, best validation result with its 95% CI and step, test result) for
+    ``summaries``, the summary rows :func:`report_runs` returns (one dict per run)."""
     rows = []
     for s in summaries:
         alg = s["algorithm"] or "-"
@@ -147,7 +159,7 @@ def runs_table(summaries: Sequence[dict]) -> str:
 
 def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                 metric: str = "accuracy", x: str = "time") -> dict[str, Any]:
-    """Summarise run folders: ``<out_dir>/report.md`` (a table: run, algorithm, task, steps,
+    """Summarise the run folders ``run_dirs``: ``<out_dir>/report.md`` (a table: run, algorithm, task, steps,
     training minutes, best validation result with its 95% CI and step, test result) and
     ``<out_dir>/curves.png``. ``out_dir`` defaults to ``<parent of the first run>/report``.
     ``metric``: ``accuracy`` plots each run's task metric (accuracy, or MSE for regression),
