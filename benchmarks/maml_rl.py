@@ -40,7 +40,6 @@ from metafit.rl import (
     mean_ci,
     oracle_action,
 )
-from metafit.rl.maml_rl import expand_params
 from metafit.validation import set_by_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,7 +84,7 @@ def sampler_speed(learner: MAMLRL, family, repeats: int = 5) -> dict:
     cfg = learner.config
     g = torch.Generator().manual_seed(123)
     tasks = family.sample_tasks(cfg.meta_batch_size, g)
-    p = {k: v.detach() for k, v in expand_params(learner.params(), len(tasks)).items()}
+    p = {k: v.detach().unsqueeze(0).expand(len(tasks), *v.shape) for k, v in learner.params().items()}  # per task
     learner.sample(p, tasks, cfg.trajectories_per_task, g)  # warm-up
     steps, t0 = 0, time.perf_counter()
     for _ in range(repeats):

@@ -30,11 +30,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import rl2 as rl2_bench  # noqa: E402  (the settings, instances and seeds of benchmarks/rl2.py)
+import rl2_setup as rl2_bench  # noqa: E402  (the settings, instances and seeds of benchmarks/rl2.py)
 
 from metafit import rl  # noqa: E402
 from metafit.rl.baselines import GittinsBandit  # noqa: E402
-from metafit.rl.rl2 import RL2  # noqa: E402
+from metafit.rl import RL2  # noqa: E402
 
 WEIGHTS = HERE / "results" / "weights"
 DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)

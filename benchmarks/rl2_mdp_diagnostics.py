@@ -32,10 +32,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import rl2 as rl2_bench  # noqa: E402  (the settings, instances and seeds of benchmarks/rl2.py)
+import rl2_setup as rl2_bench  # noqa: E402  (the settings, instances and seeds of benchmarks/rl2.py)
 
 from metafit import rl  # noqa: E402
-from metafit.rl.mdp import solve_finite_horizon  # noqa: E402
+from metafit.rl import solve_finite_horizon  # noqa: E402
 
 DEFAULT = {  # the main entries of benchmarks/results/rl2.json (docs/benchmarks.md, section 11)
     "mdp-n10": HERE / "results" / "weights" / "rl2_mdp-n10_transition_head64.safetensors",

@@ -9,6 +9,9 @@ PKG = Path(__file__).resolve().parent.parent / "src" / "metafit"
 
 # layer -> the metafit sub-packages/modules it may import from
 BASE = {"types", "errors", "validation", "functional", "stats"}
+# metafit.rl is three layers of its own (its rooms) under a facade that re-exports them; a layer
+# allowed "rl" may import every room
+RL_ROOMS = {"rl.envs", "rl.learners", "rl.baselines"}
 ALLOWED = {
     "stats": set(),
     "types": {"errors"},
@@ -17,7 +20,10 @@ ALLOWED = {
     "functional": {"errors", "types"},
     "nn": BASE | {"nn"},
     "data": BASE | {"data"},
-    "rl": BASE | {"rl", "nn"},
+    "rl": BASE | RL_ROOMS,  # metafit/rl/__init__.py: the facade
+    "rl.envs": BASE,  # environment families
+    "rl.baselines": BASE | {"rl.envs"},  # classical agents
+    "rl.learners": BASE | {"nn", "rl.envs"},  # meta-RL learners
     "algorithms": BASE | {"algorithms", "nn", "data"},  # data sits below (DESIGN.md); e.g. fine-tuning augments
     "training": BASE | {"training", "algorithms", "nn", "data", "rl"},
     "inference": BASE | {"inference", "training", "algorithms", "nn", "data"},  # the user API: load, adapt, predict
@@ -27,8 +33,26 @@ ALLOWED = {
 }
 
 
+def _room(parts: list[str]) -> str:
+    """The layer a dotted module path (relative to metafit) belongs to: its top-level sub-package,
+    or for ``rl.<room>...`` the rl room."""
+    if len(parts) > 1 and parts[0] == "rl" and f"rl.{parts[1]}" in RL_ROOMS:
+        return f"rl.{parts[1]}"
+    return parts[0]
+
+
+def _layer(rel: Path) -> str:
+    """The layer of a module (path relative to metafit)."""
+    return _room(list(rel.parts[:-1]) + [Path(rel.parts[-1]).stem])
+
+
+def _allowed(layer: str) -> set[str]:
+    allowed = ALLOWED[layer] | {layer}
+    return allowed | RL_ROOMS if "rl" in allowed else allowed
+
+
 def _imports(path: Path, layer_parts: tuple[str, ...]) -> set[str]:
-    """Top-level metafit sub-packages imported by a module."""
+    """The layers (metafit sub-packages; rl rooms) a module imports."""
     tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
@@ -36,16 +60,16 @@ def _imports(path: Path, layer_parts: tuple[str, ...]) -> set[str]:
             if node.level:  # relative: resolve against the module's package
                 base = list(layer_parts[: len(layer_parts) - (node.level - 1)])
                 mod = base + (node.module.split(".") if node.module else [])
-                if mod:
-                    found.add(mod[0])
-                else:  # "from .. import x" at the top: x is the sub-package
-                    found.update(a.name.split(".")[0] for a in node.names)
+                if node.module:
+                    found.add(_room(mod))
+                else:  # "from . import x": x is a module or sub-package of the resolved package
+                    found.update(_room(base + a.name.split(".")) for a in node.names)
             elif node.module and node.module.startswith("metafit."):
-                found.add(node.module.split(".")[1])
+                found.add(_room(node.module.split(".")[1:]))
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("metafit."):
-                    found.add(a.name.split(".")[1])
+                    found.add(_room(a.name.split(".")[1:]))
     return found
 
 
@@ -55,10 +79,10 @@ MODULES = sorted(p for p in PKG.rglob("*.py") if p.parent != PKG)
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
 def test_imports_point_down(path):
     rel = path.relative_to(PKG)
-    layer = rel.parts[0]
+    layer = _layer(rel)
     package_parts = rel.parts[:-1]  # the package the module lives in, relative to metafit
     imported = _imports(path, package_parts) - {"__version__"}
-    bad = imported - ALLOWED[layer] - {layer}
+    bad = imported - _allowed(layer)
     assert not bad, f"{rel} (layer {layer}) imports {sorted(bad)}"
 
 

@@ -17,8 +17,8 @@ import torch
 
 from metafit.errors import ConfigError, TaskError
 from metafit.rl import MAMLRL, BanditFamily, NavigationFamily
-from metafit.rl.learner import RL_LEARNERS, get_rl_learner
-from metafit.rl.maml_rl import (
+from metafit.rl.learners import RL_LEARNERS, get_rl_learner
+from metafit.rl.learners.maml_rl_ops import (
     RolloutBatch,
     compute_advantages,
     discounted_returns,
@@ -80,7 +80,7 @@ def batches_for(learner: MAMLRL, n_inner: int, seed=0, noise=0.3):
 
 
 def _step(learner, p, batch):
-    from metafit.rl.maml_rl import inner_update
+    from metafit.rl.learners.maml_rl_ops import inner_update
 
     leaf = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
     return {k: v.detach() for k, v in inner_update(leaf, batch, learner.config.inner_lr,

@@ -12,8 +12,8 @@ import torch
 
 from metafit.errors import ConfigError, TaskError
 from metafit.rl import BanditFamily, BanditTask, NavigationFamily, NavTask, RL2, RL2Config, TabularMDPFamily
-from metafit.rl.learner import RL_LEARNERS, get_rl_learner
-from metafit.rl.rl2 import gae, ppo_loss
+from metafit.rl.learners import RL_LEARNERS, get_rl_learner
+from metafit.rl.learners.ppo import gae, ppo_loss
 from metafit.validation import parse_config
 
 
@@ -98,47 +98,12 @@ def test_other_networks_recompute_the_collection(cell, value_network, head_hidde
     assert (learner.value_gru is None) == (value_network == "shared")
 
 
-def test_time_inputs_trial_and_episode_fractions():
+def test_time_input_is_the_fraction_of_the_trial_elapsed():
     fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
-    learner = _learner(fam, n_episodes=2, time_input=True, episode_time_input=True)
+    learner = _learner(fam, n_episodes=2, time_input=True)
     ro = learner.rollout(fam.sample_tasks(2, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
-    assert ro.inputs.shape == (6, 2, 4 + 3 + 2 + 2)
-    assert torch.allclose(ro.inputs[:, 0, -2], torch.arange(6) / 6)  # fraction of the trial
-    assert torch.allclose(ro.inputs[:, 0, -1], torch.tensor([0, 1, 2, 0, 1, 2]) / 3)  # of the episode
-    # navigation episodes can end early (goal reached): the episode clock restarts after every done
-    nav = NavigationFamily(horizon=4)
-    learner = _learner(nav, n_episodes=3, episode_time_input=True)
-    goals = [NavTask(torch.tensor([0.0, 0.0])), NavTask(torch.tensor([0.3, -0.2]))]
-    ro = learner.rollout(goals, torch.Generator().manual_seed(0))
-    done = ro.inputs[1:, :, -2] > 0  # previous done flag at t+1
-    clock = ro.inputs[:, :, -1] * 4
-    for i in range(2):
-        expected, step = [], 0
-        for t in range(ro.inputs.shape[0]):
-            expected.append(step)
-            step = 0 if t + 1 < ro.inputs.shape[0] and bool(done[t, i]) else step + 1
-        valid = ro.mask[:, i]
-        assert torch.allclose(clock[valid, i], torch.tensor(expected, dtype=torch.float32)[valid]), i
-    assert bool(done[:, 0].any())  # the goal at the origin ends episodes at once: the clock restarted
-
-
-def test_previous_observation_input():
-    """prev_obs_input: the state the last action was taken in arrives with that action and its
-    reward (zeros at the trial's first step), across episode boundaries too."""
-    fam = TabularMDPFamily(n_states=4, n_actions=3, horizon=3)
-    learner = _learner(fam, n_episodes=3, prev_obs_input=True)
-    ro = learner.rollout(fam.sample_tasks(5, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
-    S, A = 4, 3
-    x = ro.inputs
-    assert x.shape == (9, 5, 2 * S + A + 2) and learner.input_dim == 2 * S + A + 2
-    assert torch.equal(x[0, :, S:2 * S], torch.zeros(5, S))
-    for t in range(1, 9):  # the previous step's observation, then that step's action and reward
-        assert torch.equal(x[t, :, S:2 * S], x[t - 1, :, :S]), t
-        assert torch.equal(x[t, :, 2 * S:2 * S + A], torch.nn.functional.one_hot(ro.actions[t - 1], A).float())
-        assert torch.allclose(x[t, :, 2 * S + A], ro.rewards[t - 1])
-    with torch.no_grad():
-        logp, _ = learner._log_prob_entropy(learner._dist(learner.sequence(x)), ro.actions)
-    assert torch.allclose(logp, ro.log_probs, atol=1e-5)
+    assert ro.inputs.shape == (6, 2, 4 + 3 + 2 + 1)
+    assert torch.allclose(ro.inputs[:, 0, -1], torch.arange(6) / 6)
 
 
 def test_transition_input_files_each_reward_under_its_state_action_pair():
@@ -228,7 +193,7 @@ def test_ppo_surrogate_gradient_matches_formula():
 
 @pytest.mark.parametrize("variant, shift", [({}, 0.05),
                                             ({"cell": "ln-gru", "value_network": "separate"}, 0.3),
-                                            ({"head_hidden_size": 3, "prev_obs_input": True}, 0.1),
+                                            ({"head_hidden_size": 3}, 0.13),
                                             ({"head_hidden_size": 3, "transition_input": True}, 0.1)])
 def test_ppo_loss_gradient_finite_differences_float64(variant, shift):
     fam = TabularMDPFamily(n_states=3, n_actions=2, horizon=2)
@@ -350,7 +315,7 @@ def test_navigation_gaussian_policy_runs():
 
 
 @pytest.mark.parametrize("variant", [{}, {"cell": "ln-gru", "value_network": "separate"},
-                                     {"head_hidden_size": 5, "prev_obs_input": True},
+                                     {"head_hidden_size": 5, "time_input": True},
                                      {"transition_input": True}])
 def test_state_round_trip_reproduces_evaluate_and_training(variant):
     fam = BanditFamily(n_arms=4)
@@ -434,76 +399,6 @@ def test_state_without_the_iteration_counter_still_loads():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in old.items())
 
 
-@pytest.mark.parametrize("family, opts", [
-    (BanditFamily(n_arms=4), dict(head_hidden_size=0)),
-    (BanditFamily(n_arms=4), dict(head_hidden_size=6, time_input=True)),
-    (TabularMDPFamily(n_states=4, n_actions=3, horizon=3), dict(head_hidden_size=6, transition_input=True)),
-])
-def test_a_widened_network_computes_what_the_narrow_one_did(family, opts):
-    """``load_widened``: the first units are the narrow network's; the new ones read everything and
-    write nothing, so every step's logits and values are the narrow network's (float64: to rounding),
-    and a rollout plays the same actions; the new units still receive gradients."""
-    narrow = _learner(family, n_episodes=3, **opts).double()
-    narrow.train_iteration(torch.Generator().manual_seed(0))  # trained weights and value statistics
-    wide = _learner(family, seed=9, n_episodes=3, hidden_size=13, **opts).double()
-    wide.load_widened(narrow.state_dict())
-    tasks = family.sample_tasks(6, torch.Generator().manual_seed(1))
-    ro = narrow.rollout(tasks, torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        h_n, h_w = narrow.sequence(ro.inputs), wide.sequence(ro.inputs)
-        assert torch.allclose(h_w[..., :8], h_n, atol=1e-12, rtol=0)  # the old units, unchanged
-        assert float(h_w[..., 8:].abs().max()) > 1e-3  # the new units are active ...
-        assert torch.allclose(wide._dist(h_w).logits, narrow._dist(h_n).logits, atol=1e-12, rtol=0)
-        assert torch.allclose(wide._value(h_w), narrow._value(h_n), atol=1e-12, rtol=0)
-    ro_w = wide.rollout(tasks, torch.Generator().manual_seed(2))
-    assert torch.equal(ro_w.actions, ro.actions)
-    # ... and learn: the heads' weights from them get a gradient, as do the old units' weights from them
-    loss, _ = wide.loss(ro_w, torch.randn_like(ro_w.rewards) * ro_w.mask, ro_w.values + 1.0,
-                        torch.arange(ro_w.mask.shape[1]))
-    loss.backward()
-    first = wide.policy_head[0] if opts["head_hidden_size"] else wide.policy_head
-    assert float(first.weight.grad[:, 8:].abs().sum()) > 0
-    assert float(wide.gru.weight_hh_l0.grad[:8, 8:].abs().sum()) > 0
-
-
-def test_widening_embeds_adams_moments_and_training_goes_on():
-    fam = BanditFamily(n_arms=3)
-    narrow = _learner(fam, n_episodes=3, head_hidden_size=5)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        narrow.train_iteration(g)
-    wide = _learner(fam, seed=3, n_episodes=3, head_hidden_size=5, hidden_size=11)
-    wide.load_widened(narrow.state_dict(), narrow.optimizer_state_dict())
-    old, new = narrow.optimizer_state_dict()["state"], wide.optimizer_state_dict()["state"]
-    names = [n for n, _ in wide.named_parameters()]
-    hh = names.index("gru.weight_hh_l0")
-    rows = torch.cat([torch.arange(g * 11, g * 11 + 8) for g in range(3)])
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(new[hh][key][rows][:, :8], old[hh][key])
-        assert float(new[hh][key][:, 8:].abs().sum()) == 0 and float(new[hh][key][rows.max() + 1:].abs().sum()) == 0
-        head = names.index("policy_head.0.weight")
-        assert torch.equal(new[head][key][:, :8], old[head][key]) and float(new[head][key][:, 8:].abs().sum()) == 0
-    assert all(float(new[i]["step"]) == float(old[i]["step"]) for i in old)
-    assert all(new[i]["exp_avg"].shape == p.shape for i, p in enumerate(wide.parameters()))
-    before = copy.deepcopy(wide.state_dict())
-    stats = wide.train_iteration(g)
-    assert stats["updates"] > 0
-    assert not torch.equal(before["gru.weight_hh_l0"], wide.state_dict()["gru.weight_hh_l0"])
-
-
-def test_widening_errors_name_the_problem():
-    fam = BanditFamily(n_arms=3)
-    narrow = _learner(fam, n_episodes=3)
-    with pytest.raises(ConfigError, match="hidden_size.*larger"):
-        _learner(fam, n_episodes=3).load_widened(narrow.state_dict())
-    with pytest.raises(ConfigError, match="cell"):
-        _learner(fam, n_episodes=3, hidden_size=12, cell="ln-gru").load_widened(narrow.state_dict())
-    with pytest.raises(ConfigError, match="lack.*same options"):  # a head layer the narrow network lacks
-        _learner(fam, n_episodes=3, hidden_size=12, head_hidden_size=4).load_widened(narrow.state_dict())
-    with pytest.raises(ConfigError, match="shape.*more than"):   # other inputs
-        _learner(fam, n_episodes=3, hidden_size=12, time_input=True).load_widened(narrow.state_dict())
-
-
 # -------------------------------------------------------------------------------------- errors
 
 
@@ -532,8 +427,8 @@ def test_user_errors_name_problem_and_fix():
     class Other:
         pass
 
-    with pytest.raises(ConfigError, match=r"RL2: family must be a BanditFamily, TabularMDPFamily or "
-                                          r"NavigationFamily; got 'Other'\. Build"):
+    with pytest.raises(ConfigError, match=r"RL2: family must be a family with a batched environment \(BanditFamily, "
+                                          r"TabularMDPFamily or NavigationFamily\); got 'Other'\. Build"):
         RL2({}, Other())
     learner = _learner(BanditFamily(3), n_episodes=2)
     with pytest.raises(TaskError, match=r"RL2: tasks must be a non-empty list of BanditTask; got .*MDPTask"):

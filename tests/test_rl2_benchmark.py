@@ -1,5 +1,6 @@
-"""benchmarks/rl2.py on the CPU with tiny settings: kept weights re-score, continue and widen; runs are
-recorded and merged; the diagnostics score kept weights."""
+"""benchmarks/rl2.py on the CPU with tiny settings: it trains through metafit rl train, kept weights
+re-score (the manifest's commands to the recorded figure), start a curriculum, and are refused where
+they do not fit; runs are recorded and merged; the diagnostics score kept weights."""
 
 from __future__ import annotations
 
@@ -12,111 +13,110 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = "--val-points 2 --val-instances 16 --instances 16 --set meta_batch_size=8 --set hidden_size=8"
+TINY = "--val-every 2 --val-instances 16 --instances 16 --set meta_batch_size=8 --set hidden_size=8"
+MANIFEST = REPO / "benchmarks" / "results" / "weights" / "MANIFEST.json"
 
-def test_kept_weights_rescore_to_the_recorded_figure(tmp_path):
-    """What the manifest's re-score commands do: --save-weights keeps the best weights of a run and
-    --iterations 0 only evaluates them, on the same instances, to the same validation score."""
-    first, again = tmp_path / "first.json", tmp_path / "again.json"
-    weights = tmp_path / "bandit.safetensors"
-    _rl2(["--settings", "bandit-n10-k5", "--iterations", "3", *TINY.split(), "--save-weights", str(weights),
-          "--out", str(first)])
+
+def _rl2(args: list[str], check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "rl2.py"), *args], cwd=cwd, check=check,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+
+
+def _bench_module(name: str = "rl2"):
+    """A script of benchmarks/ imported as a module."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_the_manifest_rescore_command_reproduces_the_recorded_figure(tmp_path):
+    """The re-score command of the MDP n=10 weights (the fastest; the others are the same code path),
+    as MANIFEST.json writes it, gives the recorded figures to the last digit."""
+    entry = next(f for f in json.loads(MANIFEST.read_text())["files"] if f["setting"] == "mdp-n10")
+    cmd = entry["rescore"]["command"].replace("/tmp/rescore.json", str(tmp_path / "r.json")).split()
+    assert cmd[:2] == ["python", "benchmarks/rl2.py"]
+    _rl2(cmd[2:])
+    scored = json.loads((tmp_path / "r.json").read_text())["settings"]["mdp-n10"]
+    assert f"{scored['eval']['mean']:.2f} +/- {scored['eval']['ci95']:.2f}" == entry["headline"]["test_sampled"]
+    assert f"{scored['eval_greedy']['mean']:.2f} +/- {scored['eval_greedy']['ci95']:.2f}" == entry["headline"]["test_greedy"]
+    recorded = json.loads((REPO / "benchmarks" / "results" / "rl2.json").read_text())["settings"]["mdp-n10"]
+    assert scored["eval"]["mean"] == recorded["eval"]["mean"] and scored["iterations"] == 0
+
+
+def test_a_run_goes_through_metafit_rl_train_and_its_kept_weights_rescore(tmp_path):
+    """--save-weights keeps the run's best checkpoint (a metafit rl checkpoint); --iterations 0
+    only evaluates it, on the same instances, to the same validation score and figure."""
+    first, again, weights = tmp_path / "first.json", tmp_path / "again.json", tmp_path / "bandit.safetensors"
+    _rl2(["--settings", "bandit-n10-k5", "--iterations", "3", *TINY.split(), "--ema", "0.9", "--save-weights",
+          str(weights), "--run-dir", str(tmp_path / "runs"), "--out", str(first)])
     kept = json.loads(first.read_text())["settings"]["bandit-n10-k5"]
+    run = kept["run_config"]
+    assert run["train"]["weight_average"] == 0.9 and run["train"]["eval_seed"] == 2000 + 31 * 5 and run["seed"] == 0
+    assert kept["iterations"] == 3 and [v["iteration"] for v in kept["validation_curve"]] == [2, 3]
+    assert (tmp_path / "runs" / "bandit-n10-k5" / "metrics.jsonl").is_file()  # the run's own folder
+    from metafit.training.rl_run import load_rl
+
+    assert load_rl(weights).run_config.learner.hidden_size == 8
     _rl2(["--settings", "bandit-n10-k5", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
           "--out", str(again)])
     scored = json.loads(again.read_text())["settings"]["bandit-n10-k5"]
     assert scored["iterations"] == 0 and "--iterations 0" in scored["command"]
     assert "--val-instances 16 --instances 16" in scored["command"]  # the command reproduces the run
-    assert scored["best_val_return"] == pytest.approx(kept["best_val_return"])  # same weights, same instances
-
-
-def _rl2(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "benchmarks/rl2.py", *args], cwd=REPO, check=check, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
-
-
-def _bench_module():
-    """benchmarks/rl2.py imported as a module (for run_setting and its constants)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import rl2
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return rl2
+    assert scored["best_val_return"] == pytest.approx(kept["best_val_return"], abs=1e-4)  # same weights, instances
+    assert scored["eval"] == kept["eval"]
 
 
 def test_weights_kept_at_one_trial_length_start_another_of_the_same_family(tmp_path):
     weights, out = tmp_path / "mdp10.safetensors", tmp_path / "r.json"
-    _rl2(["--settings", "mdp-n10", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
+    runs = ["--run-dir", str(tmp_path / "runs")]
+    _rl2(["--settings", "mdp-n10", "--iterations", "1", *TINY.split(), "--save-weights", str(weights), *runs,
           "--out", str(out)])
-    _rl2(["--settings", "mdp-n25", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
+    _rl2(["--settings", "mdp-n25", "--iterations", "1", "--init-weights", str(weights), *TINY.split(), *runs,
           "--out", str(out)])
     settings = json.loads(out.read_text())["settings"]
-    assert settings["mdp-n25"]["init_weights_setting"] == "mdp-n10"
-    assert settings["mdp-n25"]["init_optimizer"] == "restored" and settings["mdp-n10"]["init_optimizer"] is None
-    assert settings["mdp-n25"]["config"]["n_episodes"] == 25 and settings["mdp-n10"]["init_weights_setting"] is None
+    assert settings["mdp-n25"]["init_weights_setting"] == "mdp-n10" and settings["mdp-n10"]["init_weights_setting"] is None
+    assert settings["mdp-n25"]["run_config"]["train"]["init_from"] == str(weights)
+    assert settings["mdp-n25"]["config"]["n_episodes"] == 25
 
-    # another family's weights, or the same family's with other network options: refused, saying what to pass
+    # another family's weights, the same family's with other network options, and the weights files of
+    # the earlier script (re-scored only): refused, saying what to pass
     wrong = _rl2(["--settings", "bandit-n10-k5", "--iterations", "0", "--init-weights", str(weights),
                   *TINY.split(), "--out", str(out)], check=False)
     assert wrong.returncode != 0 and "same observations and actions (bandit-n10-k5, bandit-n100-k5)" in wrong.stderr
     shape = _rl2(["--settings", "mdp-n25", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
                   "--set", "hidden_size=16", "--out", str(out)], check=False)
-    assert shape.returncode != 0 and "Pass the same --set options" in shape.stderr and "'hidden_size': 8" in shape.stderr
+    assert shape.returncode != 0 and "Pass the same --set options" in shape.stderr and "'hidden_size': 16" in shape.stderr
+    old = REPO / "benchmarks" / "results" / "weights" / "rl2_mdp-n10_transition_head64.safetensors"
+    legacy = _rl2(["--settings", "mdp-n25", "--iterations", "1", "--init-weights", str(old), *TINY.split(), *runs,
+                   "--set", "hidden_size=64", "--set", "transition_input=true", "--set", "head_hidden_size=64",
+                   "--out", str(out)], check=False)
+    assert legacy.returncode != 0 and "can be re-scored (--iterations 0)" in legacy.stderr
 
 
-def test_kept_weights_carry_adams_state_of_their_iteration_and_a_continuation_restores_it(tmp_path):
-    from metafit.training.checkpoint import read_checkpoint
+def test_the_manifest_regeneration_commands_are_runnable_configs(monkeypatch):
+    """Every regeneration step of MANIFEST.json parses and builds a valid metafit rl train config
+    (what it would train; nothing is trained here), and keeps the command it was recorded with."""
+    import shlex
 
-    weights, out = tmp_path / "w.safetensors", tmp_path / "r.json"
-    # a validation after every update (a minute's budget cut into a million slices), so any of the seven
-    # may be kept (here, on torch 2.13 CPU: the first update's): whichever was, the Adam state saved must
-    # be the one of that iteration, not the last one's
-    _rl2(["--settings", "bandit-n10-k5", "--iterations", "6", "--minutes", "1", *TINY.split(), "--set", "meta_lr=0.01",
-          "--val-points", "1000000", "--save-weights", str(weights), "--out", str(out)])
-    run = json.loads(out.read_text())["settings"]["bandit-n10-k5"]
-    meta, tensors = read_checkpoint(weights)
-    steps = [t for k, t in tensors.items() if k.startswith("optim.") and k.endswith(".step")]
-    moments = [k for k in tensors if k.startswith("optim.") and k.endswith(".exp_avg")]
-    kept = run["best_iteration"]
-    minibatch_steps = sum(row[3] for row in run["training_stats_curve"] if row[0] <= kept)
-    assert meta["iteration"] == kept and meta["optimizer"]["param_groups"]
-    if kept == 0:
-        assert not steps  # nothing had been stepped yet
-    else:
-        assert len(moments) == len(steps) > 0 and {float(t) for t in steps} == {float(minibatch_steps)}
+    from metafit.training.rl_run import load_rl_config
 
-    _rl2(["--settings", "bandit-n10-k5", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
-          "--out", str(out)])
-    _rl2(["--settings", "bandit-n100-k5", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
-          "--fresh-optimizer", "--out", str(out)])
-    settings = json.loads(out.read_text())["settings"]
-    assert settings["bandit-n10-k5"]["init_optimizer"] == "restored"
-    assert settings["bandit-n100-k5"]["init_optimizer"] == "fresh (--fresh-optimizer)"
-    assert "--fresh-optimizer" in settings["bandit-n100-k5"]["command"]
+    bench = _bench_module()
+    steps = [s for f in json.loads(MANIFEST.read_text())["files"] for s in f["regenerate"]["steps"]]
+    for step in steps:
+        monkeypatch.setattr(sys, "argv", shlex.split(step["command"])[1:])
+        args = bench.parse_args()
+        cfg = bench.run_config(args.names[0], args, args.overrides, Path("unused"), args.minutes)
+        config = load_rl_config({**cfg, "train": {**cfg["train"], "init_from": None}})
+        assert config.learner.n_episodes == bench.SETTINGS[args.names[0]][1]
+        assert step["recorded_command"].startswith("python benchmarks/rl2.py") and step["command_differs"]
+    assert len(steps) >= 4
 
 
-def test_widen_starts_a_wider_network_that_scores_what_the_kept_one_did(tmp_path):
-    weights, out = tmp_path / "w.safetensors", tmp_path / "r.json"
-    _rl2(["--settings", "mdp-n10", "--iterations", "2", *TINY.split(), "--set", "transition_input=true",
-          "--val-points", "1000000", "--minutes", "1", "--save-weights", str(weights), "--out", str(out)])
-    _rl2(["--settings", "mdp-n10", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
-          "--set", "transition_input=true", "--out", str(tmp_path / "narrow.json")])
-    _rl2(["--settings", "mdp-n10", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
-          "--set", "transition_input=true", "--set", "hidden_size=20", "--widen", "--out", str(out)])
-    narrow = json.loads((tmp_path / "narrow.json").read_text())["settings"]["mdp-n10"]
-    wide = json.loads(out.read_text())["settings"]["mdp-n10"]
-    assert wide["config"]["hidden_size"] == 20 and wide["init_widened_from"] == 8 and "--widen" in wide["command"]
-    assert wide["init_optimizer"] == "restored" and narrow["init_widened_from"] is None
-    # the same policy: the same validation score (the same sampled actions; float32 rounding aside)
-    assert wide["best_val_return"] == pytest.approx(narrow["best_val_return"], abs=1e-3)
-    assert wide["eval"]["mean"] == pytest.approx(narrow["eval"]["mean"], abs=1e-3)
-    # without a larger hidden_size, or without weights: refused, saying what to pass
-    same = _rl2(["--settings", "mdp-n10", "--iterations", "0", "--init-weights", str(weights), *TINY.split(),
-                 "--set", "transition_input=true", "--widen", "--out", str(out)], check=False)
-    assert same.returncode != 0 and "Set hidden_size above" in same.stderr
-    bare = _rl2(["--settings", "mdp-n10", "--iterations", "0", "--widen", "--out", str(out)], check=False)
-    assert bare.returncode != 0 and "--widen needs --init-weights" in bare.stderr
+def test_iterations_zero_needs_weights_to_rescore(tmp_path):
+    proc = _rl2(["--settings", "mdp-n10", "--iterations", "0", "--out", str(tmp_path / "r.json")], check=False)
+    assert proc.returncode == 2 and "pass --init-weights PATH" in proc.stderr
 
 
 def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instances(tmp_path):
@@ -138,7 +138,7 @@ def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instan
 
     weights, out = tmp_path / "w.safetensors", tmp_path / "diag.json"
     _rl2(["--settings", "bandit-n10-k5", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
-          "--out", str(tmp_path / "r.json")])
+          "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
     proc = subprocess.run([sys.executable, "benchmarks/rl2_bandit_diagnostics.py", "--weights",
                            f"bandit-n10-k5={weights}", "--seeds", "2", "--out", str(out)], cwd=REPO, check=True,
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
@@ -158,50 +158,6 @@ def test_bandit_diagnostics_compare_kept_weights_with_gittins_on_the_same_instan
     assert bad.returncode != 0 and "a bandit setting of benchmarks/rl2.py" in bad.stderr
 
 
-def test_validation_over_several_noise_seeds_averages_one_score_per_seed():
-    bench = _bench_module()
-    import torch
-    from metafit.rl.rl2 import RL2
-
-    tiny = {"meta_batch_size": 8, "hidden_size": 8}
-    result = bench.run_setting("bandit-n10-k5", 1.0, 0, 16, 16, 1, dict(tiny), val_seeds=3)
-    assert result["val_seeds"] == 3 and result["iterations"] == 0
-    family, cfg, _, val_tasks = bench.make_setting("bandit-n10-k5", 16, 16)
-    torch.manual_seed(bench.INIT_SEED)  # the untrained network run_setting scored
-    learner = RL2(dict(cfg, **tiny), family).eval()
-    per_seed = [float(learner.evaluate(val_tasks, torch.Generator().manual_seed(bench.VAL_SEED + i)).sum(1).mean())
-                for i in range(3)]
-    assert result["best_val_return"] == pytest.approx(sum(per_seed) / 3)
-    assert len(set(per_seed)) > 1  # the seeds differ: the average is not one seed's score
-
-
-def test_a_run_that_fails_part_way_leaves_the_weights_kept_so_far(tmp_path, monkeypatch):
-    bench = _bench_module()
-    from metafit.rl.rl2 import RL2
-    from metafit.training.checkpoint import read_checkpoint
-
-    calls = {"n": 0}
-    real = RL2.train_iteration
-
-    def failing(self, gen):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("the machine went away")
-        return real(self, gen)
-
-    monkeypatch.setattr(RL2, "train_iteration", failing)
-    weights = tmp_path / "w.safetensors"
-    with pytest.raises(RuntimeError, match="went away"):
-        # a validation after every update: the kept weights are written at each new best
-        bench.run_setting("bandit-n10-k5", 1.0, 6, 16, 16, 1_000_000, {"meta_batch_size": 8, "hidden_size": 8},
-                          save_weights=str(weights))
-    meta, tensors = read_checkpoint(weights)
-    assert meta["setting"] == "bandit-n10-k5" and meta["iteration"] in (0, 1, 2)
-    assert "optimizer" in meta and any(not k.startswith("optim.") for k in tensors)
-    learner = RL2(meta["config"], bench.make_setting("bandit-n10-k5", 16, 16)[0])
-    learner.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})  # loads whole
-
-
 def _entry(tag: str, points: int = 10, **extra) -> dict:
     curve = [[i + 1, float(i)] for i in range(points)]
     return {"config": {"tag": tag}, "eval": {"mean": 1.0, "ci95": 0.1}, "best_val_return": 1.0,
@@ -211,7 +167,7 @@ def _entry(tag: str, points: int = 10, **extra) -> dict:
 
 
 def test_record_keeps_every_earlier_run_of_a_setting():
-    bench = _bench_module()
+    bench = _bench_module("rl2_record")
     results = {"mdp-n25": {**_entry("old main", points=1000), "variant_a": _entry("a")}}
     # a new main entry: the old main run and its variants stay, the old run's curves thinned
     assert bench.record(results, "mdp-n25", _entry("new main")) == "mdp-n25"
@@ -303,7 +259,7 @@ class _QAgent:
 def test_mdp_diagnostics_regret_is_zero_for_the_optimal_policy_and_the_return_gap_for_another():
     import torch
     from metafit import rl
-    from metafit.rl.mdp import solve_finite_horizon
+    from metafit.rl import solve_finite_horizon
 
     diag = _diag_module("rl2_mdp_diagnostics")
     family = rl.TabularMDPFamily()
@@ -324,7 +280,7 @@ def test_mdp_diagnostics_regret_is_zero_for_the_optimal_policy_and_the_return_ga
 def test_mdp_diagnostics_score_kept_weights_beside_the_classical_agents(tmp_path):
     weights, out = tmp_path / "w.safetensors", tmp_path / "diag.json"
     _rl2(["--settings", "mdp-n10", "--iterations", "1", *TINY.split(), "--save-weights", str(weights),
-          "--instances", "1000", "--out", str(tmp_path / "r.json")])
+          "--instances", "1000", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
     proc = subprocess.run([sys.executable, "benchmarks/rl2_mdp_diagnostics.py", "--weights", f"mdp-n10={weights}",
                            "--seeds", "1", "--out", str(out)], cwd=REPO, check=True, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))

@@ -19,7 +19,7 @@ gym = pytest.importorskip("gymnasium")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 try:
-    rl.mujoco.require_mujoco("test")
+    rl.envs._common.require_mujoco("test")
     HAVE_MUJOCO = True
 except rl.MissingExtraError:
     HAVE_MUJOCO = False

@@ -1,4 +1,12 @@
-"""Meta-RL environment families and classical baselines.
+"""Meta-RL: environment families, learners and classical baselines, in three rooms:
+
+- :mod:`metafit.rl.envs`: families (a :class:`~metafit.rl.envs.base.Family` protocol), their
+  batched torch and Gymnasium environments, and the registry :data:`FAMILIES`;
+- :mod:`metafit.rl.learners`: RL² and MAML-RL (:class:`~metafit.rl.learners.base.RLLearner`) and
+  the registry :data:`RL_LEARNERS`;
+- :mod:`metafit.rl.baselines`: classical bandit and MDP agents and their trial runners.
+
+This package re-exports their public names.
 
 Families (frozen dataclasses) sample tasks with ``sample_tasks(n, generator)``; each simple family
 has a batched torch environment that steps many tasks, and several copies of each, at once
@@ -22,9 +30,6 @@ Baselines (:mod:`metafit.rl.baselines`) play whole trials in the batched bandit 
 
 from __future__ import annotations
 
-from ..errors import ConfigError, constraint_message
-from ._common import MissingExtraError
-from .bandits import BanditFamily, BanditTask, BatchedBandit
 from .baselines import (
     BEB,
     PSRL,
@@ -32,6 +37,7 @@ from .baselines import (
     BanditAgent,
     EpsilonGreedyBandit,
     EpsilonGreedyMDP,
+    MAX_GITTINS_PULLS,
     GittinsBandit,
     MDPAgent,
     MyopicMDP,
@@ -40,46 +46,36 @@ from .baselines import (
     RandomMDP,
     ThompsonBandit,
     UCB1Bandit,
+    finite_horizon_gittins_table,
     mean_ci,
     run_bandit_trials,
     run_mdp_trials,
     tune,
 )
-from .gittins import finite_horizon_gittins_table
-from .maml_rl import MAMLRL, MAMLRLConfig
-from .mdp import BatchedMDP, MDPTask, TabularMDPFamily, solve_finite_horizon
-from .mujoco import DirectionTask, HalfCheetahDirFamily, HalfCheetahVelFamily, VelocityTask
-from .navigation import (
+from .envs import (
+    FAMILIES,
+    GYM_ENVS,
+    BanditFamily,
+    BanditTask,
+    BatchedBandit,
+    BatchedMDP,
     BatchedNavigation,
+    DirectionTask,
+    Family,
+    HalfCheetahDirFamily,
+    HalfCheetahVelFamily,
+    MDPTask,
+    MissingExtraError,
     NavigationFamily,
     NavTask,
+    TabularMDPFamily,
+    VelocityTask,
     expected_standing_still_return,
+    make_family,
     oracle_action,
+    solve_finite_horizon,
 )
-from .rl2 import RL2, RL2Config
-
-_GYM_ENVS = ("BanditEnv", "TabularMDPEnv", "NavigationEnv", "HalfCheetahVelEnv", "HalfCheetahDirEnv")
-
-# name -> family class: adding an environment family is one module plus one line here
-FAMILIES: dict[str, type] = {
-    "bandit": BanditFamily,
-    "tabular-mdp": TabularMDPFamily,
-    "navigation": NavigationFamily,
-    "halfcheetah-vel": HalfCheetahVelFamily,
-    "halfcheetah-dir": HalfCheetahDirFamily,
-}
-
-
-def make_family(name: str, **settings):
-    """A family by registry name, e.g. ``make_family("bandit", n_arms=10)``."""
-    if name not in FAMILIES:
-        raise ConfigError(constraint_message("make_family", "name", f"one of {sorted(FAMILIES)}", name,
-                                             "Choose one of the listed families."))
-    try:
-        return FAMILIES[name](**settings)
-    except TypeError as err:
-        raise ConfigError(f"make_family: unknown setting for {name!r} ({err}). Valid settings: "
-                          f"{', '.join(FAMILIES[name].__dataclass_fields__)}.") from err
+from .learners import MAMLRL, RL2, RL_LEARNERS, MAMLRLConfig, RL2Config, RLLearner, get_rl_learner
 
 __all__ = [
     "BEB",
@@ -97,10 +93,12 @@ __all__ = [
     "EpsilonGreedyBandit",
     "EpsilonGreedyMDP",
     "FAMILIES",
+    "Family",
     "GittinsBandit",
     "HalfCheetahDirFamily",
     "HalfCheetahVelFamily",
     "MAMLRL",
+    "MAX_GITTINS_PULLS",
     "MAMLRLConfig",
     "MDPAgent",
     "MDPTask",
@@ -109,6 +107,8 @@ __all__ = [
     "NavigationFamily",
     "MyopicMDP",
     "OptimisticPSRL",
+    "RLLearner",
+    "RL_LEARNERS",
     "RandomBandit",
     "RandomMDP",
     "TabularMDPFamily",
@@ -117,6 +117,7 @@ __all__ = [
     "VelocityTask",
     "expected_standing_still_return",
     "finite_horizon_gittins_table",
+    "get_rl_learner",
     "make_family",
     "mean_ci",
     "oracle_action",
@@ -124,17 +125,14 @@ __all__ = [
     "run_mdp_trials",
     "solve_finite_horizon",
     "tune",
-    *_GYM_ENVS,
+    *GYM_ENVS,
 ]
 
 
 def __getattr__(name: str):
     """The Gymnasium environments load on first use, so ``metafit.rl`` imports without gymnasium."""
-    if name in _GYM_ENVS:
-        from ._common import require_gymnasium
+    if name in GYM_ENVS:
+        from . import envs
 
-        require_gymnasium(f"metafit.rl.{name}")
-        from . import gym_envs
-
-        return getattr(gym_envs, name)
+        return getattr(envs, name)
     raise AttributeError(f"module 'metafit.rl' has no attribute {name!r}")

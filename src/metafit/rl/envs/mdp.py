@@ -22,9 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, TaskError, constraint_message
+from ...errors import ConfigError, TaskError, constraint_message
 from ._common import check_actions as _check_actions
-from ._common import check_finite, check_int, check_nonnegative, check_positive, make_generator, stack_tasks
+from ._common import (check_finite, check_int, check_nonnegative, check_positive, make_generator, require_gymnasium,
+                      stack_tasks)
 
 __all__ = ["MDPTask", "TabularMDPFamily", "BatchedMDP", "solve_finite_horizon", "sample_dirichlet"]
 
@@ -76,6 +77,19 @@ class TabularMDPFamily:
     dirichlet_alpha: float = 1.0
     start_state: int = 0
 
+    task_type = MDPTask
+    discrete_observations = True
+    discrete_actions = True
+    action_bound = 1.0
+
+    @property
+    def observation_size(self) -> int:
+        return self.n_states
+
+    @property
+    def action_size(self) -> int:
+        return self.n_actions
+
     def __post_init__(self) -> None:
         owner = "TabularMDPFamily"
         check_int(owner, "n_states", self.n_states, 1)
@@ -106,10 +120,8 @@ class TabularMDPFamily:
 
     def make_env(self, task: MDPTask | None = None):
         """A single-task Gymnasium environment (needs the ``rl`` extra)."""
-        from ._common import require_gymnasium
-
         require_gymnasium("TabularMDPFamily.make_env")
-        from .gym_envs import TabularMDPEnv
+        from .gym_envs import TabularMDPEnv  # lazily: it imports gymnasium (and never this module)
 
         return TabularMDPEnv(self, task)
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from ..errors import ConfigError, MetafitError, TaskError, constraint_message
+from ...errors import ConfigError, MetafitError, TaskError, constraint_message
 
 __all__ = [
     "MissingExtraError",
@@ -21,6 +21,7 @@ __all__ = [
     "make_generator",
     "stack_tasks",
     "require_gymnasium",
+    "require_mujoco",
     "random_argmax",
     "check_actions",
 ]
@@ -124,6 +125,19 @@ def require_gymnasium(owner: str):
             "environments work without it)."
         ) from err
     return gymnasium
+
+
+def require_mujoco(owner: str):
+    """Import Gymnasium's MuJoCo HalfCheetah, or fail naming the extra to install."""
+    try:
+        import mujoco  # noqa: F401
+        from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+    except ImportError as err:
+        raise MissingExtraError(
+            f"{owner}: MuJoCo environments need the gymnasium[mujoco] packages, which are not installed "
+            f"({err}). Install them with: pip install \"metafit[mujoco]\"."
+        ) from err
+    return HalfCheetahEnv
 
 
 def random_argmax(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

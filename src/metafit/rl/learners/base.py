@@ -1,7 +1,8 @@
-"""The interface every meta-RL learner implements, and their registry.
+"""The interface every meta-RL learner implements (the registry is :data:`metafit.rl.learners.RL_LEARNERS`).
 
 A learner is an ``nn.Module`` built from a frozen config (a :class:`~metafit.validation.ConfigModel`
-with a ``name`` literal) and an environment family (see :data:`metafit.rl.FAMILIES`):
+with a ``name`` literal) and an environment family (a :class:`~metafit.rl.envs.base.Family`, see
+:data:`metafit.rl.FAMILIES`):
 
 - ``train_iteration(generator) -> dict``: one outer update on freshly sampled tasks; returns
   scalar statistics for the log, at least ``"return"`` (the mean return per trial of the data the
@@ -17,15 +18,15 @@ learners hold no optimizer state outside ``optimizer_state_dict`` / ``load_optim
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..validation import ConfigModel
+from ...validation import ConfigModel, parse_config
+from ..envs.base import Family
 
-__all__ = ["RL_LEARNERS", "RLLearner", "get_rl_learner", "register_rl_learner"]
+__all__ = ["RLLearner"]
 
 
 class RLLearner(nn.Module):
@@ -37,9 +38,11 @@ class RLLearner(nn.Module):
     #: device types the learner runs on (``train.device`` of ``metafit rl train``)
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
-    def __init__(self, config: ConfigModel, family: Any) -> None:
+    def __init__(self, config: ConfigModel | dict | None, family: Family) -> None:
+        """``config``: an instance of ``Config`` or a mapping of its fields (validated here, a
+        one-line ConfigError naming ``learner.<field>`` otherwise)."""
         super().__init__()
-        self.config = config
+        self.config = parse_config(type(self).Config, config, "learner")
         self.family = family
 
     def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
@@ -59,22 +62,7 @@ class RLLearner(nn.Module):
 
     def start_new_run(self) -> None:
         """Called once another run's weights are loaded to start a new run from them (a fresh
-        optimizer: ``train.init_from``, the benchmark's ``--init-weights``), never on resume. Resets
+        optimizer: ``train.init_from``), never on resume. Resets
         what counts the run's own progress, such as a learning-rate schedule's update count, so the
         new run's schedule starts at its beginning; weights and learned statistics stay."""
 
-
-RL_LEARNERS: dict[str, type[RLLearner]] = {}
-
-
-def register_rl_learner(cls: type[RLLearner]) -> type[RLLearner]:
-    RL_LEARNERS[cls.name] = cls
-    return cls
-
-
-def get_rl_learner(name: str) -> type[RLLearner]:
-    if name not in RL_LEARNERS:
-        raise ConfigError(
-            f"Config: learner.name must be one of {sorted(RL_LEARNERS)}; got {name!r}. Choose a listed learner."
-        )
-    return RL_LEARNERS[name]

@@ -23,8 +23,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..errors import TaskError, constraint_message
-from ._common import check_int, check_nonnegative, check_positive, stack_tasks
+from ...errors import TaskError, constraint_message
+from ._common import check_int, check_nonnegative, check_positive, require_gymnasium, stack_tasks
 
 __all__ = ["NavTask", "NavigationFamily", "BatchedNavigation", "oracle_action", "expected_standing_still_return"]
 
@@ -46,6 +46,16 @@ class NavigationFamily:
     horizon: int = 100
     goal_tolerance: float = 0.01
 
+    task_type = NavTask
+    discrete_observations = False
+    discrete_actions = False
+    observation_size = 2  # the position
+    action_size = 2  # a displacement
+
+    @property
+    def action_bound(self) -> float:
+        return float(self.max_action)
+
     def __post_init__(self) -> None:
         owner = "NavigationFamily"
         check_positive(owner, "goal_range", self.goal_range)
@@ -58,17 +68,19 @@ class NavigationFamily:
         goals = (2 * torch.rand(n, 2, generator=generator, dtype=torch.float64) - 1) * self.goal_range
         return [NavTask(g) for g in goals]
 
-    def batched(self, tasks: Sequence[NavTask] | NavTask, envs_per_task: int = 1, *,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "BatchedNavigation":
+    def batched(self, tasks: Sequence[NavTask] | NavTask, envs_per_task: int = 1, *, seed: int | None = None,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                check_actions: bool = True) -> "BatchedNavigation":
+        """The batched environment (``seed`` is accepted for the :class:`~metafit.rl.envs.base.BatchedFamily`
+        protocol and unused: the dynamics are deterministic)."""
         return BatchedNavigation(tasks, envs_per_task, max_action=self.max_action, horizon=self.horizon,
-                                 goal_tolerance=self.goal_tolerance, device=device, dtype=dtype)
+                                 goal_tolerance=self.goal_tolerance, device=device, dtype=dtype,
+                                 check_actions=check_actions)
 
     def make_env(self, task: NavTask | None = None):
         """A single-task Gymnasium environment (needs the ``rl`` extra)."""
-        from ._common import require_gymnasium
-
         require_gymnasium("NavigationFamily.make_env")
-        from .gym_envs import NavigationEnv
+        from .gym_envs import NavigationEnv  # lazily: it imports gymnasium (and never this module)
 
         return NavigationEnv(self, task)
 

@@ -6,7 +6,8 @@ the same task, and the score of a trial is its total reward (expected ``n / 2`` 
 policy, at most ``n * max(p)``).
 
 :class:`BatchedBandit` steps many tasks (and several independent copies of each) with tensors;
-the single-task Gymnasium environment is :class:`metafit.rl.BanditEnv` (needs ``gymnasium``).
+the single-task Gymnasium environment is :class:`metafit.rl.BanditEnv` (needs ``gymnasium``,
+``family.make_env(task)``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Sequence
 
 import torch
 
-from ..errors import TaskError, constraint_message
+from ...errors import TaskError, constraint_message
 from ._common import check_actions as _check_actions
-from ._common import check_int, make_generator, stack_tasks
+from ._common import check_int, make_generator, require_gymnasium, stack_tasks
 
 __all__ = ["BanditTask", "BanditFamily", "BatchedBandit"]
 
@@ -40,8 +41,19 @@ class BanditFamily:
 
     n_arms: int = 5
 
+    task_type = BanditTask
+    discrete_observations = True  # the single state 0
+    discrete_actions = True
+    observation_size = 1
+    action_bound = 1.0
+    horizon = 1  # each pull is a one-step episode
+
     def __post_init__(self) -> None:
         check_int("BanditFamily", "n_arms", self.n_arms, 2)
+
+    @property
+    def action_size(self) -> int:
+        return self.n_arms
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[BanditTask]:
         check_int("BanditFamily", "n", n, 1)
@@ -56,10 +68,8 @@ class BanditFamily:
 
     def make_env(self, task: BanditTask | None = None):
         """A single-task Gymnasium environment (needs the ``rl`` extra)."""
-        from ._common import require_gymnasium
-
         require_gymnasium("BanditFamily.make_env")
-        from .gym_envs import BanditEnv
+        from .gym_envs import BanditEnv  # lazily: it imports gymnasium (and never this module)
 
         return BanditEnv(self, task)
 

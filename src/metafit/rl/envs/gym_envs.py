@@ -1,9 +1,10 @@
 """Single-task environments with the Gymnasium API plus the meta-RL task interface:
 ``sample_tasks(n, generator=None)``, ``set_task(task)``, ``get_task()``.
 
-These follow the same rules as the batched torch environments (see each family's module) but are
-written independently in numpy on Gymnasium's seeded ``np_random``, one step at a time; the tests
-check that both agree. A task stays fixed until ``set_task``; an environment built without a task
+Built by a family's ``make_env(task)`` (the environment reads its settings from ``family``; this
+module never imports the families, which import it lazily). These follow the same rules as the
+batched torch environments (see each family's module) but are written independently in numpy on
+Gymnasium's seeded ``np_random``, one step at a time; the tests check that both agree. A task stays fixed until ``set_task``; an environment built without a task
 draws one from its family at the first ``reset`` (from the seeded RNG, so ``reset(seed=s)`` is
 reproducible). Needs ``pip install "metafit[rl]"`` (HalfCheetah: ``"metafit[mujoco]"``).
 """
@@ -17,30 +18,29 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from ..errors import TaskError, constraint_message
-from .bandits import BanditFamily, BanditTask
-from .mdp import MDPTask, TabularMDPFamily
-from .mujoco import (
-    DirectionTask,
-    HalfCheetahDirFamily,
-    HalfCheetahVelFamily,
-    VelocityTask,
-    direction_reward,
-    require_mujoco,
-    velocity_reward,
-)
-from .navigation import NavigationFamily, NavTask
+from ...errors import TaskError, constraint_message
+from ._common import require_mujoco
 
-__all__ = ["BanditEnv", "TabularMDPEnv", "NavigationEnv", "HalfCheetahVelEnv", "HalfCheetahDirEnv"]
+__all__ = ["BanditEnv", "TabularMDPEnv", "NavigationEnv", "HalfCheetahVelEnv", "HalfCheetahDirEnv", "velocity_reward",
+           "direction_reward"]
+
+
+def velocity_reward(forward_velocity: float, action: np.ndarray, target: float, ctrl_cost_weight: float = 0.05):
+    ctrl = ctrl_cost_weight * float(np.square(action).sum())
+    return -abs(forward_velocity - target) - ctrl, ctrl
+
+
+def direction_reward(forward_velocity: float, action: np.ndarray, direction: float, ctrl_cost_weight: float = 0.05):
+    ctrl = ctrl_cost_weight * float(np.square(action).sum())
+    return direction * forward_velocity - ctrl, ctrl
 
 
 class _TaskEnv(gym.Env):
     """Task bookkeeping shared by the single-task environments."""
 
     metadata: dict[str, Any] = {"render_modes": []}
-    task_type: type = object
 
-    def __init__(self, family, task=None) -> None:
+    def __init__(self, family: Any, task: Any = None) -> None:
         super().__init__()
         self.family = family
         self._task = None
@@ -56,8 +56,9 @@ class _TaskEnv(gym.Env):
 
     def set_task(self, task) -> None:
         """Switch to ``task``; a running episode ends here, so call ``reset()`` next."""
-        if not isinstance(task, self.task_type):
-            raise TaskError(constraint_message(type(self).__name__, "task", f"a {self.task_type.__name__}",
+        task_type = self.family.task_type
+        if not isinstance(task, task_type):
+            raise TaskError(constraint_message(type(self).__name__, "task", f"a {task_type.__name__}",
                                                type(task).__name__, "Pass a task from this env's sample_tasks()."))
         self._load_task(task)
         self._task = task
@@ -89,15 +90,12 @@ class _TaskEnv(gym.Env):
 class BanditEnv(_TaskEnv):
     """One Bernoulli bandit; each pull is a one-step episode (``terminated=True``)."""
 
-    task_type = BanditTask
-
-    def __init__(self, family: BanditFamily | None = None, task: BanditTask | None = None) -> None:
-        family = family or BanditFamily()
+    def __init__(self, family: Any, task: Any = None) -> None:
         self.observation_space = spaces.Discrete(1)
         self.action_space = spaces.Discrete(family.n_arms)
         super().__init__(family, task)
 
-    def _load_task(self, task: BanditTask) -> None:
+    def _load_task(self, task: Any) -> None:
         p = np.asarray(torch.as_tensor(task.probs, dtype=torch.float64))
         if p.shape != (self.family.n_arms,) or not ((p >= 0) & (p <= 1)).all():
             raise TaskError(constraint_message("BanditEnv", "task.probs",
@@ -119,15 +117,12 @@ class BanditEnv(_TaskEnv):
 class TabularMDPEnv(_TaskEnv):
     """One tabular MDP; episodes of ``family.horizon`` steps from ``family.start_state``."""
 
-    task_type = MDPTask
-
-    def __init__(self, family: TabularMDPFamily | None = None, task: MDPTask | None = None) -> None:
-        family = family or TabularMDPFamily()
+    def __init__(self, family: Any, task: Any = None) -> None:
         self.observation_space = spaces.Discrete(family.n_states)
         self.action_space = spaces.Discrete(family.n_actions)
         super().__init__(family, task)
 
-    def _load_task(self, task: MDPTask) -> None:
+    def _load_task(self, task: Any) -> None:
         S, A = self.family.n_states, self.family.n_actions
         R = np.asarray(torch.as_tensor(task.rewards_mean, dtype=torch.float64))
         P = np.asarray(torch.as_tensor(task.transitions, dtype=torch.float64))
@@ -160,12 +155,9 @@ class TabularMDPEnv(_TaskEnv):
 
 
 class NavigationEnv(_TaskEnv):
-    """One point-navigation task (MAML variant; see :mod:`metafit.rl.navigation`)."""
+    """One point-navigation task (MAML variant; see :mod:`metafit.rl.envs.navigation`)."""
 
-    task_type = NavTask
-
-    def __init__(self, family: NavigationFamily | None = None, task: NavTask | None = None) -> None:
-        family = family or NavigationFamily()
+    def __init__(self, family: Any, task: Any = None) -> None:
         # the point starts at the origin and moves at most max_action per axis and step, so it never leaves
         # [-horizon * max_action, horizon * max_action]^2 (the slack covers float32 rounding of the running sum)
         bound = np.float32(family.horizon * family.max_action * (1 + 1e-4))
@@ -174,7 +166,7 @@ class NavigationEnv(_TaskEnv):
         self.action_space = spaces.Box(-m, m, (2,), np.float32)
         super().__init__(family, task)
 
-    def _load_task(self, task: NavTask) -> None:
+    def _load_task(self, task: Any) -> None:
         g = np.asarray(torch.as_tensor(task.goal, dtype=torch.float64))
         if g.shape != (2,) or not np.isfinite(g).all():
             raise TaskError(constraint_message("NavigationEnv", "task.goal", "a finite 2D point", g.shape,
@@ -207,7 +199,7 @@ class NavigationEnv(_TaskEnv):
 
 
 class _HalfCheetahTaskEnv(_TaskEnv):
-    def __init__(self, family, task) -> None:
+    def __init__(self, family: Any, task: Any = None) -> None:
         cheetah_cls = require_mujoco(type(self).__name__)
         self._inner = cheetah_cls(ctrl_cost_weight=family.ctrl_cost_weight)
         self.observation_space = self._inner.observation_space
@@ -246,12 +238,7 @@ class _HalfCheetahTaskEnv(_TaskEnv):
 class HalfCheetahVelEnv(_HalfCheetahTaskEnv):
     """HalfCheetah-v5 rewarded for running at a target velocity (MAML/ProMP)."""
 
-    task_type = VelocityTask
-
-    def __init__(self, family: HalfCheetahVelFamily | None = None, task: VelocityTask | None = None) -> None:
-        super().__init__(family or HalfCheetahVelFamily(), task)
-
-    def _load_task(self, task: VelocityTask) -> None:
+    def _load_task(self, task: Any) -> None:
         if not np.isfinite(task.target):
             raise TaskError(constraint_message("HalfCheetahVelEnv", "task.target", "finite", task.target,
                                                "Pass a finite target velocity."))
@@ -264,12 +251,7 @@ class HalfCheetahVelEnv(_HalfCheetahTaskEnv):
 class HalfCheetahDirEnv(_HalfCheetahTaskEnv):
     """HalfCheetah-v5 rewarded for running forward (+1) or backward (-1) (MAML)."""
 
-    task_type = DirectionTask
-
-    def __init__(self, family: HalfCheetahDirFamily | None = None, task: DirectionTask | None = None) -> None:
-        super().__init__(family or HalfCheetahDirFamily(), task)
-
-    def _load_task(self, task: DirectionTask) -> None:
+    def _load_task(self, task: Any) -> None:
         if task.direction not in (-1.0, 1.0):
             raise TaskError(constraint_message("HalfCheetahDirEnv", "task.direction", "+1 or -1", task.direction,
                                                "Pass 1.0 (forward) or -1.0 (backward)."))

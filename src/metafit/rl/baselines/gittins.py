@@ -33,8 +33,8 @@ import functools
 
 import torch
 
-from ..errors import ConfigError, constraint_message
-from ._common import check_int, check_positive
+from ...errors import ConfigError, constraint_message
+from ..envs._common import check_int, check_positive
 
 __all__ = ["finite_horizon_gittins_table", "MAX_GITTINS_PULLS"]
 

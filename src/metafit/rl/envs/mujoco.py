@@ -14,27 +14,20 @@ Variant implemented (where the papers' code differ):
   observations are Gymnasium v5's 17 numbers (position without the root x, velocities).
 
 Tasks and families (this module) need only torch; the environments are
-:class:`metafit.rl.HalfCheetahVelEnv` and :class:`metafit.rl.HalfCheetahDirEnv`.
+:class:`metafit.rl.HalfCheetahVelEnv` and :class:`metafit.rl.HalfCheetahDirEnv` (``family.make_env``),
+with the rewards of :mod:`metafit.rl.envs.gym_envs`. There is no batched torch environment: learners
+step a pool of these.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ._common import MissingExtraError, check_int, check_nonnegative, check_range
+from ._common import check_int, check_nonnegative, check_range, require_gymnasium
 
-__all__ = [
-    "VelocityTask",
-    "DirectionTask",
-    "HalfCheetahVelFamily",
-    "HalfCheetahDirFamily",
-    "velocity_reward",
-    "direction_reward",
-    "require_mujoco",
-]
+__all__ = ["VelocityTask", "DirectionTask", "HalfCheetahVelFamily", "HalfCheetahDirFamily"]
 
 
 @dataclass(frozen=True)
@@ -51,29 +44,6 @@ class DirectionTask:
     direction: float
 
 
-def velocity_reward(forward_velocity: float, action: np.ndarray, target: float, ctrl_cost_weight: float = 0.05):
-    ctrl = ctrl_cost_weight * float(np.square(action).sum())
-    return -abs(forward_velocity - target) - ctrl, ctrl
-
-
-def direction_reward(forward_velocity: float, action: np.ndarray, direction: float, ctrl_cost_weight: float = 0.05):
-    ctrl = ctrl_cost_weight * float(np.square(action).sum())
-    return direction * forward_velocity - ctrl, ctrl
-
-
-def require_mujoco(owner: str):
-    """Import Gymnasium's MuJoCo HalfCheetah, or fail naming the extra to install."""
-    try:
-        import mujoco  # noqa: F401
-        from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
-    except ImportError as err:
-        raise MissingExtraError(
-            f"{owner}: MuJoCo environments need the gymnasium[mujoco] packages, which are not installed "
-            f"({err}). Install them with: pip install \"metafit[mujoco]\"."
-        ) from err
-    return HalfCheetahEnv
-
-
 @dataclass(frozen=True)
 class HalfCheetahVelFamily:
     """Target velocities ``U[target_range]`` (MAML: ``[0, 2]``)."""
@@ -81,6 +51,13 @@ class HalfCheetahVelFamily:
     target_range: tuple[float, float] = (0.0, 2.0)
     horizon: int = 200
     ctrl_cost_weight: float = 0.05
+
+    task_type = VelocityTask
+    discrete_observations = False
+    discrete_actions = False
+    observation_size = 17  # HalfCheetah-v5: positions without the root x, velocities
+    action_size = 6  # one torque per actuator
+    action_bound = 1.0
 
     def __post_init__(self) -> None:
         check_range("HalfCheetahVelFamily", "target_range", self.target_range)
@@ -94,10 +71,8 @@ class HalfCheetahVelFamily:
         return [VelocityTask(float(lo + (hi - lo) * x)) for x in u]
 
     def make_env(self, task: VelocityTask | None = None):
-        from ._common import require_gymnasium
-
         require_gymnasium("HalfCheetahVelFamily.make_env")
-        from .gym_envs import HalfCheetahVelEnv
+        from .gym_envs import HalfCheetahVelEnv  # lazily: it imports gymnasium (and never this module)
 
         return HalfCheetahVelEnv(self, task)
 
@@ -109,6 +84,13 @@ class HalfCheetahDirFamily:
     horizon: int = 200
     ctrl_cost_weight: float = 0.05
 
+    task_type = DirectionTask
+    discrete_observations = False
+    discrete_actions = False
+    observation_size = 17  # HalfCheetah-v5: positions without the root x, velocities
+    action_size = 6  # one torque per actuator
+    action_bound = 1.0
+
     def __post_init__(self) -> None:
         check_int("HalfCheetahDirFamily", "horizon", self.horizon, 1)
         check_nonnegative("HalfCheetahDirFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
@@ -119,9 +101,7 @@ class HalfCheetahDirFamily:
         return [DirectionTask(float(s)) for s in signs]
 
     def make_env(self, task: DirectionTask | None = None):
-        from ._common import require_gymnasium
-
         require_gymnasium("HalfCheetahDirFamily.make_env")
-        from .gym_envs import HalfCheetahDirEnv
+        from .gym_envs import HalfCheetahDirEnv  # lazily: it imports gymnasium (and never this module)
 
         return HalfCheetahDirEnv(self, task)

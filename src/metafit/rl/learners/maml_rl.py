@@ -42,260 +42,35 @@ Returns are undiscounted sums of rewards of stochastic-policy episodes.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError, TaskError, TrainingError, constraint_message
-from ..validation import ConfigModel, parse_config
-from .bandits import BanditFamily
-from .learner import RLLearner, register_rl_learner
-from .mdp import TabularMDPFamily
-from .navigation import BatchedNavigation, NavigationFamily, NavTask
+from ...errors import ConfigError, TaskError, TrainingError, constraint_message
+from ...validation import parse_config
+from ..envs.base import BatchedFamily, Family
+from .base import RLLearner
+from .maml_rl_config import MAMLRLConfig
+from .maml_rl_ops import (
+    LOG_2PI,
+    Params,
+    RolloutBatch,
+    compute_advantages,
+    expand_params,
+    gaussian_kl,
+    inner_update,
+    masked_task_mean,
+    outer_losses,
+    policy_forward,
+    task_major,
+)
 
-__all__ = [
-    "MAMLRL",
-    "MAMLRLConfig",
-    "RolloutBatch",
-    "compute_advantages",
-    "discounted_returns",
-    "expand_params",
-    "gaussian_log_prob",
-    "inner_update",
-    "linear_baseline_features",
-    "fit_linear_baseline",
-    "policy_forward",
-]
-
-Params = dict[str, torch.Tensor]
-_LOG_2PI = math.log(2 * math.pi)
+__all__ = ["MAMLRL", "MAMLRLConfig"]
 
 
-def _task_major(obs, act, rew, mask, logp, mean) -> tuple[torch.Tensor, ...]:
-    """Time-major ``[H, T, E, ...]`` buffers to task-major ``[T, E, H, ...]`` (contiguous)."""
-    return (obs.permute(1, 2, 0, 3).contiguous(), act.permute(1, 2, 0, 3).contiguous(),
-            rew.permute(1, 2, 0).contiguous(), mask.permute(1, 2, 0).contiguous(),
-            logp.permute(1, 2, 0).contiguous(), mean.permute(1, 2, 0, 3).contiguous())
-
-
-class MAMLRLConfig(ConfigModel):
-    name: Literal["maml-rl"] = "maml-rl"
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [100, 100], min_length=1, max_length=8,
-        description="widths of the policy's ReLU hidden layers (paper: two of 100)")
-    init_log_std: float = Field(0.0, ge=-5.0, le=2.0, description="initial log standard deviation of the policy "
-                                                                  "(in normalised action units)")
-    action_scale: float | None = Field(None, gt=0.0, description="environment action = action_scale * policy "
-                                       "action; None: the family's action bound (navigation max_action, "
-                                       "else the action space's high)")
-    inner_lr: float = Field(0.1, gt=0.0, description="inner policy-gradient step size (paper: 0.1 for navigation)")
-    inner_steps: int = Field(1, ge=0, le=10, description="inner policy-gradient steps during meta-training "
-                                                        "(0: plain multi-task policy, no adaptation)")
-    eval_steps: int = Field(3, ge=0, le=20, description="inner steps evaluate() reports after (points 0..eval_steps)")
-    inner_objective: Literal["lvc", "reinforce"] = Field(
-        "lvc", description="inner loss: 'reinforce' -mean(log pi * A) (MAML), 'lvc' -mean(pi / pi_old * A) "
-                           "(ProMP; same gradient, curvature includes the sampling distribution)")
-    meta_batch_size: int = Field(20, ge=1, description="tasks per outer update (paper: 20 for navigation)")
-    trajectories_per_task: int = Field(20, ge=1, description="trajectories per task and inner step (paper: 20)")
-    eval_trajectories_per_task: int | None = Field(None, ge=1, description="trajectories per task and point in "
-                                                   "evaluate(); None: trajectories_per_task")
-    eval_task_chunk: int = Field(50, ge=1, description="tasks adapted together in evaluate() (memory bound)")
-    gamma: float = Field(0.99, gt=0.0, le=1.0, description="discount factor")
-    gae_lambda: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda (1: discounted return minus baseline)")
-    baseline_reg: float = Field(1e-5, gt=0.0, description="ridge coefficient of the linear feature baseline")
-    normalize_advantages: bool = Field(True, description="standardise advantages per task (rllab center_adv)")
-    meta_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the outer update")
-    ppo_epochs: int = Field(5, ge=1, description="outer Adam steps per sampled meta-batch")
-    clip_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clipping of the post-update likelihood ratio")
-    max_grad_norm: float | None = Field(None, gt=0.0, description="clip the meta-gradient norm (None: no clipping)")
-
-
-@dataclass
-class RolloutBatch:
-    """Trajectories of ``T`` tasks x ``E`` episodes x ``H`` steps (steps after an episode ended are
-    padding with ``mask = 0``). Actions are in policy (normalised) units, before clipping."""
-
-    obs: torch.Tensor         # [T, E, H, obs_dim]
-    actions: torch.Tensor     # [T, E, H, act_dim]
-    rewards: torch.Tensor     # [T, E, H]
-    mask: torch.Tensor        # [T, E, H] 1.0 where a step happened
-    logp: torch.Tensor        # [T, E, H] log-probability under the sampling policy
-    advantages: torch.Tensor  # [T, E, H]
-    means: torch.Tensor | None = None    # [T, E, H, act_dim] sampling policy's mean (for the KL)
-    log_std: torch.Tensor | None = None  # [T, act_dim] sampling policy's log std
-
-    @property
-    def num_tasks(self) -> int:
-        return int(self.obs.shape[0])
-
-    def flat(self, name: str) -> torch.Tensor:
-        v = getattr(self, name)
-        return v.reshape(v.shape[0], v.shape[1] * v.shape[2], *v.shape[3:])
-
-    def episode_returns(self) -> torch.Tensor:
-        """Undiscounted return of every episode ``[T, E]``."""
-        return (self.rewards * self.mask).sum(-1)
-
-    def steps(self) -> int:
-        return int(self.mask.sum())
-
-
-# ---- the policy, functional and batched over tasks ---------------------------------------------
-
-def expand_params(params: Params, num_tasks: int) -> Params:
-    """One copy of every parameter per task: ``[num_tasks, *shape]`` (an expanded view; gradients
-    flow back to ``params``)."""
-    return {k: v.unsqueeze(0).expand(num_tasks, *v.shape) for k, v in params.items()}
-
-
-def policy_forward(params: Params, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``[..., N, act_dim]`` and log-std of the Gaussian MLP policy.
-
-    ``params`` holds ``w0, b0, ..., wL, bL`` (weights stored ``[in, out]``) and ``log_std``, either
-    unbatched or with a leading task dimension ``T`` (then ``obs`` is ``[T, N, obs_dim]`` and task
-    ``i``'s observations go through task ``i``'s parameters, one batched matmul per layer)."""
-    n_layers = sum(1 for k in params if k.startswith("w"))
-    h = obs
-    for i in range(n_layers):
-        w, b = params[f"w{i}"], params[f"b{i}"]
-        h = torch.baddbmm(b.unsqueeze(-2), h, w) if w.dim() == 3 else torch.matmul(h, w) + b
-        if i < n_layers - 1:
-            h = F.relu(h)
-    return h, params["log_std"]
-
-
-def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Diagonal Gaussian log-density summed over the last dimension; ``log_std`` is ``[act_dim]``
-    or ``[T, act_dim]`` (broadcast over the ``N`` samples of ``mean [T, N, act_dim]``)."""
-    if log_std.dim() == 2 and mean.dim() == 3:
-        log_std = log_std.unsqueeze(1)
-    z = (actions - mean) * torch.exp(-log_std)
-    return (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
-
-
-def policy_log_prob(params: Params, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    mean, log_std = policy_forward(params, obs)
-    return gaussian_log_prob(mean, log_std, actions)
-
-
-# ---- returns, the linear feature baseline, advantages -------------------------------------------
-
-def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``R_t = sum_k gamma^k r_{t+k}`` within each episode (last dimension = time)."""
-    out = torch.zeros_like(rewards)
-    acc = torch.zeros_like(rewards[..., 0])
-    for t in range(rewards.shape[-1] - 1, -1, -1):
-        acc = rewards[..., t] * mask[..., t] + gamma * acc * mask[..., t]
-        out[..., t] = acc
-    return out
-
-
-def linear_baseline_features(obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """rllab's ``LinearFeatureBaseline`` features ``[o, o^2, al, al^2, al^3, 1]`` with ``o``
-    clipped to ``[-10, 10]`` and ``al = t / 100``; ``obs [..., H, d]`` -> ``[..., H, 2d + 4]``
-    (zero rows where ``mask`` is 0)."""
-    o = obs.clamp(-10, 10)
-    H = obs.shape[-2]
-    al = (torch.arange(H, dtype=obs.dtype, device=obs.device) / 100.0).expand(*obs.shape[:-1]).unsqueeze(-1)
-    feats = torch.cat([o, o * o, al, al * al, al * al * al, torch.ones_like(al)], dim=-1)
-    return feats * mask.unsqueeze(-1)
-
-
-def fit_linear_baseline(features: torch.Tensor, targets: torch.Tensor, reg: float = 1e-5) -> torch.Tensor:
-    """Ridge regression per task: ``w_i = (F_i^T F_i + reg I)^{-1} F_i^T y_i`` for ``features
-    [T, M, k]`` and ``targets [T, M]`` (masked rows are zero and drop out), in float64; like rllab,
-    the ridge grows tenfold (up to five times) while the solution is not finite."""
-    f = features.double()
-    y = targets.double()
-    gram = f.transpose(1, 2) @ f
-    rhs = (f.transpose(1, 2) @ y.unsqueeze(-1)).squeeze(-1)
-    eye = torch.eye(f.shape[-1], dtype=torch.float64, device=f.device)
-    for _ in range(5):
-        w = torch.linalg.solve(gram + reg * eye, rhs)
-        if bool(torch.isfinite(w).all()):
-            break
-        reg *= 10
-    return w
-
-
-def compute_advantages(obs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
-                       gae_lambda: float, reg: float, normalize: bool) -> torch.Tensor:
-    """Per-task linear baseline fitted on these trajectories' discounted returns, then GAE
-    advantages ``sum_k (gamma lambda)^k delta_{t+k}``, ``delta_t = r_t + gamma b_{t+1} - b_t``
-    (``b = 0`` after the last step, as rllab), standardised per task over the valid steps."""
-    T, E, H = rewards.shape
-    m = mask.double()
-    r = rewards.double() * m
-    returns = discounted_returns(r, m, gamma)
-    feats = linear_baseline_features(obs.double(), m)
-    w = fit_linear_baseline(feats.reshape(T, E * H, -1), returns.reshape(T, E * H), reg)
-    b = (feats @ w.view(T, 1, -1, 1)).squeeze(-1) * m
-    b_next = torch.cat([b[..., 1:], torch.zeros_like(b[..., :1])], dim=-1)
-    delta = (r + gamma * b_next - b) * m
-    adv = torch.zeros_like(delta)
-    acc = torch.zeros_like(delta[..., 0])
-    for t in range(H - 1, -1, -1):
-        acc = delta[..., t] + gamma * gae_lambda * acc * m[..., t]
-        adv[..., t] = acc
-    adv = adv * m
-    if normalize:
-        n = m.sum((1, 2), keepdim=True).clamp_min(1)
-        mean = adv.sum((1, 2), keepdim=True) / n
-        var = (((adv - mean) * m) ** 2).sum((1, 2), keepdim=True) / n
-        adv = (adv - mean) / (var.sqrt() + 1e-8) * m
-    return adv.to(rewards.dtype)
-
-
-# ---- inner and outer objectives -----------------------------------------------------------------
-
-def _masked_task_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-def inner_losses(params_t: Params, batch: RolloutBatch, objective: str) -> torch.Tensor:
-    """Per-task inner policy-gradient loss ``[T]`` for per-task parameters ``params_t``."""
-    logp = policy_log_prob(params_t, batch.flat("obs"), batch.flat("actions"))
-    mask, adv = batch.flat("mask"), batch.flat("advantages")
-    weight = torch.exp(logp - batch.flat("logp")) if objective == "lvc" else logp
-    return -_masked_task_mean(weight * adv, mask)
-
-
-def inner_update(params_t: Params, batch: RolloutBatch, inner_lr: float, objective: str = "reinforce",
-                 create_graph: bool = False) -> Params:
-    """One policy-gradient step per task: ``theta_i - inner_lr * grad_i`` (``params_t`` has a
-    leading task dimension). With ``create_graph=True`` the result stays differentiable with
-    respect to ``params_t`` (second order)."""
-    names = list(params_t)
-    loss = inner_losses(params_t, batch, objective).sum()  # tasks are independent: sum = per-task grads
-    grads = torch.autograd.grad(loss, [params_t[k] for k in names], create_graph=create_graph)
-    return {k: params_t[k] - inner_lr * g for k, g in zip(names, grads)}
-
-
-def outer_losses(params_t: Params, batch: RolloutBatch, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate per task ``[T]`` and the log-probabilities ``[T, M]`` it used."""
-    logp = policy_log_prob(params_t, batch.flat("obs"), batch.flat("actions"))
-    mask, adv = batch.flat("mask"), batch.flat("advantages")
-    ratio = torch.exp(logp - batch.flat("logp"))
-    surr = torch.minimum(ratio * adv, ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * adv)
-    return -_masked_task_mean(surr, mask), logp
-
-
-def _gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
-    """KL(p || q) of diagonal Gaussians, summed over the last dimension."""
-    var_p, var_q = torch.exp(2 * log_std_p), torch.exp(2 * log_std_q)
-    return (log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
-
-
-# ---- the learner --------------------------------------------------------------------------------
-
-@register_rl_learner
 class MAMLRL(RLLearner):
     """MAML-RL with a Gaussian MLP policy; see the module docstring. ``MAMLRL(config, family)``
     for a continuous-action family (navigation, halfcheetah-vel, halfcheetah-dir)."""
@@ -305,24 +80,19 @@ class MAMLRL(RLLearner):
     evaluate_without_grad = False  # the inner steps of evaluate() need gradients
     score_reduction = "last"
 
-    def __init__(self, config: MAMLRLConfig | dict | None, family: Any) -> None:
+    def __init__(self, config: MAMLRLConfig | dict | None, family: Family) -> None:
         config = parse_config(MAMLRLConfig, config, "learner")
         super().__init__(config, family)
         self._envs: list = []
-        if isinstance(family, (BanditFamily, TabularMDPFamily)):
+        if not isinstance(family, Family) or family.discrete_actions or family.discrete_observations:
             raise ConfigError(constraint_message(
                 "MAMLRL", "family", "a continuous-action family (navigation, halfcheetah-vel, halfcheetah-dir)",
                 type(family).__name__, "MAML-RL needs a Gaussian policy; for bandits and tabular MDPs use rl2."))
-        if isinstance(family, NavigationFamily):
-            self.obs_dim, self.act_dim = 2, 2
-            default_scale = float(family.max_action)
-        else:
-            make_env = getattr(family, "make_env", None)
-            if make_env is None:
-                raise ConfigError(constraint_message(
-                    "MAMLRL", "family", "a continuous-action family (navigation, halfcheetah-vel, halfcheetah-dir)",
-                    type(family).__name__, "Use a continuous-control family; for bandits and tabular MDPs use rl2."))
-            env = make_env()
+        if isinstance(family, BatchedFamily):  # navigation: one batched torch environment
+            self.obs_dim, self.act_dim = int(family.observation_size), int(family.action_size)
+            default_scale = float(family.action_bound)
+        else:  # a pool of Gymnasium environments stepped in lock step; the spaces come from one of them
+            env = family.make_env()
             obs_space, act_space = env.observation_space, env.action_space
             ok = (getattr(act_space, "shape", None) and len(act_space.shape) == 1 and hasattr(act_space, "high")
                   and getattr(obs_space, "shape", None) and len(obs_space.shape) == 1)
@@ -363,7 +133,7 @@ class MAMLRL(RLLearner):
 
     # -- sampling --
     def _check_tasks(self, tasks: Sequence) -> list:
-        task_type = NavTask if isinstance(self.family, NavigationFamily) else None
+        task_type = self.family.task_type if isinstance(self.family, BatchedFamily) else None
         if not isinstance(tasks, Sequence) or isinstance(tasks, (str, bytes)) or len(tasks) == 0 or (
                 task_type is not None and not all(isinstance(t, task_type) for t in tasks)):
             raise TaskError(constraint_message(
@@ -377,8 +147,8 @@ class MAMLRL(RLLearner):
         """``episodes`` trajectories per task with per-task parameters ``params_t`` (leading task
         dimension ``len(tasks)``); advantages from a per-task linear baseline."""
         params_t = {k: v.detach() for k, v in params_t.items()}
-        if isinstance(self.family, NavigationFamily):
-            raw = self._sample_navigation(params_t, tasks, episodes, generator)
+        if isinstance(self.family, BatchedFamily):
+            raw = self._sample_batched(params_t, tasks, episodes, generator)
         else:
             raw = self._sample_gym(params_t, tasks, episodes, generator)
         obs, actions, rewards, mask, logp, means = raw
@@ -393,7 +163,7 @@ class MAMLRL(RLLearner):
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         std = torch.exp(log_std).unsqueeze(1)
         actions = mean + std * noise
-        logp = (-0.5 * noise * noise - log_std.unsqueeze(1) - 0.5 * _LOG_2PI).sum(-1)
+        logp = (-0.5 * noise * noise - log_std.unsqueeze(1) - 0.5 * LOG_2PI).sum(-1)
         return actions, logp, mean
 
     def _rollout_buffers(self, H: int, T: int, E: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -403,11 +173,10 @@ class MAMLRL(RLLearner):
                 torch.zeros(H, T, E, self.act_dim, dtype=dtype), torch.zeros(H, T, E, dtype=dtype),
                 torch.zeros(H, T, E, dtype=dtype), torch.zeros(H, T, E, dtype=dtype))
 
-    def _sample_navigation(self, params_t, tasks, E, generator):
-        fam, T, H = self.family, len(tasks), self.horizon
+    def _sample_batched(self, params_t, tasks, E, generator):
+        T, H = len(tasks), self.horizon
         dtype = params_t["w0"].dtype
-        env = BatchedNavigation(tasks, E, max_action=fam.max_action, horizon=fam.horizon,
-                                goal_tolerance=fam.goal_tolerance, dtype=dtype, check_actions=False)
+        env = self.family.batched(tasks, E, dtype=dtype, check_actions=False)
         N = T * E
         obs_buf, act_buf, mean_buf, rew_buf, mask_buf, logp_buf = self._rollout_buffers(H, T, E, dtype)
         obs = env.reset().view(T, E, self.obs_dim)
@@ -422,7 +191,7 @@ class MAMLRL(RLLearner):
             if not bool(alive.any()):
                 break
             obs = nxt.view(T, E, self.obs_dim)
-        return _task_major(obs_buf, act_buf, rew_buf, mask_buf, logp_buf, mean_buf)
+        return task_major(obs_buf, act_buf, rew_buf, mask_buf, logp_buf, mean_buf)
 
     def _sample_gym(self, params_t, tasks, E, generator):
         T, H, N = len(tasks), self.horizon, len(tasks) * E
@@ -461,7 +230,7 @@ class MAMLRL(RLLearner):
             mask_buf[t] = torch.as_tensor(mask_now, dtype=dtype).view(T, E)
             if not alive.any():
                 break
-        return _task_major(obs_buf, act_buf, rew_buf, mask_buf, logp_buf, mean_buf)
+        return task_major(obs_buf, act_buf, rew_buf, mask_buf, logp_buf, mean_buf)
 
     # -- adaptation and the meta-loss --
     def adapt(self, batches: Sequence[RolloutBatch], params: Params | None = None, create_graph: bool = True,
@@ -528,13 +297,13 @@ class MAMLRL(RLLearner):
             p_new = self.adapt(inner, params, create_graph=False) if inner else expand_params(params, T)
         with torch.no_grad():
             mean_new, log_std_new = policy_forward({k: v.detach() for k, v in p_new.items()}, outer.flat("obs"))
-            kl = _gaussian_kl(outer.flat("means"), outer.log_std.unsqueeze(1), mean_new, log_std_new.unsqueeze(1))
-            kl_post = float(_masked_task_mean(kl, outer.flat("mask")).mean())
+            kl = gaussian_kl(outer.flat("means"), outer.log_std.unsqueeze(1), mean_new, log_std_new.unsqueeze(1))
+            kl_post = float(masked_task_mean(kl, outer.flat("mask")).mean())
             first = batches[0]
             mean0, log_std0 = policy_forward(expand_params({k: v.detach() for k, v in params.items()}, T),
                                              first.flat("obs"))
-            kl0 = _gaussian_kl(first.flat("means"), first.log_std.unsqueeze(1), mean0, log_std0.unsqueeze(1))
-            kl_pre = float(_masked_task_mean(kl0, first.flat("mask")).mean())
+            kl0 = gaussian_kl(first.flat("means"), first.log_std.unsqueeze(1), mean0, log_std0.unsqueeze(1))
+            kl_pre = float(masked_task_mean(kl0, first.flat("mask")).mean())
         env_steps = sum(b.steps() for b in batches)
         seconds = time.perf_counter() - t0
         return {

@@ -1,29 +1,7 @@
-"""Classical baselines for Bernoulli bandits and random tabular MDPs -- the comparison columns of
-RL² (Duan et al. 2016, tables 1 and 2) -- as agents that play a whole trial in a
-:class:`~metafit.rl.BatchedBandit` / :class:`~metafit.rl.BatchedMDP`, vectorised over environments.
-
-Variants (following the code the RL² authors ran their baselines with: their bandit script and
-Ian Osband's TabulaRL agents; differences are stated):
-
-Bandits (Beta(1, 1) pseudo-counts wherever a prior enters, as in the authors' script):
-
-* ``RandomBandit``: uniform arm.
-* ``GittinsBandit``: the arm with the largest *finite-horizon* Gittins index given the pulls left
-  (:mod:`metafit.rl.gittins`; exact up to a 2e-4 grid error). The authors' script used a
-  discounted index table; the finite-horizon index needs no discount to tune and is within a
-  fraction of a percent of Bayes-optimal on the cases we can solve exactly.
-* ``ThompsonBandit``: sample each arm's Beta posterior, play the argmax. ``n_samples > 1`` is the
-  paper's "OTS" column as the authors' script computes it: draw ``n_samples`` joint posterior
-  samples, keep the one with the highest posterior density, play its argmax (more samples: closer
-  to the posterior mode, so greedier; their script used 7, ours is tuned on a grid). This is not
-  the optimistic Thompson sampling of Chapelle and Li (2011), which raises each sample to the
-  posterior mean.
-* ``UCB1Bandit``: ``(s + 1) / (n + 2) + c * sqrt(2 ln t / (n + 2))`` with ``t`` the pulls so far
-  (the authors' pseudo-counts; ``prior=(0, 0)`` gives textbook UCB1, untried arms first);
-  ``c`` tuned on a grid.
-* ``EpsilonGreedyBandit``: posterior mean ``(s + 1) / (n + 2)``, a uniform arm with probability
-  ``epsilon`` (tuned); ``epsilon = 0`` is the paper's "Greedy" column (the 0.5 prior mean of an
-  untried arm makes it mildly optimistic).
+"""Classical agents for random tabular MDPs -- the comparison columns of RL² (Duan et al. 2016,
+table 2) -- that play a whole trial in a :class:`~metafit.rl.BatchedMDP`, vectorised over
+environments (play them with :func:`metafit.rl.run_mdp_trials`). Variants follow Ian Osband's
+TabulaRL agents, which the RL² authors ran; differences are stated.
 
 MDPs (priors of TabulaRL, which the authors used: reward means ``N(0, 1)`` prior with known noise
 precision 1, Dirichlet(1) transitions; the task distribution itself has reward means ``N(1, 1)``
@@ -49,210 +27,22 @@ precision 1, Dirichlet(1) transitions; the task distribution itself has reward m
   what remembering one running mean per state-action pair is worth on these MDPs.
 
 Runners: :func:`run_bandit_trials`, :func:`run_mdp_trials`; :func:`tune` picks a parameter on a
-grid, :func:`mean_ci` gives the mean and the 95% confidence half-width.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, constraint_message
-from ..stats import mean_ci
-from ._common import check_int, check_nonnegative, check_positive, random_argmax
-from .bandits import BatchedBandit
-from .gittins import finite_horizon_gittins_table
-from .mdp import BatchedMDP, solve_finite_horizon
+from ...errors import ConfigError, constraint_message
+from ..envs._common import check_int, check_nonnegative, check_positive, random_argmax
+from ..envs.mdp import solve_finite_horizon
+from ._checks import check_probability as _check_probability
 
-__all__ = [
-    "BanditAgent",
-    "RandomBandit",
-    "GittinsBandit",
-    "ThompsonBandit",
-    "UCB1Bandit",
-    "EpsilonGreedyBandit",
-    "MDPAgent",
-    "RandomMDP",
-    "PSRL",
-    "OptimisticPSRL",
-    "UCRL2",
-    "BEB",
-    "EpsilonGreedyMDP",
-    "run_bandit_trials",
-    "run_mdp_trials",
-    "tune",
-    "mean_ci",
-]
-
-
-def _check_prior(owner: str, prior: Sequence[float]) -> tuple[float, float]:
-    if len(prior) != 2:
-        raise ConfigError(constraint_message(owner, "prior", "a pair (alpha, beta)", prior, "Pass two numbers."))
-    return check_nonnegative(owner, "prior[0]", prior[0]), check_nonnegative(owner, "prior[1]", prior[1])
-
-
-def _check_probability(owner: str, name: str, value: float) -> float:
-    value = check_nonnegative(owner, name, value)
-    if value > 1:
-        raise ConfigError(constraint_message(owner, name, "in [0, 1]", value, "Pass a probability."))
-    return value
-
-
-# --------------------------------------------------------------------------------------- bandits
-
-
-class BanditAgent:
-    """Base: Beta-Bernoulli counts per environment and arm, updated after every pull."""
-
-    name = "agent"
-
-    def __init__(self, prior: Sequence[float] = (1.0, 1.0)) -> None:
-        self.prior = _check_prior(type(self).__name__, prior)
-
-    def begin_trial(self, num_envs: int, n_arms: int, n_pulls: int, *, seed: int = 0,
-                    device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.num_envs, self.n_arms, self.n_pulls = num_envs, n_arms, n_pulls
-        self.successes = torch.zeros(num_envs, n_arms, device=self.device)
-        self.failures = torch.zeros(num_envs, n_arms, device=self.device)
-        self.t = 0
-        self.generator = torch.Generator(self.device).manual_seed(int(seed))
-        self.np_rng = np.random.default_rng(int(seed))
-
-    def posterior_mean(self) -> torch.Tensor:
-        a0, b0 = self.prior
-        n = self.successes + self.failures
-        return (self.successes + a0) / (n + a0 + b0).clamp_min(1e-12)
-
-    def act(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def observe(self, actions: torch.Tensor, rewards: torch.Tensor) -> None:
-        r = rewards.to(self.successes.dtype).view(-1, 1)
-        idx = actions.view(-1, 1)
-        self.successes.scatter_add_(1, idx, r)
-        self.failures.scatter_add_(1, idx, 1.0 - r)
-        self.t += 1
-
-
-class RandomBandit(BanditAgent):
-    name = "random"
-
-    def act(self) -> torch.Tensor:
-        return torch.randint(0, self.n_arms, (self.num_envs,), generator=self.generator, device=self.device)
-
-
-class EpsilonGreedyBandit(BanditAgent):
-    """Posterior-mean greedy with probability ``1 - epsilon``, uniform otherwise."""
-
-    def __init__(self, epsilon: float = 0.0, prior: Sequence[float] = (1.0, 1.0)) -> None:
-        super().__init__(prior)
-        self.epsilon = _check_probability("EpsilonGreedyBandit", "epsilon", epsilon)
-        self.name = "greedy" if self.epsilon == 0 else "epsilon-greedy"
-
-    def act(self) -> torch.Tensor:
-        greedy = random_argmax(self.posterior_mean(), self.generator)
-        if self.epsilon == 0:
-            return greedy
-        explore = torch.rand(self.num_envs, generator=self.generator, device=self.device) < self.epsilon
-        uniform = torch.randint(0, self.n_arms, (self.num_envs,), generator=self.generator, device=self.device)
-        return torch.where(explore, uniform, greedy)
-
-
-class UCB1Bandit(BanditAgent):
-    """``mean + c * sqrt(2 ln t / n)`` with pseudo-counts ``prior`` (``t`` = pulls so far)."""
-
-    name = "ucb1"
-
-    def __init__(self, c: float = 1.0, prior: Sequence[float] = (1.0, 1.0)) -> None:
-        super().__init__(prior)
-        self.c = check_nonnegative("UCB1Bandit", "c", c)
-
-    def act(self) -> torch.Tensor:
-        a0, b0 = self.prior
-        n = self.successes + self.failures + a0 + b0
-        mean = (self.successes + a0) / n.clamp_min(1e-12)
-        log_t = math.log(self.t) if self.t > 0 else 0.0
-        index = mean + self.c * torch.sqrt(2.0 * log_t / n.clamp_min(1e-12))
-        index = torch.where(n > 0, index, torch.full_like(index, float("inf")))
-        return random_argmax(index, self.generator)
-
-
-class ThompsonBandit(BanditAgent):
-    """One sample from each arm's Beta posterior; play the largest. With ``n_samples > 1`` (the
-    RL² paper's "OTS"), the most probable of ``n_samples`` joint posterior draws is used."""
-
-    def __init__(self, prior: Sequence[float] = (1.0, 1.0), n_samples: int = 1) -> None:
-        super().__init__(prior)
-        if min(self.prior) <= 0:
-            raise ConfigError(constraint_message("ThompsonBandit", "prior", "two positive numbers", self.prior,
-                                                 "Use a proper Beta prior such as (1, 1)."))
-        self.n_samples = check_int("ThompsonBandit", "n_samples", n_samples, 1)
-        self.name = "thompson" if self.n_samples == 1 else "optimistic-thompson"
-
-    def index(self) -> torch.Tensor:
-        """The values the next pull maximises ``[num_envs, n_arms]`` (a posterior draw)."""
-        a0, b0 = self.prior
-        a = (self.successes + a0).cpu().numpy().astype(np.float64)
-        b = (self.failures + b0).cpu().numpy().astype(np.float64)
-        if self.n_samples == 1:
-            return torch.from_numpy(self.np_rng.beta(a, b)).to(self.device)
-        theta = torch.from_numpy(self.np_rng.beta(a, b, size=(self.n_samples, *a.shape)))  # [K, N, A]
-        at, bt = torch.from_numpy(a), torch.from_numpy(b)
-        # joint log density up to the per-environment constant (the same for every draw)
-        logp = (torch.special.xlogy(at - 1, theta) + torch.special.xlogy(bt - 1, 1 - theta)).sum(-1)  # [K, N]
-        return theta[logp.argmax(0), torch.arange(theta.shape[1])].to(self.device)
-
-    def act(self) -> torch.Tensor:
-        return random_argmax(self.index(), self.generator)
-
-
-class GittinsBandit(BanditAgent):
-    """Largest finite-horizon Gittins index (see :mod:`metafit.rl.gittins`)."""
-
-    name = "gittins"
-
-    def __init__(self, prior: Sequence[float] = (1.0, 1.0), grid: int = 201) -> None:
-        super().__init__(prior)
-        if min(self.prior) <= 0:
-            raise ConfigError(constraint_message("GittinsBandit", "prior", "two positive numbers", self.prior,
-                                                 "Use a proper Beta prior such as (1, 1)."))
-        self.grid = check_int("GittinsBandit", "grid", grid, 3)
-
-    def begin_trial(self, num_envs: int, n_arms: int, n_pulls: int, *, seed: int = 0,
-                    device: torch.device | str = "cpu") -> None:
-        super().begin_trial(num_envs, n_arms, n_pulls, seed=seed, device=device)
-        table = finite_horizon_gittins_table(n_pulls, self.prior, self.grid)
-        self._table = table.to(self.device, torch.float32).reshape(n_pulls + 1, -1)
-        self._side = n_pulls + 1
-
-    def act(self) -> torch.Tensor:
-        remaining = self.n_pulls - self.t
-        if remaining < 1:
-            raise ConfigError(constraint_message("GittinsBandit", "pulls", f"at most n_pulls = {self.n_pulls}",
-                                                 self.t + 1, "Start a new trial with begin_trial()."))
-        flat = self.successes.long() * self._side + self.failures.long()
-        return random_argmax(self._table[remaining][flat], self.generator)
-
-
-def run_bandit_trials(env: BatchedBandit, agent: BanditAgent, n_pulls: int, seed: int = 0) -> torch.Tensor:
-    """Play one trial of ``n_pulls`` in every environment; total reward per environment ``[N]``."""
-    check_int("run_bandit_trials", "n_pulls", n_pulls, 1)
-    env.reset()
-    agent.begin_trial(env.num_envs, env.n_arms, n_pulls, seed=seed, device=env.device)
-    total = torch.zeros(env.num_envs, dtype=torch.float64, device=env.device)
-    for _ in range(n_pulls):
-        actions = agent.act()
-        _, reward, _, _, _ = env.step(actions)
-        agent.observe(actions, reward)
-        total += reward
-    return total
-
-
-# ------------------------------------------------------------------------------------------ MDPs
+__all__ = ["MDPAgent", "RandomMDP", "PSRL", "OptimisticPSRL", "UCRL2", "BEB", "EpsilonGreedyMDP", "MyopicMDP",
+           "extended_value_iteration"]
 
 
 class MDPAgent:
@@ -480,41 +270,3 @@ class MyopicMDP(MDPAgent):
         mean, precision = self.reward_posterior()
         score = mean + self.bonus / precision.sqrt() if self.bonus else mean
         return random_argmax(score[self._rows, states], self.generator)
-
-
-def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int = 0,
-                   on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Play one trial of ``n_episodes`` episodes in every environment (all start together, every
-    episode lasts ``env.horizon`` steps); total reward per environment ``[N]``. ``on_step``, if
-    given, is called after every step with the states acted in, the actions and the rewards ``[N]``
-    (to record trajectories)."""
-    check_int("run_mdp_trials", "n_episodes", n_episodes, 1)
-    states = env.reset()
-    agent.begin_trial(env.num_envs, env.n_states, env.n_actions, env.horizon, seed=seed, device=env.device)
-    total = torch.zeros(env.num_envs, dtype=torch.float64, device=env.device)
-    for episode in range(n_episodes):
-        agent.begin_episode(episode)
-        for t in range(env.horizon):
-            actions = agent.act(states, t)
-            nxt, reward, _, _, info = env.step(actions)
-            agent.observe(states, actions, reward, info["final_obs"])
-            if on_step is not None:
-                on_step(states, actions, reward)
-            total += reward
-            states = nxt
-    return total
-
-
-# ------------------------------------------------------------------------------------- utilities
-
-
-def tune(make_agent: Callable[[float], object], grid: Sequence[float],
-         evaluate: Callable[[object], torch.Tensor]) -> tuple[float, dict[float, float]]:
-    """Evaluate ``make_agent(value)`` for every grid value (``evaluate`` returns per-instance
-    totals); returns the value with the highest mean (first on ties) and all means. Tune on
-    instances other than the ones you report."""
-    if len(grid) == 0:
-        raise ConfigError(constraint_message("tune", "grid", "non-empty", list(grid), "Pass at least one value."))
-    scores = {v: float(evaluate(make_agent(v)).double().mean()) for v in grid}
-    best = max(scores, key=lambda v: scores[v])
-    return best, scores
