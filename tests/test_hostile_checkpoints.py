@@ -162,39 +162,66 @@ def _meta_cases(meta: dict, tensors: dict) -> list[Case]:
         if key in meta:
             mutated(f"missing-{key}", lambda m, k=key: m.pop(k))
     if "algorithm" in meta:  # a metafit file of no declared kind (e.g. kept weights): read, but not a model
-        mutated("missing-algorithm", lambda m: m.pop("algorithm"), WEIGHTS_OK | {"read_checkpoint"})
+        mutated("missing-algorithm-and-kind", lambda m: (m.pop("algorithm"), m.pop("kind")),
+                WEIGHTS_OK | {"read_checkpoint"})
+        mutated("missing-algorithm", lambda m: m.pop("algorithm"))  # a few-shot checkpoint names its algorithm
     for key, value in (("step", "2"), ("step", -1), ("step", 2.5), ("step", True), ("config", [1]),
                        ("config", "protonet"), ("metrics", [1]), ("format_version", "1"), ("format_version", True),
-                       ("format_version", 2), ("metafit_version", 1)):
+                       ("format_version", 2), ("metafit_version", 1), ("kind", 5)):
         mutated(f"{key}={value!r}", lambda m, k=key, v=value: m.__setitem__(k, v))
+    ts = "train_state"
+    # the earlier layouts of train_state (and of few-shot metadata, without kind): read, loaded and resumed
+    mutated("train_state-earlier-layout", lambda m: _earlier_layout(m), frozenset({"*"}))
     if "algorithm" in meta:
         mutated("algorithm=5", lambda m: m.__setitem__("algorithm", 5))
         mutated("kind=bogus", lambda m: m.__setitem__("kind", "bogus"))
-        ts = "train_state"
+        mutated("kind=rl", lambda m: m.__setitem__("kind", "rl"))  # then it must name a learner
         mutated("train_state-a-list", lambda m: m.__setitem__(ts, [1]))
-        mutated("train_state.optimizer=rmsprop", lambda m: m[ts].__setitem__("optimizer", "rmsprop"))
-        mutated("train_state.param_groups=[]", lambda m: m[ts].__setitem__("param_groups", []))
-        mutated("train_state.param_groups-no-params", lambda m: m[ts]["param_groups"][0].pop("params"))
-        mutated("train_state.best_result-extra-key",
-                lambda m: m[ts].__setitem__("best_result", {**m[ts]["best_result"], "bogus": 1}))
-        mutated("train_state.best_result-missing-mean", lambda m: m[ts]["best_result"].pop("mean"))
-        mutated("train_state.timing-not-numbers", lambda m: m[ts].__setitem__("timing", {"data_s": "x"}))
+        mutated("train_state.optimizer.name=rmsprop", lambda m: m[ts]["optimizer"].__setitem__("name", "rmsprop"))
+        mutated("train_state.optimizer-missing-name", lambda m: m[ts]["optimizer"].pop("name"))
+        mutated("train_state.optimizer.param_groups=[]", lambda m: m[ts]["optimizer"].__setitem__("param_groups", []))
+        mutated("train_state.optimizer.param_groups-no-params", lambda m: m[ts]["optimizer"]["param_groups"][0].pop("params"))
+        mutated("train_state.run.best_result-extra-key",
+                lambda m: m[ts]["run"].__setitem__("best_result", {**m[ts]["run"]["best_result"], "bogus": 1}))
+        mutated("train_state.run.best_result-missing-mean", lambda m: m[ts]["run"]["best_result"].pop("mean"))
+        mutated("train_state.run.timing-not-numbers", lambda m: m[ts]["run"].__setitem__("timing", {"data_s": "x"}))
         mutated("train_state.window.n=-1", lambda m: m[ts].__setitem__("window", {"n": -1}))
+        mutated("train_state.window.sums-not-numbers", lambda m: m[ts]["window"].__setitem__("sums", {"loss": "x"}))
         mutated("train_state.monitor.losses=abc", lambda m: m[ts].__setitem__("monitor", {"losses": "abc"}))
-        mutated("train_state.optimizer_scalars-bad-index",
-                lambda m: m[ts].__setitem__("optimizer_scalars", {"x": {}}))
+        mutated("train_state.best_step=-1", lambda m: m[ts].__setitem__("best_step", -1))
+        mutated("train_state.optimizer.scalars-bad-index",
+                lambda m: m[ts]["optimizer"].__setitem__("scalars", {"x": {}}))
         # only the required fields (what an older version may have written): the rest has defaults
         mutated("train_state-required-fields-only",
-                lambda m: m.__setitem__(ts, {k: m[ts][k] for k in ("optimizer", "param_groups")}), frozenset({"*"}))
+                lambda m: m.__setitem__(ts, {k: m[ts][k] for k in ("optimizer",)}), frozenset({"*"}))
     else:
         mutated("learner=5", lambda m: m.__setitem__("learner", 5))
-        mutated("train_state.best_weights=bogus", lambda m: m["train_state"].__setitem__("best_weights", "bogus"))
+        mutated("kind-missing", lambda m: m.pop("kind"), WEIGHTS_OK | {"read_checkpoint"})  # no kind: not a learner
+        mutated("train_state.run.best_weights=bogus", lambda m: m[ts]["run"].__setitem__("best_weights", "bogus"))
         mutated("train_state.optimizer.param_groups=x",
-                lambda m: m["train_state"]["optimizer"].__setitem__("param_groups", "x"))
-        mutated("train_state.env_steps=-1", lambda m: m["train_state"].__setitem__("env_steps", -1))
-        mutated("train_state-empty", lambda m: m.__setitem__("train_state", {}),  # no optimizer state to resume
+                lambda m: m[ts]["optimizer"].__setitem__("param_groups", "x"))
+        mutated("train_state.run.env_steps=-1", lambda m: m[ts]["run"].__setitem__("env_steps", -1))
+        mutated("train_state.seconds=-1", lambda m: m[ts].__setitem__("seconds", -1.0))
+        mutated("train_state-empty", lambda m: m.__setitem__(ts, {}),  # no optimizer state to resume
                 frozenset({"read_checkpoint", "load_rl", "rl_eval", "info"}))
     return cases
+
+
+def _earlier_layout(meta: dict) -> None:
+    """Rewrite ``meta`` (in place) as the version before the one loop wrote it: few-shot metadata
+    without ``kind`` and each kind's own ``train_state`` layout."""
+    ts = meta["train_state"]
+    run, opt, window = ts.pop("run"), ts.pop("optimizer"), ts.pop("window")
+    if meta.pop("kind") == "few-shot":
+        meta["train_state"] = {
+            "optimizer": opt["name"], "param_groups": opt["param_groups"], "optimizer_scalars": opt["scalars"],
+            "best_val": ts["best_score"], "best_step": ts["best_step"], "best_result": run["best_result"],
+            "train_seconds": ts["seconds"], "timing": run["timing"], "monitor": ts["monitor"], "events": ts["events"],
+            "window": {**window["sums"], **{k: window[k] for k in ("n", "steps", "seconds")}}}
+    else:
+        meta["kind"] = "rl"
+        meta["train_state"] = {"best": ts["best_score"], "best_iteration": ts["best_step"], "seconds": ts["seconds"],
+                               "optimizer": opt, **run}
 
 
 def _model_cases(meta: dict, tensors: dict, weight: str, rl: bool = False) -> list[Case]:

@@ -85,8 +85,8 @@ def test_rollback_policy_reloads_the_last_checkpoint_and_continues_with_new_task
     trainer = Trainer(_cfg(tmp_path, {"policy": "rollback"}), splits=synthetic_splits)
     calls = _spike_at(trainer, monkeypatch, {15})
     loaded = []
-    real_restore = trainer._restore
-    monkeypatch.setattr(trainer, "_restore", lambda path, everything: (loaded.append(path.name), real_restore(path, everything)))
+    real_restore = trainer.loop.restore
+    monkeypatch.setattr(trainer.loop, "restore", lambda path, everything: (loaded.append(path.name), real_restore(path, everything)))
     trainer.fit()
     assert loaded == ["last.safetensors"] and trainer.step == 30
     assert calls["n"] == 30 + 5  # steps 11..15 ran again (with new tasks) after returning to step 10
@@ -101,13 +101,13 @@ def test_rollback_before_any_checkpoint_returns_to_the_initial_weights(tmp_path,
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     _spike_at(trainer, monkeypatch, {6})
     restored = {}
-    real_restore = trainer._restore
+    real_restore = trainer.loop.restore
 
     def spy(path, everything):
         real_restore(path, everything)
         restored.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
 
-    monkeypatch.setattr(trainer, "_restore", spy)
+    monkeypatch.setattr(trainer.loop, "restore", spy)
     trainer.fit()
     assert restored and all(torch.equal(start[k], restored[k]) for k in start)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import typing
 from typing import Any, Iterable, Mapping
 
 import yaml
@@ -99,7 +100,16 @@ class _StrictLoader(yaml.SafeLoader):
 def load_yaml(data: str | bytes, where: str, owner: str = "Config") -> Any:
     """Parse YAML ``data`` (a config file's text or an override value) safely: no code, no
     aliases, no duplicate keys, bounded size and nesting; any problem is a one-line
-    :class:`ConfigError` naming ``where`` and the line."""
+    :class:`ConfigError` naming ``where`` (e.g. the file name) and the line, started by ``owner``.
+    Returns the parsed value (usually a dict).
+
+    >>> load_yaml("inner:\\n  steps: 5\\n  lr: [0.4, 0.1]", "config.yaml")
+    {'inner': {'steps': 5, 'lr': [0.4, 0.1]}}
+    >>> load_yaml("a: 1\\na: 2", "config.yaml")
+    Traceback (most recent call last):
+    ...
+    metafit.errors.ConfigError: Config: config.yaml must be valid YAML; line 2, column 1: duplicate key 'a'...
+    """
     text = _as_text(data, f"{owner}: {where}", ConfigError)
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -116,7 +126,12 @@ def load_yaml(data: str | bytes, where: str, owner: str = "Config") -> Any:
 
 def load_json(data: str | bytes, where: str, error: type[Exception] = ConfigError) -> Any:
     """Parse JSON ``data`` with the same bounds as :func:`load_yaml` (size, nesting); any
-    problem raises ``error`` with a one-line message naming ``where``."""
+    problem raises ``error`` (an exception class) with a one-line message naming ``where``.
+    Returns the parsed value.
+
+    >>> load_json('{"labels": ["cat", "dog"]}', "the request")
+    {'labels': ['cat', 'dog']}
+    """
     text = _as_text(data, where, error)
     try:
         value = json.loads(text)
@@ -154,7 +169,14 @@ class ConfigModel(BaseModel):
 
 def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
     """``" Did you mean 'x'?"`` naming the choices closest to ``value`` (a misspelt key or name,
-    compared case-insensitively with :func:`difflib.get_close_matches`), or ``""`` when none is close."""
+    compared case-insensitively with :func:`difflib.get_close_matches`), or ``""`` when none is close.
+    ``choices``: the valid keys or names (non-strings are ignored). Meant to be appended to an error message.
+
+    >>> did_you_mean("mmal", ["maml", "anil", "protonet"])
+    " Did you mean 'maml'?"
+    >>> did_you_mean("xyz", ["maml"])
+    ''
+    """
     if not isinstance(value, str) or not value:
         return ""
     by_lower: dict[str, str] = {}
@@ -174,36 +196,59 @@ def _literal_choices(expected: str) -> list[str]:
 
 
 def field_names(model_cls: type[BaseModel]) -> list[str]:
+    """The names of the fields of ``model_cls`` (a pydantic model class), in declaration order."""
     return list(model_cls.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation names (``X``, ``X | None``), or None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _model_at(model_cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     cls: Any = model_cls
     for part in loc:
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None
-        field = cls.model_fields.get(part)
+        model = _model_in(cls)
+        field = model.model_fields.get(part) if model is not None else None
         if field is None:
             return None
         cls = field.annotation
-    if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return cls
-    return None
+    return _model_in(cls)
 
 
 def _format(err: Mapping[str, Any], model_cls: type[BaseModel], where: str, owner: str = "Config",
-            fix: str | None = None) -> str:
+            fix: str | None = None, within: str | None = None) -> str:
+    """The one-line message of a pydantic error ``err`` of ``model_cls``: ``<owner>: <field> must
+    be ...; got ... . <fix>``. A config names fields by their dotted path under section ``where``
+    (the default fix says how to ``--set`` it); a stored document (checkpoint or task metadata)
+    passes ``within`` (e.g. "the metadata of 'x.safetensors'") and names them ``<path> in <within>``."""
     loc = tuple(err.get("loc", ()))
+    kind, value, ctx = err.get("type", ""), err.get("input"), err.get("ctx") or {}
+    msg = str(err.get("msg", "is invalid"))
+    msg = (msg[0].lower() + msg[1:] if msg else msg).replace("input should be", "must be").replace("value error, ", "")
+    parent = _model_at(model_cls, loc[:-1]) if kind == "extra_forbidden" else None
+    valid = ", ".join(field_names(parent)) if parent is not None else "see the documentation"
+    if within is not None:
+        dotted = ".".join(str(p) for p in loc)
+        field = f"{dotted} in {within}" if dotted else within
+        fix = fix or "Fix the file."
+        if kind == "missing":
+            return f"{owner}: {field} must be present; got nothing. {fix}"
+        if kind == "extra_forbidden":
+            return f"{owner}: {field} must not exist (valid keys: {valid}); got {short_repr(value)}. {fix}"
+        if kind == "literal_error":
+            return f"{owner}: {field} must be one of {ctx.get('expected', '')}; got {short_repr(value)}. {fix}"
+        if not msg.startswith("must"):
+            msg = f"must be valid ({msg})"
+        return f"{owner}: {field} {msg}; got {short_repr(value)}. {fix}"
     keys = ((where,) if where else ()) + tuple(p for p in loc if not isinstance(p, int))
     path = "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}"
                    for i, p in enumerate(((where,) if where else ()) + loc))
     set_key = ".".join(str(p) for p in keys)  # what --set takes: list items are set as a whole list
-    kind = err.get("type", "")
-    value = err.get("input")
-    ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
-        parent = _model_at(model_cls, loc[:-1])
-        valid = ", ".join(field_names(parent)) if parent is not None else "see the documentation"
         hint = did_you_mean(loc[-1], field_names(parent)) if parent is not None and loc else ""
         return (
             f"{owner}: unknown key {path!r}; valid keys here: {valid}.{hint} "
@@ -218,9 +263,6 @@ def _format(err: Mapping[str, Any], model_cls: type[BaseModel], where: str, owne
         )
     if kind == "missing":
         return f"{owner}: {path} is required but missing. Add it to the config file or pass --set {set_key}=VALUE."
-    msg = str(err.get("msg", "is invalid"))
-    msg = msg[0].lower() + msg[1:] if msg else msg
-    msg = msg.replace("input should be", "must be").replace("value error, ", "")
     if not loc:  # a rule across several fields: the message names them and the fix
         return f"{owner}: {where + ': ' if where else ''}{msg}."
     return (
@@ -231,8 +273,22 @@ def _format(err: Mapping[str, Any], model_cls: type[BaseModel], where: str, owne
 
 def parse_config(model_cls: type[BaseModel], data: Any, where: str = "", owner: str = "Config",
                  fix: str | None = None) -> Any:
-    """Validate ``data`` into ``model_cls``; raise a one-line :class:`ConfigError` if invalid
-    (``owner`` starts the message, ``fix`` replaces the default advice)."""
+    """Validate ``data`` (a mapping; ``None`` means empty) into ``model_cls`` and return the model
+    (``data`` itself when it already is one); raise a one-line :class:`ConfigError` if invalid.
+    ``where``: the dotted section the fields live under, used to name them (``inner.steps``);
+    ``owner`` starts the message, ``fix`` replaces the default advice.
+
+    >>> from pydantic import Field
+    >>> class Inner(ConfigModel):
+    ...     steps: int = Field(5, ge=1, description="gradient steps")
+    ...     lr: float = 0.4
+    >>> parse_config(Inner, {"steps": 3}, where="inner")
+    Inner(steps=3, lr=0.4)
+    >>> parse_config(Inner, {"steps": 0}, where="inner")
+    Traceback (most recent call last):
+    ...
+    metafit.errors.ConfigError: Config: inner.steps must be ...; got 0. ...
+    """
     if isinstance(data, model_cls):
         return data
     if data is None:
@@ -251,7 +307,16 @@ def parse_config(model_cls: type[BaseModel], data: Any, where: str = "", owner: 
 def named_section(data: Any, section: str, names: Mapping[str, Any], default: str) -> tuple[str, dict]:
     """A registry-selected config section (``algorithm``, ``backbone``, ``data``) as
     ``(name, mapping)``: ``None`` means the default, a bare name ``maml`` means ``{name: maml}``;
-    anything else that is not a mapping, or a name not in ``names``, is a one-line error."""
+    anything else that is not a mapping, or a name not in ``names``, is a one-line error.
+    ``data``: the section as written; ``section``: its key, for messages; ``names``: the registry
+    (only its keys are used); ``default``: the name used when none is given. The mapping returned is
+    a copy of ``data`` (it may lack ``name`` when the default applied).
+
+    >>> named_section("maml", "algorithm", {"maml": None, "protonet": None}, default="protonet")
+    ('maml', {'name': 'maml'})
+    >>> named_section(None, "algorithm", {"maml": None, "protonet": None}, default="protonet")
+    ('protonet', {})
+    """
     if data is None:
         data = {}
     elif isinstance(data, str):
@@ -272,7 +337,14 @@ def named_section(data: Any, section: str, names: Mapping[str, Any], default: st
 
 
 def set_by_path(tree: dict, dotted: str, value: Any) -> None:
-    """Set ``tree['a']['b'] = value`` for ``dotted='a.b'``, creating mappings on the way."""
+    """Set ``tree['a']['b'] = value`` for ``dotted='a.b'``, creating mappings on the way; ``tree``
+    is changed in place and nothing is returned. A path through a non-mapping is a :class:`ConfigError`.
+
+    >>> tree = {"train": {"steps": 10}}
+    >>> set_by_path(tree, "train.meta_lr", 0.001)
+    >>> tree
+    {'train': {'steps': 10, 'meta_lr': 0.001}}
+    """
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigError(f"Config: override key must be dotted names like train.meta_lr; got {dotted!r}. Fix the --set argument.")

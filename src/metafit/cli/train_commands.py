@@ -287,7 +287,8 @@ def _cmd_rl(args) -> int:
         cfg = rl_run.load_rl_config(args.config, overrides)
         _print(f"metafit {__version__}: training {cfg.learner.name} on {cfg.family.name} "
                f"{cfg.family.settings or ''} for {cfg.train.iterations} iterations -> {cfg.out_dir}")
-        report = rl_run.train_rl(cfg, resume=args.resume, test=not args.no_test, overwrite=args.overwrite)
+        with _printing_log("metafit.training.rl_run"):  # what the loop says: a budget stop, an --overwrite
+            report = rl_run.train_rl(cfg, resume=args.resume, test=not args.no_test, overwrite=args.overwrite)
         _print(f"best validation score {report['val']['score']:.4g} at iteration {report['best_iteration']} "
                f"-> {report['best_checkpoint']}" if report["val"]["score"] is not None else "no validation yet")
         if "test" in report:

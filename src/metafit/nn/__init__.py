@@ -1,9 +1,10 @@
 """Backbones and heads. ``build_backbone`` turns a validated backbone config into a module with
-an ``out_features`` attribute; adding a backbone is one file plus one line in ``BACKBONES``."""
+an ``out_features`` attribute; adding a backbone is one file plus one line in ``BACKBONES``, or,
+for your own backbone, one :func:`register_backbone` call (see :mod:`metafit.nn.registry`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from .normalize import attach_input_normalization, has_input_normalization
 from .conv4 import Conv4, Conv4Config
 from .mlp import MLP, MLPConfig
 from .resnet12 import ResNet12, ResNet12Config
+from .registry import backbone_spec, check_rebuildable, register_backbone, unregister_backbone
 
 __all__ = [
     "BACKBONES",
@@ -41,10 +43,14 @@ __all__ = [
     "MAX_PARAMETERS",
     "resolve_backbone_config",
     "has_input_normalization",
+    "backbone_spec",
+    "register_backbone",
+    "unregister_backbone",
 ]
 
-# name -> (config class, module class taking (config, in_channels, image_size[, pretrained]))
-BACKBONES: dict[str, tuple[type[BackboneConfig], type[nn.Module]]] = {
+# name -> (config class, module class or factory taking (config, in_channels, image_size[, pretrained]));
+# register_backbone adds your own
+BACKBONES: dict[str, tuple[type[BackboneConfig], type[nn.Module] | Callable[..., nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
     "resnet12": (ResNet12Config, ResNet12),
@@ -55,7 +61,8 @@ BACKBONES: dict[str, tuple[type[BackboneConfig], type[nn.Module]]] = {
 
 
 def backbone_config(data: Any) -> ConfigModel:
-    """Validate a backbone section (a mapping with ``name``) into its config class."""
+    """Validate a backbone section ``data`` (a mapping with ``name``, a bare name, or ``None`` for the
+    default ``conv4``) into its config class and return it; a config instance is returned as is."""
     if isinstance(data, ConfigModel):
         return data
     name, data = named_section(data, "backbone", BACKBONES, "conv4")
@@ -69,7 +76,8 @@ MAX_PARAMETERS = 2**30
 
 def count_backbone_weights(config: ConfigModel, in_channels: int, image_size: int) -> int | None:
     """Learnable weights of the backbone ``config`` describes, counted without allocating them
-    (None for backbones whose architecture comes from files: transformers, timm, torchvision)."""
+    (None for backbones whose architecture comes from files: transformers, timm, torchvision), for
+    inputs of ``in_channels`` x ``image_size`` x ``image_size``."""
     _, module_cls = BACKBONES[config.name]
     if getattr(module_cls, "loads_weights", False):
         return None
@@ -78,8 +86,16 @@ def count_backbone_weights(config: ConfigModel, in_channels: int, image_size: in
 
 
 def build_backbone(config: ConfigModel, in_channels: int, image_size: int, pretrained: bool = True) -> nn.Module:
-    """The backbone module; ``pretrained=False`` builds an adapter of a pretrained model without
-    reading its weights (a checkpoint supplies them)."""
+    """The backbone module ``config`` describes, for ``in_channels`` x ``image_size`` x ``image_size``
+    inputs, with an ``out_features`` attribute; ``pretrained=False`` builds an adapter of a pretrained
+    model without reading its weights (a checkpoint supplies them). More than :data:`MAX_PARAMETERS`
+    weights is a :class:`~metafit.errors.ConfigError`, raised before any memory is allocated.
+
+    >>> import torch
+    >>> conv4 = build_backbone(backbone_config({"name": "conv4", "hidden_channels": 8}), 1, 28)
+    >>> conv4.out_features, conv4(torch.zeros(2, 1, 28, 28)).shape
+    (8, torch.Size([2, 8]))
+    """
     _, module_cls = BACKBONES[config.name]
     if getattr(module_cls, "loads_weights", False):
         return module_cls(config, in_channels, image_size, pretrained=pretrained)

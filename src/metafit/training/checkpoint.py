@@ -3,26 +3,27 @@ states) are safetensors entries; everything else (format, versions, algorithm, c
 metrics, class names) is JSON in the safetensors header metadata. Nothing in a checkpoint can
 execute code when loaded. Writes go to a temp file that replaces the target atomically.
 
+Every kind of learner (few-shot, meta-RL) writes the same envelope (:func:`envelope`; the schema
+is :mod:`metafit.training.checkpoint_meta`): the training loop writes its checkpoints through
+:func:`write_checkpoint`, and the learner kind adds its model tensors and its own fields.
+
 Everything read from a checkpoint is validated before anything is built from it: the JSON
 metadata with bounded size and nesting (:func:`metafit.validation.load_json`), then against the
-pydantic schemas below (the machinery configs use: types, ranges, required fields), the stored
-config as a :class:`RunConfig`, and every tensor against the freshly built model's names,
+envelope schema and its kind's (the machinery configs use: types, ranges, required fields), the
+stored config as a :class:`RunConfig`, and every tensor against the freshly built model's names,
 shapes and dtypes (:func:`check_tensors`). Any problem is a one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, create_model
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -32,247 +33,49 @@ from ..algorithms import Algorithm
 from ..data import migrate_legacy_data
 from ..data.cache import atomic_write_bytes
 from ..errors import CheckpointError, ConfigError, short_repr
-from ..validation import ConfigModel, field_names, load_json
+from ..nn import check_rebuildable
+from ..validation import load_json
+from .checkpoint_meta import (FORMAT, FORMAT_VERSION, CheckpointMeta, EnvelopeMeta, FewShotMeta, ImageFormatMeta,
+                              MetaModel, OpenMetaModel, kind_of, upgrade_meta, validate_kind, validate_meta)
 from .config import RunConfig, build_model, make_config, resolve_config
-from .evaluate import EvalResult
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointMeta", "EnvelopeMeta", "RLCheckpointMeta", "check_optimizer_state",
-           "check_tensors", "config_difference", "load", "read_checkpoint", "remove_stale_temp_files",
-           "save_checkpoint", "stored_config", "update_checkpoint_meta", "validate_meta", "with_algorithm_overrides",
-           "join_optimizer_state", "split_optimizer_state", "write_checkpoint"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointMeta", "EnvelopeMeta", "OpenMetaModel", "check_optimizer_state",
+           "check_rng_state", "check_tensors", "config_difference", "envelope", "load", "read_checkpoint",
+           "remove_stale_temp_files", "save_checkpoint", "stored_config", "update_checkpoint_meta", "validate_meta",
+           "with_algorithm_overrides", "join_optimizer_state", "split_optimizer_state", "write_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "metafit-checkpoint"
-FORMAT_VERSION = 1
-
-
-# -- the metadata schema ----------------------------------------------------------------------
-class MetaModel(ConfigModel):
-    """Base of the checkpoint metadata schemas: like a config section, but strict (a string is
-    not a number, a float not an integer). Sections whose keys are passed on as keyword
-    arguments forbid unknown keys; the others (``Open``) keep them for newer writers."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
-
-
-class OpenMetaModel(MetaModel):
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True, validate_default=True)
-
-
-#: the largest image side a data source accepts (``image_size <= 1024``); a stored image format
-#: is also checked against the one its config describes
-MAX_IMAGE_SIZE = 1024
-#: the smallest softmax temperature accepted: logits / T must stay finite in float32 (any larger
-#: finite T is valid; calibrating a near-uniform model fits very large ones)
-MIN_TEMPERATURE = 1e-30
-
-
-class ImageFormatMeta(MetaModel):
-    size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
-    channels: Literal[1, 3]
-    invert: bool
-    fit: Literal["squash", "crop"] = "squash"
-
-
-class CalibrationMeta(OpenMetaModel):
-    temperature: float = Field(ge=MIN_TEMPERATURE, allow_inf_nan=False)
-
-
-def _dataclass_schema(cls: type, name: str) -> type[MetaModel]:
-    """A strict schema with the fields of dataclass ``cls`` (kept in step with it), NaN allowed
-    (an interval of one episode has none)."""
-    hints = typing.get_type_hints(cls)
-    spec = {}
-    for f in dataclasses.fields(cls):
-        default = (f.default if f.default is not dataclasses.MISSING
-                   else ... if f.default_factory is dataclasses.MISSING else None)
-        hint = hints[f.name] if default is not None else hints[f.name] | None
-        spec[f.name] = (hint, default)
-    return create_model(name, __base__=MetaModel, **spec)
-
-
-EvalResultMeta = _dataclass_schema(EvalResult, "EvalResultMeta")
-_Pid = typing.Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
-_Scalar = typing.Union[bool, int, float, str, None]
-
-
-class ParamGroupMeta(OpenMetaModel):
-    params: list[int] = Field(max_length=1_000_000)
-
-
-class MonitorStateMeta(OpenMetaModel):
-    losses: list[float] = Field(default_factory=list, max_length=100_000)
-    norms: list[float] = Field(default_factory=list, max_length=100_000)
-    rollbacks: int = Field(0, ge=0)
-
-
-class WindowMeta(MetaModel):
-    """The training rows' running sums since the last logged row (restored on resume, so the
-    next row averages the same steps as in an uninterrupted run)."""
-
-    loss: float = 0.0
-    acc: float = 0.0
-    n: int = Field(0, ge=0)
-    steps: int = Field(0, ge=0)
-    seconds: float = Field(0.0, ge=0.0)
-
-
-class TrainStateMeta(OpenMetaModel):
-    """What ``last.safetensors`` holds to resume a few-shot run exactly (see :class:`Trainer`)."""
-
-    optimizer: Literal["adam", "sgd"]
-    param_groups: list[ParamGroupMeta] = Field(min_length=1, max_length=1000)
-    optimizer_scalars: dict[_Pid, dict[str, _Scalar]] = Field(default_factory=dict)
-    best_val: float | None = None
-    best_step: int = Field(0, ge=0)
-    best_result: EvalResultMeta | None = None  # type: ignore[valid-type]
-    train_seconds: float = Field(0.0, ge=0.0)
-    timing: dict[str, float] = Field(default_factory=dict)
-    monitor: MonitorStateMeta | None = None
-    events: dict[str, int] = Field(default_factory=dict)
-    window: WindowMeta | None = None  # absent in checkpoints of older versions
-
-
-_SplitName = Literal["train", "val", "test"]
-
-
-class SplitMeta(OpenMetaModel):
-    """The classes a run trained, validated and tested on (``Trainer.split``): counts per split,
-    names of the small splits, rotations and how the split was made."""
-
-    source: str = Field(max_length=100)
-    how: str = Field("", max_length=2000)
-    classes: dict[_SplitName, typing.Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
-    images: dict[_SplitName, typing.Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
-    rotations: dict[_SplitName, bool] = Field(default_factory=dict)
-    names: dict[_SplitName, typing.Annotated[list[typing.Annotated[str, Field(max_length=1000)]],
-                                            Field(max_length=10_000)]] = Field(default_factory=dict)
-
-
-class CheckpointMeta(OpenMetaModel):
-    """The metadata of a few-shot checkpoint (:func:`save_checkpoint`)."""
-
-    format: Literal["metafit-checkpoint"]
-    format_version: Literal[1]
-    metafit_version: str | None = Field(None, max_length=100)
-    kind: Literal["few-shot"] | None = None
-    algorithm: str = Field(min_length=1, max_length=100)
-    config: dict[str, Any]
-    step: int = Field(ge=0)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    image_format: ImageFormatMeta | None = None  # absent in checkpoints of older versions
-    calibration: CalibrationMeta | None = None
-    train_state: TrainStateMeta | None = None
-    split: SplitMeta | None = None  # absent in checkpoints of older versions and for sinusoid data
-
-
-class RLOptimizerMeta(OpenMetaModel):
-    param_groups: list[ParamGroupMeta] = Field(default_factory=list, max_length=1000)
-    scalars: dict[_Pid, dict[str, _Scalar]] = Field(default_factory=dict)
-
-
-class RLTrainStateMeta(OpenMetaModel):
-    """What a meta-RL ``last.safetensors`` holds to resume exactly (see ``train_rl``)."""
-
-    best: float | None = None
-    best_iteration: int = Field(0, ge=0)
-    best_weights: Literal["live", "average"] = "live"
-    seconds: float = Field(0.0, ge=0.0)
-    env_steps: int = Field(0, ge=0)
-    optimizer: RLOptimizerMeta = RLOptimizerMeta()
-
-
-class RLCheckpointMeta(OpenMetaModel):
-    """The metadata of a meta-RL checkpoint (``metafit rl train``)."""
-
-    format: Literal["metafit-checkpoint"]
-    format_version: Literal[1]
-    metafit_version: str | None = Field(None, max_length=100)
-    kind: Literal["rl"]
-    learner: str = Field(min_length=1, max_length=100)
-    config: dict[str, Any]
-    step: int = Field(ge=0)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    train_state: RLTrainStateMeta | None = None
-
-
-class EnvelopeMeta(OpenMetaModel):
-    """What every metafit checkpoint's metadata holds, whatever wrote it (e.g. the weights that
-    ``benchmarks/rl2.py`` keeps): loaders that build a model from it check their own schema."""
-
-    format: Literal["metafit-checkpoint"]
-    format_version: Literal[1]
-    metafit_version: str | None = Field(None, max_length=100)
-    config: dict[str, Any] | None = None
-    step: int | None = Field(None, ge=0)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-
-
-def validate_meta(schema: type[MetaModel], data: Any, where: str, fix: str, owner: str = "Checkpoint") -> Any:
-    """``data`` (the metadata ``where`` describes, e.g. "the metadata of 'x.safetensors'")
-    validated against ``schema``; otherwise a one-line :class:`CheckpointError` naming the first
-    invalid field: ``<owner>: <field> in <where> must be ...; got ... . <fix>``."""
-    try:
-        return schema.model_validate(data)
-    except ValidationError as err:
-        raise CheckpointError(_meta_message(err.errors()[0], schema, owner, where, fix)) from None
-
-
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model an annotation names (``X``, ``X | None``), or None."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
-            return candidate
-    return None
-
-
-def _meta_message(err: Mapping[str, Any], schema: type, owner: str, where: str, fix: str) -> str:
-    loc = tuple(err.get("loc", ()))
-    path = ".".join(str(p) for p in loc)
-    field = f"{path} in {where}" if path else where
-    kind, value, ctx = err.get("type", ""), err.get("input"), err.get("ctx") or {}
-    if kind == "missing":
-        return f"{owner}: {field} must be present; got nothing. {fix}"
-    if kind == "extra_forbidden":
-        parent: Any = schema
-        for part in loc[:-1]:
-            info = getattr(_model_in(parent), "model_fields", {}).get(part)
-            parent = info.annotation if info is not None else None
-        model = _model_in(parent)
-        valid = ", ".join(field_names(model)) if model is not None else "see the documentation"
-        return f"{owner}: {field} must not exist (valid keys: {valid}); got {short_repr(value)}. {fix}"
-    if kind == "literal_error":
-        return f"{owner}: {field} must be one of {ctx.get('expected', '')}; got {short_repr(value)}. {fix}"
-    msg = str(err.get("msg", "is invalid"))
-    msg = msg[0].lower() + msg[1:] if msg else msg
-    msg = msg.replace("input should be", "must be").replace("value error, ", "")
-    if not msg.startswith("must"):
-        msg = f"must be valid ({msg})"
-    return f"{owner}: {field} {msg}; got {short_repr(value)}. {fix}"
-
 
 # -- writing ------------------------------------------------------------------------------------
+def envelope(kind: str | None, step: int, metrics: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """The metadata every checkpoint starts with: format, versions, the learner ``kind``, step and
+    metrics; ``fields`` are the kind's own (its registry key, config, ...)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "metafit_version": __version__}
+    if kind is not None:
+        meta["kind"] = kind
+    return {**meta, **fields, "step": int(step), "metrics": metrics or {}}
+
+
+def few_shot_meta(model: Algorithm, config: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
+    """``config`` resolved (a pretrained adapter's architecture, so that loading needs no files)
+    and what a few-shot checkpoint of ``model`` records about it beyond the envelope."""
+    check_rebuildable(model.backbone, config.backbone)
+    config = resolve_config(config)
+    fmt = config.data.image_format()
+    # image_format: how user images are converted for this model (metafit.load / adapt / predict / serve)
+    return config, {"algorithm": config.algorithm.name, "config": config.to_dict(),
+                    "image_format": fmt.to_dict() if fmt is not None else None}
+
+
 def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig, *, step: int,
                     metrics: dict[str, Any] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
-    path = Path(path)
-    config = resolve_config(config)  # a pretrained adapter's architecture, so that loading needs no files
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    for k, v in (extra_tensors or {}).items():
-        tensors[k] = v.detach().cpu().contiguous().clone()
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "metafit_version": __version__,
-        "algorithm": config.algorithm.name,
-        "config": config.to_dict(),
-        "step": int(step),
-        "metrics": metrics or {},
-        # how user images are converted for this model (metafit.load / adapt / predict / serve)
-        "image_format": fmt.to_dict() if (fmt := config.data.image_format()) is not None else None,
-        **(extra_meta or {}),
-    }
+    """Write a few-shot checkpoint of ``model`` (built from ``config``)."""
+    _, fields = few_shot_meta(model, config)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(extra_tensors or {})
+    meta = {**envelope("few-shot", step, metrics, **fields), **(extra_meta or {})}
     return write_checkpoint(path, tensors, meta)
 
 
@@ -358,9 +161,10 @@ def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- reading ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a checkpoint, the metadata validated against the schema of its
-    kind (:class:`CheckpointMeta`, :class:`RLCheckpointMeta`, or :class:`EnvelopeMeta` for other
-    files metafit writes); a :class:`CheckpointError` for anything else. The tensors are checked
+    """``(metadata, tensors)`` of a checkpoint, the metadata (in the current layout, see
+    :func:`~metafit.training.checkpoint_meta.upgrade_meta`) validated against the envelope and
+    the schema of its kind (files of no kind: the envelope only); a :class:`CheckpointError` for
+    anything else. The tensors are checked
     when a model is built from them (:func:`check_tensors`)."""
     path = Path(path)
     if not path.is_file():
@@ -393,25 +197,28 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"Checkpoint: format_version must be {FORMAT_VERSION}; got {short_repr(meta.get('format_version'))}. "
             "Use the metafit version that wrote it, or re-train."
         )
+    meta = upgrade_meta(meta)  # the layout of earlier versions, rewritten
     _validate(meta, path)
     return meta, tensors
 
 
+_DAMAGED = "The file is damaged or was edited; re-create it, or use the metafit version that wrote it."
+
+
 def _validate(meta: dict, path: Path, schema: type[MetaModel] | None = None) -> None:
-    """Validate ``meta`` against ``schema``, by default the one its kind declares: a meta-RL
-    checkpoint (``kind: rl``), a few-shot one (it names an ``algorithm`` or ``kind``), or the
-    envelope every metafit checkpoint shares."""
-    if schema is None:
-        schema = (RLCheckpointMeta if meta.get("kind") == "rl" else
-                  CheckpointMeta if "algorithm" in meta or "kind" in meta else EnvelopeMeta)
-    validate_meta(schema, meta, f"the metadata of {str(path)!r}",
-                  "The file is damaged or was edited; re-create it, or use the metafit version that wrote it.")
+    """Validate ``meta`` against the envelope and the schema its kind declares (or ``schema``)."""
+    where = f"the metadata of {str(path)!r}"
+    validate_meta(CheckpointMeta, meta, where, _DAMAGED)
+    if schema is not None:
+        validate_meta(schema, meta, where, _DAMAGED)
+    else:
+        validate_kind(meta, where, _DAMAGED)
 
 
 def stored_config(meta: dict[str, Any], path: str | os.PathLike) -> RunConfig:
     """The validated :class:`RunConfig` of a few-shot checkpoint's metadata (a data section of
     metafit 0.1 migrated); a :class:`CheckpointError` naming the invalid field otherwise."""
-    _validate(meta, Path(path), CheckpointMeta)  # (read_checkpoint accepts any metafit checkpoint)
+    _validate(meta, Path(path), FewShotMeta)  # (read_checkpoint accepts any metafit checkpoint)
     try:
         stored = dict(meta["config"])
         stored["data"] = migrate_legacy_data(stored.get("data"))  # checkpoints of metafit 0.1
@@ -558,10 +365,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
     ``checkpoint_meta`` (step, metrics, ...).
     """
     meta, tensors = read_checkpoint(path)
-    if meta.get("kind") == "rl":
+    if kind_of(meta) == "rl":
         raise CheckpointError(
             f"Checkpoint: {str(path)!r} must be a few-shot checkpoint here; got a meta-RL checkpoint "
             f"({meta.get('learner')}). Use metafit rl eval, or metafit.training.rl_run.load_rl."
+        )
+    if kind_of(meta) not in ("few-shot", None):
+        raise CheckpointError(
+            f"Checkpoint: {str(path)!r} must be a few-shot checkpoint here; got one of kind {meta['kind']!r}. "
+            "Load it with the loader of that kind."
         )
     config = stored_config(meta, path)
     recorded, derived = meta.get("image_format"), config.data.image_format()

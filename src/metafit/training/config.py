@@ -21,10 +21,13 @@ from .pretrained import load_backbone_weights
 __all__ = [
     "AugmentConfig",
     "EvalConfig",
+    "LoopConfig",
     "MonitorConfig",
+    "OptimizerSettings",
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
+    "TrainLoopConfig",
     "build_model",
     "builtin_configs",
     "load_config",
@@ -98,8 +101,8 @@ class AugmentConfig(ConfigModel):
 
 
 class LoopConfig(ConfigModel):
-    """Settings of the training loop shared by supervised (``train``) and meta-RL (``rl train``)
-    runs."""
+    """Settings of the training loop (:class:`metafit.training.loop.Loop`) shared by supervised
+    (``train``) and meta-RL (``rl train``) runs: budget, cadence, threads and what is shown."""
 
     max_minutes: float | None = Field(
         None, gt=0.0, description="wall-clock budget: stop (and validate) once training took this long"
@@ -109,11 +112,13 @@ class LoopConfig(ConfigModel):
     tensorboard: bool = Field(
         True, description="write TensorBoard event files to <out_dir>/tensorboard (needs the tensorboard package)"
     )
+    eval_every: int = Field(500, ge=1, description="validate every this many steps")
+    save_interval: int = Field(1000, ge=1, description="keep a numbered checkpoint every this many steps")
 
 
-class TrainConfig(LoopConfig):
-    meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
-    meta_batch_size: int = Field(1, ge=1, le=4096, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
+class OptimizerSettings(ConfigModel):
+    """The outer-loop optimizer of a few-shot run and its learning-rate schedule."""
+
     optimizer: Literal["adam", "sgd"] = "adam"
     meta_lr: float = Field(1e-3, gt=0.0, description="outer-loop learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
@@ -123,14 +128,37 @@ class TrainConfig(LoopConfig):
     lr_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm (None: off)")
-    eval_every: int = Field(500, ge=1, description="validate every this many steps")
-    save_interval: int = Field(1000, ge=1, description="keep a numbered checkpoint every this many steps")
+
+
+class TrainLoopConfig(LoopConfig):
+    """The loop settings of a few-shot run (the ``train`` section less the optimizer's)."""
+
+    meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
+    meta_batch_size: int = Field(1, ge=1, le=4096, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
     log_every: int = Field(50, ge=1, description="write a metrics line every this many steps")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = Field(True, description="channels_last memory format for conv backbones")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: autocast the training forward pass to bfloat16 (evaluation stays fp32)"
     )
+
+
+class TrainConfig(TrainLoopConfig, OptimizerSettings):
+    """The ``train`` section of a few-shot run: its loop (:class:`TrainLoopConfig`) and its
+    optimizer (:class:`OptimizerSettings`)."""
+
+    @classmethod
+    def compose(cls, loop: Any = None, optimizer: Any = None) -> "TrainConfig":
+        """A train section from its two parts (config objects or mappings of their fields)."""
+        parts = {}
+        for part, model, name in ((loop, TrainLoopConfig, "loop"), (optimizer, OptimizerSettings, "optimizer")):
+            if isinstance(part, ConfigModel):  # (e.g. a whole train section: its fields of this part)
+                part = part.model_dump(exclude_unset=True, include=set(model.model_fields))
+            parts.update(parse_config(model, part, name, owner="Trainer").model_dump(exclude_unset=True))
+        return parse_config(cls, parts, "train", owner="Trainer")
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(**self.model_dump(include=set(OptimizerSettings.model_fields)))
 
 
 class RunConfig(ConfigModel):

@@ -4,7 +4,7 @@ appended to, so that a resumed run's log equals an uninterrupted run's row for r
 
 from __future__ import annotations
 
-import csv
+import csv as _csv
 import io
 import json
 import math
@@ -70,36 +70,45 @@ def kept_rows(path: Path, key: str, upto: int) -> tuple[list[str], list[dict]]:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` and ``metrics.csv`` of a run. ``resume_step``: continue a resumed run's
-    log from the checkpoint of that step (rows after it are removed from both files first, so
-    the replayed steps are not logged twice); otherwise both files start empty."""
+    """``metrics.jsonl`` and (``csv``) ``metrics.csv`` of a run, rows keyed by ``key`` (``step``;
+    meta-RL runs: ``iteration``). ``resume_step``: continue a resumed run's log from the checkpoint
+    of that step (rows after it are removed from both files first, so the replayed steps are not
+    logged twice); otherwise both files start empty."""
 
-    def __init__(self, out_dir: Path, append: bool, resume_step: int | None = None) -> None:
+    def __init__(self, out_dir: Path, append: bool, resume_step: int | None = None, key: str = "step",
+                 csv: bool = True) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path, csv_path = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         if append and resume_step is not None:
-            lines, rows = kept_rows(jsonl_path, "step", resume_step)
+            lines, rows = kept_rows(jsonl_path, key, resume_step)
             atomic_write_bytes(jsonl_path, lambda f: f.write("".join(lines).encode()))
-            buf = io.StringIO(newline="")
-            writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            atomic_write_bytes(csv_path, lambda f: f.write(buf.getvalue().encode()))
+            if csv:
+                buf = io.StringIO(newline="")
+                writer = _csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+                atomic_write_bytes(csv_path, lambda f: f.write(buf.getvalue().encode()))
         mode = "a" if append else "w"
         self._jsonl = open(jsonl_path, mode)
-        write_header = not (append and csv_path.exists() and csv_path.stat().st_size > 0)
-        self._csv_file = open(csv_path, mode, newline="")
-        self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS, extrasaction="ignore")
-        if write_header:
-            self._csv.writeheader()
+        self._csv_file = self._csv = None
+        if csv:
+            write_header = not (append and csv_path.exists() and csv_path.stat().st_size > 0)
+            self._csv_file = open(csv_path, mode, newline="")
+            self._csv = _csv.DictWriter(self._csv_file, CSV_COLUMNS, extrasaction="ignore")
+            if write_header:
+                self._csv.writeheader()
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict) -> dict:
+        """Append ``row`` (non-finite floats written as null); returns the row as written."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._jsonl.write(json.dumps(clean) + "\n")
         self._jsonl.flush()
-        self._csv.writerow(clean)
-        self._csv_file.flush()
+        if self._csv is not None:
+            self._csv.writerow(clean)
+            self._csv_file.flush()
+        return clean
 
     def close(self) -> None:
         self._jsonl.close()
-        self._csv_file.close()
+        if self._csv_file is not None:
+            self._csv_file.close()

@@ -235,25 +235,11 @@ def _dotted_prefixes(file_keys) -> list[str]:
     return list(seen)
 
 
-def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: str | None = None,
-                          strict: bool = False) -> WeightsReport:
-    """Copy the tensors of a weights file into ``module`` (any ``nn.Module``: its parameters and
-    persistent buffers, matched by name after stripping ``prefix``) and report what happened.
-
-    ``prefix=None`` picks the prefix that matches most of the module's tensors; ``''`` means the
-    names match as they are. Raises :class:`CheckpointError` when the file is missing or unreadable,
-    when no tensor matches, when a matching tensor has another shape (every such key is named),
-    and with ``strict=True`` when a module tensor is missing or a file tensor under the prefix is
-    unused. Floating-point tensors are converted to the module's dtype (e.g. float16 weights), and
-    integer buffers (counters) take integer or floating-point values; a boolean, integer or complex
-    tensor where the module has floating-point weights is refused (never cast silently). The
-    module's device and memory format stay.
-    """
-    tensors, fmt = read_weights(path)
-    shown_path = str(path)
-    # the input statistics belong to the data the model is configured for, not to the file
-    target = {k: v for k, v in module.state_dict().items() if k not in NORM_BUFFERS}
-    names = set(target)
+def _choose_prefix(tensors: dict, target: dict, prefix: str | None, path: str | os.PathLike,
+                   fmt: str) -> tuple[str, bool]:
+    """The key prefix under which the file's tensors are named like ``target``'s (detected when
+    ``prefix`` is None) and whether it was detected; a :class:`CheckpointError` if none fits."""
+    shown_path, names = str(path), set(target)
     counts = _candidate_prefixes(tensors, names)
     if prefix is None:
         detected = True
@@ -279,6 +265,29 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: st
             "Check that the file belongs to this backbone (name and widths), or set backbone.weights_prefix "
             "to the part before the backbone's names."
         )
+    return chosen, detected
+
+
+def load_backbone_weights(module: nn.Module, path: str | os.PathLike, prefix: str | None = None,
+                          strict: bool = False) -> WeightsReport:
+    """Copy the tensors of a weights file into ``module`` (any ``nn.Module``: its parameters and
+    persistent buffers, matched by name after stripping ``prefix``) and report what happened.
+
+    ``prefix=None`` picks the prefix that matches most of the module's tensors; ``''`` means the
+    names match as they are. Raises :class:`CheckpointError` when the file is missing or unreadable,
+    when no tensor matches, when a matching tensor has another shape (every such key is named),
+    and with ``strict=True`` when a module tensor is missing or a file tensor under the prefix is
+    unused. Floating-point tensors are converted to the module's dtype (e.g. float16 weights), and
+    integer buffers (counters) take integer or floating-point values; a boolean, integer or complex
+    tensor where the module has floating-point weights is refused (never cast silently). The
+    module's device and memory format stay.
+    """
+    tensors, fmt = read_weights(path)
+    shown_path = str(path)
+    # the input statistics belong to the data the model is configured for, not to the file
+    target = {k: v for k, v in module.state_dict().items() if k not in NORM_BUFFERS}
+    names = set(target)
+    chosen, detected = _choose_prefix(tensors, target, prefix, path, fmt)
     state = {k[len(chosen):]: v for k, v in tensors.items() if k.startswith(chosen)}
     ignored = len(tensors) - len(state)
     matched = {k: v for k, v in state.items() if k in names}

@@ -27,20 +27,25 @@ __all__ = ["cross_domain_data", "evaluate_checkpoint", "evaluate_runs", "train",
 TEST_SEED_OFFSET = 1  # test episodes use eval.seed + 1 so they never coincide with validation
 
 
-
-
-def train(config: RunConfig, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,
+def train(config: RunConfig | Trainer, resume: bool | str = False, splits: dict[str, ImageClasses] | None = None,
           test: bool = True, on_validate=None, overwrite: bool = False) -> dict[str, Any]:
     """Meta-train, then evaluate the best checkpoint on ``eval.test_episodes`` fixed test episodes.
-    Returns (and writes to ``<out_dir>/report.json``) a summary. ``on_validate(step, result)``
+    Returns (and writes to ``<out_dir>/report.json``) a summary. ``config``: a run config (the
+    :class:`Trainer` is built from it; ``metafit train CONFIG`` calls this), or a trainer built
+    in Python (e.g. ``Trainer(algorithm=model, data=splits, ...)``; ``splits`` and
+    ``on_validate`` are then its own). ``on_validate(step, result)``
     is called after every validation (see :class:`Trainer`). An ``out_dir`` that already holds
     something is refused unless ``resume`` (continue that run) or ``overwrite`` (delete its
     checkpoints, logs and report first). ``report["stop"]`` says why training ended (all
     ``train.meta_steps``, or the ``train.max_minutes`` budget at ``step``); ``report["split"]``
     lists the classes of every split (image data)."""
-    check_run_folder(config.out_dir, resume, overwrite)  # before the data is read: a refusal comes at once
-    trainer = Trainer(config, splits, pretrained=not resume, on_validate=on_validate)
+    if isinstance(config, Trainer):
+        trainer, config = config, config.config
+    else:
+        check_run_folder(config.out_dir, resume, overwrite)  # before the data is read: a refusal comes at once
+        trainer = Trainer(config, splits, pretrained=not resume, on_validate=on_validate)
     result = trainer.fit(resume=resume, overwrite=overwrite)
+    config = trainer.config
     if not trainer.dist.is_main:  # distributed: rank 0 calibrates, tests and writes the report
         return {"out_dir": str(result.out_dir), "steps": result.steps, "rank": trainer.dist.rank,
                 "best_checkpoint": str(result.checkpoint), "val": result.best_val.to_dict() if result.best_val else None,
@@ -203,6 +208,22 @@ class EvalRequest(TaskConfig):
     inner_steps: int | None = Field(None, ge=0, le=100_000, description="adaptation steps of a gradient-based learner")
 
 
+def _eval_data(model, config: RunConfig, task: TaskConfig, split: str, source: str | None, polarity: str,
+               splits: dict[str, ImageClasses] | None) -> tuple[ImageClasses, dict[str, Any] | None]:
+    """The classes :func:`evaluate_checkpoint` evaluates on, and the cross-domain description."""
+    if source is None:
+        return (splits or load_splits(config.data))[split], None
+    recorded = model.checkpoint_meta.get("image_format")
+    fmt = ImageFormat(**recorded) if recorded else config.data.image_format()
+    data, data_info = cross_domain_data(source, fmt, split, polarity, getattr(config.data, "cache_dir", None))
+    if data.n_classes < task.n_ways:
+        raise ConfigError(
+            f"Eval: --ways must be at most the {data.n_classes} {split} classes of {short_repr(source)}; got "
+            f"{task.n_ways}. Lower --ways or add classes."
+        )
+    return data, data_info
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = None, k_shots: int | None = None,
                         n_queries: int | None = None, episodes: int | None = None, split: str = "test",
                         within_group: bool | None = None, rotations: bool | None = None, seed: int | None = None,
@@ -251,17 +272,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     }, owner="Eval", fix="Pass a value in that range (metafit eval --ways/--shots/--queries/--episodes/--seed/--inner-steps).")
     task = TaskConfig(**request.model_dump(include=set(TaskConfig.model_fields)))
     n_eps = request.episodes
-    if source is not None:
-        recorded = model.checkpoint_meta.get("image_format")
-        fmt = ImageFormat(**recorded) if recorded else config.data.image_format()
-        data, data_info = cross_domain_data(source, fmt, split, polarity, getattr(config.data, "cache_dir", None))
-        if data.n_classes < task.n_ways:
-            raise ConfigError(
-                f"Eval: --ways must be at most the {data.n_classes} {split} classes of {short_repr(source)}; got "
-                f"{task.n_ways}. Lower --ways or add classes."
-            )
-    else:
-        data = (splits or load_splits(config.data))[split]
+    data, data_info = _eval_data(model, config, task, split, source, polarity, splits)
     t0 = time.perf_counter()
     dev = torch.device(device)
     if inner_steps is not None and not hasattr(model.config, "eval_inner_steps"):
