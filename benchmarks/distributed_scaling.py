@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from metafit.training import read_checkpoint
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 CASES = {

@@ -29,7 +29,7 @@ import torch
 
 from metafit.data import load_splits
 from metafit.training import evaluate_checkpoint, load, load_config, make_sampler, train, with_algorithm_overrides
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_SEED = 2025  # eval.seed + 1 of every config here: the trainer's test episodes

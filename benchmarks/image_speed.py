@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from metafit.nn import Conv4, Conv4Config, ResNet12, ResNet12Config, layers
+from metafit.nn import Conv4, Conv4Config, ResNet12, ResNet12Config
 
 HERE = Path(__file__).resolve().parent
 
@@ -167,7 +167,7 @@ def main() -> None:
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size, "rounds": args.rounds,
            "fp32_peak_gflops": peak, "train_step_gflop": train_flops / 1e9, "eval_gflop": eval_flops / 1e9,
-           "fuse_max_patch": layers.FUSE_MAX_PATCH, "rows": rows}
+           "rows": rows}
     path = Path(args.out or HERE / "results" / f"image_speed{'' if args.backbone == 'conv4' else '_' + args.backbone}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

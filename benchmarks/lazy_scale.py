@@ -29,7 +29,7 @@ from PIL import Image
 
 from metafit.data import data_config
 from metafit.training import Trainer, load_config
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 

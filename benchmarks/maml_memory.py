@@ -80,7 +80,7 @@ def main() -> None:
                          "peak_growth_mib": peaks})
             print(f"{'first' if first_order else 'second':>6s} {execution:>9s} "
                   + " ".join(f"{peaks[s]:10.0f}" for s in (1, 3, 5)), flush=True)
-    from metafit.training.metrics_log import write_json
+    from metafit.training import write_json
     import torch
     device_name = torch.cuda.get_device_name(args.device) if gpu else None
     write_json(out, {

@@ -44,12 +44,9 @@ N_WAYS, K_SHOTS, N_QUERIES, META_BATCH, INNER_LR = 5, 1, 15, 32, 0.4
 # channels_last is faster on this CPU but PyTorch's channels_last BatchNorm statistics kernel
 # sums in float32 (the table's float64 error column shows the cost).
 # "metafit auto" is what a config with the default execution gets on that device.
-# "first block unfolded" turns off the folding of the first BatchNorm into its convolution
-# (metafit.nn.layers.conv_then_batch_norm), to show what it contributes.
 CPU_VARIANTS = [
     ("metafit loop", "loop", "contiguous"),
     ("metafit vmap", "vmap", "contiguous"),
-    ("metafit threads, first block unfolded", "auto", "contiguous unfolded"),
     ("metafit threads (auto)", "auto", "contiguous"),
     ("metafit threads, channels_last", "auto", "channels_last"),
 ]
@@ -150,16 +147,6 @@ def metafit_step(model, batch, first_order):
     model.meta_loss(TaskBatch(*batch, N_WAYS)).loss.backward()
 
 
-def metafit_step_unfolded(model, batch, first_order):
-    import metafit.nn.conv4 as conv4
-    fusable = conv4.conv_bn_fusable
-    conv4.conv_bn_fusable = lambda *a: False
-    try:
-        metafit_step(model, batch, first_order)
-    finally:
-        conv4.conv_bn_fusable = fusable
-
-
 def copy_weights(src: nn.Module, dst: nn.Module) -> None:
     with torch.no_grad():
         for a, b in zip(src.parameters(), dst.parameters()):
@@ -247,8 +234,7 @@ def main() -> None:
             if layout == "channels_last":
                 m = m.to(memory_format=torch.channels_last)
             copy_weights(reference, m)
-            step = metafit_step_unfolded if layout.endswith("unfolded") else metafit_step
-            contenders[label] = (m, step, batch_cl if layout == "channels_last" else batch)
+            contenders[label] = (m, metafit_step, batch_cl if layout == "channels_last" else batch)
         opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, (m, _, _) in contenders.items()}
         errors, agree = {}, {}
         for name, (m, fn, b) in contenders.items():  # numerics on the untouched initial weights
@@ -299,7 +285,7 @@ def main() -> None:
                     "rounds": args.rounds},
         "fp32_matmul_peak_gflops": peak, "results": results,
     }
-    from metafit.training.metrics_log import write_json
+    from metafit.training import write_json
     write_json(out_path, out)
     print(f"\nwrote {out_path}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from metafit.training import evaluate_checkpoint, load_config, train
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 

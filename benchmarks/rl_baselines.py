@@ -22,10 +22,8 @@ agent and the relative difference (ours / paper - 1); "paper RL2" rows give the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 from metafit import rl
-from metafit.rl.gittins import MAX_GITTINS_PULLS
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -103,6 +101,11 @@ def _mdp_agents(quick: bool):
     ]
 
 
+def _trials(run, batched, n: int):
+    """A function playing one n-step trial of every instance with an agent: its total rewards."""
+    return lambda agent: run(batched(), agent, n, seed=AGENT_SEED)
+
+
 def _cell(make, param, grid, run_tune, run_eval) -> dict:
     out: dict = {}
     value = None
@@ -124,17 +127,13 @@ def run_bandits(ns, ks, n_eval, n_tune, quick) -> dict:
             eval_tasks = fam.sample_tasks(n_eval, torch.Generator().manual_seed(EVAL_TASK_SEED + 31 * k))
             tune_tasks = fam.sample_tasks(n_tune, torch.Generator().manual_seed(TUNE_TASK_SEED + 31 * k))
 
-            def run_eval(agent, n=n, tasks=eval_tasks):
-                return rl.run_bandit_trials(rl.BatchedBandit(tasks, seed=EVAL_ENV_SEED), agent, n, seed=AGENT_SEED)
-
-            def run_tune(agent, n=n, tasks=tune_tasks):
-                return rl.run_bandit_trials(rl.BatchedBandit(tasks, seed=TUNE_ENV_SEED), agent, n, seed=AGENT_SEED)
-
+            run_eval = _trials(rl.run_bandit_trials, lambda t=eval_tasks: rl.BatchedBandit(t, seed=EVAL_ENV_SEED), n)
+            run_tune = _trials(rl.run_bandit_trials, lambda t=tune_tasks: rl.BatchedBandit(t, seed=TUNE_ENV_SEED), n)
             t0 = time.perf_counter()
             row = {}
             for name, make, param, grid in _bandit_agents(quick):
-                if name.startswith("Gittins") and n > MAX_GITTINS_PULLS:
-                    row[name] = {"skipped": f"the finite-horizon table is limited to {MAX_GITTINS_PULLS} pulls"}
+                if name.startswith("Gittins") and n > rl.MAX_GITTINS_PULLS:
+                    row[name] = {"skipped": f"the finite-horizon table is limited to {rl.MAX_GITTINS_PULLS} pulls"}
                     continue
                 row[name] = _cell(make, param, grid, run_tune, run_eval)
             oracle = rl.BatchedBandit(eval_tasks).optimal_trial_reward(n)
@@ -154,12 +153,8 @@ def run_mdps(ns, n_eval, n_tune, quick) -> dict:
     for n in ns:
         key = f"n={n}"
 
-        def run_eval(agent, n=n):
-            return rl.run_mdp_trials(fam.batched(eval_tasks, seed=EVAL_ENV_SEED), agent, n, seed=AGENT_SEED)
-
-        def run_tune(agent, n=n):
-            return rl.run_mdp_trials(fam.batched(tune_tasks, seed=TUNE_ENV_SEED), agent, n, seed=AGENT_SEED)
-
+        run_eval = _trials(rl.run_mdp_trials, lambda: fam.batched(eval_tasks, seed=EVAL_ENV_SEED), n)
+        run_tune = _trials(rl.run_mdp_trials, lambda: fam.batched(tune_tasks, seed=TUNE_ENV_SEED), n)
         t0 = time.perf_counter()
         row = {name: _cell(make, param, grid, run_tune, run_eval) for name, make, param, grid in _mdp_agents(quick)}
         m, ci = rl.mean_ci(n * fam.batched(eval_tasks).optimal_values().double())
@@ -182,36 +177,13 @@ def throughput(sizes, steps) -> dict:
     out: dict = {}
     g = torch.Generator().manual_seed(0)
     for n_envs in sizes:
-        bandit = rl.BatchedBandit(rl.BanditFamily(10).sample_tasks(n_envs, g), seed=0)
-        bandit.reset()
-        a_b = torch.randint(0, 10, (n_envs,), generator=g)
-        mdp = rl.TabularMDPFamily().batched(rl.TabularMDPFamily().sample_tasks(n_envs, g), seed=0)
-        mdp.reset()
-        a_m = torch.randint(0, 5, (n_envs,), generator=g)
-        nav = rl.NavigationFamily().batched(rl.NavigationFamily().sample_tasks(n_envs, g))
-        nav.reset()
-        a_n = torch.rand(n_envs, 2, generator=g) * 0.2 - 0.1
-        out[str(n_envs)] = {
-            "bandit_k10": _rate(lambda: bandit.step(a_b), n_envs, steps),
-            "mdp_10x5": _rate(lambda: mdp.step(a_m), n_envs, steps),
-            "navigation": _rate(lambda: nav.step(a_n), n_envs, steps),
-        }
-    try:  # one Gymnasium env, one step at a time, for reference
-        envs = {"bandit_k10": rl.BanditFamily(10).make_env(), "mdp_10x5": rl.TabularMDPFamily().make_env(),
-                "navigation": rl.NavigationFamily().make_env()}
-        single = {}
-        for name, env in envs.items():
-            env.reset(seed=0)
-            action = np.zeros(2, np.float32) if name == "navigation" else 0
-
-            def step(env=env, action=action):
-                _, _, term, trunc, _ = env.step(action)
-                if term or trunc:
-                    env.reset()
-            single[name] = _rate(step, 1, 2000)
-        out["gymnasium_single_env"] = single
-    except rl.MissingExtraError:
-        pass
+        out[str(n_envs)] = {}
+        for name, fam, action in (("bandit_k10", rl.BanditFamily(10), torch.randint(0, 10, (n_envs,), generator=g)),
+                                  ("mdp_10x5", rl.TabularMDPFamily(), torch.randint(0, 5, (n_envs,), generator=g)),
+                                  ("navigation", rl.NavigationFamily(), torch.rand(n_envs, 2, generator=g) * 0.2 - 0.1)):
+            env = fam.batched(fam.sample_tasks(n_envs, g), seed=0)
+            env.reset()
+            out[str(n_envs)][name] = _rate(lambda env=env, action=action: env.step(action), n_envs, steps)
     return out
 
 
@@ -243,17 +215,12 @@ def print_table(title: str, results: dict, paper: dict) -> None:
             (f"{paper[s][c]:.1f}" if c in paper.get(s, {}) else "n/a").rjust(colw) for s in settings))
 
 
-def _relative(ours: float, paper: float) -> float:
-    """ours / paper - 1: the table's percentage and the JSON's ``relative``."""
-    return ours / paper - 1
-
-
 def _vs_paper(cell: dict, value: float | None) -> str:
     if value is None:
         return "n/a"
     if "mean" not in cell:
         return f"{value:.1f}"
-    return f"{value:.1f} ({100 * _relative(cell['mean'], value):+.1f}%)"
+    return f"{value:.1f} ({100 * (cell['mean'] / value - 1):+.1f}%)"
 
 
 def paper_comparison(results: dict, paper: dict) -> dict:
@@ -264,7 +231,7 @@ def paper_comparison(results: dict, paper: dict) -> dict:
             value = paper.get(setting, {}).get(PAPER_COLUMN.get(name, ""))
             if value is not None and "mean" in cell:
                 out.setdefault(setting, {})[name] = {"paper": value, "ours": round(cell["mean"], 3),
-                                                     "relative": round(_relative(cell["mean"], value), 4)}
+                                                     "relative": round(cell["mean"] / value - 1, 4)}
     return out
 
 
@@ -324,14 +291,8 @@ def main() -> None:
         "throughput_env_steps_per_s": speed,
         "seconds": total,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_json(args.out, report)}")
 
 
 if __name__ == "__main__":

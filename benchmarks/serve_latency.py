@@ -33,8 +33,8 @@ from PIL import Image
 import metafit
 from metafit.data import load_splits
 from metafit.training import evaluate_checkpoint, make_sampler
-from metafit.training.calibration import calibrate_checkpoint
-from metafit.training.metrics_log import write_json
+from metafit.training import calibrate_checkpoint
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 

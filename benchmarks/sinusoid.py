@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from metafit.training import evaluate_checkpoint, load_config, train
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 # MAML, 5 shots, after 1 / 5 / 10 steps: read off Finn et al. (2017) Fig. 2 / appendix k=5 panel

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from metafit.training import evaluate_checkpoint, load_config, train
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 SHOTS = (1, 5)

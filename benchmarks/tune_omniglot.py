@@ -28,7 +28,7 @@ import torch
 
 from metafit.tools import tune
 from metafit.training import evaluate_checkpoint, load_config, train
-from metafit.training.metrics_log import write_json
+from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
 CONFIG, SPACE = "omniglot_protonet_5w1s", "omniglot_protonet_5w1s"
