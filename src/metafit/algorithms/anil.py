@@ -17,8 +17,9 @@ from torch import nn
 
 from ..functional import TaskResult, batched_inner_loop, batched_task_loss, inner_loop, task_loss, task_metric
 from ..types import TaskBatch
-from .base import Algorithm, MetaOutput
+from .base import MetaOutput
 from .common import (
+    FastWeightAlgorithm,
     FastWeights,
     InnerLoopConfig,
     check_support,
@@ -26,7 +27,6 @@ from .common import (
     functional_forward,
     oom_guard,
     run_meta_batch,
-    setup_fast_weight_model,
 )
 
 __all__ = ["ANIL", "ANILConfig"]
@@ -48,7 +48,7 @@ class ANILConfig(InnerLoopConfig):
     first_order: bool = Field(False, description="treat the head's inner gradients as constants")
 
 
-class ANIL(Algorithm):
+class ANIL(FastWeightAlgorithm):
     """ANIL: MAML whose inner loop adapts only the linear head (see the module docstring).
 
     Built as ``ANIL(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` an
@@ -59,16 +59,11 @@ class ANIL(Algorithm):
 
     name = "anil"
     Config = ANILConfig
-    task_kinds = ("classification", "regression")
+    stat_prefix = ""
 
-    def __init__(self, config: ANILConfig, backbone: nn.Module, n_outputs: int = 5,
-                 task_kind: str = "classification") -> None:
-        super().__init__(config, backbone, n_outputs, task_kind)
-        # the backbone runs once per task: one set of running statistics
-        setup_fast_weight_model(self, config, backbone, 1, stat_prefix="")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def stat_steps(self, config: ANILConfig) -> int:
+        """One set of BatchNorm running statistics whatever ``config`` says: the backbone runs once per task."""
+        return 1
 
     def _features(self, module: nn.Module, params, x: torch.Tensor) -> torch.Tensor:
         return functional_forward(module.backbone, params, x, self.stats, 0)

@@ -28,9 +28,10 @@ from ..functional import (
     task_metric,
 )
 from ..types import TaskBatch
-from .base import Adapted, AlgorithmConfig, MetaOutput, check_task
+from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
 
 __all__ = [
+    "FastWeightAlgorithm",
     "FastWeights",
     "adapt_fast_weights",
     "fast_weight_meta_loss",
@@ -303,3 +304,28 @@ def fast_weight_meta_loss(model: nn.Module, owner: str, batch: TaskBatch, adapt:
         return TaskResult(loss.detach(), task_metric(out, batch.query_y[i], kind) / b, list(grads))
 
     return run_meta_batch(model, owner, one_task, batch, main, names, not first_order)
+
+
+class FastWeightAlgorithm(Algorithm):
+    """Base of the learners that adapt fast weights of the backbone and a linear head (MAML, ANIL,
+    Meta-SGD, Reptile): ``__init__`` (arguments as :class:`~metafit.algorithms.Algorithm`'s) gives the
+    model its head, BatchNorm mode and task executor (:func:`setup_fast_weight_model`), and
+    ``forward(x)`` runs backbone then head. Subclasses set ``stat_prefix`` ("" when only the head
+    adapts) and may override :meth:`stat_steps`; everything else is theirs."""
+
+    task_kinds = ("classification", "regression")
+    #: where the per-step BatchNorm statistics live ("backbone.": the backbone adapts; "": it runs once)
+    stat_prefix: str = "backbone."
+
+    def __init__(self, config: InnerLoopConfig, backbone: nn.Module, n_outputs: int = 5,
+                 task_kind: str = "classification") -> None:
+        super().__init__(config, backbone, n_outputs, task_kind)
+        setup_fast_weight_model(self, config, backbone, self.stat_steps(config), stat_prefix=self.stat_prefix)
+
+    def stat_steps(self, config: InnerLoopConfig) -> int:
+        """Sets of per-step BatchNorm running statistics ``config`` needs: one per inner step and one
+        for the adapted weights."""
+        return config.inner_steps + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

@@ -13,17 +13,16 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ..types import TaskBatch
-from .base import Algorithm, MetaOutput
+from .base import MetaOutput
 from .common import (
+    FastWeightAlgorithm,
     FastWeights,
     InnerLoopConfig,
     adapt_fast_weights,
     fast_weight_meta_loss,
     forward_with,
-    setup_fast_weight_model,
     trainable_names,
 )
 
@@ -37,7 +36,7 @@ class MAMLConfig(InnerLoopConfig):
     first_order: bool = Field(False, description="first-order approximation (FOMAML): no second derivatives")
 
 
-class MAML(Algorithm):
+class MAML(FastWeightAlgorithm):
     """MAML: meta-learns the initialisation of the backbone and a linear head (see the module docstring).
 
     Built as ``MAML(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
@@ -48,15 +47,6 @@ class MAML(Algorithm):
 
     name = "maml"
     Config = MAMLConfig
-    task_kinds = ("classification", "regression")
-
-    def __init__(self, config: MAMLConfig, backbone: nn.Module, n_outputs: int = 5,
-                 task_kind: str = "classification") -> None:
-        super().__init__(config, backbone, n_outputs, task_kind)
-        setup_fast_weight_model(self, config, backbone, config.inner_steps + 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:

@@ -15,14 +15,14 @@ from pydantic import Field
 from torch import nn
 
 from ..types import TaskBatch
-from .base import Algorithm, MetaOutput
+from .base import MetaOutput
 from .common import (
+    FastWeightAlgorithm,
     FastWeights,
     InnerLoopConfig,
     adapt_fast_weights,
     fast_weight_meta_loss,
     forward_with,
-    setup_fast_weight_model,
 )
 
 __all__ = ["MetaSGD", "MetaSGDConfig"]
@@ -42,7 +42,7 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class MetaSGD(Algorithm):
+class MetaSGD(FastWeightAlgorithm):
     """Meta-SGD: MAML with a meta-learned step size per weight (see the module docstring).
 
     Built as ``MetaSGD(config, backbone, n_outputs, task_kind)`` (see :class:`Algorithm`): ``config`` a
@@ -54,12 +54,10 @@ class MetaSGD(Algorithm):
 
     name = "metasgd"
     Config = MetaSGDConfig
-    task_kinds = ("classification", "regression")
 
     def __init__(self, config: MetaSGDConfig, backbone: nn.Module, n_outputs: int = 5,
                  task_kind: str = "classification") -> None:
         super().__init__(config, backbone, n_outputs, task_kind)
-        setup_fast_weight_model(self, config, backbone, config.inner_steps + 1)
         self._weights = [n for n, p in self.named_parameters() if p.requires_grad]
         self.step_sizes = nn.ParameterDict({
             _key(n): nn.Parameter(torch.full_like(p, config.inner_lr)) for n, p in self.named_parameters()

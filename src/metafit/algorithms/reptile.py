@@ -35,8 +35,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..functional import TaskResult, batched_inner_loop, batched_task_loss, gradient_as_loss, task_loss, task_metric
 from ..types import TaskBatch
-from .base import Algorithm, MetaOutput
+from .base import MetaOutput
 from .common import (
+    FastWeightAlgorithm,
     FastWeights,
     InnerLoopConfig,
     check_support,
@@ -44,7 +45,6 @@ from .common import (
     forward_with,
     oom_guard,
     run_meta_batch,
-    setup_fast_weight_model,
     trainable_names,
 )
 
@@ -95,7 +95,7 @@ def minibatch(order: torch.Tensor, step: int, size: int | None) -> torch.Tensor 
     return order[(step * size + torch.arange(size, device=order.device)) % n]
 
 
-class Reptile(Algorithm):
+class Reptile(FastWeightAlgorithm):
     """Reptile: first-order meta-learning by moving towards the tasks' adapted weights (see the
     module docstring).
 
@@ -108,12 +108,10 @@ class Reptile(Algorithm):
 
     name = "reptile"
     Config = ReptileConfig
-    task_kinds = ("classification", "regression")
 
     def __init__(self, config: ReptileConfig, backbone: nn.Module, n_outputs: int = 5,
                  task_kind: str = "classification") -> None:
         super().__init__(config, backbone, n_outputs, task_kind)
-        setup_fast_weight_model(self, config, backbone, config.inner_steps + 1)
         if not config.plain_sgd:  # per-task optimiser state and mini-batches: no vectorised path
             if config.execution == "vmap":
                 raise ConfigError(
@@ -137,9 +135,6 @@ class Reptile(Algorithm):
         m = {n: getattr(st, "m__" + n.replace(".", "__")) for n in names}
         v = {n: getattr(st, "v__" + n.replace(".", "__")) for n in names}
         return m, v, int(st.t)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int,
               steps: int | None = None) -> FastWeights:

@@ -62,22 +62,19 @@ def _check_config(cfg) -> int:
 
 
 def _print_train_report(report: dict) -> None:
-    val = report.get("val")
-    if val and val.get("metric") == "mse":
-        _print(f"best validation MSE {val['mean']:.4f} +/- {val['ci95']:.4f} at step {report['best_step']} "
-               f"-> {report['best_checkpoint']}")
-        test = report.get("test")
-        if test:
-            _print(f"test MSE ({test['k_shots']}-shot, {test['episodes']} fixed tasks): {test['mean']:.4f} "
-                   f"+/- {test['ci95']:.4f} (95% CI)")
-    else:
-        if val:
-            _print(f"best validation accuracy {100 * val['mean']:.2f}% +/- {100 * val['ci95']:.2f}% "
-                   f"at step {report['best_step']} -> {report['best_checkpoint']}")
-        test = report.get("test")
-        if test:
-            _print(f"test accuracy ({test['n_ways']}-way {test['k_shots']}-shot, {test['episodes']} fixed episodes): "
-                   f"{100 * test['mean']:.2f}% +/- {100 * test['ci95']:.2f}% (95% CI)")
+    val, test = report.get("val"), report.get("test")
+    mse = bool(val) and val.get("metric") == "mse"
+
+    def result(r: dict) -> str:
+        return f"{r['mean']:.4f} +/- {r['ci95']:.4f}" if mse else f"{100 * r['mean']:.2f}% +/- {100 * r['ci95']:.2f}%"
+
+    name = "MSE" if mse else "accuracy"
+    if val:
+        _print(f"best validation {name} {result(val)} at step {report['best_step']} -> {report['best_checkpoint']}")
+    if test:
+        setting = (f"{test['k_shots']}-shot, {test['episodes']} fixed tasks" if mse else
+                   f"{test['n_ways']}-way {test['k_shots']}-shot, {test['episodes']} fixed episodes")
+        _print(f"test {name} ({setting}): {result(test)} (95% CI)")
     stop = report.get("stop") or {}
     ended = (f"; stopped by the time budget train.max_minutes={stop['max_minutes']:g} at step {stop['step']} of "
              f"{stop['meta_steps']}" if stop.get("reason") == "max_minutes" else "")
@@ -123,7 +120,7 @@ def _cmd_eval(args) -> int:
                    f"+/- {100 * report['ci95']:.2f}% (95% CI over {report['episodes']} episodes, seed {report['seed']})")
             if report.get("ece") is not None:
                 cal = (f", {100 * report['ece_calibrated']:.2f}% with the calibrated temperature "
-                       f"{report['temperature']:.3f}" if report.get("ece_calibrated") is not None else
+                       f"{report['temperature']:.3g}" if report.get("ece_calibrated") is not None else
                        " (uncalibrated: run metafit calibrate)")
                 _print(f"expected calibration error {100 * report['ece']:.2f}%{cal}")
     if args.json:

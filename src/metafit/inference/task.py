@@ -13,7 +13,6 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import __version__
@@ -21,8 +20,7 @@ from ..algorithms import Adapted
 from ..data.cache import atomic_write_bytes
 from ..data.store import PolarityUse, check_polarity
 from ..errors import CheckpointError, TaskError, short_repr
-from ..validation import load_json
-from ..training.checkpoint import OpenMetaModel, validate_meta
+from ..training.checkpoint import OpenMetaModel, read_safetensors_file, validate_meta
 from .model import Model, Prediction, load_model
 
 __all__ = ["AdaptedTask", "is_task_file", "load_task"]
@@ -190,18 +188,8 @@ def load_task(path: str | os.PathLike, checkpoint: str | os.PathLike | Model | N
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Task: {str(path)!r} must be a saved task file; got no file there. Check the path.")
-    try:
-        blob = path.read_bytes()
-        tensors = st_load(blob)  # checks the header's size, JSON, dtypes, shapes and offsets
-    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as err:
-        raise CheckpointError(
-            f"Task: {str(path)!r} must be a task file written by task.save(); got an unreadable file "
-            f"({' '.join(str(err).split())[:200]}). Adapt again and save."
-        ) from err
-    n = int.from_bytes(blob[:8], "little")
-    header = load_json(blob[8:8 + n], f"Task: the header of {str(path)!r}", CheckpointError)
-    raw = (header.get("__metadata__") or {}).get("metafit_task") if isinstance(header, dict) else None
-    meta = load_json(raw, f"Task: the metadata of {str(path)!r}", CheckpointError) if isinstance(raw, str) else None
+    tensors, meta = read_safetensors_file(path, "Task", "metafit_task", "a task file written by task.save()",
+                                          "Adapt again and save.")
     if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
         raise CheckpointError(
             f"Task: {str(path)!r} must be a task file written by task.save(); got a safetensors file without "

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, short_repr
 from ..validation import ConfigModel, named_section, parse_config
+from . import adapters
 from .adapters import (HFBackbone, HFBackboneConfig, TimmBackbone, TimmBackboneConfig, TorchvisionBackbone,
                        TorchvisionBackboneConfig, resolve_hf)
 from .base import BackboneConfig, BatchNormConfig
@@ -31,12 +32,7 @@ __all__ = [
     "ResNet12",
     "ResNet12Config",
     "attach_input_normalization",
-    "HFBackbone",
-    "HFBackboneConfig",
-    "TimmBackbone",
-    "TimmBackboneConfig",
-    "TorchvisionBackbone",
-    "TorchvisionBackboneConfig",
+    *adapters.__all__,
     "backbone_config",
     "build_backbone",
     "count_backbone_weights",

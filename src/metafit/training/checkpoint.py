@@ -71,7 +71,10 @@ def few_shot_meta(model: Algorithm, config: RunConfig) -> tuple[RunConfig, dict[
 def save_checkpoint(path: str | os.PathLike, model: Algorithm, config: RunConfig, *, step: int,
                     metrics: dict[str, Any] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
-    """Write a few-shot checkpoint of ``model`` (built from ``config``)."""
+    """Write a few-shot checkpoint of ``model`` (built from ``config``) to ``path``, atomically, and
+    return the path. The metadata records the training ``step``, the ``metrics`` given (e.g. the
+    validation result) and the resolved config; ``extra_tensors`` are stored beside the model's
+    ``model.*`` tensors (e.g. optimizer state) and ``extra_meta`` is merged into the metadata."""
     _, fields = few_shot_meta(model, config)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(extra_tensors or {})
@@ -160,8 +163,30 @@ def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # -- reading ------------------------------------------------------------------------------------
+def read_safetensors_file(path: Path, owner: str, meta_key: str, expected: str,
+                          fix: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors of the safetensors file ``path`` and the JSON metadata stored under ``meta_key``
+    of its header's ``__metadata__`` (None where there is none). An unreadable file is a one-line
+    :class:`CheckpointError`: ``<owner>: <path> must be <expected>; got ... <fix>``. Nothing in the
+    file is executed: safetensors checks the header's size, JSON, dtypes, shapes and offsets."""
+    try:
+        blob = path.read_bytes()
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, OSError, RuntimeError, OverflowError) as err:
+        reason = " ".join(str(err).split())
+        raise CheckpointError(
+            f"{owner}: {str(path)!r} must be {expected}; got an unreadable or corrupted file ({reason[:200]}). {fix}"
+        ) from err
+    # safetensors.torch.load does not return metadata: parse the (already checked) JSON header
+    n = int.from_bytes(blob[:8], "little")
+    header = load_json(blob[8:8 + n], f"{owner}: the header of {str(path)!r}", CheckpointError)
+    raw = (header.get("__metadata__") or {}).get(meta_key) if isinstance(header, dict) else None
+    meta = load_json(raw, f"{owner}: the metadata of {str(path)!r}", CheckpointError) if isinstance(raw, str) else None
+    return tensors, meta
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a checkpoint, the metadata (in the current layout, see
+    """``(metadata, tensors)`` of the checkpoint at ``path``, the metadata (in the current layout, see
     :func:`~metafit.training.checkpoint_meta.upgrade_meta`) validated against the envelope and
     the schema of its kind (files of no kind: the envelope only); a :class:`CheckpointError` for
     anything else. The tensors are checked
@@ -172,20 +197,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"Checkpoint: path must be an existing checkpoint file; got {str(path)!r}. "
             "Pass a .safetensors file written by metafit (e.g. runs/<name>/best.safetensors)."
         )
-    try:
-        blob = path.read_bytes()
-        tensors = st_load(blob)  # checks the header's size, JSON, dtypes, shapes and offsets
-    except (SafetensorError, ValueError, OSError, RuntimeError, OverflowError) as err:
-        reason = " ".join(str(err).split())
-        raise CheckpointError(
-            f"Checkpoint: {str(path)!r} must be a safetensors file written by metafit; got an "
-            f"unreadable or corrupted file ({reason[:200]}). Re-create it, or pass another checkpoint."
-        ) from err
-    # safetensors.torch.load does not return metadata: parse the (already checked) JSON header
-    n = int.from_bytes(blob[:8], "little")
-    header = load_json(blob[8:8 + n], f"Checkpoint: the header of {str(path)!r}", CheckpointError)
-    raw = (header.get("__metadata__") or {}).get("metafit") if isinstance(header, dict) else None
-    meta = load_json(raw, f"Checkpoint: the metadata of {str(path)!r}", CheckpointError) if raw else None
+    tensors, meta = read_safetensors_file(path, "Checkpoint", "metafit", "a safetensors file written by metafit",
+                                          "Re-create it, or pass another checkpoint.")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(
             f"Checkpoint: {str(path)!r} must carry metafit metadata; got a foreign safetensors file. "
@@ -359,7 +372,8 @@ def config_difference(stored: Mapping[str, Any], current: Mapping[str, Any], key
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorithm:
-    """Rebuild the trained model of a checkpoint, ready for ``adapt``/``predict`` (eval mode).
+    """Rebuild the trained model of the few-shot checkpoint at ``path`` on ``device``, ready for
+    ``adapt``/``predict`` (eval mode); a meta-RL or other checkpoint is a :class:`CheckpointError`.
 
     The returned module carries ``run_config`` (the validated :class:`RunConfig`) and
     ``checkpoint_meta`` (step, metrics, ...).
@@ -396,8 +410,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Algorit
 
 def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None) -> Algorithm:
     """The trained ``model`` with some ``algorithm`` fields changed for evaluation only (e.g. a
-    transfer model's ``head``, a learner's ``eval_inner_steps``). Fields that would change the
-    learned parameters (their names or shapes) are refused."""
+    transfer model's ``head``, a learner's ``eval_inner_steps``): ``overrides`` maps ``algorithm``
+    field names to new values (None or empty: ``model`` is returned as it is). Returns a rebuilt
+    model with the same weights, device and mode. Fields that would change the learned parameters
+    (their names or shapes), or the algorithm's name, are refused with a ConfigError."""
     if not overrides:
         return model
     config: RunConfig = model.run_config
