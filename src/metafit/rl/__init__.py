@@ -11,17 +11,16 @@ This package re-exports their public names.
 Families (frozen dataclasses) sample tasks with ``sample_tasks(n, generator)``; each simple family
 has a batched torch environment that steps many tasks, and several copies of each, at once
 (``family.batched(tasks, envs_per_task)``), and a single-task Gymnasium environment with
-``set_task`` / ``sample_tasks`` (``family.make_env(task)``; needs ``pip install "metafit[rl]"``):
+``set_task`` / ``sample_tasks`` (``family.make_env(task)``; needs ``pip install "metafit[rl]"``).
+Each family, with its task, batched torch environment and Gymnasium environment:
 
-==========================  ====================  ===================  ================================
-family                      task                  batched (torch)      Gymnasium env
-==========================  ====================  ===================  ================================
-``BanditFamily``            ``BanditTask``        ``BatchedBandit``    ``BanditEnv``
-``TabularMDPFamily``        ``MDPTask``           ``BatchedMDP``       ``TabularMDPEnv``
-``NavigationFamily``        ``NavTask``           ``BatchedNavigation`` ``NavigationEnv``
-``HalfCheetahVelFamily``    ``VelocityTask``      --                   ``HalfCheetahVelEnv`` (mujoco)
-``HalfCheetahDirFamily``    ``DirectionTask``     --                   ``HalfCheetahDirEnv`` (mujoco)
-==========================  ====================  ===================  ================================
+- ``BanditFamily``: task ``BanditTask``, batched ``BatchedBandit``, Gymnasium ``BanditEnv``;
+- ``TabularMDPFamily``: task ``MDPTask``, batched ``BatchedMDP``, Gymnasium ``TabularMDPEnv``;
+- ``NavigationFamily``: task ``NavTask``, batched ``BatchedNavigation``, Gymnasium ``NavigationEnv``;
+- ``HalfCheetahVelFamily``: task ``VelocityTask``, no batched environment, Gymnasium
+  ``HalfCheetahVelEnv`` (needs mujoco);
+- ``HalfCheetahDirFamily``: task ``DirectionTask``, no batched environment, Gymnasium
+  ``HalfCheetahDirEnv`` (needs mujoco).
 
 A trial (RL²) is ``n`` episodes in one task: the batched environments reset finished episodes in
 the same step and count them in ``episode_count``; tasks change only through ``set_tasks``.

@@ -93,7 +93,14 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, episodes: int | None 
                          splits: dict[str, ImageClasses] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Fit the temperature of ``checkpoint`` on fixed validation episodes (default: its ``eval``
     section's validation episodes) and store it in the checkpoint's metadata (in place, or as
-    ``out``). Returns the calibration record: temperature, ECE and NLL before and after."""
+    ``out``). Returns the calibration record: temperature, ECE and NLL before and after, the
+    episodes' shape and seed, and the path of the checkpoint written.
+
+    ``episodes``, ``n_ways``, ``k_shots``, ``n_queries`` and ``seed`` override the ``eval``
+    section's number of validation episodes, task shape and episode seed (None: the section's).
+    ``data_root`` points the data source at another folder; ``splits`` passes the class splits
+    already loaded (only ``val`` is used) instead of loading them; ``device`` is where the model
+    runs. A checkpoint that is not a classifier is a ConfigError."""
     model = load(checkpoint, device)
     config: RunConfig = model.run_config
     if config.data.task_kind != "classification":

@@ -41,6 +41,8 @@ MAX_EXAMPLES_PER_STEP = 2**18
 
 
 class TaskConfig(ConfigModel):
+    """The ``task`` section: the shape of the training tasks (ways, shots, queries per class)."""
+
     n_ways: int = Field(5, ge=2, le=1000, description="classes per task")
     k_shots: int = Field(1, ge=1, le=1000, description="support examples per class")
     n_queries: int = Field(15, ge=1, le=1000, description="query examples per class")
@@ -48,10 +50,15 @@ class TaskConfig(ConfigModel):
 
 
 class EvalConfig(TaskConfig):
+    """The ``eval`` section: the shape of the validation and test tasks (the fields of
+    :class:`TaskConfig`), how many fixed episodes each split uses, their seed, and whether the best
+    checkpoint is calibrated."""
+
     rotations: bool | None = Field(
         None, description="rotated classes in validation/test episodes (None: follow data.rotations)"
     )
-    val_episodes: int = Field(200, ge=1, le=100_000, description="fixed validation episodes used to pick the best checkpoint")
+    val_episodes: int = Field(200, ge=1, le=100_000,
+                              description="fixed validation episodes used to pick the best checkpoint")
     test_episodes: int = Field(1000, ge=1, le=100_000, description="fixed test episodes for the final report")
     seed: int = Field(2024, ge=0, description="seed of the fixed validation/test episodes")
     calibrate: bool = Field(
@@ -77,10 +84,10 @@ class AugmentConfig(ConfigModel):
     rand_augment_n: int = Field(2, ge=1, le=10, description="RandAugment: operations per image")
     rand_augment_m: int = Field(9, ge=0, le=30, description="RandAugment: magnitude (0-30)")
     affine: bool = Field(False, description="random affine transform of training images")
-    degrees: float = Field(10.0, ge=0.0, le=180.0)
+    degrees: float = Field(10.0, ge=0.0, le=180.0, description="affine: rotation drawn from [-degrees, degrees]")
     translate: float = Field(0.1, ge=0.0, le=0.5, description="fraction of the image size")
-    scale_min: float = Field(0.9, gt=0.0, le=10.0)
-    scale_max: float = Field(1.1, gt=0.0, le=10.0)
+    scale_min: float = Field(0.9, gt=0.0, le=10.0, description="affine: smallest zoom factor (at most scale_max)")
+    scale_max: float = Field(1.1, gt=0.0, le=10.0, description="affine: largest zoom factor")
     shear: float = Field(0.0, ge=0.0, le=60.0, description="degrees")
 
     @model_validator(mode="after")
@@ -119,11 +126,13 @@ class LoopConfig(ConfigModel):
 class OptimizerSettings(ConfigModel):
     """The outer-loop optimizer of a few-shot run and its learning-rate schedule."""
 
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="outer-loop optimizer (sgd uses momentum)")
     meta_lr: float = Field(1e-3, gt=0.0, description="outer-loop learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_schedule: Literal["constant", "step", "cosine", "linear"] = "constant"
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty passed to the optimizer (0: off)")
+    lr_schedule: Literal["constant", "step", "cosine", "linear"] = Field(
+        "constant", description="learning rate after warm-up: constant; step (times lr_gamma every lr_step_size "
+        "steps); cosine or linear (annealed to 0 at meta_steps)")
     lr_step_size: int = Field(2000, ge=1, description="step schedule: steps between decays")
     lr_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
@@ -134,9 +143,11 @@ class TrainLoopConfig(LoopConfig):
     """The loop settings of a few-shot run (the ``train`` section less the optimizer's)."""
 
     meta_steps: int = Field(1000, ge=1, description="optimizer steps (one meta-batch each)")
-    meta_batch_size: int = Field(1, ge=1, le=4096, description="tasks per optimizer step (episodic algorithms; transfer uses algorithm.batch_size images)")
+    meta_batch_size: int = Field(1, ge=1, le=4096, description="tasks per optimizer step (episodic algorithms; "
+                                 "transfer uses algorithm.batch_size images)")
     log_every: int = Field(50, ge=1, description="write a metrics line every this many steps")
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where the run trains (auto: cuda when available, else cpu)")
     channels_last: bool = Field(True, description="channels_last memory format for conv backbones")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: autocast the training forward pass to bfloat16 (evaluation stays fp32)"
@@ -149,7 +160,9 @@ class TrainConfig(TrainLoopConfig, OptimizerSettings):
 
     @classmethod
     def compose(cls, loop: Any = None, optimizer: Any = None) -> "TrainConfig":
-        """A train section from its two parts (config objects or mappings of their fields)."""
+        """A train section from its two parts, ``loop`` (the :class:`TrainLoopConfig` fields) and
+        ``optimizer`` (the :class:`OptimizerSettings` fields), each a config object or a mapping of
+        its fields (None: defaults)."""
         parts = {}
         for part, model, name in ((loop, TrainLoopConfig, "loop"), (optimizer, OptimizerSettings, "optimizer")):
             if isinstance(part, ConfigModel):  # (e.g. a whole train section: its fields of this part)
@@ -158,10 +171,15 @@ class TrainConfig(TrainLoopConfig, OptimizerSettings):
         return parse_config(cls, parts, "train", owner="Trainer")
 
     def optimizer_settings(self) -> OptimizerSettings:
+        """The optimizer part of this section, as an :class:`OptimizerSettings`."""
         return OptimizerSettings(**self.model_dump(include=set(OptimizerSettings.model_fields)))
 
 
 class RunConfig(ConfigModel):
+    """A whole few-shot run: its seed and output folder, and one section per concern (``data``,
+    ``task``, ``eval``, ``augment``, ``algorithm``, ``backbone``, ``train``, ``monitor``). A
+    meta-batch may hold at most ``MAX_EXAMPLES_PER_STEP`` examples."""
+
     seed: int = Field(0, ge=0, description="seed of initialisation and training episodes")
     out_dir: str = Field("runs/default", description="where checkpoints and logs go")
     data: SerializeAsAny[DataSourceConfig] = Field(
@@ -189,11 +207,13 @@ class RunConfig(ConfigModel):
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (what ``config.json`` and checkpoint metadata hold)."""
         return self.model_dump(mode="json")
 
 
 def make_config(data: Any = None) -> RunConfig:
-    """Validate a plain mapping (e.g. parsed YAML) into a :class:`RunConfig`."""
+    """Validate ``data``, a plain mapping (e.g. parsed YAML), into a :class:`RunConfig` and return
+    it; a :class:`RunConfig` is returned as it is, None gives the defaults."""
     if isinstance(data, RunConfig):
         return data
     if not isinstance(data, Mapping):
@@ -206,6 +226,7 @@ def make_config(data: Any = None) -> RunConfig:
 
 
 def builtin_configs() -> dict[str, Path]:
+    """The built-in run configs shipped in ``metafit/configs``: name (file stem) to YAML path."""
     root = resources.files("metafit") / "configs"
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
@@ -227,8 +248,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a config from a YAML path, a built-in name (see ``builtin_configs``) or a mapping,
-    apply ``key=value`` overrides (values parsed as YAML), and validate."""
+    """Load a :class:`RunConfig` from ``source``, a YAML path, a built-in name (see
+    ``builtin_configs``) or a mapping (None: the defaults), apply ``overrides``, a list of
+    ``key=value`` strings (values parsed as YAML), and return it validated."""
     data = config_source(source, builtin_configs(), "config")
     apply_overrides(data, overrides, "train.meta_lr=0.001")
     return make_config(data)

@@ -98,7 +98,9 @@ def _append(rows: list[dict], row: dict) -> None:
 
 
 def read_run(run_dir: str | os.PathLike) -> RunLog:
-    """Read a run folder written by the trainer (see the module docstring)."""
+    """Read the run folder ``run_dir`` written by the trainer (see the module docstring) and return
+    its :class:`RunLog`; a path to its ``metrics.jsonl``, ``report.json`` or ``config.json`` stands
+    for the folder. A missing folder is a DataError."""
     path = Path(run_dir)
     if path.is_file() and path.name in ("metrics.jsonl", "report.json", "config.json"):
         path = path.parent
@@ -299,7 +301,8 @@ def plot_curves(runs: Sequence[RunLog], path: str | os.PathLike, metric: str = "
     (smoothed) and metric per kind of training task, the validation metric with its 95% CI band per
     validation setting (``metric="loss"``: training and validation losses). The x-axis is training
     time (``x="time"``: the rows' ``elapsed_s``, validation included) or images seen
-    (``x="images"``: steps x the images a step draws)."""
+    (``x="images"``: steps x the images a step draws). ``runs`` are the runs' logs (see
+    :func:`read_run`); the figure is written to ``path``, which is returned. Needs matplotlib."""
     from .plots import require_matplotlib
 
     require_matplotlib("Report", "drawing learning curves")

@@ -73,6 +73,7 @@ class EvalResult:
         return -self.mean if self.metric == "mse" else self.mean
 
     def to_dict(self, per_episode: bool = False) -> dict:
+        """The result's fields as a plain dict; the per-episode scores only with ``per_episode``."""
         d = asdict(self)
         if not per_episode:
             d.pop("per_episode")
@@ -119,7 +120,10 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
                    inner_steps: int | None = None, temperature: float | None = None,
                    on_predictions: Callable[[int, Task, torch.Tensor], None] | None = None) -> EvalResult:
     """Accuracy (or, for regression models, mean squared error) of ``model.task_logits`` on each
-    task; the model is put in eval mode and restored. ``inner_steps`` overrides the adaptation
+    of ``tasks``, summarised as an :class:`EvalResult`; the model is put in eval mode and restored.
+    Each task is moved to ``device``; ``channels_last`` puts the model and 4-D task images in the
+    channels_last memory format; ``progress``, when given, is called with 1 after each task (e.g. a
+    progress bar's ``update``). ``inner_steps`` overrides the adaptation
     steps of gradient-based learners (``adapt(..., steps=inner_steps)``). Classification also
     reports the expected calibration error of the pooled query predictions, and with a
     ``temperature`` (a calibrated checkpoint's) the ECE of ``softmax(logits / temperature)``.
@@ -175,7 +179,9 @@ def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, devic
                       channels_last: bool = False, progress: Callable | None = None,
                       inner_steps: int | None = None, temperature: float | None = None,
                       keep_predictions: int = 0) -> EvalResult:
-    """Evaluate on fixed episode descriptions of ``sampler`` (no augmentation).
+    """Evaluate ``model`` on ``episodes``, fixed episode descriptions of ``sampler`` (no
+    augmentation), and return the :class:`EvalResult`. ``device``, ``channels_last``, ``progress``,
+    ``inner_steps`` and ``temperature`` are passed to :func:`evaluate_tasks`.
 
     ``keep_predictions=n`` (classification, image episodes) also keeps, in ``result.predictions``
     (an :class:`EvalPredictions`), the true and predicted dataset class of every query and the

@@ -18,7 +18,8 @@ __all__ = ["CSV_COLUMNS", "MetricsLog", "kept_rows", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write a JSON report atomically (a crash never leaves a half-written file).
+    """Write ``data`` as a JSON report to ``path`` atomically (a crash never leaves a half-written
+    file) and return the path.
 
     Nested objects are indented, but a list or object holding only scalars is written on one line,
     so that a learning curve (a list of rows) takes one line per row instead of one per number."""

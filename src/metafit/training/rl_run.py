@@ -11,9 +11,9 @@ RL² trial, MAML-RL before and after each inner step); the best validation score
 its optimizer, the task and torch RNG streams, the weight average). With ``train.weight_average``
 an exponential moving average of the weights is scored beside the live weights at every
 validation, and ``best.safetensors`` keeps whichever scored higher. ``train.init_from`` starts a run
-from another run's kept weights (same learner and network; e.g. a longer RL² trial). Logs: ``metrics.jsonl``, TensorBoard, and a
-learning-curve PNG. Test: ``test_tasks`` fixed tasks from another seed, mean and 95% CI at every
-adaptation point.
+from another run's kept weights (same learner and network; e.g. a longer RL² trial). Logs:
+``metrics.jsonl``, TensorBoard, and a learning-curve PNG. Test: ``test_tasks`` fixed tasks from
+another seed, mean and 95% CI at every adaptation point.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class RLTrainConfig(LoopConfig):
 
 
 class RLRunConfig(ConfigModel):
+    """A whole meta-RL run (``metafit rl train``): its seed and output folder, the environment
+    ``family`` (name and settings), the ``learner`` (its name selects its config class) and the
+    ``train`` section (loop, devices, validation and test tasks)."""
+
     kind: Literal["rl"] = "rl"
     seed: int = Field(0, ge=0, description="seed of initialisation and training tasks")
     out_dir: str = Field("runs/rl", description="where checkpoints and logs go")
@@ -91,6 +95,7 @@ class RLRunConfig(ConfigModel):
     train: RLTrainConfig = RLTrainConfig()
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (what ``config.json`` and checkpoint metadata hold)."""
         return self.model_dump(mode="json")
 
 
@@ -111,13 +116,15 @@ def make_rl_config(data: Any) -> RLRunConfig:
 
 
 def builtin_rl_configs() -> dict[str, Path]:
+    """The built-in meta-RL run configs shipped in ``metafit/configs/rl``: name (file stem) to YAML path."""
     root = resources.files("metafit") / "configs" / "rl"
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
 def load_rl_config(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> RLRunConfig:
-    """A meta-RL run config from a YAML path, a built-in name or a mapping, with ``key=value``
-    overrides (values parsed as YAML)."""
+    """The validated meta-RL run config of ``source``, a YAML path, a built-in name (see
+    ``builtin_rl_configs``) or a mapping, with ``overrides``, a list of ``key=value`` strings
+    (values parsed as YAML), applied."""
     data = config_source(source, builtin_rl_configs(), "RL config")
     apply_overrides(data, overrides, "train.iterations=100")
     return make_rl_config(data)
@@ -148,8 +155,9 @@ def learner_device(learner: RLLearner) -> torch.device:
 
 
 def load_rl(path: str | os.PathLike, device: str | None = None) -> RLLearner:
-    """The learner of a meta-RL checkpoint (eval mode), with ``run_config`` and ``checkpoint_meta``,
-    on ``device`` ("cpu", "cuda", "auto"; default the CPU)."""
+    """The learner of the meta-RL checkpoint at ``path`` (eval mode), with ``run_config`` and
+    ``checkpoint_meta``, on ``device`` ("cpu", "cuda", "auto"; default the CPU). A few-shot
+    checkpoint, or one whose config or tensors do not fit this version, is a CheckpointError."""
     meta, tensors = read_checkpoint(path)
     if kind_of(meta) != "rl":
         raise CheckpointError(
@@ -212,7 +220,8 @@ def _init_from(learner: RLLearner, path: str, config: RLRunConfig) -> None:
 def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train (the one loop, :class:`metafit.training.loop.Loop`, with the meta-RL run,
     :class:`metafit.training.rl_learning.RLRun`), keep the best checkpoint on the validation
-    tasks, then test it; returns (and writes to ``<out_dir>/report.json``) a summary. Like the
+    tasks, then test it (unless ``test`` is false) and return (and write to
+    ``<out_dir>/report.json``) a summary of the run ``config`` describes. Like the
     supervised trainer, a folder holding an earlier run is refused unless ``resume`` (continue
     it) or ``overwrite`` (delete what that run wrote first)."""
     tc, out = config.train, Path(config.out_dir)
@@ -247,8 +256,10 @@ def train_rl(config: RLRunConfig, resume: bool = False, test: bool = True, overw
 
 def evaluate_rl_checkpoint(path: str | os.PathLike, tasks: int | None = None, seed: int | None = None,
                            device: str | None = None) -> dict[str, Any]:
-    """Returns at every adaptation point (mean, 95% CI) on fixed test tasks (default: the run's
-    ``test_tasks`` from ``eval_seed + 1``), on ``device`` (default the CPU)."""
+    """Evaluate the meta-RL checkpoint at ``path``: returns at every adaptation point (mean, 95%
+    CI) on ``tasks`` fixed test tasks drawn from ``seed`` (defaults: the run's ``test_tasks`` and
+    ``eval_seed + 1``), on ``device`` (default the CPU). Returns a dict with those figures, the
+    checkpoint, learner, device, family, seed and seconds taken."""
     learner = load_rl(path, device)
     tc = learner.run_config.train
     n = tasks if tasks is not None else tc.test_tasks

@@ -233,9 +233,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
                         algorithm_overrides: dict[str, Any] | None = None,
                         plots: str | os.PathLike | None = None) -> dict[str, Any]:
     """Accuracy (regression: mean squared error) of a checkpoint on fixed episodes of a split
-    (task settings default to the checkpoint's ``eval`` section). Test episodes of the same seed
-    are those the trainer reports. ``inner_steps`` overrides a gradient-based learner's
-    adaptation steps; ``algorithm_overrides`` changes adaptation-only fields of the algorithm
+    (task settings default to the checkpoint's ``eval`` section); returns a dict of the settings
+    used and the :class:`EvalResult` fields. ``n_ways``, ``k_shots``, ``n_queries``, ``within_group``,
+    ``episodes`` and ``seed`` override that section's task shape, number of episodes and seed (None:
+    the section's; the test split's seed is offset as in training), so test episodes of the same
+    seed are those the trainer reports. ``data_root`` points the checkpoint's data source at another
+    folder; ``splits`` passes the class splits already loaded instead; ``device`` is where the model
+    runs; ``progress``, when given, is called with 1 after each episode. ``inner_steps`` overrides
+    a gradient-based learner's adaptation steps; ``algorithm_overrides`` changes adaptation-only fields of the algorithm
     (see :func:`with_algorithm_overrides`). ``data`` evaluates on another data source
     (cross-domain, :func:`cross_domain_data`): ``folder:PATH`` (every class a test class unless
     the tree has train/val/test folders, then ``split``'s) or a built-in source ``NAME`` /
@@ -306,7 +311,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
 
 
 def evaluate_runs(checkpoint: str | os.PathLike, runs_dir: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
-    """Accuracy and error rate on Lake's one-shot runs (one N-way 1-shot task per run)."""
+    """Accuracy and error rate of ``checkpoint`` on Lake's one-shot runs (one N-way 1-shot task per
+    run) in the folder ``runs_dir``, evaluated on ``device``; returns a dict of the
+    :class:`EvalResult` fields, the error rate and each run's accuracy (``per_run``)."""
     model = load(checkpoint, device)
     dc = model.run_config.data
     runs = load_runs(runs_dir, dc.image_size, dc.in_channels, invert=dc.name == "omniglot" or dc.invert)

@@ -18,8 +18,9 @@ __all__ = ["MAX_LISTED_CLASSES", "check_split_sizes", "describe_split", "make_sa
 
 def resolve_device(name: str, field: str = "train.device",
                    fix: str = "Use --set train.device=cpu (or auto).") -> torch.device:
-    """The torch device a config's ``field`` names; ``auto`` is cuda when available. A device this
-    machine lacks is a ConfigError that names ``field`` and ends with ``fix``."""
+    """The torch device that ``name`` (the value of a config's ``field``: ``auto``, ``cpu``,
+    ``cuda``, ``mps``) stands for; ``auto`` is cuda when available. A device this machine lacks is
+    a ConfigError that names ``field`` and ends with ``fix``."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,10 +34,11 @@ def resolve_device(name: str, field: str = "train.device",
 
 def make_sampler(data: ImageClasses | SinusoidFamily, config: RunConfig, split: str,
                  seed: int) -> EpisodeSampler | SinusoidSampler | ClassBatchSampler:
-    """The sampler for ``split``: training tasks (with augmentation) or evaluation tasks
-    (``val``/``test``: the ``eval`` section, no augmentation). Algorithms that pretrain on
-    standard mini-batches (``training_data == "batches"``) get a :class:`ClassBatchSampler`
-    for the training split."""
+    """The sampler of ``data`` (the classes of ``split``, or a sinusoid family) for ``split``:
+    training tasks (the ``task`` section of ``config``, with augmentation) or evaluation tasks
+    (``val``/``test``: the ``eval`` section, no augmentation), its random stream seeded by
+    ``seed``. Algorithms that pretrain on standard mini-batches (``training_data == "batches"``)
+    get a :class:`ClassBatchSampler` for the training split."""
     t = config.task if split == "train" else config.eval
     if isinstance(data, SinusoidFamily):
         return data.sampler(t.k_shots, t.n_queries, seed)

@@ -108,11 +108,12 @@ class Trainer:
         objects: ``algorithm`` (a model built in Python), ``data`` (splits or a data config),
         ``optimizer`` (:class:`~metafit.training.config.OptimizerSettings`), ``loop``
         (:class:`~metafit.training.config.TrainLoopConfig` fields: meta_steps, eval_every, ...),
-        and optionally ``task``, ``eval``, ``augment``, ``monitor``, ``seed``.
-        ``pretrained=False`` skips reading ``backbone.weights`` (a run about to resume from
-        its own checkpoint). ``on_validate(step, result)`` is called after every validation (on
-        every rank, with the same result); an exception it raises (e.g. ``optuna.TrialPruned``)
-        stops training and propagates after the log is closed."""
+        and optionally ``task``, ``eval``, ``augment``, ``monitor``, ``seed``. ``out_dir`` is where
+        checkpoints and logs go (None: the config's ``out_dir``). ``pretrained=False`` skips
+        reading ``backbone.weights`` (a run about to resume from its own checkpoint).
+        ``on_validate(step, result)`` is called after every validation (on every rank, with the
+        same result); an exception it raises (e.g. ``optuna.TrialPruned``) stops training and
+        propagates after the log is closed."""
         model = None
         if algorithm is not None:
             if config is not None or splits is not None:
@@ -222,9 +223,11 @@ class Trainer:
     monitor = property(lambda self: self.loop.guard.monitor)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` under the ``train`` section's schedule and warm-up."""
         return lr_at(self.config.train, step)
 
     def validate(self) -> EvalResult:
+        """The model's result on the fixed validation episodes (logs and checkpoints nothing)."""
         return self.run.evaluate()
 
     def _validated(self, step: int, validation: Validation) -> None:
@@ -233,7 +236,10 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str, metrics: dict | None = None, resumable: bool = True) -> Path:
-        """Write ``out_dir/name`` (rank 0 only; the other ranks wait until it is on disk)."""
+        """Write ``out_dir/name`` (rank 0 only; the other ranks wait until it is on disk) and return
+        its path: the model, with ``metrics`` in its metadata (None: the best validation result, its
+        step and the training time so far), and with ``resumable`` the optimizer, random and loop
+        state that :meth:`resume` needs."""
         return self.loop.save(name, metrics, resumable)
 
     def resume(self, path: str | Path | None = None) -> None:

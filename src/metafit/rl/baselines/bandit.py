@@ -42,7 +42,12 @@ __all__ = ["BanditAgent", "RandomBandit", "GittinsBandit", "ThompsonBandit", "UC
 
 
 class BanditAgent:
-    """Base: Beta-Bernoulli counts per environment and arm, updated after every pull."""
+    """Base: Beta-Bernoulli counts per environment and arm, updated after every pull.
+
+    ``prior`` is the pair of Beta pseudo-counts ``(a0, b0)`` (successes, failures; both >= 0)
+    added to the observed counts. Subclasses implement :meth:`act`; a trial is
+    :meth:`begin_trial`, then :meth:`act` and :meth:`observe` once per pull (see
+    :func:`~metafit.rl.baselines.trials.run_bandit_trials`)."""
 
     name = "agent"
 
@@ -51,6 +56,8 @@ class BanditAgent:
 
     def begin_trial(self, num_envs: int, n_arms: int, n_pulls: int, *, seed: int = 0,
                     device: torch.device | str = "cpu") -> None:
+        """Start a trial of ``n_pulls`` pulls in ``num_envs`` environments of ``n_arms`` arms: counts
+        to 0 on ``device``, the agent's random streams seeded with ``seed``."""
         self.device = torch.device(device)
         self.num_envs, self.n_arms, self.n_pulls = num_envs, n_arms, n_pulls
         self.successes = torch.zeros(num_envs, n_arms, device=self.device)
@@ -60,14 +67,17 @@ class BanditAgent:
         self.np_rng = np.random.default_rng(int(seed))
 
     def posterior_mean(self) -> torch.Tensor:
+        """Each arm's posterior mean success probability ``(s + a0) / (n + a0 + b0)``, ``[num_envs, n_arms]``."""
         a0, b0 = self.prior
         n = self.successes + self.failures
         return (self.successes + a0) / (n + a0 + b0).clamp_min(1e-12)
 
     def act(self) -> torch.Tensor:
+        """The arm to pull next in every environment, ``[num_envs]`` (long)."""
         raise NotImplementedError
 
     def observe(self, actions: torch.Tensor, rewards: torch.Tensor) -> None:
+        """Count the pull: ``actions`` (the arms pulled, ``[num_envs]``) paid ``rewards`` (0 or 1, ``[num_envs]``)."""
         r = rewards.to(self.successes.dtype).view(-1, 1)
         idx = actions.view(-1, 1)
         self.successes.scatter_add_(1, idx, r)
@@ -76,14 +86,18 @@ class BanditAgent:
 
 
 class RandomBandit(BanditAgent):
+    """A uniformly random arm at every pull. ``prior`` as for :class:`BanditAgent` (unused by its choices)."""
+
     name = "random"
 
     def act(self) -> torch.Tensor:
+        """A uniform arm per environment, ``[num_envs]``."""
         return torch.randint(0, self.n_arms, (self.num_envs,), generator=self.generator, device=self.device)
 
 
 class EpsilonGreedyBandit(BanditAgent):
-    """Posterior-mean greedy with probability ``1 - epsilon``, uniform otherwise."""
+    """Posterior-mean greedy with probability ``1 - epsilon``, uniform otherwise; ``prior`` gives
+    the Beta pseudo-counts of the posterior mean (see :class:`BanditAgent`)."""
 
     def __init__(self, epsilon: float = 0.0, prior: Sequence[float] = (1.0, 1.0)) -> None:
         super().__init__(prior)
@@ -91,6 +105,8 @@ class EpsilonGreedyBandit(BanditAgent):
         self.name = "greedy" if self.epsilon == 0 else "epsilon-greedy"
 
     def act(self) -> torch.Tensor:
+        """Per environment, the arm of the largest posterior mean (ties at random), or with
+        probability ``epsilon`` a uniform arm; ``[num_envs]``."""
         greedy = random_argmax(self.posterior_mean(), self.generator)
         if self.epsilon == 0:
             return greedy
@@ -109,6 +125,8 @@ class UCB1Bandit(BanditAgent):
         self.c = check_nonnegative("UCB1Bandit", "c", c)
 
     def act(self) -> torch.Tensor:
+        """Per environment, the arm of the largest UCB index (ties at random; arms with no
+        pseudo-counts first), ``[num_envs]``."""
         a0, b0 = self.prior
         n = self.successes + self.failures + a0 + b0
         mean = (self.successes + a0) / n.clamp_min(1e-12)
@@ -120,7 +138,8 @@ class UCB1Bandit(BanditAgent):
 
 class ThompsonBandit(BanditAgent):
     """One sample from each arm's Beta posterior; play the largest. With ``n_samples > 1`` (the
-    RL² paper's "OTS"), the most probable of ``n_samples`` joint posterior draws is used."""
+    RL² paper's "OTS"), the most probable of ``n_samples`` joint posterior draws is used.
+    ``prior``: the Beta prior ``(a0, b0)``, both positive."""
 
     def __init__(self, prior: Sequence[float] = (1.0, 1.0), n_samples: int = 1) -> None:
         super().__init__(prior)
@@ -144,11 +163,14 @@ class ThompsonBandit(BanditAgent):
         return theta[logp.argmax(0), torch.arange(theta.shape[1])].to(self.device)
 
     def act(self) -> torch.Tensor:
+        """Per environment, the arm of the largest posterior draw (see :meth:`index`), ``[num_envs]``."""
         return random_argmax(self.index(), self.generator)
 
 
 class GittinsBandit(BanditAgent):
-    """Largest finite-horizon Gittins index (see :mod:`metafit.rl.baselines.gittins`)."""
+    """Largest finite-horizon Gittins index (see :mod:`metafit.rl.baselines.gittins`). ``prior``: the
+    Beta prior ``(a0, b0)``, both positive; ``grid``: the points of the index table's grid (see
+    :func:`~metafit.rl.baselines.gittins.finite_horizon_gittins_table`)."""
 
     name = "gittins"
 
@@ -161,12 +183,16 @@ class GittinsBandit(BanditAgent):
 
     def begin_trial(self, num_envs: int, n_arms: int, n_pulls: int, *, seed: int = 0,
                     device: torch.device | str = "cpu") -> None:
+        """As :meth:`BanditAgent.begin_trial` (``num_envs``, ``n_arms``, ``n_pulls``, ``seed``,
+        ``device``), and compute (or fetch from the cache) the index table for ``n_pulls`` pulls."""
         super().begin_trial(num_envs, n_arms, n_pulls, seed=seed, device=device)
         table = finite_horizon_gittins_table(n_pulls, self.prior, self.grid)
         self._table = table.to(self.device, torch.float32).reshape(n_pulls + 1, -1)
         self._side = n_pulls + 1
 
     def act(self) -> torch.Tensor:
+        """Per environment, the arm of the largest index given its counts and the pulls left (ties
+        at random), ``[num_envs]``; a pull past ``n_pulls`` is a ConfigError."""
         remaining = self.n_pulls - self.t
         if remaining < 1:
             raise ConfigError(constraint_message("GittinsBandit", "pulls", f"at most n_pulls = {self.n_pulls}",

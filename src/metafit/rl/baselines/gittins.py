@@ -92,8 +92,11 @@ def _table(n: int, a0: float, b0: float, grid: int, chunk: int) -> torch.Tensor:
 def finite_horizon_gittins_table(n_pulls: int, prior: tuple[float, float] = (1.0, 1.0), grid: int = 201,
                                  chunk: int = 64) -> torch.Tensor:
     """``index[r, s, f]`` (float64, shape ``[n + 1] * 3``) for ``r = 1..n`` pulls left and
-    ``s, f <= n - r``; entry ``r = 0`` is 0. Cached per arguments. ``n_pulls`` is at most
-    :data:`MAX_GITTINS_PULLS` (time and memory grow as ``n^3``: 100 pulls take about a second and 40 MB)."""
+    ``s, f <= n - r``; entry ``r = 0`` is 0. Cached per arguments. ``n_pulls`` (``n``) is at most
+    :data:`MAX_GITTINS_PULLS` (time and memory grow as ``n^3``: 100 pulls take about a second and 40 MB).
+    ``prior`` is the Beta prior ``(a0, b0)`` (both positive); ``grid`` the number of points of the
+    uniform grid of ``[0, 1]`` the roots are bracketed on (see the module docstring); ``chunk`` how
+    many grid points are computed at once (bounds memory, not the result)."""
     owner = "finite_horizon_gittins_table"
     n = check_int(owner, "n_pulls", n_pulls, 1)
     if n > MAX_GITTINS_PULLS:

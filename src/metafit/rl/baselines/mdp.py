@@ -12,8 +12,9 @@ precision 1, Dirichlet(1) transitions; the task distribution itself has reward m
   the sampled finite-horizon MDP by backward induction, act greedily.
 * ``OptimisticPSRL``: ``n_samples`` posterior samples, the pointwise maximum of their Q tables.
 * ``UCRL2``: extended value iteration on the empirical MDP with an L1 transition ball and a reward
-  bonus, radii ``scaling * sqrt(4 S log(2 S A (k+1) / 0.05) / n)`` and
-  ``scaling * sqrt(4 log(2 S A (k+1) / 0.05) / n)`` (``k`` the episode, ``n`` the visits) as in
+  bonus, radii ``scaling * sqrt(4 S log(2 S A (k+1) / delta) / n)`` and
+  ``scaling * sqrt(4 log(2 S A (k+1) / delta) / n)`` (``k`` the episode counted from 1, ``n`` the
+  visits, ``delta = 0.05`` by default) as in
   TabulaRL; ``scaling`` tuned on a log grid. (TabulaRL's loop mutates the estimated transition row
   in place across the backward-induction steps; we do not reproduce that bug.)
 * ``BEB``: TabulaRL's Bayesian exploration bonus: posterior-mean MDP, reward bonus
@@ -27,6 +28,7 @@ precision 1, Dirichlet(1) transitions; the task distribution itself has reward m
   what remembering one running mean per state-action pair is worth on these MDPs.
 
 Runners: :func:`run_bandit_trials`, :func:`run_mdp_trials`; :func:`tune` picks a parameter on a
+grid of tuning instances (all in :mod:`metafit.rl.baselines.trials`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ __all__ = ["MDPAgent", "RandomMDP", "PSRL", "OptimisticPSRL", "UCRL2", "BEB", "E
 class MDPAgent:
     """Base: conjugate statistics per environment -- visit counts, reward sums and transition
     counts -- with a Normal prior ``N(reward_prior_mean, 1 / reward_prior_precision)`` on each mean
-    reward (known noise precision ``noise_precision``) and ``Dirichlet(dirichlet_prior)`` rows."""
+    reward (known noise precision ``noise_precision``) and ``Dirichlet(dirichlet_prior)`` rows.
+
+    Subclasses implement :meth:`plan` (or :meth:`act`); a trial is :meth:`begin_trial`, then per
+    episode :meth:`begin_episode` and, per step, :meth:`act` and :meth:`observe` (see
+    :func:`~metafit.rl.baselines.trials.run_mdp_trials`)."""
 
     name = "agent"
 
@@ -65,6 +71,9 @@ class MDPAgent:
 
     def begin_trial(self, num_envs: int, n_states: int, n_actions: int, horizon: int, *, seed: int = 0,
                     device: torch.device | str = "cpu") -> None:
+        """Start a trial in ``num_envs`` environments of ``n_states`` states, ``n_actions`` actions
+        and episodes of ``horizon`` steps: statistics to 0 on ``device``, the agent's random streams
+        seeded with ``seed``."""
         self.device = torch.device(device)
         self.num_envs, self.n_states, self.n_actions, self.horizon = num_envs, n_states, n_actions, horizon
         N, S, A = num_envs, n_states, n_actions
@@ -78,19 +87,23 @@ class MDPAgent:
 
     # posterior --------------------------------------------------------------------------------
     def reward_posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Normal posterior of each mean reward: ``(mean, precision)``, each ``[N, S, A]``."""
         precision = self.tau0 + self.tau * self.visits
         mean = (self.tau0 * self.mu0 + self.tau * self.reward_sum) / precision
         return mean, precision
 
     def transition_posterior(self) -> torch.Tensor:
+        """The Dirichlet posterior parameters of each transition row, ``[N, S, A, S]``."""
         return self.trans_counts + self.alpha0
 
     def posterior_mean_mdp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior-mean MDP: ``(rewards [N, S, A], transitions [N, S, A, S])``."""
         mean, _ = self.reward_posterior()
         alpha = self.transition_posterior()
         return mean, alpha / alpha.sum(-1, keepdim=True)
 
     def sample_mdp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MDP drawn from the posterior per environment: ``(rewards [N, S, A], transitions [N, S, A, S])``."""
         mean, precision = self.reward_posterior()
         noise = torch.randn(mean.shape, generator=self.generator, dtype=torch.float64, device=self.device)
         rewards = mean + noise / precision.sqrt()
@@ -105,13 +118,18 @@ class MDPAgent:
         raise NotImplementedError
 
     def begin_episode(self, episode: int) -> None:
+        """Plan the coming episode (``episode`` counts from 0 within the trial): see :meth:`plan`."""
         self.Q = self.plan(episode)
 
     def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        """The action in each environment's current state (``states [N]``) at step ``t`` of the
+        episode: the largest planned Q value (ties at random); ``[N]``."""
         return random_argmax(self.Q[self._rows, t, states], self.generator)
 
     def observe(self, states: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                 next_states: torch.Tensor) -> None:
+        """Update the statistics with one step per environment: ``actions`` taken in ``states``
+        paid ``rewards`` and led to ``next_states`` (``[N]`` each)."""
         S, A = self.n_states, self.n_actions
         sa = states * A + actions
         ones = torch.ones(self.num_envs, 1, dtype=torch.float64, device=self.device)
@@ -121,17 +139,23 @@ class MDPAgent:
 
 
 class RandomMDP(MDPAgent):
+    """Uniformly random actions. ``reward_prior_mean``, ``reward_prior_precision``,
+    ``noise_precision`` and ``dirichlet_prior`` as for :class:`MDPAgent` (unused by its choices)."""
+
     name = "random"
 
     def begin_episode(self, episode: int) -> None:
+        """Nothing to plan (``episode`` is ignored)."""
         pass
 
     def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        """A uniform action per environment, ``[N]`` (``states`` and ``t`` are ignored)."""
         return torch.randint(0, self.n_actions, (self.num_envs,), generator=self.generator, device=self.device)
 
 
 class PSRL(MDPAgent):
-    """Posterior sampling for RL (Osband et al. 2013): one posterior MDP per episode."""
+    """Posterior sampling for RL (Osband et al. 2013): one posterior MDP per episode. The prior
+    arguments are those of :class:`MDPAgent`."""
 
     name = "psrl"
 
@@ -141,7 +165,8 @@ class PSRL(MDPAgent):
 
 
 class OptimisticPSRL(MDPAgent):
-    """``n_samples`` posterior MDPs per episode; act on the pointwise maximum of their Q tables."""
+    """``n_samples`` posterior MDPs per episode; act on the pointwise maximum of their Q tables.
+    ``prior``: keyword arguments for :class:`MDPAgent` (``reward_prior_mean``, ...)."""
 
     name = "optimistic-psrl"
 
@@ -158,7 +183,9 @@ class OptimisticPSRL(MDPAgent):
 
 
 class EpsilonGreedyMDP(MDPAgent):
-    """Greedy on the posterior-mean MDP (vague priors, as TabulaRL), uniform with prob. ``epsilon``."""
+    """Greedy on the posterior-mean MDP (vague priors, as TabulaRL), uniform with prob. ``epsilon``.
+    ``reward_prior_mean``, ``reward_prior_precision``, ``noise_precision`` and ``dirichlet_prior``
+    as for :class:`MDPAgent` (vague by default)."""
 
     def __init__(self, epsilon: float = 0.0, reward_prior_mean: float = 0.0, reward_prior_precision: float = 1e-4,
                  noise_precision: float = 1.0, dirichlet_prior: float = 1e-4) -> None:
@@ -170,6 +197,8 @@ class EpsilonGreedyMDP(MDPAgent):
         return solve_finite_horizon(*self.posterior_mean_mdp(), self.horizon)[0]
 
     def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        """The greedy action in ``states`` at step ``t`` (see :meth:`MDPAgent.act`), or with
+        probability ``epsilon`` a uniform one; ``[N]``."""
         greedy = super().act(states, t)
         if self.epsilon == 0:
             return greedy
@@ -179,7 +208,11 @@ class EpsilonGreedyMDP(MDPAgent):
 
 
 class UCRL2(MDPAgent):
-    """Optimism with L1 transition confidence sets (Jaksch et al. 2010), finite-horizon form."""
+    """Optimism with L1 transition confidence sets (Jaksch et al. 2010), finite-horizon form (see
+    the module docstring): ``scaling`` multiplies both confidence radii, ``delta`` is the confidence
+    parameter inside their logarithm. ``reward_prior_mean``, ``reward_prior_precision``,
+    ``noise_precision`` and ``dirichlet_prior`` as for :class:`MDPAgent` (vague by default: the
+    empirical MDP)."""
 
     name = "ucrl2"
 
@@ -204,7 +237,8 @@ def extended_value_iteration(rewards: torch.Tensor, transitions: torch.Tensor, p
                              horizon: int) -> torch.Tensor:
     """Optimistic backward induction: at each step every row ``P[s, a]`` moves up to
     ``p_slack[s, a] / 2`` of probability onto the best next state, taken from the worst ones
-    (Jaksch et al. 2010). ``rewards [N, S, A]`` (bonus included). Returns ``Q [N, H, S, A]``."""
+    (Jaksch et al. 2010). ``rewards [N, S, A]`` (bonus included), ``transitions [N, S, A, S]``,
+    ``p_slack [N, S, A]``, ``horizon`` steps ``H``. Returns ``Q [N, H, S, A]``."""
     N, S, A = rewards.shape
     V = rewards.new_zeros(N, S)
     Q = rewards.new_zeros(N, horizon, S, A)
@@ -227,7 +261,8 @@ def extended_value_iteration(rewards: torch.Tensor, transitions: torch.Tensor, p
 
 
 class BEB(MDPAgent):
-    """Bayesian exploration bonus in TabulaRL's form (see the module docstring)."""
+    """Bayesian exploration bonus in TabulaRL's form (see the module docstring); ``scaling`` scales
+    the transition bonus, ``prior`` are keyword arguments for :class:`MDPAgent`."""
 
     name = "beb"
 
@@ -254,7 +289,9 @@ class BEB(MDPAgent):
 
 class MyopicMDP(MDPAgent):
     """Greedy on the posterior-mean reward of the current state only (see the module docstring);
-    the posterior is updated after every step."""
+    the posterior is updated after every step. ``bonus`` adds ``bonus / sqrt(precision)`` to each
+    mean (0: plain myopic); ``reward_prior_mean``, ``reward_prior_precision`` and
+    ``noise_precision`` as for :class:`MDPAgent` (the matched prior ``N(1, 1)`` by default)."""
 
     name = "myopic"
 
@@ -267,6 +304,8 @@ class MyopicMDP(MDPAgent):
         return None  # nothing to plan: act() reads the reward posterior of the current state
 
     def act(self, states: torch.Tensor, t: int) -> torch.Tensor:
+        """Per environment, the action of the largest (bonus-raised) posterior-mean reward in its
+        state (``states [N]``; ties at random; ``t`` is ignored); ``[N]``."""
         mean, precision = self.reward_posterior()
         score = mean + self.bonus / precision.sqrt() if self.bonus else mean
         return random_argmax(score[self._rows, states], self.generator)

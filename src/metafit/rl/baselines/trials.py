@@ -19,7 +19,8 @@ __all__ = ["run_bandit_trials", "run_mdp_trials", "tune", "mean_ci"]
 
 
 def run_bandit_trials(env: BatchedBandit, agent: BanditAgent, n_pulls: int, seed: int = 0) -> torch.Tensor:
-    """Play one trial of ``n_pulls`` in every environment; total reward per environment ``[N]``."""
+    """Play one trial of ``n_pulls`` pulls of ``agent`` in every environment of ``env`` (reset first),
+    the agent's random streams seeded with ``seed``; returns the total reward per environment ``[N]``."""
     check_int("run_bandit_trials", "n_pulls", n_pulls, 1)
     env.reset()
     agent.begin_trial(env.num_envs, env.n_arms, n_pulls, seed=seed, device=env.device)
@@ -35,7 +36,8 @@ def run_bandit_trials(env: BatchedBandit, agent: BanditAgent, n_pulls: int, seed
 def run_mdp_trials(env: BatchedMDP, agent: MDPAgent, n_episodes: int, seed: int = 0,
                    on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Play one trial of ``n_episodes`` episodes in every environment (all start together, every
-    episode lasts ``env.horizon`` steps); total reward per environment ``[N]``. ``on_step``, if
+    episode lasts ``env.horizon`` steps) with ``agent``, its random streams seeded with ``seed``;
+    returns the total reward per environment ``[N]``. ``on_step``, if
     given, is called after every step with the states acted in, the actions and the rewards ``[N]``
     (to record trajectories)."""
     check_int("run_mdp_trials", "n_episodes", n_episodes, 1)

@@ -39,7 +39,8 @@ FAMILIES: dict[str, type] = {
 
 
 def make_family(name: str, **settings) -> Family:
-    """A family by registry name, e.g. ``make_family("bandit", n_arms=10)``."""
+    """The family registered as ``name`` in :data:`FAMILIES`, built with ``settings`` (its dataclass
+    fields), e.g. ``make_family("bandit", n_arms=10)``. An unknown name or setting is a ConfigError."""
     if name not in FAMILIES:
         raise ConfigError(constraint_message("make_family", "name", f"one of {sorted(FAMILIES)}", name,
                                              "Choose one of the listed families."))

@@ -56,6 +56,7 @@ class BanditFamily:
         return self.n_arms
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[BanditTask]:
+        """``n`` bandits (:class:`BanditTask`) drawn from ``generator`` (None: torch's global stream)."""
         check_int("BanditFamily", "n", n, 1)
         probs = torch.rand(n, self.n_arms, generator=generator, dtype=torch.float64)
         return [BanditTask(p) for p in probs]
@@ -63,6 +64,9 @@ class BanditFamily:
     def batched(self, tasks: Sequence[BanditTask] | BanditTask, envs_per_task: int = 1, *,
                 seed: int | None = None, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu", check_actions: bool = True) -> "BatchedBandit":
+        """A :class:`BatchedBandit` playing ``tasks``, each in ``envs_per_task`` copies, on ``device``;
+        its noise comes from ``generator`` or, without one, a generator seeded with ``seed``;
+        ``check_actions`` validates every step's actions."""
         return BatchedBandit(tasks, envs_per_task, seed=seed, generator=generator, device=device,
                              check_actions=check_actions)
 
@@ -81,6 +85,12 @@ class BatchedBandit:
     (constant) state index 0, as a long tensor ``[N]``; every step ends an episode
     (``terminated`` is all True) and the next step starts a new pull of the same task, so a trial
     of ``n`` pulls is ``n`` calls to :meth:`step`.
+
+    ``tasks`` are :class:`BanditTask` objects (or one with a leading task dimension), each played
+    by ``envs_per_task`` environments on ``device``. Rewards are drawn from ``generator`` or,
+    without one, a new generator seeded with ``seed`` (None: a nondeterministic seed).
+    ``check_actions`` validates the actions of every step (turn it off to save time once they are
+    known to be valid).
     """
 
     n_states = 1
@@ -118,9 +128,9 @@ class BatchedBandit:
         return torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
 
     def step(self, actions: torch.Tensor):
-        """Pull one arm per environment. Returns ``(obs, reward, terminated, truncated, info)``:
-        obs ``[N]`` long (0), reward ``[N]`` float32 in {0, 1}, terminated all True, truncated all
-        False, info ``{"final_obs": obs}``."""
+        """Pull one arm per environment: ``actions`` holds the arm indices (long ``[N]``). Returns
+        ``(obs, reward, terminated, truncated, info)``: obs ``[N]`` long (0), reward ``[N]`` float32
+        in {0, 1}, terminated all True, truncated all False, info ``{"final_obs": obs}``."""
         if self.check:
             actions = _check_actions("BatchedBandit", actions, self.num_envs, self.n_arms)
         actions = actions.to(self.device)
@@ -137,5 +147,6 @@ class BatchedBandit:
         return self.env_probs
 
     def optimal_trial_reward(self, n_pulls: int) -> torch.Tensor:
-        """Expected total reward of a policy that knows the task, ``[N]``: ``n * max(p)``."""
+        """Expected total reward over ``n_pulls`` pulls of a policy that knows the task, ``[N]``:
+        ``n_pulls * max(p)``."""
         return n_pulls * self.env_probs.amax(dim=1)

@@ -22,19 +22,24 @@ class BatchedEnv(Protocol):
     """Many tasks x several copies of each, stepped together with tensors.
 
     Environment ``i`` plays task ``i // envs_per_task``. Finished episodes restart in the same
-    step and are counted in ``episode_count [N]``; tasks change only through ``set_tasks``."""
+    step and are counted in ``episode_count [N]``; tasks change only through ``set_tasks``.
+
+    A structural type: environments need not subclass it, and it is not instantiated itself;
+    each family's batched environment takes its own constructor arguments."""
 
     num_envs: int
     episode_count: torch.Tensor
 
-    def set_tasks(self, tasks: Sequence[Any]) -> None: ...
+    def set_tasks(self, tasks: Sequence[Any]) -> None:
+        """Swap in ``tasks`` (the family's task objects, any number); call :meth:`reset` afterwards."""
 
     def reset(self) -> torch.Tensor:
         """Start a trial; the first observations ``[N]`` (discrete) or ``[N, observation_size]``."""
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """``(obs, reward [N], terminated [N], truncated [N], info)``; ``info["final_obs"]`` holds
-        the observation each step reached before a finished episode restarted."""
+        """Apply ``actions``, one per environment (``[N]`` indices, or ``[N, action_size]`` floats),
+        and return ``(obs, reward [N], terminated [N], truncated [N], info)``; ``info["final_obs"]``
+        holds the observation each step reached before a finished episode restarted."""
 
 
 @runtime_checkable
@@ -51,6 +56,9 @@ class Family(Protocol):
     - ``horizon``: steps per episode (at most, where episodes can end early);
     - ``sample_tasks(n, generator)``: ``n`` tasks, reproducible from the generator;
     - ``make_env(task)``: a single-task Gymnasium environment (needs ``pip install "metafit[rl]"``).
+
+    A structural type: families need not subclass it, and it is not instantiated itself; a family's
+    constructor takes its settings.
     """
 
     task_type: type
@@ -69,9 +77,13 @@ class Family(Protocol):
     @property
     def horizon(self) -> int: ...
 
-    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list: ...
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list:
+        """``n`` tasks of this family (a list of ``task_type``), drawn from ``generator`` (None:
+        torch's global random stream)."""
 
-    def make_env(self, task: Any = None) -> Any: ...
+    def make_env(self, task: Any = None) -> Any:
+        """A single-task Gymnasium environment playing ``task`` (None: a task sampled when the
+        environment is reset); needs ``pip install "metafit[rl]"``."""
 
 
 @runtime_checkable
@@ -81,4 +93,6 @@ class BatchedFamily(Family, Protocol):
     observations also take ``dtype``)."""
 
     def batched(self, tasks: Sequence[Any], envs_per_task: int = 1, *, seed: int | None = None,
-                device: torch.device | str = "cpu", check_actions: bool = True) -> BatchedEnv: ...
+                device: torch.device | str = "cpu", check_actions: bool = True) -> BatchedEnv:
+        """A :class:`BatchedEnv` playing each of ``tasks`` in ``envs_per_task`` copies on ``device``;
+        ``seed`` seeds its noise, ``check_actions`` validates the actions of every step."""

@@ -4,8 +4,9 @@
 Built by a family's ``make_env(task)`` (the environment reads its settings from ``family``; this
 module never imports the families, which import it lazily). These follow the same rules as the
 batched torch environments (see each family's module) but are written independently in numpy on
-Gymnasium's seeded ``np_random``, one step at a time; the tests check that both agree. A task stays fixed until ``set_task``; an environment built without a task
-draws one from its family at the first ``reset`` (from the seeded RNG, so ``reset(seed=s)`` is
+Gymnasium's seeded ``np_random``, one step at a time; the tests check that both agree. A task
+stays fixed until ``set_task``; an environment built without a task draws one from its family at
+the first ``reset`` (from the seeded RNG, so ``reset(seed=s)`` is
 reproducible). Needs ``pip install "metafit[rl]"`` (HalfCheetah: ``"metafit[mujoco]"``).
 """
 
@@ -88,7 +89,9 @@ class _TaskEnv(gym.Env):
 
 
 class BanditEnv(_TaskEnv):
-    """One Bernoulli bandit; each pull is a one-step episode (``terminated=True``)."""
+    """One Bernoulli bandit of ``family`` (a :class:`~metafit.rl.envs.bandits.BanditFamily`); each
+    pull is a one-step episode (``terminated=True``). It plays ``task`` (None: a task sampled at the
+    first reset); ``set_task`` switches tasks."""
 
     def __init__(self, family: Any, task: Any = None) -> None:
         self.observation_space = spaces.Discrete(1)
@@ -115,7 +118,9 @@ class BanditEnv(_TaskEnv):
 
 
 class TabularMDPEnv(_TaskEnv):
-    """One tabular MDP; episodes of ``family.horizon`` steps from ``family.start_state``."""
+    """One tabular MDP of ``family`` (a :class:`~metafit.rl.envs.mdp.TabularMDPFamily`); episodes of
+    ``family.horizon`` steps from ``family.start_state``. It plays ``task`` (None: a task sampled at
+    the first reset); ``set_task`` switches tasks."""
 
     def __init__(self, family: Any, task: Any = None) -> None:
         self.observation_space = spaces.Discrete(family.n_states)
@@ -155,7 +160,9 @@ class TabularMDPEnv(_TaskEnv):
 
 
 class NavigationEnv(_TaskEnv):
-    """One point-navigation task (MAML variant; see :mod:`metafit.rl.envs.navigation`)."""
+    """One point-navigation task (MAML variant; see :mod:`metafit.rl.envs.navigation`) of ``family``
+    (a :class:`~metafit.rl.envs.navigation.NavigationFamily`). It plays ``task`` (None: a task
+    sampled at the first reset); ``set_task`` switches tasks."""
 
     def __init__(self, family: Any, task: Any = None) -> None:
         # the point starts at the origin and moves at most max_action per axis and step, so it never leaves

@@ -64,9 +64,10 @@ def sample_dirichlet(concentration: torch.Tensor, generator: torch.Generator | N
 
 @dataclass(frozen=True)
 class TabularMDPFamily:
-    """Random MDPs as in RL² (defaults): ``mu ~ N(reward_mean_loc, reward_mean_scale^2)``,
-    rewards ``N(mu, reward_std^2)``, transitions ``Dirichlet(dirichlet_alpha * 1)``, episodes of
-    ``horizon`` steps from ``start_state``."""
+    """Random MDPs as in RL² (defaults) with ``n_states`` states and ``n_actions`` actions:
+    ``mu ~ N(reward_mean_loc, reward_mean_scale^2)`` per state and action, rewards
+    ``N(mu, reward_std^2)``, transitions ``Dirichlet(dirichlet_alpha * 1)``, episodes of
+    ``horizon`` steps from ``start_state``. Invalid settings are a ConfigError."""
 
     n_states: int = 10
     n_actions: int = 5
@@ -105,6 +106,7 @@ class TabularMDPFamily:
                                                  self.start_state, "Pick an existing state."))
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[MDPTask]:
+        """``n`` MDPs (:class:`MDPTask`) drawn from ``generator`` (None: torch's global stream)."""
         check_int("TabularMDPFamily", "n", n, 1)
         S, A = self.n_states, self.n_actions
         mu = self.reward_mean_loc + self.reward_mean_scale * torch.randn(n, S, A, generator=generator,
@@ -115,6 +117,9 @@ class TabularMDPFamily:
     def batched(self, tasks: Sequence[MDPTask] | MDPTask, envs_per_task: int = 1, *, seed: int | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                 check_actions: bool = True) -> "BatchedMDP":
+        """A :class:`BatchedMDP` of this family's horizon and start state playing ``tasks``, each in
+        ``envs_per_task`` copies, on ``device``; its noise comes from ``generator`` or, without one,
+        a generator seeded with ``seed``; ``check_actions`` validates every step's actions."""
         return BatchedMDP(tasks, self.horizon, envs_per_task, start_state=self.start_state, seed=seed,
                           generator=generator, device=device, check_actions=check_actions)
 
@@ -148,6 +153,12 @@ class BatchedMDP:
     ``terminated`` is True, ``info["final_obs"]`` holds the state the last transition reached and
     the returned observation is already the next episode's start state (same-step reset).
     ``t`` (step within the episode) and ``episode_count`` are tensors ``[N]``.
+
+    ``tasks`` are :class:`MDPTask` objects (or one with a leading task dimension), each played by
+    ``envs_per_task`` environments from ``start_state`` on ``device``. Reward and transition noise
+    come from ``generator`` or, without one, a new generator seeded with ``seed`` (None: a
+    nondeterministic seed). ``check_actions`` validates the actions of every step (turn it off
+    to save time once they are known to be valid).
     """
 
     def __init__(self, tasks: Sequence[MDPTask] | MDPTask, horizon: int = 10, envs_per_task: int = 1, *,
@@ -208,7 +219,9 @@ class BatchedMDP:
         return self.state.clone()
 
     def step(self, actions: torch.Tensor):
-        """One step per environment; returns ``(obs, reward, terminated, truncated, info)``."""
+        """Apply ``actions``, one action index per environment (long ``[N]``); returns
+        ``(obs, reward, terminated, truncated, info)``: obs ``[N]`` long, reward ``[N]`` float32,
+        terminated ``[N]`` (the episode's last step), truncated all False, info ``{"final_obs": ...}``."""
         if self.check:
             actions = _check_actions("BatchedMDP", actions, self.num_envs, self.n_actions)
         actions = actions.to(self.device)

@@ -32,7 +32,7 @@ __all__ = ["VelocityTask", "DirectionTask", "HalfCheetahVelFamily", "HalfCheetah
 
 @dataclass(frozen=True)
 class VelocityTask:
-    """Target forward velocity."""
+    """The ``target`` forward velocity the cheetah is rewarded for running at."""
 
     target: float
 
@@ -46,7 +46,9 @@ class DirectionTask:
 
 @dataclass(frozen=True)
 class HalfCheetahVelFamily:
-    """Target velocities ``U[target_range]`` (MAML: ``[0, 2]``)."""
+    """Target velocities ``U[target_range]`` (MAML: ``[0, 2]``); episodes of ``horizon`` steps,
+    reward ``-|velocity - target| - ctrl_cost_weight * |action|^2``. Needs the ``mujoco`` extra
+    for its environments."""
 
     target_range: tuple[float, float] = (0.0, 2.0)
     horizon: int = 200
@@ -65,12 +67,16 @@ class HalfCheetahVelFamily:
         check_nonnegative("HalfCheetahVelFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[VelocityTask]:
+        """``n`` target velocities (:class:`VelocityTask`) drawn from ``generator`` (None: torch's
+        global stream)."""
         check_int("HalfCheetahVelFamily", "n", n, 1)
         lo, hi = self.target_range
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         return [VelocityTask(float(lo + (hi - lo) * x)) for x in u]
 
     def make_env(self, task: VelocityTask | None = None):
+        """A single-task Gymnasium environment playing ``task`` (None: one sampled at the first
+        reset); needs the ``mujoco`` extra."""
         require_gymnasium("HalfCheetahVelFamily.make_env")
         from .gym_envs import HalfCheetahVelEnv  # lazily: it imports gymnasium (and never this module)
 
@@ -79,7 +85,9 @@ class HalfCheetahVelFamily:
 
 @dataclass(frozen=True)
 class HalfCheetahDirFamily:
-    """Directions ``+1`` / ``-1`` with equal probability."""
+    """Directions ``+1`` / ``-1`` with equal probability; episodes of ``horizon`` steps, reward
+    ``direction * velocity - ctrl_cost_weight * |action|^2``. Needs the ``mujoco`` extra for its
+    environments."""
 
     horizon: int = 200
     ctrl_cost_weight: float = 0.05
@@ -96,11 +104,15 @@ class HalfCheetahDirFamily:
         check_nonnegative("HalfCheetahDirFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[DirectionTask]:
+        """``n`` directions (:class:`DirectionTask`) drawn from ``generator`` (None: torch's global
+        stream)."""
         check_int("HalfCheetahDirFamily", "n", n, 1)
         signs = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
         return [DirectionTask(float(s)) for s in signs]
 
     def make_env(self, task: DirectionTask | None = None):
+        """A single-task Gymnasium environment playing ``task`` (None: one sampled at the first
+        reset); needs the ``mujoco`` extra."""
         require_gymnasium("HalfCheetahDirFamily.make_env")
         from .gym_envs import HalfCheetahDirEnv  # lazily: it imports gymnasium (and never this module)
 

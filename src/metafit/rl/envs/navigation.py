@@ -64,6 +64,7 @@ class NavigationFamily:
         check_nonnegative(owner, "goal_tolerance", self.goal_tolerance)
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[NavTask]:
+        """``n`` goals (:class:`NavTask`) drawn from ``generator`` (None: torch's global stream)."""
         check_int("NavigationFamily", "n", n, 1)
         goals = (2 * torch.rand(n, 2, generator=generator, dtype=torch.float64) - 1) * self.goal_range
         return [NavTask(g) for g in goals]
@@ -71,8 +72,10 @@ class NavigationFamily:
     def batched(self, tasks: Sequence[NavTask] | NavTask, envs_per_task: int = 1, *, seed: int | None = None,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 check_actions: bool = True) -> "BatchedNavigation":
-        """The batched environment (``seed`` is accepted for the :class:`~metafit.rl.envs.base.BatchedFamily`
-        protocol and unused: the dynamics are deterministic)."""
+        """A :class:`BatchedNavigation` with this family's settings playing ``tasks``, each in
+        ``envs_per_task`` copies, on ``device`` in floating-point ``dtype``; ``check_actions``
+        validates every step's actions. ``seed`` is accepted for the
+        :class:`~metafit.rl.envs.base.BatchedFamily` protocol and unused: the dynamics are deterministic."""
         return BatchedNavigation(tasks, envs_per_task, max_action=self.max_action, horizon=self.horizon,
                                  goal_tolerance=self.goal_tolerance, device=device, dtype=dtype,
                                  check_actions=check_actions)
@@ -86,13 +89,15 @@ class NavigationFamily:
 
 
 def expected_standing_still_return(goal_range: float = 0.5, horizon: int = 100) -> float:
-    """``-horizon * E||g||`` for a goal uniform in ``[-r, r]^2``: ``E||g|| = r (sqrt2 + ln(1+sqrt2)) / 3``."""
+    """The expected return of a policy that never moves, over ``horizon`` steps, for a goal uniform in
+    ``[-r, r]^2`` with ``r = goal_range``: ``-horizon * E||g||``, ``E||g|| = r (sqrt2 + ln(1+sqrt2)) / 3``."""
     return -horizon * goal_range * (math.sqrt(2) + math.log(1 + math.sqrt(2))) / 3
 
 
 def oracle_action(position: torch.Tensor, goal: torch.Tensor, max_action: float = 0.1,
                   mode: Literal["axis", "vector"] = "axis") -> torch.Tensor:
-    """Move toward the goal as fast as the action limit allows.
+    """The action that moves from ``position`` toward ``goal`` (``[..., 2]`` each) as fast as the
+    action limit ``max_action`` allows, under ``mode``:
 
     ``"axis"``: ``clip(goal - pos, -max_action, max_action)`` per coordinate (the fastest policy
     under the per-axis clipping of this environment; diagonal steps are up to ``sqrt(2)`` times
@@ -112,7 +117,13 @@ class BatchedNavigation:
 
     Observations are positions ``[N, 2]``. Finished episodes (goal reached: ``terminated``;
     ``horizon`` steps: ``truncated``) restart at the origin in the same step;
-    ``info["final_obs"]`` holds the position each step reached."""
+    ``info["final_obs"]`` holds the position each step reached.
+
+    ``tasks`` are :class:`NavTask` objects (or one with a leading task dimension), each played by
+    ``envs_per_task`` environments on ``device`` with positions in ``dtype``. Actions are clipped
+    per axis to ``max_action``; an episode ends after ``horizon`` steps or when both coordinates
+    are within ``goal_tolerance`` of the goal. ``check_actions`` validates the actions of every
+    step (shape and finiteness)."""
 
     def __init__(self, tasks: Sequence[NavTask] | NavTask, envs_per_task: int = 1, *, max_action: float = 0.1,
                  horizon: int = 100, goal_tolerance: float = 0.01, device: torch.device | str = "cpu",
@@ -127,6 +138,7 @@ class BatchedNavigation:
         self.set_tasks(tasks)
 
     def set_tasks(self, tasks: Sequence[NavTask] | NavTask) -> None:
+        """Swap in new ``tasks`` (any number); call :meth:`reset` afterwards."""
         goals = stack_tasks("BatchedNavigation", tasks, NavTask, {"goal": 1})["goal"]
         if goals.shape[-1] != 2 or not bool(torch.isfinite(goals).all()):
             raise TaskError(constraint_message("BatchedNavigation", "tasks.goal", "finite 2D points",
@@ -142,13 +154,17 @@ class BatchedNavigation:
         self.episode_count = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
 
     def reset(self) -> torch.Tensor:
+        """Start a trial: every environment at the origin, step and episode counters 0; returns
+        the positions ``[N, 2]``."""
         self.position.zero_()
         self.t.zero_()
         self.episode_count.zero_()
         return self.position.clone()
 
     def step(self, actions: torch.Tensor):
-        """Returns ``(obs [N, 2], reward [N], terminated [N], truncated [N], info)``."""
+        """Move every environment by ``actions`` (``[N, 2]`` floats, clipped per axis to
+        ``max_action``); returns ``(obs [N, 2], reward [N], terminated [N], truncated [N], info)``,
+        the reward being minus the distance to the goal after the move."""
         actions = torch.as_tensor(actions, device=self.device)
         if self.check and (actions.shape != (self.num_envs, 2) or not actions.dtype.is_floating_point
                            or not bool(torch.isfinite(actions).all())):

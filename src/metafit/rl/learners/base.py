@@ -30,6 +30,11 @@ __all__ = ["RLLearner"]
 
 
 class RLLearner(nn.Module):
+    """The base class of meta-RL learners (see the module docstring): an ``nn.Module`` built from
+    ``config`` (its ``Config`` class) and ``family``, the environment family it learns across.
+    Subclasses set ``name`` (the registry key), ``Config``, and where they differ
+    ``score_reduction`` and ``devices``."""
+
     name: ClassVar[str]
     Config: ClassVar[type[ConfigModel]]
     #: how a task's returns at the evaluation points become its score: "last" (the return after
@@ -46,18 +51,25 @@ class RLLearner(nn.Module):
         self.family = family
 
     def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
+        """One outer update on tasks sampled from ``generator``; returns scalar statistics for the
+        log, at least ``"return"`` and ``"env_steps"`` (see the module docstring)."""
         raise NotImplementedError
 
     def evaluate(self, tasks: list, generator: torch.Generator) -> torch.Tensor:
+        """Returns at each adaptation point (:meth:`eval_points`) on ``tasks``, the environment noise
+        drawn from ``generator``: a tensor ``[len(tasks), len(eval_points())]``."""
         raise NotImplementedError
 
     def eval_points(self) -> list[str]:
+        """The names of the adaptation points :meth:`evaluate` reports ("episode 1", "0 steps", ...)."""
         raise NotImplementedError
 
     def optimizer_state_dict(self) -> dict:
+        """The learner's optimizer state (what resuming needs beyond the weights; {} here: none)."""
         return {}
 
     def load_optimizer_state_dict(self, state: dict) -> None:
+        """Restore the optimizer ``state`` that :meth:`optimizer_state_dict` returned (a no-op here)."""
         pass
 
     def start_new_run(self) -> None:

@@ -123,12 +123,15 @@ class MAMLRL(RLLearner):
         return dict(self.policy.named_parameters())
 
     def optimizer_state_dict(self) -> dict:
+        """The outer Adam optimizer's ``state_dict()``."""
         return self.optimizer.state_dict()
 
     def load_optimizer_state_dict(self, state: dict) -> None:
+        """Load ``state`` (from :meth:`optimizer_state_dict`) into the outer Adam optimizer."""
         self.optimizer.load_state_dict(state)
 
     def eval_points(self) -> list[str]:
+        """``"0 steps"``, ``"1 step"``, ... ``"<eval_steps> steps"``: before adaptation and after each inner step."""
         return [f"{k} step" if k == 1 else f"{k} steps" for k in range(self.config.eval_steps + 1)]
 
     # -- sampling --
@@ -144,8 +147,9 @@ class MAMLRL(RLLearner):
 
     @torch.no_grad()
     def sample(self, params_t: Params, tasks: list, episodes: int, generator: torch.Generator) -> RolloutBatch:
-        """``episodes`` trajectories per task with per-task parameters ``params_t`` (leading task
-        dimension ``len(tasks)``); advantages from a per-task linear baseline."""
+        """``episodes`` trajectories per task of ``tasks`` with per-task parameters ``params_t``
+        (leading task dimension ``len(tasks)``), the environment and action noise drawn from
+        ``generator``; returns the :class:`RolloutBatch`, advantages from a per-task linear baseline."""
         params_t = {k: v.detach() for k, v in params_t.items()}
         if isinstance(self.family, BatchedFamily):
             raw = self._sample_batched(params_t, tasks, episodes, generator)
@@ -237,7 +241,8 @@ class MAMLRL(RLLearner):
               objective: str | None = None) -> Params:
         """Per-task parameters after one inner step on each of ``batches`` in turn (0 batches: the
         initial parameters, expanded per task). Differentiable w.r.t. ``params`` (default: the
-        meta-parameters) when ``create_graph``."""
+        meta-parameters) when ``create_graph``. ``objective`` is the inner loss, ``"lvc"`` or
+        ``"reinforce"`` (None: the config's ``inner_objective``). No batches is a TaskError."""
         params = self.params() if params is None else params
         if not batches:
             raise TaskError(constraint_message("MAMLRL.adapt", "batches", "a non-empty sequence of RolloutBatch",
@@ -253,13 +258,19 @@ class MAMLRL(RLLearner):
     def meta_loss(self, inner_batches: Sequence[RolloutBatch], outer_batch: RolloutBatch,
                   params: Params | None = None) -> torch.Tensor:
         """Mean over tasks of the clipped surrogate of ``outer_batch`` at the parameters adapted on
-        ``inner_batches`` (one inner step each, differentiated: second order)."""
+        ``inner_batches`` (one inner step each, differentiated: second order) from ``params``
+        (default: the meta-parameters)."""
         params = self.params() if params is None else params
         p = self.adapt(inner_batches, params) if inner_batches else expand_params(params, outer_batch.num_tasks)
         return outer_losses(p, outer_batch, self.config.clip_ratio)[0].mean()
 
     # -- the learner interface --
     def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
+        """One outer update: ``meta_batch_size`` tasks sampled from ``generator``, ``inner_steps``
+        inner steps on fresh trajectories each, then ``ppo_epochs`` Adam steps on the clipped
+        surrogate of the post-adaptation trajectories. Returns the log's statistics: ``return``
+        (after adaptation), ``return_before``, ``env_steps``, losses, gradient norm, KL divergences,
+        policy std and timings."""
         cfg = self.config
         t0 = time.perf_counter()
         tasks = self.family.sample_tasks(cfg.meta_batch_size, generator)
@@ -323,7 +334,8 @@ class MAMLRL(RLLearner):
 
     def evaluate(self, tasks: list, generator: torch.Generator) -> torch.Tensor:
         """Mean return per task ``[len(tasks), 1 + eval_steps]``: before adaptation and after each
-        inner step, each point from fresh trajectories of the policy adapted so far."""
+        inner step, each point from fresh trajectories of the policy adapted so far, on ``tasks``
+        (adapted ``eval_task_chunk`` at a time) with the noise drawn from ``generator``."""
         tasks = self._check_tasks(tasks)
         cfg = self.config
         E = cfg.eval_trajectories_per_task or cfg.trajectories_per_task

@@ -13,6 +13,9 @@ __all__ = ["MAMLRLConfig"]
 
 
 class MAMLRLConfig(ConfigModel):
+    """The ``learner`` section of a MAML-RL run (``name: maml-rl``): the policy network, the inner
+    and outer updates, sampling and evaluation budgets (see :class:`~metafit.rl.MAMLRL`)."""
+
     name: Literal["maml-rl"] = "maml-rl"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [100, 100], min_length=1, max_length=8,

@@ -88,7 +88,11 @@ class RL2(RLLearner):
     ``evaluate(tasks, generator)`` plays one trial per task and returns the per-episode returns
     ``[len(tasks), n_episodes]``; actions are sampled from the policy unless
     ``eval_actions="greedy"``. The score of a trial is the sum over its episodes
-    (``score_reduction = "sum"``), as in the paper's tables."""
+    (``score_reduction = "sum"``), as in the paper's tables.
+
+    ``RL2(config, family)``: ``config`` is an :class:`RL2Config` or a mapping of its fields
+    (validated), ``family`` a family with a batched environment; settings that do not fit the
+    family (e.g. ``transition_input`` with continuous observations) are a ConfigError."""
 
     name = "rl2"
     Config = RL2Config
@@ -149,17 +153,21 @@ class RL2(RLLearner):
     # -------------------------------------------------------------------------------- interface
 
     def eval_points(self) -> list[str]:
+        """``"episode 1"`` ... ``"episode <n_episodes>"``: the episodes of a trial."""
         return [f"episode {i + 1}" for i in range(self.config.n_episodes)]
 
     def optimizer_state_dict(self) -> dict:
+        """The Adam optimizer's ``state_dict()``."""
         return self.optimizer.state_dict()
 
     def load_optimizer_state_dict(self, state: dict) -> None:
+        """Load ``state`` (from :meth:`optimizer_state_dict`) into the Adam optimizer."""
         self.optimizer.load_state_dict(state)
 
     @torch.no_grad()
     def evaluate(self, tasks: list, generator: torch.Generator) -> torch.Tensor:
-        """Per-episode returns ``[len(tasks), n_episodes]`` (on the CPU) of one trial in each task."""
+        """Per-episode returns ``[len(tasks), n_episodes]`` (on the CPU) of one trial in each of
+        ``tasks``, the environment seed and sampled actions drawn from ``generator``."""
         greedy = self.config.eval_actions == "greedy"
         return self.rollout(tasks, generator, greedy=greedy).episode_returns.cpu()
 
@@ -173,6 +181,7 @@ class RL2(RLLearner):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def start_new_run(self) -> None:
+        """Restart the learning-rate schedule's iteration count (see :meth:`RLLearner.start_new_run`)."""
         self.iterations_done.zero_()  # the value statistics stay: they describe the returns, not the run
 
     def current_lr(self) -> float:
@@ -188,7 +197,9 @@ class RL2(RLLearner):
         return self._out(self.value_head).weight.device
 
     def train_iteration(self, generator: torch.Generator) -> dict[str, float]:
-        """Collect ``meta_batch_size`` trials on freshly sampled tasks and make one PPO update."""
+        """Collect ``meta_batch_size`` trials on tasks freshly sampled from ``generator`` (which also
+        draws the environment noise, actions and minibatch order) and make one PPO update; returns
+        the log's statistics (losses, ``return``, ``env_steps``, ``updates``, ``lr``, ``seconds``)."""
         cfg = self.config
         t0 = time.perf_counter()
         tasks = self.family.sample_tasks(cfg.meta_batch_size, generator)
@@ -259,7 +270,8 @@ class RL2(RLLearner):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def encode_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        """An observation as the network reads it ``[N, obs_dim]`` (one-hot for discrete states)."""
+        """The observations ``obs`` (``[N]`` state indices or ``[N, obs_dim]``) as the network reads
+        them, ``[N, obs_dim]`` (one-hot for discrete states)."""
         dtype = self._out(self.value_head).weight.dtype
         if self.spec.discrete_obs:
             return nn.functional.one_hot(obs.long(), self.spec.obs_dim).to(dtype)
@@ -267,9 +279,10 @@ class RL2(RLLearner):
 
     def encode(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
                prev_done: torch.Tensor, t: int, prev_obs: torch.Tensor | None = None) -> torch.Tensor:
-        """The GRU input ``[N, input_dim]`` of one step: observation, previous action (one-hot, or
-        the clipped continuous action / max_action; already encoded ``[N, action_dim]``), previous
-        reward and done flag, and optionally the elapsed fraction of the trial (time_input). With
+        """The GRU input ``[N, input_dim]`` of one step ``t`` of the trial: the observation ``obs``,
+        ``prev_action`` (one-hot, or the clipped continuous action / max_action; already encoded
+        ``[N, action_dim]``), ``prev_reward`` and ``prev_done`` (``[N]`` each), and optionally the
+        elapsed fraction of the trial ``t / max_steps`` (time_input). With
         transition_input, also the one-hot of the pair (``prev_obs``, the previous observation already
         encoded ``[N, obs_dim]``; previous action), flattened observation-major, and the previous reward
         times that one-hot."""
@@ -318,7 +331,8 @@ class RL2(RLLearner):
         return actions.clamp(-m, m) / m
 
     def step_hidden(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One step of the policy's recurrent core (for ``cell="gru"`` what ``nn.GRUCell`` computes)."""
+        """One step of the policy's recurrent core on inputs ``x [N, input_dim]`` from state
+        ``h [N, H]``; returns the next state (for ``cell="gru"`` what ``nn.GRUCell`` computes)."""
         return self.gru.step(x, h)
 
     def sequence(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -328,7 +342,10 @@ class RL2(RLLearner):
 
     @torch.no_grad()
     def rollout(self, tasks: list, generator: torch.Generator, greedy: bool = False) -> RL2Rollout:
-        """Play one trial of ``n_episodes`` episodes in every task, all in parallel."""
+        """Play one trial of ``n_episodes`` episodes in every one of ``tasks``, all in parallel, and
+        return the :class:`RL2Rollout` (inputs, actions, log-probabilities, values, rewards, masks,
+        per-episode returns). ``generator`` draws the environment seed and the actions; with
+        ``greedy`` the most likely action (or the Gaussian mean) is taken instead of a sample."""
         self._check_tasks(tasks)
         spec, n_ep = self.spec, self.config.n_episodes
         env = self._make_env(list(tasks), generator)
@@ -388,8 +405,9 @@ class RL2(RLLearner):
 
     def loss(self, ro: RL2Rollout, advantages: torch.Tensor, targets: torch.Tensor,
              idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The PPO loss on the trials ``idx`` of a rollout (all when None), recomputing the GRU
-        over the whole trials."""
+        """The PPO loss on the trials ``idx`` of the rollout ``ro`` (all when None), recomputing the
+        GRU over the whole trials, with the trials' ``advantages`` and value ``targets``
+        (``[T, N]`` each); returns ``(loss, statistics)``."""
         if idx is None:
             idx = torch.arange(ro.mask.shape[1], device=ro.mask.device)
         x = ro.inputs[:, idx]

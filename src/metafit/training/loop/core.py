@@ -67,9 +67,12 @@ def check_same_config(owner: str, stored: dict, current: dict, fixed: Sequence[s
 
 
 class Loop:
-    """Trains ``run`` in ``out_dir`` (see the module docstring). ``on_validate(step, validation)``
-    is called after every validation; ``logger`` gets the lines a user should see (the time
-    budget stopped training, an overwrite deleted files)."""
+    """Trains ``run`` in ``out_dir`` (see the module docstring) with the budget and cadence of
+    ``settings`` (a :class:`~metafit.training.loop.protocol.LoopSettings`). ``dist`` is the
+    distributed context (None: a single process); ``monitor``, when given, judges each step's loss
+    and gradient norm before its update. ``on_validate(step, validation)`` is called after every
+    validation; ``logger`` gets the lines a user should see (the time budget stopped training, an
+    overwrite deleted files)."""
 
     def __init__(self, run: LoopRun, settings: LoopSettings, out_dir: str | Path, *, dist: DistContext | None = None,
                  monitor: MonitorConfig | None = None, on_validate: Callable[[int, Validation], None] | None = None,
@@ -97,6 +100,7 @@ class Loop:
         return {**out, **(self.guard.state() if self.guard is not None else {})}
 
     def load_state(self, ts: dict[str, Any]) -> None:
+        """Restore the loop's part of ``ts``, a checkpoint's ``train_state`` (see :meth:`state`)."""
         best = ts.get("best_score")
         self.best_score = -math.inf if best is None else best
         self.best_step = ts.get("best_step", 0)
@@ -108,7 +112,8 @@ class Loop:
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, name: str, metrics: dict | None = None, resumable: bool = True) -> Path:
         """Write ``out_dir/name`` (rank 0 only; the other ranks wait until it is on disk):
-        the run's model, and with ``resumable`` everything :meth:`restore` needs."""
+        the run's model, and with ``resumable`` everything :meth:`restore` needs; returns its path.
+        ``metrics`` are recorded in its metadata (None: the run's, see ``LoopRun.metrics``)."""
         path = self.out_dir / name
         if self.dist.is_main:
             tensors, fields = self.run.checkpoint()
@@ -160,6 +165,8 @@ class Loop:
 
     # -- logging -----------------------------------------------------------------------------
     def log_row(self, row: dict[str, Any], tensorboard: bool = True) -> None:
+        """Write ``row`` to the metrics log (rank 0), and with ``tensorboard`` a training or
+        validation row's values to TensorBoard too."""
         if self.log is not None:
             self.log.write(row)
         if tensorboard and row.get("split") in ("train", "val"):

@@ -25,7 +25,13 @@ __all__ = ["LoopRun", "LoopSettings", "StepReport", "Validation", "Window"]
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """The loop's budget and cadence, whatever the learner kind calls them in its config."""
+    """The loop's budget and cadence, whatever the learner kind calls them in its config.
+
+    ``steps`` is the number of optimizer steps to train; every ``eval_every`` steps the loop
+    validates, every ``save_interval`` steps it keeps a numbered and a resumable checkpoint, every
+    ``log_every`` steps it writes a training row. ``max_minutes`` is the wall-clock budget (None:
+    none); ``progress`` shows a progress bar, ``tensorboard`` writes TensorBoard event files;
+    ``steps_field`` is the config field that ``steps`` came from (named in stop reasons)."""
 
     steps: int  #: optimizer steps (few-shot ``train.meta_steps``, meta-RL ``train.iterations``)
     eval_every: int
@@ -39,7 +45,10 @@ class LoopSettings:
 
     @classmethod
     def from_config(cls, train: Any, steps_field: str = "meta_steps") -> "LoopSettings":
-        """From a config section with the :class:`~metafit.training.config.LoopConfig` fields."""
+        """The settings of ``train``, a config section with the
+        :class:`~metafit.training.config.LoopConfig` fields; ``steps`` is read from its field named
+        ``steps_field`` (``meta_steps``, ``iterations``), ``log_every`` defaults to 1 where the
+        section has none."""
         return cls(steps=getattr(train, steps_field), eval_every=train.eval_every, save_interval=train.save_interval,
                    log_every=getattr(train, "log_every", 1), max_minutes=train.max_minutes, progress=train.progress,
                    tensorboard=train.tensorboard, steps_field=steps_field)
@@ -105,7 +114,9 @@ class Window:
 
 
 class LoopRun(Protocol):
-    """The protocol a learner kind implements to be trained by the loop."""
+    """The protocol a learner kind implements to be trained by the loop (see the module docstring).
+
+    A structural type: a run need not subclass it, and it is not instantiated itself."""
 
     #: the checkpoint kind (``few-shot``, ``rl``): ``kind`` in the metadata, checked on resume
     kind: str
@@ -125,21 +136,29 @@ class LoopRun(Protocol):
         """One training step (``step`` steps done so far): an update, or gradients pending."""
 
     def finish(self, action: str) -> None:
-        """Settle a pending update: ``apply`` it, ``skip`` it (drop the gradients) or ``rollback``."""
+        """Settle a pending update as the monitor decided: ``action`` is ``apply`` (take the
+        optimizer step), ``skip`` (drop the gradients) or ``rollback`` (drop them; the loop reloads
+        the weights)."""
 
     def train_row(self, means: dict[str, float] | None, window: Window, seconds: float) -> dict[str, Any]:
-        """A training row's values (the loop adds the step and ``split``)."""
+        """A training row's values (the loop adds the step and ``split``): ``means`` are the step
+        values averaged over the applied steps since the last row (None: none applied), ``window``
+        the running sums behind them (steps and seconds), ``seconds`` the training time so far."""
 
     def postfix(self, row: dict[str, Any], best: float | None) -> dict[str, str] | None:
-        """What the progress bar shows after a training row (None: nothing new)."""
+        """What the progress bar shows after the training ``row`` (None: nothing new); ``best`` is
+        the best validation score so far (None before the first validation)."""
 
-    def validate(self, step: int, seconds: float) -> Validation: ...
+    def validate(self, step: int, seconds: float) -> Validation:
+        """Validate the model after ``step`` steps and ``seconds`` of training time; returns the
+        :class:`Validation` (score, log row, metrics of a best checkpoint). Called on every rank."""
 
     def keep(self, validation: Validation) -> None:
         """Remember ``validation`` as the best so far (its ``kept``)."""
 
     def metrics(self, best_step: int, seconds: float) -> dict[str, Any]:
-        """The ``metrics`` of step-* and last checkpoints."""
+        """The ``metrics`` of step-* and last checkpoints, given ``best_step`` (the step of the best
+        validation so far) and ``seconds`` of training time."""
 
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model's tensors (``model.*``) and the kind's metadata fields (key, config, ...)."""
@@ -150,7 +169,9 @@ class LoopRun(Protocol):
 
     def restore(self, meta: dict, tensors: dict[str, torch.Tensor], path: Path, everything: bool) -> None:
         """Check then load a checkpoint's state: weights and optimizer, and with ``everything``
-        (resume, not rollback) the random streams and the kind's ``run`` state."""
+        (resume, not rollback) the random streams and the kind's ``run`` state. ``meta`` and
+        ``tensors`` are the checkpoint's (see :func:`~metafit.training.checkpoint.read_checkpoint`),
+        ``path`` its file (named in errors)."""
 
     def close(self) -> None:
         """Training ended (release workers)."""
