@@ -25,7 +25,7 @@ MODULES = [
     "metafit", "metafit.algorithms", "metafit.nn", "metafit.data", "metafit.inference", "metafit.tools",
     "metafit.serve", "metafit.sklearn", "metafit.types", "metafit.errors", "metafit.validation",
     "metafit.functional", "metafit.stats", "metafit.training", "metafit.rl", "metafit.rl.envs",
-    "metafit.rl.learners", "metafit.rl.baselines",
+    "metafit.rl.learners", "metafit.rl.baselines", "metafit.plugins",
 ]
 
 #: modules whose docstrings carry ``>>>`` examples (each must still have some)

@@ -28,7 +28,7 @@ ALLOWED = {
     "training": BASE | {"training", "algorithms", "nn", "data", "rl"},
     "inference": BASE | {"inference", "training", "algorithms", "nn", "data"},  # the user API: load, adapt, predict
     "tools": BASE | {"tools", "training", "algorithms", "nn", "data", "rl"},  # tune, report
-    "cli": BASE | {"cli", "inference", "tools", "training", "algorithms", "nn", "data", "rl", "serve"},
+    "cli": BASE | {"cli", "plugins", "inference", "tools", "training", "algorithms", "nn", "data", "rl", "serve"},
     "serve": BASE | {"serve", "inference", "training", "algorithms", "nn", "data", "rl"},
 }
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import MetafitError, short_repr
+from ..plugins import load_plugins
 from .model_commands import (_cmd_adapt, _cmd_calibrate, _cmd_configs, _cmd_export, _cmd_info, _cmd_predict,
                              _cmd_serve)
 from .train_commands import _cmd_eval, _cmd_quickstart, _cmd_report, _cmd_rl, _cmd_train, _cmd_tune
@@ -235,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version (0) or a usage error (1, one line printed)
         return done.code if isinstance(done.code, int) else 1
     try:
+        load_plugins()  # modules named in METAFIT_PLUGINS and installed metafit.plugins entry points
         return COMMANDS[args.command](args)
     except MetafitError as err:
         if args.debug:

@@ -237,9 +237,14 @@ def stored_config(meta: dict[str, Any], path: str | os.PathLike) -> RunConfig:
         stored["data"] = migrate_legacy_data(stored.get("data"))  # checkpoints of metafit 0.1
         return make_config(stored)
     except (ConfigError, KeyError) as err:
+        fix = f"Use the metafit version that wrote it ({meta.get('metafit_version')})"
+        if "name must be one of" in str(err):  # e.g. a backbone registered by the user's own code
+            fix = (f"If it names something your own code registers (register_backbone, a registry line), import "
+                   f"that module first (metafit's commands import those named in METAFIT_PLUGINS); else u"
+                   f"{fix[1:]}")
         raise CheckpointError(
             f"Checkpoint: the config stored in {str(path)!r} must be valid for this metafit version; "
-            f"got: {str(err).rstrip('.')}. Use the metafit version that wrote it ({meta.get('metafit_version')})."
+            f"got: {str(err).rstrip('.')}. {fix}."
         ) from err
 
 
