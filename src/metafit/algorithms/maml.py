@@ -16,15 +16,8 @@ from pydantic import Field
 
 from ..types import TaskBatch
 from .base import MetaOutput
-from .common import (
-    FastWeightAlgorithm,
-    FastWeights,
-    InnerLoopConfig,
-    adapt_fast_weights,
-    fast_weight_meta_loss,
-    forward_with,
-    trainable_names,
-)
+from .common import (FastWeightAlgorithm, FastWeights, InnerLoopConfig, adapt_fast_weights,
+                     fast_weight_meta_loss, forward_with, trainable_names)
 
 __all__ = ["MAML", "MAMLConfig"]
 

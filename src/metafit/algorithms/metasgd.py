@@ -16,14 +16,8 @@ from torch import nn
 
 from ..types import TaskBatch
 from .base import MetaOutput
-from .common import (
-    FastWeightAlgorithm,
-    FastWeights,
-    InnerLoopConfig,
-    adapt_fast_weights,
-    fast_weight_meta_loss,
-    forward_with,
-)
+from .common import (FastWeightAlgorithm, FastWeights, InnerLoopConfig, adapt_fast_weights,
+                     fast_weight_meta_loss, forward_with)
 
 __all__ = ["MetaSGD", "MetaSGDConfig"]
 

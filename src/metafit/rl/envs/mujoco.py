@@ -44,8 +44,25 @@ class DirectionTask:
     direction: float
 
 
+class _CheetahFamily:
+    """What the HalfCheetah families share: HalfCheetah-v5's continuous observations (positions
+    without the root x, velocities) and one torque per actuator, and the checks of ``horizon``
+    and ``ctrl_cost_weight`` (the dataclass fields of each family)."""
+
+    discrete_observations = False
+    discrete_actions = False
+    observation_size = 17
+    action_size = 6
+    action_bound = 1.0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_int(name, "horizon", self.horizon, 1)
+        check_nonnegative(name, "ctrl_cost_weight", self.ctrl_cost_weight)
+
+
 @dataclass(frozen=True)
-class HalfCheetahVelFamily:
+class HalfCheetahVelFamily(_CheetahFamily):
     """Target velocities ``U[target_range]`` (MAML: ``[0, 2]``); episodes of ``horizon`` steps,
     reward ``-|velocity - target| - ctrl_cost_weight * |action|^2``. Needs the ``mujoco`` extra
     for its environments."""
@@ -55,16 +72,10 @@ class HalfCheetahVelFamily:
     ctrl_cost_weight: float = 0.05
 
     task_type = VelocityTask
-    discrete_observations = False
-    discrete_actions = False
-    observation_size = 17  # HalfCheetah-v5: positions without the root x, velocities
-    action_size = 6  # one torque per actuator
-    action_bound = 1.0
 
     def __post_init__(self) -> None:
         check_range("HalfCheetahVelFamily", "target_range", self.target_range)
-        check_int("HalfCheetahVelFamily", "horizon", self.horizon, 1)
-        check_nonnegative("HalfCheetahVelFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
+        super().__post_init__()
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[VelocityTask]:
         """``n`` target velocities (:class:`VelocityTask`) drawn from ``generator`` (None: torch's
@@ -84,7 +95,7 @@ class HalfCheetahVelFamily:
 
 
 @dataclass(frozen=True)
-class HalfCheetahDirFamily:
+class HalfCheetahDirFamily(_CheetahFamily):
     """Directions ``+1`` / ``-1`` with equal probability; episodes of ``horizon`` steps, reward
     ``direction * velocity - ctrl_cost_weight * |action|^2``. Needs the ``mujoco`` extra for its
     environments."""
@@ -93,15 +104,6 @@ class HalfCheetahDirFamily:
     ctrl_cost_weight: float = 0.05
 
     task_type = DirectionTask
-    discrete_observations = False
-    discrete_actions = False
-    observation_size = 17  # HalfCheetah-v5: positions without the root x, velocities
-    action_size = 6  # one torque per actuator
-    action_bound = 1.0
-
-    def __post_init__(self) -> None:
-        check_int("HalfCheetahDirFamily", "horizon", self.horizon, 1)
-        check_nonnegative("HalfCheetahDirFamily", "ctrl_cost_weight", self.ctrl_cost_weight)
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> list[DirectionTask]:
         """``n`` directions (:class:`DirectionTask`) drawn from ``generator`` (None: torch's global
