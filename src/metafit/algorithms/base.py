@@ -135,6 +135,25 @@ class Algorithm(nn.Module):
         Trainer calls ``loss.backward()`` on the returned :class:`MetaOutput`."""
         raise NotImplementedError
 
+    def embeds_per_image(self) -> bool:
+        """Whether, in eval mode, this learner's task logits depend on each image only through
+        :meth:`embed_images` and :meth:`head_logits`, so that an evaluation may embed every distinct
+        image once and run the heads of many episodes on the cached embeddings
+        (:mod:`metafit.training.embedded_eval`). Default: no (e.g. learners that adapt the backbone)."""
+        return False
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[N, d]`` of images ``x`` ``[N, C, H, W]``, as :meth:`head_logits` takes them
+        (learners whose :meth:`embeds_per_image` is true)."""
+        raise NotImplementedError
+
+    def head_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                    n_ways: int) -> torch.Tensor:
+        """Query logits ``[E, Q, n_ways]`` of ``E`` episodes from the embeddings of their support
+        images ``support`` ``[E, S, d]`` (labels ``support_y`` ``[E, S]`` in ``0..n_ways-1``) and of
+        their queries ``query`` ``[E, Q, d]``: what :meth:`task_logits` returns for each episode."""
+        raise NotImplementedError
+
     def task_logits(self, task: Task) -> torch.Tensor:
         """Query logits (or predictions) for one ``task`` (evaluation path), ``[n_query, n_ways]``;
         default: adapt on its support set then predict its query set."""

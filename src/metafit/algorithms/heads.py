@@ -90,6 +90,21 @@ class LinearSolverHead(Algorithm):
         with float_head(emb):
             return self.scores(emb, adapted.weights.to(emb.dtype))
 
+    def embeds_per_image(self) -> bool:
+        """True: the head is solved from frozen support embeddings."""
+        return True
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone embeddings of ``x``, in at least float32 (as :meth:`task_logits` uses them)."""
+        return widen(self.embed(x))
+
+    def head_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                    n_ways: int) -> torch.Tensor:
+        """The head solved from ``support`` (labels ``support_y``, ``n_ways`` classes) scoring
+        ``query``, per episode (see :meth:`Algorithm.head_logits`)."""
+        with float_head(support):
+            return self.scores(query, self.solve(support, support_y, n_ways))
+
     def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
         support, queries = episode_embeddings(self.embed, sx, qx)
         with float_head(support):

@@ -30,7 +30,7 @@ from torch.func import functional_call
 from ..data.augment import ImageAugment
 from ..types import Task, TaskBatch
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
-from .heads import episode_embeddings, query_output
+from .heads import episode_embeddings, query_output, widen
 
 __all__ = ["ProtoNet", "ProtoNetConfig", "Prototypes", "class_means", "prototype_logits"]
 
@@ -168,6 +168,20 @@ class ProtoNet(Algorithm):
             finally:
                 self.backbone.train(was_training)
         return prototype_logits(emb, adapted.prototypes, self.config.distance, self._scale())
+
+    def embeds_per_image(self) -> bool:
+        """True unless adaptation fine-tunes the backbone (``finetune_steps`` > 0)."""
+        return self.config.finetune_steps == 0
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone embeddings of ``x``, in at least float32 (as :meth:`task_logits` uses them)."""
+        return widen(self.embed(x))
+
+    def head_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                    n_ways: int) -> torch.Tensor:
+        """Distances of ``query`` embeddings to the prototypes of ``support`` (labels ``support_y``,
+        ``n_ways`` classes), per episode (see :meth:`Algorithm.head_logits`)."""
+        return prototype_logits(query, class_means(support, support_y, n_ways), self.config.distance, self._scale())
 
     def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
         support, queries = episode_embeddings(self.embed, sx, qx)

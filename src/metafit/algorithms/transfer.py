@@ -240,6 +240,26 @@ class Transfer(Algorithm):
         tuned = {n: p.detach() for n, p in params.items()}
         return TaskHead("linear", weight.detach(), bias.detach(), tuned)
 
+    def embeds_per_image(self) -> bool:
+        """True unless the ``finetune`` head adapts the backbone."""
+        return self.config.head != "finetune"
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised task features of ``x`` (:meth:`features`)."""
+        return self.features(x)
+
+    def head_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                    n_ways: int) -> torch.Tensor:
+        """Per episode, the ``head`` fitted on the ``support`` features (labels ``support_y``,
+        ``n_ways`` classes) scoring the ``query`` features (see :meth:`Algorithm.head_logits`)."""
+        cfg = self.config
+        out = []
+        for s, y, q in zip(support, support_y, query):
+            head = (TaskHead("centroid", class_means(s, y, n_ways)) if cfg.head == "centroid" else
+                    fit_head(s, y, n_ways, cfg.head, cfg.head_steps, cfg.head_weight_decay, cfg.cosine_scale))
+            out.append(head_logits(q, head, cfg.cosine_scale))
+        return torch.stack(out)
+
     def predict(self, adapted: TaskHead, x: torch.Tensor) -> torch.Tensor:
         if adapted.params is not None:
             with _eval_mode(self.backbone):

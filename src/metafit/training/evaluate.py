@@ -11,6 +11,7 @@ from ..algorithms import Algorithm
 from ..data import EpisodeSampler
 from ..stats import mean_ci
 from ..types import Task
+from .embedded_eval import embedded_logits, episode_task, supports_embedding
 
 __all__ = ["EpisodePredictions", "EvalPredictions", "EvalResult", "evaluate_episodes", "evaluate_tasks",
            "expected_calibration_error", "summarize"]
@@ -114,28 +115,66 @@ def summarize(accs: list[float], losses: list[float], metric: str = "accuracy") 
     )
 
 
+class _Tally:
+    """The per-episode scores and pooled confidences of an evaluation, episode by episode."""
+
+    def __init__(self, regression: bool, temperature: float | None) -> None:
+        self.regression, self.temperature = regression, temperature
+        self.accs: list[float] = []
+        self.losses: list[float] = []
+        self.conf: list[torch.Tensor] = []
+        self.conf_t: list[torch.Tensor] = []
+        self.hits: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor | None:
+        """Score one episode's query ``logits`` against ``query_y``; its predicted labels (CPU) for classification."""
+        if self.regression:
+            mse = float(torch.nn.functional.mse_loss(logits, query_y))
+            self.losses.append(mse)
+            self.accs.append(mse)
+            return None
+        self.losses.append(float(torch.nn.functional.cross_entropy(logits, query_y)))
+        self.accs.append(float((logits.argmax(-1) == query_y).float().mean()))
+        logits = logits.float()
+        self.conf.append(torch.softmax(logits, -1).amax(-1).cpu())
+        predicted = logits.argmax(-1)
+        self.hits.append((predicted == query_y).cpu())
+        if self.temperature is not None:
+            self.conf_t.append(torch.softmax(logits / self.temperature, -1).amax(-1).cpu())
+        return predicted.cpu()
+
+    def result(self) -> EvalResult:
+        """The :class:`EvalResult` of the episodes added so far."""
+        res = summarize(self.accs, self.losses, "mse" if self.regression else "accuracy")
+        if self.regression or not self.hits:
+            return res
+        correct = torch.cat(self.hits)
+        extra = {"ece": expected_calibration_error(torch.cat(self.conf), correct)}
+        if self.temperature is not None:
+            extra.update(ece_calibrated=expected_calibration_error(torch.cat(self.conf_t), correct),
+                         temperature=self.temperature)
+        return replace(res, **extra)
+
+
 @torch.no_grad()
 def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device | str = "cpu",
                    channels_last: bool = False, progress: Callable | None = None,
                    inner_steps: int | None = None, temperature: float | None = None,
                    on_predictions: Callable[[int, Task, torch.Tensor], None] | None = None) -> EvalResult:
     """Accuracy (or, for regression models, mean squared error) of ``model.task_logits`` on each
-    of ``tasks``, summarised as an :class:`EvalResult`; the model is put in eval mode and restored.
-    Each task is moved to ``device``; ``channels_last`` puts the model and 4-D task images in the
-    channels_last memory format; ``progress``, when given, is called with 1 after each task (e.g. a
-    progress bar's ``update``). ``inner_steps`` overrides the adaptation
+    task of ``tasks``, one at a time on ``device`` (``channels_last``: image tensors in that memory
+    format); the model is put in eval mode and restored. ``inner_steps`` overrides the adaptation
     steps of gradient-based learners (``adapt(..., steps=inner_steps)``). Classification also
     reports the expected calibration error of the pooled query predictions, and with a
     ``temperature`` (a calibrated checkpoint's) the ECE of ``softmax(logits / temperature)``.
-    ``on_predictions(i, task, predicted)`` (classification) is called after task ``i`` with the
-    task as evaluated (on ``device``) and its predicted query labels (on the CPU)."""
-    regression = getattr(model, "task_kind", "classification") == "regression"
+    ``progress(1)`` is called after every task; ``on_predictions(i, task, predicted)``
+    (classification) after task ``i`` with the task as evaluated (on ``device``) and its predicted
+    query labels (on the CPU)."""
+    tally = _Tally(getattr(model, "task_kind", "classification") == "regression", temperature)
     was_training = model.training
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    accs, losses = [], []
-    conf, conf_t, hits = [], [], []
     try:
         for task in tasks:
             task = task.to(device)
@@ -147,66 +186,102 @@ def evaluate_tasks(model: Algorithm, tasks: Iterable[Task], device: torch.device
             else:
                 adapted = model.adapt(task.support_x, task.support_y, task.n_ways, steps=inner_steps)
                 logits = model.predict(adapted, task.query_x)
-            if regression:
-                mse = float(torch.nn.functional.mse_loss(logits, task.query_y))
-                losses.append(mse)
-                accs.append(mse)
-            else:
-                losses.append(float(torch.nn.functional.cross_entropy(logits, task.query_y)))
-                accs.append(float((logits.argmax(-1) == task.query_y).float().mean()))
-                logits = logits.float()
-                conf.append(torch.softmax(logits, -1).amax(-1).cpu())
-                hits.append((logits.argmax(-1) == task.query_y).cpu())
-                if on_predictions is not None:
-                    on_predictions(len(accs) - 1, task, logits.argmax(-1).cpu())
-                if temperature is not None:
-                    conf_t.append(torch.softmax(logits / temperature, -1).amax(-1).cpu())
+            predicted = tally.add(logits, task.query_y)
+            if on_predictions is not None and predicted is not None:
+                on_predictions(len(tally.accs) - 1, task, predicted)
             if progress is not None:
                 progress(1)
     finally:
         model.train(was_training)
-    res = summarize(accs, losses, "mse" if regression else "accuracy")
-    if regression or not hits:
-        return res
-    correct = torch.cat(hits)
-    extra = {"ece": expected_calibration_error(torch.cat(conf), correct)}
-    if temperature is not None:
-        extra.update(ece_calibrated=expected_calibration_error(torch.cat(conf_t), correct), temperature=temperature)
-    return replace(res, **extra)
+    return tally.result()
+
+
+@torch.no_grad()
+def _evaluate_embedded(model: Algorithm, sampler: EpisodeSampler, episodes: list, device, channels_last: bool,
+                       progress: Callable | None, temperature: float | None,
+                       on_predictions: Callable[[int, Task, torch.Tensor], None] | None) -> EvalResult | None:
+    """:func:`evaluate_tasks` of ``episodes`` through cached per-image embeddings
+    (:mod:`metafit.training.embedded_eval`); None where the backbone uses batch statistics."""
+    tally = _Tally(False, temperature)
+    was_training = model.training
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        chunks = embedded_logits(model, sampler, episodes, device, channels_last)
+        if chunks is None:
+            return None
+        for logits, query_y in chunks():
+            for one_logits, one_y in zip(logits, query_y):
+                predicted = tally.add(one_logits, one_y)
+                if on_predictions is not None:
+                    i = len(tally.accs) - 1
+                    on_predictions(i, _LazyTask(sampler, episodes[i], one_y), predicted)
+                if progress is not None:
+                    progress(1)
+    finally:
+        model.train(was_training)
+    return tally.result()
+
+
+class _LazyTask:
+    """An episode's query labels, and its images (read only if asked for) for ``on_predictions``."""
+
+    def __init__(self, sampler: EpisodeSampler, episode, query_y: torch.Tensor) -> None:
+        self._sampler, self._episode, self.query_y = sampler, episode, query_y
+        self._task: Task | None = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._task is None:
+            self._task = episode_task(self._sampler, self._episode)
+        return getattr(self._task, name)
 
 
 def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, device="cpu",
                       channels_last: bool = False, progress: Callable | None = None,
                       inner_steps: int | None = None, temperature: float | None = None,
                       keep_predictions: int = 0) -> EvalResult:
-    """Evaluate ``model`` on ``episodes``, fixed episode descriptions of ``sampler`` (no
-    augmentation), and return the :class:`EvalResult`. ``device``, ``channels_last``, ``progress``,
-    ``inner_steps`` and ``temperature`` are passed to :func:`evaluate_tasks`.
+    """Evaluate ``model`` on the fixed episode descriptions ``episodes`` of ``sampler`` (no
+    augmentation); ``device``, ``channels_last``, ``progress``, ``inner_steps`` and ``temperature``
+    as in :func:`evaluate_tasks`. Learners whose predictions come from per-image embeddings embed
+    every distinct image once and score many episodes at a time (:mod:`metafit.training.embedded_eval`:
+    the same numbers, many times faster); others run one episode at a time.
 
     ``keep_predictions=n`` (classification, image episodes) also keeps, in ``result.predictions``
     (an :class:`EvalPredictions`), the true and predicted dataset class of every query and the
     images and predictions of the first ``n`` episodes; the numbers are the same as without it.
     Rotated copies of a class count as classes of their own (``"name @90"``)."""
-    tasks = sampler.tasks(episodes)
-    if keep_predictions <= 0 or getattr(model, "task_kind", "classification") == "regression":
-        return evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps, temperature)
     episodes = list(episodes)
-    n_rot = getattr(sampler, "n_rot", 1)
-    names = sampler.data.class_names
-    kept: list[EpisodePredictions] = []
-    true, predicted = [], []
+    regression = getattr(model, "task_kind", "classification") == "regression"
+    keep = None
+    if keep_predictions > 0 and not regression:
+        n_rot = getattr(sampler, "n_rot", 1)
+        names = sampler.data.class_names
+        kept: list[EpisodePredictions] = []
+        true, predicted = [], []
 
-    def keep(i: int, task: Task, pred: torch.Tensor) -> None:
-        classes = episodes[i].classes  # virtual class id of every episode label
-        true.append(classes[task.query_y.cpu()])
-        predicted.append(classes[pred])
-        if len(kept) < keep_predictions:
-            kept.append(EpisodePredictions(
-                task.support_x.detach().cpu().contiguous(), task.support_y.cpu(),
-                task.query_x.detach().cpu().contiguous(), task.query_y.cpu(), pred,
-                tuple(_class_name(names, int(c), n_rot) for c in classes)))
+        def keep(i: int, task: Task, pred: torch.Tensor) -> None:
+            classes = episodes[i].classes  # virtual class id of every episode label
+            true.append(classes[task.query_y.cpu()])
+            predicted.append(classes[pred])
+            if len(kept) < keep_predictions:
+                kept.append(EpisodePredictions(
+                    task.support_x.detach().cpu().contiguous(), task.support_y.cpu(),
+                    task.query_x.detach().cpu().contiguous(), task.query_y.cpu(), pred,
+                    tuple(_class_name(names, int(c), n_rot) for c in classes)))
 
-    res = evaluate_tasks(model, tasks, device, channels_last, progress, inner_steps, temperature, keep)
+    res = None
+    if episodes and supports_embedding(model, sampler, inner_steps):
+        res = _evaluate_embedded(model, sampler, episodes, device, channels_last, progress, temperature, keep)
+        if res is None and keep is not None:
+            true.clear(), predicted.clear(), kept.clear()
+    if res is None:
+        res = evaluate_tasks(model, sampler.tasks(episodes), device, channels_last, progress, inner_steps,
+                             temperature, keep)
+    if keep is None:
+        return res
     none = torch.zeros(0, dtype=torch.long)
     true_ids, pred_ids = torch.cat(true or [none]), torch.cat(predicted or [none])
     present, index = torch.unique(torch.cat([true_ids, pred_ids]), return_inverse=True)
