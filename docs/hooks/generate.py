@@ -146,35 +146,31 @@ def algorithms_registry(_: str | None) -> str:
     return "\n".join(rows)
 
 
+def _section(name: str, summary: str, classes: str, config_cls: type, prefix: str) -> str:
+    """One registry entry's section: its name, summary, classes and the table of its config fields."""
+    return f"### `{name}`\n\n{summary}\n\n{classes}.\n\n{_field_table(config_cls, prefix)}\n"
+
+
 def algorithms_fields(_: str | None) -> str:
     from metafit.algorithms import ALGORITHMS
 
-    out = []
-    for name, cls in ALGORITHMS.items():
-        out.append(f"### `{name}`\n\n{_summary(sys.modules[cls.__module__])}\n\n"
-                   f"Config class `{_class_path(cls.Config)}`.\n\n{_field_table(cls.Config, 'algorithm.')}\n")
-    return "\n".join(out)
+    return "\n".join(_section(name, _summary(sys.modules[cls.__module__]), f"Config class `{_class_path(cls.Config)}`",
+                              cls.Config, "algorithm.") for name, cls in ALGORITHMS.items())
 
 
 def datasets_fields(_: str | None) -> str:
     from metafit.data import DATASETS
 
-    out = []
-    for name, cls in DATASETS.items():
-        out.append(f"### `{name}`\n\n{_summary(cls, sys.modules[cls.__module__])}\n\n"
-                   f"Config class `{_class_path(cls)}`.\n\n{_field_table(cls, 'data.')}\n")
-    return "\n".join(out)
+    return "\n".join(_section(name, _summary(cls, sys.modules[cls.__module__]), f"Config class `{_class_path(cls)}`",
+                              cls, "data.") for name, cls in DATASETS.items())
 
 
 def backbones_fields(_: str | None) -> str:
     from metafit.nn import BACKBONES
 
-    out = []
-    for name, (config_cls, module_cls) in BACKBONES.items():
-        summary = _summary(config_cls, sys.modules[module_cls.__module__], module_cls)
-        out.append(f"### `{name}`\n\n{summary}\n\nModule `{_class_path(module_cls)}`, config "
-                   f"`{_class_path(config_cls)}`.\n\n{_field_table(config_cls, 'backbone.')}\n")
-    return "\n".join(out)
+    return "\n".join(_section(name, _summary(config_cls, sys.modules[module_cls.__module__], module_cls),
+                              f"Module `{_class_path(module_cls)}`, config `{_class_path(config_cls)}`", config_cls,
+                              "backbone.") for name, (config_cls, module_cls) in BACKBONES.items())
 
 
 def _rl_learners() -> dict[str, type]:
@@ -184,11 +180,9 @@ def _rl_learners() -> dict[str, type]:
 
 
 def rl_learners_fields(_: str | None) -> str:
-    out = []
-    for name, cls in _rl_learners().items():
-        out.append(f"### `{name}`\n\n{_summary(sys.modules[cls.__module__])}\n\nClass `{_class_path(cls)}`, config "
-                   f"`{_class_path(cls.Config)}`.\n\n{_field_table(cls.Config, 'learner.')}\n")
-    return "\n".join(out)
+    return "\n".join(_section(name, _summary(sys.modules[cls.__module__]),
+                              f"Class `{_class_path(cls)}`, config `{_class_path(cls.Config)}`", cls.Config, "learner.")
+                     for name, cls in _rl_learners().items())
 
 
 def _rl_families() -> dict[str, type]:
