@@ -24,7 +24,7 @@ from ..algorithms import Algorithm
 from ..data import EpisodeSampler
 from ..types import Task
 
-__all__ = ["EMBED_BATCH", "EPISODE_CHUNK", "embedded_logits", "supports_embedding"]
+__all__ = ["EMBED_BATCH", "EPISODE_CHUNK", "embedded_logits", "episode_task", "supports_embedding"]
 
 #: distinct images embedded per backbone call, by device type: on a CPU small batches keep a
 #: convolution's activations in cache (Conv4 on 28 x 28 Omniglot, 2-core EPYC: 0.085 ms per image
@@ -67,10 +67,10 @@ def _batch_independent(model: Algorithm, x: torch.Tensor) -> bool:
 @torch.no_grad()
 def embedded_logits(model: Algorithm, sampler: EpisodeSampler, episodes: list, device: torch.device | str,
                     channels_last: bool = False) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
-    """A generator of ``(query_logits [E, n_ways * q, n_ways], query_y [E, n_ways * q])`` chunks for
-    ``episodes`` in order, computed from cached embeddings; None where the backbone turns out to
-    use batch statistics (the caller then evaluates one episode at a time). ``model`` must be in
-    eval mode."""
+    """A function yielding ``(query_logits [E, n_ways * q, n_ways], query_y [E, n_ways * q])`` chunks
+    for ``episodes`` of ``sampler`` in order, computed on ``device`` from cached embeddings (images in
+    ``channels_last`` format if asked); None where the backbone turns out to use batch statistics
+    (the caller then evaluates one episode at a time). ``model`` must be in eval mode."""
     classes = torch.stack([e.classes for e in episodes])  # [B, n]
     index = sampler.image_indices(episodes)  # [B, n, k + q] storage positions
     keys = index * sampler.n_rot + (classes % sampler.n_rot).unsqueeze(-1)
