@@ -39,7 +39,7 @@ def supports_embedding(model: Algorithm, sampler: EpisodeSampler, inner_steps: i
     embeddings (see the module docstring); ``inner_steps`` (an adaptation override) rules it out."""
     return (inner_steps is None and callable(getattr(model, "embeds_per_image", None)) and model.embeds_per_image()
             and getattr(model, "task_kind", "classification") == "classification"
-            and isinstance(sampler, EpisodeSampler) and len(sampler.data.class_names) > 0)
+            and isinstance(sampler, EpisodeSampler))
 
 
 def _images(sampler: EpisodeSampler, keys: torch.Tensor) -> torch.Tensor:

@@ -272,11 +272,9 @@ def evaluate_episodes(model: Algorithm, sampler: EpisodeSampler, episodes, devic
                     task.query_x.detach().cpu().contiguous(), task.query_y.cpu(), pred,
                     tuple(_class_name(names, int(c), n_rot) for c in classes)))
 
-    res = None
+    res = None  # (a None from the embedded path comes before any episode is scored or kept)
     if episodes and supports_embedding(model, sampler, inner_steps):
         res = _evaluate_embedded(model, sampler, episodes, device, channels_last, progress, temperature, keep)
-        if res is None and keep is not None:
-            true.clear(), predicted.clear(), kept.clear()
     if res is None:
         res = evaluate_tasks(model, sampler.tasks(episodes), device, channels_last, progress, inner_steps,
                              temperature, keep)
