@@ -49,3 +49,11 @@ class BatchNormConfig(BackboneConfig):
         ),
     )
     bn_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm running-average momentum")
+    bn_group_size: int = Field(
+        0, ge=0, le=1_000_000,
+        description=(
+            "while training: run the backbone on groups of at most this many images, each a strided "
+            "sample of the batch, so BatchNorm uses each group's statistics (ghost batch norm) and a CPU's "
+            "caches hold a group's activations (faster per image); 0: the whole batch at once"
+        ),
+    )

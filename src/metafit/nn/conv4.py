@@ -9,8 +9,8 @@ from pydantic import Field
 from torch import nn
 
 from .base import BatchNormConfig
-from .layers import (MaxPool2d, StableBatchNorm2d, conv_bn_fusable, conv_then_batch_norm, is_channels_last,
-                     to_channels_last_like)
+from .layers import (MaxPool2d, StableBatchNorm2d, conv_bn_fusable, conv_then_batch_norm, ghost_batches,
+                     is_channels_last, to_channels_last_like)
 
 __all__ = ["Conv4", "Conv4Config"]
 
@@ -66,6 +66,11 @@ class Conv4(nn.Module):
         self.out_features = h * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.config.bn_group_size:
+            return ghost_batches(self._forward, x, self.config.bn_group_size)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         ref = self.blocks[-1][0].weight  # a weight whose layout is unambiguous (hidden input channels)
         for i, (conv, bn, pool, relu) in enumerate(self.blocks):
             if i == 0 and conv_bn_fusable(x, conv, bn):

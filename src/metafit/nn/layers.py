@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MaxPool2d", "StableBatchNorm2d", "conv_bn_fusable", "conv_then_batch_norm", "is_channels_last",
-           "max_pool2d", "to_channels_last_like"]
+__all__ = ["MaxPool2d", "StableBatchNorm2d", "conv_bn_fusable", "conv_then_batch_norm", "ghost_batches",
+           "is_channels_last", "max_pool2d", "to_channels_last_like"]
 
 # a tensor inside torch.func.vmap/grad: memory-format queries are not implemented there, and the
 # layout fast paths below do not apply
@@ -205,3 +207,20 @@ def conv_then_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
             bn.running_var.mul_(1 - factor).add_((var * count / max(count - 1, 1)).to(bn.running_var.dtype),
                                                  alpha=factor)
     return out.view(n, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+def ghost_batches(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``forward`` applied to groups of at most ``group_size`` rows of ``x``, results in ``x``'s order.
+
+    Group ``j`` of ``g = ceil(n / group_size)`` is ``x[j::g]``, a strided sample of the batch, so every
+    group holds a like share of an episode's support and query images. Training-mode BatchNorm then
+    normalises with each group's statistics ("ghost batch norm", Hoffer et al. 2017), and every layer
+    works on a small group whose activations stay in a CPU's caches. ``group_size`` 0 or at least the
+    batch: ``forward(x)`` itself."""
+    n = x.shape[0]
+    groups = -(-n // group_size) if group_size > 0 else 1
+    if groups <= 1:
+        return forward(x)
+    out = torch.cat([forward(x[j::groups]) for j in range(groups)])
+    order = torch.cat([torch.arange(j, n, groups) for j in range(groups)])
+    return out.index_select(0, torch.argsort(order).to(out.device))

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import BatchNormConfig
-from .layers import (StableBatchNorm2d, conv_bn_fusable, conv_then_batch_norm, is_channels_last, max_pool2d,
-                     to_channels_last_like)
+from .layers import (StableBatchNorm2d, conv_bn_fusable, conv_then_batch_norm, ghost_batches, is_channels_last,
+                     max_pool2d, to_channels_last_like)
 
 __all__ = ["ResNet12", "ResNet12Config", "drop_block"]
 
@@ -150,6 +150,11 @@ class ResNet12(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.config.bn_group_size:
+            return ghost_batches(self._forward, x, self.config.bn_group_size)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.config.pool == "avg":
             return x.mean((2, 3))
