@@ -109,3 +109,23 @@ def test_adapt_rejects_bad_support_sets():
         model.adapt(sx, torch.tensor([0, 1, 2, 5]), 3)
     with pytest.raises(TaskError, match="one label per support"):
         model.adapt(sx, torch.tensor([0, 1, 2]), 3)
+
+
+def test_fine_tuning_with_stroke_augmentation_is_seeded_and_leaves_the_model_untouched():
+    from metafit.algorithms.protonet import FINETUNE_AUGMENTS
+
+    assert not FINETUNE_AUGMENTS["strokes"].flip  # a mirrored character may be another character
+    torch.manual_seed(0)
+    backbone = Conv4(Conv4Config(hidden_channels=4, n_blocks=2), 1, 12)
+    sx, sy = torch.rand(6, 1, 12, 12), torch.tensor([0, 1, 2, 0, 1, 2])
+    adapted = {}
+    for kind in ("photo", "strokes"):
+        model = ProtoNet(ProtoNetConfig(finetune_steps=3, finetune_lr=0.1, finetune_augmentation=kind), backbone)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        first, second = model.adapt(sx, sy, 3), model.adapt(sx, sy, 3)
+        torch.testing.assert_close(first.prototypes, second.prototypes, rtol=0, atol=0)  # seeded
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        adapted[kind] = first.prototypes
+        plain = ProtoNet(ProtoNetConfig(), backbone).eval().adapt(sx, sy, 3).prototypes
+        assert not torch.allclose(first.prototypes, plain)  # the backbone was tuned
+    assert not torch.allclose(adapted["photo"], adapted["strokes"])

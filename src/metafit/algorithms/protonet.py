@@ -7,8 +7,8 @@ scale is offered as an option.
 
 Fine-tuning at adaptation (``finetune_steps`` > 0; the last stage of P>M>F, Hu et al. 2022): a
 copy of the backbone is trained on the task's support set before the prototypes are taken —
-every step augments the support images (random resized crop, flip, colour jitter) into
-pseudo-queries and minimises their ProtoNet loss against the prototypes of the un-augmented
+every step augments the support images (``finetune_augmentation``: random resized crop, flip
+and colour jitter for photographs, or small affine warps for handwriting) into pseudo-queries and minimises their ProtoNet loss against the prototypes of the un-augmented
 support set, with SGD and momentum 0.9. BatchNorm keeps its running statistics. The
 augmentation is seeded, so the same support set always gives the same adapted model. Choose
 ``finetune_lr`` (and steps) on validation episodes (``metafit eval --split val --set
@@ -53,10 +53,20 @@ class ProtoNetConfig(AlgorithmConfig):
     finetune_augment: bool = Field(
         True, description="adaptation fine-tuning: pseudo-queries are augmented support images (false: the "
         "support images themselves)")
+    finetune_augmentation: Literal["photo", "strokes"] = Field(
+        "photo", description="adaptation fine-tuning: how support images are augmented into pseudo-queries: photo "
+        "(random resized crop, flip, colour jitter: natural images) or strokes (small random affine warps, no "
+        "flip: handwriting such as Omniglot)")
 
 
-#: the augmentation that turns support images into pseudo-queries while fine-tuning
-FINETUNE_AUGMENT = ImageAugment(crop="resized", crop_scale_min=0.35, flip=True, color_jitter=0.4)
+#: the augmentations that turn support images into pseudo-queries while fine-tuning, by
+#: ``finetune_augmentation``: natural images (P>M>F's), and handwriting (warps that keep a character
+#: the same character: a few degrees of rotation and shear, a small shift and zoom; a mirror image
+#: may be another character)
+FINETUNE_AUGMENTS = {
+    "photo": ImageAugment(crop="resized", crop_scale_min=0.35, flip=True, color_jitter=0.4),
+    "strokes": ImageAugment(affine={"degrees": 10.0, "translate": 0.1, "scale": (0.85, 1.15), "shear": 10.0}),
+}
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,8 @@ class ProtoNet(Algorithm):
                 trainable = [p for p in params.values() if p.requires_grad]
                 opt = torch.optim.SGD(trainable, lr=cfg.finetune_lr, momentum=0.9)
                 for _ in range(cfg.finetune_steps):
-                    queries = FINETUNE_AUGMENT(support_x, generator) if cfg.finetune_augment else support_x
+                    augment = FINETUNE_AUGMENTS[cfg.finetune_augmentation]
+                    queries = augment(support_x, generator) if cfg.finetune_augment else support_x
                     support, pseudo = episode_embeddings(lambda x: self.embed(x, params), support_x[None],
                                                          queries[None])
                     logits = prototype_logits(pseudo[0], class_means(support[0], support_y, n_ways),
