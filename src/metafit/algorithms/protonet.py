@@ -8,9 +8,10 @@ scale is offered as an option.
 Fine-tuning at adaptation (``finetune_steps`` > 0; the last stage of P>M>F, Hu et al. 2022): a
 copy of the backbone is trained on the task's support set before the prototypes are taken —
 every step augments the support images (``finetune_augmentation``: random resized crop, flip
-and colour jitter for photographs, or small affine warps for handwriting) into pseudo-queries and minimises their ProtoNet loss against the prototypes of the un-augmented
-support set, with SGD and momentum 0.9. BatchNorm keeps its running statistics. The
-augmentation is seeded, so the same support set always gives the same adapted model. Choose
+and colour jitter for photographs, or small affine warps for handwriting) into pseudo-queries
+and minimises their ProtoNet loss against the prototypes of the un-augmented support set, with
+SGD and momentum 0.9. BatchNorm keeps its running statistics. The augmentation is seeded, so
+the same support set always gives the same adapted model. Choose
 ``finetune_lr`` (and steps) on validation episodes (``metafit eval --split val --set
 algorithm.finetune_lr=...``); the fine-tuned weights travel in the adapted task.
 """
