@@ -152,8 +152,8 @@ class ProtoNet(Algorithm):
                           for n, p in self.backbone.named_parameters()}
                 trainable = [p for p in params.values() if p.requires_grad]
                 opt = torch.optim.SGD(trainable, lr=cfg.finetune_lr, momentum=0.9)
+                augment = FINETUNE_AUGMENTS[cfg.finetune_augmentation]
                 for _ in range(cfg.finetune_steps):
-                    augment = FINETUNE_AUGMENTS[cfg.finetune_augmentation]
                     queries = augment(support_x, generator) if cfg.finetune_augment else support_x
                     support, pseudo = episode_embeddings(lambda x: self.embed(x, params), support_x[None],
                                                          queries[None])
