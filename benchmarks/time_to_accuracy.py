@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from metafit.data import load_splits
 from metafit.training import evaluate_checkpoint, load_config, train, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -34,11 +35,11 @@ def _elapsed_by_step(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["elapsed_s"] for r in rows if r.get("split") == "train" and "elapsed_s" in r}
 
 
-def _score(ckpt: Path, args) -> dict:
+def _score(ckpt: Path, splits: dict, args) -> dict:
     out = {}
     for ways, shots in SETTINGS:
         r = evaluate_checkpoint(ckpt, n_ways=ways, k_shots=shots, n_queries=15, episodes=args.episodes,
-                                split="test", data_root=args.data_dir)
+                                split="test", splits=splits)
         out[f"{ways}w{shots}s"] = {"mean": r["mean"], "ci95": r["ci95"]}
     return out
 
@@ -50,14 +51,15 @@ def run_recipe(name: str, args) -> dict:
     report = train(cfg, test=False, overwrite=True)
     wall = time.time() - t0
     elapsed = _elapsed_by_step(out_dir)
+    splits = load_splits(cfg.data)  # read once, scored many times
     curve = []
     for ckpt in sorted(out_dir.glob("step-*.safetensors")):
         step = int(ckpt.stem.split("-")[1])
         seconds = elapsed.get(step, max((s for k, s in elapsed.items() if k <= step), default=0.0))
-        curve.append({"step": step, "minutes": round(seconds / 60, 2), **_score(ckpt, args)})
+        curve.append({"step": step, "minutes": round(seconds / 60, 2), **_score(ckpt, splits, args)})
         print(f"{name}: step {step:6d} at {seconds / 60:5.1f} min: "
               + ", ".join(f"{k} {100 * v['mean']:.2f}%" for k, v in curve[-1].items() if isinstance(v, dict)), flush=True)
-    best = _score(out_dir / "best.safetensors", args)
+    best = _score(out_dir / "best.safetensors", splits, args)
     return {"recipe": name, "train_seconds": report["train_seconds"], "train_minutes": round(report["train_seconds"] / 60, 2),
             "wall_seconds": wall, "steps": report["steps"], "best_step": report["best_step"],
             "val": report["val"], "test": best, "curve": curve}
