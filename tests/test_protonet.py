@@ -129,3 +129,41 @@ def test_fine_tuning_with_stroke_augmentation_is_seeded_and_leaves_the_model_unt
         plain = ProtoNet(ProtoNetConfig(), backbone).eval().adapt(sx, sy, 3).prototypes
         assert not torch.allclose(first.prototypes, plain)  # the backbone was tuned
     assert not torch.allclose(adapted["photo"], adapted["strokes"])
+
+
+def test_affine_views_warp_every_image_alike_whatever_its_batch():
+    from metafit.data import affine_views, random_affine
+
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 16, 16, dtype=torch.float64)
+    views = affine_views(x, 3, seed=4)
+    assert views.shape == (3, 5, 1, 16, 16)
+    torch.testing.assert_close(affine_views(x[2:3], 3, seed=4), views[:, 2:3], rtol=0, atol=0)
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], x)
+    # view k is random_affine's warp for the k-th draw of the seed, applied to every image
+    draws = torch.Generator().manual_seed(4)
+    for k in range(3):
+        one = random_affine(x[:1], draws)  # consumes one draw: the k-th
+        torch.testing.assert_close(views[k, :1], one, rtol=1e-12, atol=1e-12)
+    # zero ranges are the identity
+    same = affine_views(x, 2, degrees=0.0, translate=0.0, scale=(1.0, 1.0), shear=0.0)
+    torch.testing.assert_close(same, x.expand(2, *x.shape), rtol=1e-12, atol=1e-12)
+
+
+def test_test_views_average_embeddings_over_fixed_warps_at_evaluation_only():
+    from metafit.algorithms.protonet import TEST_VIEW_WARP
+    from metafit.data import affine_views
+
+    torch.manual_seed(0)
+    backbone = Conv4(Conv4Config(hidden_channels=4, n_blocks=2), 1, 12).double()
+    x = torch.rand(6, 1, 12, 12, dtype=torch.float64)
+    plain, tta = ProtoNet(ProtoNetConfig(), backbone), ProtoNet(ProtoNetConfig(test_views=4), backbone)
+    torch.testing.assert_close(tta.train().embed(x), plain.train().embed(x), rtol=0, atol=0)  # training: off
+    tta.eval(), plain.eval()
+    views = torch.cat([x[None], affine_views(x, 4, **TEST_VIEW_WARP)])
+    expected = torch.stack([plain.embed(v) for v in views]).mean(0)
+    torch.testing.assert_close(tta.embed(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tta.embed(x[3:4]), tta.embed(x)[3:4], rtol=1e-12, atol=1e-12)
+    sy = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = tta.predict(tta.adapt(x, sy, 3), x)
+    torch.testing.assert_close(logits, prototype_logits(expected, class_means(expected, sy, 3), "squared_euclidean"))

@@ -14,6 +14,10 @@ SGD and momentum 0.9. BatchNorm keeps its running statistics. The augmentation i
 the same support set always gives the same adapted model. Choose
 ``finetune_lr`` (and steps) on validation episodes (``metafit eval --split val --set
 algorithm.finetune_lr=...``); the fine-tuned weights travel in the adapted task.
+
+Test-time augmentation (``test_views`` > 0): outside training every image is embedded as the mean
+embedding of itself and ``test_views`` fixed small affine warps of it (the ``strokes`` ranges,
+the same warps for every image, so an embedding never depends on its batch).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 
 from torch.func import functional_call
 
-from ..data.augment import ImageAugment
+from ..data.augment import ImageAugment, affine_views
 from ..types import Task, TaskBatch
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
 from .heads import episode_embeddings, query_output, widen
@@ -58,7 +62,14 @@ class ProtoNetConfig(AlgorithmConfig):
         "photo", description="adaptation fine-tuning: how support images are augmented into pseudo-queries: photo "
         "(random resized crop, flip, colour jitter: natural images) or strokes (small random affine warps, no "
         "flip: handwriting such as Omniglot)")
+    test_views: int = Field(
+        0, ge=0, le=64, description="evaluation: each image's embedding is the mean of the embeddings of the "
+        "image and of this many fixed small affine warps of it (test-time augmentation for handwriting; "
+        "0: off; never while training)")
 
+
+#: the ranges of ``test_views``' fixed warps: those of the ``strokes`` fine-tuning augmentation
+TEST_VIEW_WARP = {"degrees": 10.0, "translate": 0.1, "scale": (0.85, 1.15), "shear": 10.0}
 
 #: the augmentations that turn support images into pseudo-queries while fine-tuning, by
 #: ``finetune_augmentation``: natural images (P>M>F's), and handwriting (warps that keep a character
@@ -66,7 +77,7 @@ class ProtoNetConfig(AlgorithmConfig):
 #: may be another character)
 FINETUNE_AUGMENTS = {
     "photo": ImageAugment(crop="resized", crop_scale_min=0.35, flip=True, color_jitter=0.4),
-    "strokes": ImageAugment(affine={"degrees": 10.0, "translate": 0.1, "scale": (0.85, 1.15), "shear": 10.0}),
+    "strokes": ImageAugment(affine=dict(TEST_VIEW_WARP)),
 }
 
 
@@ -131,8 +142,13 @@ class ProtoNet(Algorithm):
 
     def embed(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The backbone's embeddings ``[n, d]`` of ``x``, with the backbone weights ``params`` (by
-        parameter name) instead of its own when given."""
-        return self.backbone(x) if params is None else functional_call(self.backbone, params, (x,))
+        parameter name) instead of its own when given. Outside training, with ``test_views`` > 0,
+        the mean over ``x`` and its fixed warps (:func:`~metafit.data.affine_views`)."""
+        views = self.config.test_views if not self.training and x.dim() == 4 else 0
+        if views:
+            x = torch.cat([x[None], affine_views(x, views, **TEST_VIEW_WARP)]).flatten(0, 1)
+        emb = self.backbone(x) if params is None else functional_call(self.backbone, params, (x,))
+        return emb.unflatten(0, (views + 1, -1)).mean(0) if views else emb
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Prototypes:
         check_task(support_x, support_y, n_ways, "ProtoNet.adapt")

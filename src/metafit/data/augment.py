@@ -8,7 +8,8 @@ Two kinds, applied to float images in [0, 1]:
   stream; here every call forks that stream and seeds it from the sampler's own generator, so
   augmentation is reproducible, resumable and leaves the caller's random state untouched.
 - :func:`random_affine`: a small random affine warp (rotation, translation, scale, shear), the
-  augmentation of the Omniglot recipes.
+  augmentation of the Omniglot recipes; :func:`affine_views`, a fixed set of such warps applied
+  alike to every image (test-time augmentation).
 
 Distributed training: ``shard=(rank, world_size)`` means the batch is rank's slice of a batch
 ``world_size`` times larger; parameters are drawn for the whole batch and rank's share is used,
@@ -25,7 +26,31 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["ImageAugment", "random_affine"]
+__all__ = ["ImageAugment", "affine_views", "random_affine"]
+
+
+def _affine_theta(u: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float],
+                  shear: float) -> torch.Tensor:
+    """Inverse affine maps ``[n, 2, 3]`` (output pixel -> input location, as ``affine_grid`` takes
+    them) from uniform draws ``u`` ``[n, 5]``: rotation, shear, zoom and the two shifts."""
+    angle = (u[:, 0] * 2 - 1) * math.radians(degrees)
+    sh = (u[:, 1] * 2 - 1) * math.radians(shear)
+    s = scale[0] + u[:, 2] * (scale[1] - scale[0])
+    tx = (u[:, 3] * 2 - 1) * translate * 2  # grid coordinates span [-1, 1]
+    ty = (u[:, 4] * 2 - 1) * translate * 2
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack(
+        [
+            torch.stack([cos / s, (-sin + torch.tan(sh) * cos) / s, tx], dim=1),
+            torch.stack([sin / s, cos / s, ty], dim=1),
+        ],
+        dim=1,
+    )
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
@@ -41,22 +66,20 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
     n = x.shape[0]
     rank, world = shard
     u = torch.rand(n * world, 5, generator=generator)[rank * n:(rank + 1) * n]
-    angle = (u[:, 0] * 2 - 1) * math.radians(degrees)
-    sh = (u[:, 1] * 2 - 1) * math.radians(shear)
-    s = scale[0] + u[:, 2] * (scale[1] - scale[0])
-    tx = (u[:, 3] * 2 - 1) * translate * 2  # grid coordinates span [-1, 1]
-    ty = (u[:, 4] * 2 - 1) * translate * 2
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # inverse mapping used by affine_grid: output pixel -> input location
-    theta = torch.stack(
-        [
-            torch.stack([cos / s, (-sin + torch.tan(sh) * cos) / s, tx], dim=1),
-            torch.stack([sin / s, cos / s, ty], dim=1),
-        ],
-        dim=1,
-    ).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _warp(x, _affine_theta(u, degrees, translate, scale, shear))
+
+
+def affine_views(x: torch.Tensor, n_views: int, degrees: float = 10.0, translate: float = 0.1,
+                 scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``n_views`` warped copies of the images ``x`` [N, C, H, W], as ``[n_views, N, C, H, W]``
+    (test-time augmentation). View ``k`` applies the ``k``-th of ``n_views`` affine warps drawn once
+    from ``seed`` with :func:`random_affine`'s ranges, the same warp for every image: an image's
+    views never depend on which other images share its batch."""
+    u = torch.rand(n_views, 5, generator=torch.Generator().manual_seed(seed))
+    theta = _affine_theta(u, degrees, translate, scale, shear)  # [n_views, 2, 3]
+    n = x.shape[0]
+    views = _warp(x.repeat(n_views, 1, 1, 1), theta.repeat_interleave(n, dim=0))
+    return views.reshape(n_views, *x.shape)
 
 
 # parameter entries kornia shares across the batch (not one row per image)
