@@ -35,6 +35,19 @@ def test_every_builtin_config_is_valid():
         assert cfg.algorithm.name in name and cfg.data.name in name  # e.g. omniglot_maml_5w1s
 
 
+@pytest.mark.parametrize("name, parent, overrides", [
+    ("omniglot_maml_5w1s_hour", "omniglot_maml_5w1s", ["train.meta_steps=12500", "train.lr_schedule=cosine"]),
+    ("omniglot_protonet_lake_within", "omniglot_protonet_lake",
+     ["task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
+      "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16"]),
+])
+def test_derived_configs_are_their_parent_with_the_documented_overrides(name, parent, overrides):
+    # docs/benchmarks.md reports these recipes as the parent config plus these overrides
+    derived = load_config(name).model_dump()
+    expected = load_config(parent, [*overrides, f"out_dir={derived['out_dir']}"]).model_dump()
+    assert derived == expected
+
+
 def test_overrides_are_typed_and_validated(tmp_path):
     cfg = load_config("omniglot_protonet_5w1s", ["train.meta_lr=0.01", "task.within_group=true", "train.grad_clip=null"])
     assert cfg.train.meta_lr == 0.01 and cfg.task.within_group is True and cfg.train.grad_clip is None
