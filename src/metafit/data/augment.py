@@ -73,8 +73,10 @@ def affine_views(x: torch.Tensor, n_views: int, degrees: float = 10.0, translate
                  scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``n_views`` warped copies of the images ``x`` [N, C, H, W], as ``[n_views, N, C, H, W]``
     (test-time augmentation). View ``k`` applies the ``k``-th of ``n_views`` affine warps drawn once
-    from ``seed`` with :func:`random_affine`'s ranges, the same warp for every image: an image's
-    views never depend on which other images share its batch."""
+    from ``seed``, the same warp for every image, so an image's views never depend on which other
+    images share its batch. The ranges are :func:`random_affine`'s: a rotation within ``+-degrees``,
+    a shift within ``+-translate`` of the image size, a zoom in ``scale`` ``(min, max)`` and a shear
+    within ``+-shear`` degrees."""
     u = torch.rand(n_views, 5, generator=torch.Generator().manual_seed(seed))
     theta = _affine_theta(u, degrees, translate, scale, shear)  # [n_views, 2, 3]
     n = x.shape[0]
