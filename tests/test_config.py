@@ -35,11 +35,25 @@ def test_every_builtin_config_is_valid():
         assert cfg.algorithm.name in name and cfg.data.name in name  # e.g. omniglot_maml_5w1s
 
 
+# the training warps of the within-alphabet recipes: the ranges of ProtoNet's test-time views
+_STROKES = ["augment.affine=true", "augment.scale_min=0.85", "augment.scale_max=1.15", "augment.shear=10"]
+
+
+def test_stroke_warps_of_the_lake_recipes_match_the_test_time_views():
+    from metafit.algorithms.protonet import TEST_VIEW_WARP
+    aug = load_config("omniglot_protonet_lake_within").augment
+    assert aug.affine and (aug.degrees, aug.translate, (aug.scale_min, aug.scale_max), aug.shear) == (
+        TEST_VIEW_WARP["degrees"], TEST_VIEW_WARP["translate"], TEST_VIEW_WARP["scale"], TEST_VIEW_WARP["shear"])
+
+
 @pytest.mark.parametrize("name, parent, overrides", [
     ("omniglot_maml_5w1s_hour", "omniglot_maml_5w1s", ["train.meta_steps=12500", "train.lr_schedule=cosine"]),
     ("omniglot_protonet_lake_within", "omniglot_protonet_lake",
      ["task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
-      "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16"]),
+      "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES]),
+    ("omniglot_protonet_small_within", "omniglot_protonet_small",
+     ["task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
+      "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES]),
 ])
 def test_derived_configs_are_their_parent_with_the_documented_overrides(name, parent, overrides):
     # docs/benchmarks.md reports these recipes as the parent config plus these overrides
