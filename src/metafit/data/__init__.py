@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import named_section, parse_config
-from .augment import ImageAugment, affine_views, random_affine
+from .augment import ImageAugment, affine_views, random_affine, random_elastic
 from .batches import ClassBatchSampler
 from .cifar import CifarFSConfig, FC100Config
 from .classes import ImageClasses
@@ -64,6 +64,7 @@ __all__ = [
     "migrate_legacy_data",
     "omniglot_splits",
     "random_affine",
+    "random_elastic",
     "affine_views",
     "read_image",
     "SinusoidConfig",

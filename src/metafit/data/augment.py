@@ -10,6 +10,10 @@ Two kinds, applied to float images in [0, 1]:
 - :func:`random_affine`: a small random affine warp (rotation, translation, scale, shear), the
   augmentation of the Omniglot recipes; :func:`affine_views`, a fixed set of such warps applied
   alike to every image (test-time augmentation).
+- :func:`random_elastic`: an elastic distortion (Simard et al. 2003), a random displacement field
+  smoothed by a Gaussian, which bends strokes the way different hands draw them. With both
+  ``affine`` and ``elastic`` an :class:`ImageAugment` resamples each image once, through the
+  affine map and the displacement together, so the image is interpolated once, not twice.
 
 Distributed training: ``shard=(rank, world_size)`` means the batch is rank's slice of a batch
 ``world_size`` times larger; parameters are drawn for the whole batch and rank's share is used,
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["ImageAugment", "affine_views", "random_affine"]
+__all__ = ["ImageAugment", "affine_views", "random_affine", "random_elastic"]
 
 
 def _affine_theta(u: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float],
@@ -53,6 +57,66 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3.0 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def _band(k: torch.Tensor, size: int) -> torch.Tensor:
+    """``[size, size + len(k) - 1]``: row ``i`` holds the kernel at columns ``i .. i + len(k) - 1``, so
+    ``band @ v`` is the valid (unpadded) correlation of ``v`` with ``k``."""
+    band = torch.zeros(size, size + k.numel() - 1)
+    for i in range(size):
+        band[i, i:i + k.numel()] = k
+    return band
+
+
+def _elastic_field(n: int, size: tuple[int, int], alpha: float, sigma: float, generator: torch.Generator,
+                   shard: tuple[int, int]) -> torch.Tensor:
+    """Displacements ``[n, H, W, 2]`` in ``grid_sample`` units: uniform noise in [-1, 1] per pixel and
+    axis, smoothed by a Gaussian of ``sigma`` pixels, times ``alpha`` pixels. The noise is drawn on a
+    canvas larger by the kernel's radius on every side and smoothed without padding, so the field's
+    statistics are the same at the border as in the middle."""
+    h, w = size
+    rank, world = shard
+    k = _gaussian_kernel(sigma)
+    r = k.numel() // 2
+    noise = torch.rand(n * world, 2, h + 2 * r, w + 2 * r, generator=generator)[rank * n:(rank + 1) * n] * 2 - 1
+    field = _band(k, h) @ noise @ _band(k, w).T  # the separable blur as two matrix products (fast on CPUs)
+    # one pixel is 2 / size in grid coordinates (align_corners=False); grid's last axis is (x, y)
+    scale = torch.tensor([2.0 * alpha / w, 2.0 * alpha / h]).view(1, 2, 1, 1)
+    return (field * scale).permute(0, 2, 3, 1)
+
+
+#: random_affine's ranges when a dict of its arguments leaves one out
+_AFFINE_DEFAULTS = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "shear": 0.0}
+
+
+def _random_warp(x: torch.Tensor, generator: torch.Generator, affine: dict | None, elastic: dict | None,
+                 shard: tuple[int, int]) -> torch.Tensor:
+    """Resample every image of ``x`` once through a random affine map (``affine``: random_affine's
+    arguments) plus an elastic displacement (``elastic``: ``alpha``, ``sigma``). The affine draws come
+    first, so a run without ``elastic`` draws exactly what :func:`random_affine` always drew."""
+    n = x.shape[0]
+    rank, world = shard
+    if affine is not None:
+        unknown = set(affine) - set(_AFFINE_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"Augment: unknown affine settings {sorted(unknown)}; use {sorted(_AFFINE_DEFAULTS)}.")
+        a = {**_AFFINE_DEFAULTS, **affine}
+        u = torch.rand(n * world, 5, generator=generator)[rank * n:(rank + 1) * n]
+        theta = _affine_theta(u, a["degrees"], a["translate"], tuple(a["scale"]), a["shear"])
+    else:
+        theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if elastic is not None:
+        grid = grid + _elastic_field(n, (int(x.shape[-2]), int(x.shape[-1])), float(elastic["alpha"]),
+                                     float(elastic["sigma"]), generator, shard).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
                   translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1),
                   shear: float = 0.0, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
@@ -63,10 +127,22 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
     ``+-degrees``, a translation within ``+-translate`` of the image size, a zoom in ``scale``
     ``(min, max)`` and a shear within ``+-shear`` degrees. ``shard``: ``(rank, world_size)``, see
     the module docstring."""
-    n = x.shape[0]
-    rank, world = shard
-    u = torch.rand(n * world, 5, generator=generator)[rank * n:(rank + 1) * n]
-    return _warp(x, _affine_theta(u, degrees, translate, scale, shear))
+    affine = dict(degrees=degrees, translate=translate, scale=scale, shear=shear)
+    return _random_warp(x, generator, affine, None, shard)
+
+
+def random_elastic(x: torch.Tensor, generator: torch.Generator, alpha: float = 34.0, sigma: float = 4.0,
+                   shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Apply an independent elastic distortion (Simard, Steinkraus & Platt 2003) to every image of
+    ``x`` [N, C, H, W] and return the distorted images (bilinear, zeros outside).
+
+    Each image gets its own displacement field, drawn from ``generator``: uniform noise in [-1, 1]
+    for every pixel and axis, smoothed by a Gaussian of standard deviation ``sigma`` pixels and
+    scaled by ``alpha`` pixels. Small ``sigma`` gives jitter, large ``sigma`` gentle bends; Simard et
+    al. used ``alpha=34, sigma=4`` on 28 x 28 digits (displacements of about 1.4 pixels). The
+    units are pixels of ``x``, so scale both with the image size. ``shard``: ``(rank, world_size)``,
+    see the module docstring."""
+    return _random_warp(x, generator, None, dict(alpha=alpha, sigma=sigma), shard)
 
 
 def affine_views(x: torch.Tensor, n_views: int, degrees: float = 10.0, translate: float = 0.1,
@@ -118,7 +194,8 @@ class ImageAugment:
     ``"none"``; then a horizontal ``flip``; ``rand_augment`` (``n`` operations of magnitude
     ``m``, Cubuk et al. 2020); ``color_jitter`` (brightness, contrast and saturation factors
     drawn from [1 - s, 1 + s]) with ``hue`` (a shift in [-hue, hue] of a full turn); and the
-    small ``affine`` warp (a dict of :func:`random_affine` arguments) last. ``rand_augment_n`` and
+    small ``affine`` warp (a dict of :func:`random_affine` arguments) and the ``elastic`` distortion
+    (a dict of :func:`random_elastic`'s ``alpha`` and ``sigma``) last, as one resampling. ``rand_augment_n`` and
     ``rand_augment_m`` are RandAugment's ``n`` and ``m``. An unknown ``crop`` is a
     :class:`~metafit.errors.ConfigError`. Frozen; call it as ``augment(x, generator, shard)``."""
 
@@ -132,6 +209,7 @@ class ImageAugment:
     rand_augment_n: int = 2
     rand_augment_m: int = 9
     affine: dict | None = None
+    elastic: dict | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in ("none", "random", "resized"):
@@ -187,6 +265,6 @@ class ImageAugment:
                     y = op(y, params=_shard_params(params, rank, n, n * world) if world > 1 else params)
                 x = y.mean(1, keepdim=True) if gray else y.contiguous()
             x = x.clamp_(0.0, 1.0)
-        if self.affine is not None:
-            x = random_affine(x, generator, **self.affine, shard=shard)
+        if self.affine is not None or self.elastic is not None:
+            x = _random_warp(x, generator, self.affine, self.elastic, shard)
         return x

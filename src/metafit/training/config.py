@@ -89,6 +89,15 @@ class AugmentConfig(ConfigModel):
     scale_min: float = Field(0.9, gt=0.0, le=10.0, description="affine: smallest zoom factor (at most scale_max)")
     scale_max: float = Field(1.1, gt=0.0, le=10.0, description="affine: largest zoom factor")
     shear: float = Field(0.0, ge=0.0, le=60.0, description="degrees")
+    elastic_alpha: float = Field(
+        0.0, ge=0.0, le=1000.0,
+        description="elastic distortion (Simard et al. 2003): scale of the smoothed random displacement "
+        "field, in pixels of the image at data.image_size (0: off; Simard used 34 at 28 x 28)",
+    )
+    elastic_sigma: float = Field(
+        4.0, gt=0.0, le=100.0,
+        description="elastic distortion: standard deviation in pixels of the Gaussian that smooths the field",
+    )
 
     @model_validator(mode="after")
     def _scale(self):
@@ -103,8 +112,10 @@ class AugmentConfig(ConfigModel):
         aug = ImageAugment(crop=self.crop, crop_padding=self.crop_padding, crop_scale_min=self.crop_scale_min,
                            flip=self.flip, color_jitter=self.color_jitter, hue=self.hue,
                            rand_augment=self.rand_augment, rand_augment_n=self.rand_augment_n,
-                           rand_augment_m=self.rand_augment_m, affine=affine)
-        return aug if (aug.uses_kornia or affine is not None) else None
+                           rand_augment_m=self.rand_augment_m, affine=affine,
+                           elastic=(dict(alpha=self.elastic_alpha, sigma=self.elastic_sigma)
+                                    if self.elastic_alpha > 0 else None))
+        return aug if (aug.uses_kornia or affine is not None or aug.elastic is not None) else None
 
 
 class LoopConfig(ConfigModel):
