@@ -49,12 +49,13 @@ def test_stroke_warps_of_the_lake_recipes_match_the_test_time_views():
 @pytest.mark.parametrize("name, parent, overrides", [
     ("omniglot_maml_5w1s_hour", "omniglot_maml_5w1s", ["train.meta_steps=12500", "train.lr_schedule=cosine"]),
     ("omniglot_protonet_lake_within", "omniglot_protonet_lake",
-     ["task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
+     ["task.within_group=true", "train.meta_steps=36000", "train.lr_step_size=7200", "train.eval_every=4000",
       "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES,
       "backbone.hidden_channels=96", "task.n_queries=3", "backbone.bn_group_size=64"]),
     ("omniglot_protonet_small_within", "omniglot_protonet_small",
      ["task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
-      "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES]),
+      "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES,
+      "backbone.hidden_channels=96", "task.n_queries=3", "backbone.bn_group_size=64"]),
 ])
 def test_derived_configs_are_their_parent_with_the_documented_overrides(name, parent, overrides):
     # docs/benchmarks.md reports these recipes as the parent config plus these overrides
