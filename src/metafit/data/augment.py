@@ -1,6 +1,6 @@
 """Training-time augmentation on whole episode batches (vectorised, seeded).
 
-Two kinds, applied to float images in [0, 1]:
+Three kinds, applied to float images in [0, 1]:
 
 - :class:`ImageAugment`: the natural-image augmentations of kornia (random crop with padding,
   random resized crop, horizontal flip, colour jitter, RandAugment), each drawing independent
@@ -194,9 +194,9 @@ class ImageAugment:
     ``"none"``; then a horizontal ``flip``; ``rand_augment`` (``n`` operations of magnitude
     ``m``, Cubuk et al. 2020); ``color_jitter`` (brightness, contrast and saturation factors
     drawn from [1 - s, 1 + s]) with ``hue`` (a shift in [-hue, hue] of a full turn); and the
-    small ``affine`` warp (a dict of :func:`random_affine` arguments) and the ``elastic`` distortion
-    (a dict of :func:`random_elastic`'s ``alpha`` and ``sigma``) last, as one resampling. ``rand_augment_n`` and
-    ``rand_augment_m`` are RandAugment's ``n`` and ``m``. An unknown ``crop`` is a
+    small ``affine`` warp (a dict of :func:`random_affine` arguments) and the ``elastic``
+    distortion (a dict of :func:`random_elastic`'s ``alpha`` and ``sigma``) last, as one
+    resampling. ``rand_augment_n`` and ``rand_augment_m`` are RandAugment's ``n`` and ``m``. An unknown ``crop`` is a
     :class:`~metafit.errors.ConfigError`. Frozen; call it as ``augment(x, generator, shard)``."""
 
     crop: str = "none"
