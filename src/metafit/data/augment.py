@@ -22,6 +22,7 @@ so the union over ranks is exactly the single-process result.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,11 +53,16 @@ def _affine_theta(u: torch.Tensor, degrees: float, translate: float, scale: tupl
     )
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def _warp(x: torch.Tensor, theta: torch.Tensor, displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Resample ``x`` once through the affine maps ``theta`` plus an optional ``displacement``
+    ``[N, H, W, 2]`` in grid units (bilinear, zeros outside)."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement.to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+@functools.lru_cache(maxsize=16)
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, math.ceil(3.0 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -64,9 +70,12 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-def _band(k: torch.Tensor, size: int) -> torch.Tensor:
-    """``[size, size + len(k) - 1]``: row ``i`` holds the kernel at columns ``i .. i + len(k) - 1``, so
-    ``band @ v`` is the valid (unpadded) correlation of ``v`` with ``k``."""
+@functools.lru_cache(maxsize=16)
+def _band(sigma: float, size: int) -> torch.Tensor:
+    """``[size, size + len(k) - 1]`` for the Gaussian kernel ``k`` of ``sigma``: row ``i`` holds ``k`` at
+    columns ``i .. i + len(k) - 1``, so ``band @ v`` is the valid (unpadded) correlation of ``v`` with
+    ``k``. Cached: every training step of a run asks for the same bands (callers never modify them)."""
+    k = _gaussian_kernel(sigma)
     band = torch.zeros(size, size + k.numel() - 1)
     for i in range(size):
         band[i, i:i + k.numel()] = k
@@ -81,10 +90,9 @@ def _elastic_field(n: int, size: tuple[int, int], alpha: float, sigma: float, ge
     statistics are the same at the border as in the middle."""
     h, w = size
     rank, world = shard
-    k = _gaussian_kernel(sigma)
-    r = k.numel() // 2
+    r = _gaussian_kernel(sigma).numel() // 2
     noise = torch.rand(n * world, 2, h + 2 * r, w + 2 * r, generator=generator)[rank * n:(rank + 1) * n] * 2 - 1
-    field = _band(k, h) @ noise @ _band(k, w).T  # the separable blur as two matrix products (fast on CPUs)
+    field = _band(sigma, h) @ noise @ _band(sigma, w).T  # the separable blur as two matrix products (fast on CPUs)
     # one pixel is 2 / size in grid coordinates (align_corners=False); grid's last axis is (x, y)
     scale = torch.tensor([2.0 * alpha / w, 2.0 * alpha / h]).view(1, 2, 1, 1)
     return (field * scale).permute(0, 2, 3, 1)
@@ -110,11 +118,11 @@ def _random_warp(x: torch.Tensor, generator: torch.Generator, affine: dict | Non
         theta = _affine_theta(u, a["degrees"], a["translate"], tuple(a["scale"]), a["shear"])
     else:
         theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    field = None
     if elastic is not None:
-        grid = grid + _elastic_field(n, (int(x.shape[-2]), int(x.shape[-1])), float(elastic["alpha"]),
-                                     float(elastic["sigma"]), generator, shard).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        field = _elastic_field(n, (int(x.shape[-2]), int(x.shape[-1])), float(elastic["alpha"]),
+                               float(elastic["sigma"]), generator, shard)
+    return _warp(x, theta, field)
 
 
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
@@ -196,8 +204,8 @@ class ImageAugment:
     drawn from [1 - s, 1 + s]) with ``hue`` (a shift in [-hue, hue] of a full turn); and the
     small ``affine`` warp (a dict of :func:`random_affine` arguments) and the ``elastic``
     distortion (a dict of :func:`random_elastic`'s ``alpha`` and ``sigma``) last, as one
-    resampling. ``rand_augment_n`` and ``rand_augment_m`` are RandAugment's ``n`` and ``m``. An unknown ``crop`` is a
-    :class:`~metafit.errors.ConfigError`. Frozen; call it as ``augment(x, generator, shard)``."""
+    resampling. ``rand_augment_n`` and ``rand_augment_m`` are RandAugment's ``n`` and ``m``. An
+    unknown ``crop`` is a :class:`~metafit.errors.ConfigError`. Frozen; call it as ``augment(x, generator, shard)``."""
 
     crop: str = "none"
     crop_padding: int = 8
