@@ -10,6 +10,7 @@ Data: --data-dir, else METAFIT_DATA_DIR, else ../shared/data/omniglot.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -35,20 +36,27 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=1000)
     ap.add_argument("--data-dir", default=os.environ.get("METAFIT_DATA_DIR", str(HERE.parent.parent / "shared/data/omniglot")))
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<config>.json)")
-    ap.add_argument("--skip-train", action="store_true", help="evaluate an existing run only")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="evaluate the existing run in out_dir only (its --set algorithm.KEY=VALUE change adaptation)")
     ap.add_argument("--name", default=None, help="result name (default: the config name)")
     args = ap.parse_args()
 
     cfg = load_config(args.config, [f"data.root={args.data_dir}", "train.progress=false", *args.set])
     t0 = time.time()
-    report = None if args.skip_train else train(cfg, test=False, overwrite=True)  # a rerun retrains
-    ckpt = Path(cfg.out_dir) / "best.safetensors"
+    run, overrides = Path(cfg.out_dir), None
+    if args.skip_train:  # the run's own summary, written when it trained; algorithm fields as set here
+        report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
+        keys = {kv.split("=", 1)[0].removeprefix("algorithm.") for kv in args.set if kv.startswith("algorithm.")}
+        overrides = {k: v for k, v in cfg.algorithm.model_dump(mode="json").items() if k in keys}
+    else:
+        report = train(cfg, test=False, overwrite=True)  # a rerun retrains
+    ckpt = run / "best.safetensors"
     settings = [tuple(int(v) for v in e.split(",")) for e in args.eval] or [(cfg.eval.n_ways, cfg.eval.k_shots)]
     rows = []
     for ways, shots in settings:
         r = evaluate_checkpoint(ckpt, n_ways=ways, k_shots=shots, n_queries=args.queries or cfg.eval.n_queries,
                                 episodes=args.episodes, split="test", within_group=args.within_group or None,
-                                data_root=args.data_dir)
+                                data_root=args.data_dir, algorithm_overrides=overrides)
         rows.append(r)
     result = {
         "benchmark": "omniglot",

@@ -67,12 +67,15 @@ def test_batched_meta_loss_equals_per_task_loss_without_batchnorm():
     torch.testing.assert_close(model.meta_loss(batch).loss, per_task)
 
 
+@pytest.mark.parametrize("transductive", [False, True], ids=["plain", "transductive"])
 @pytest.mark.parametrize("distance", ["squared_euclidean", "cosine"])
-def test_meta_gradient_gradcheck_float64_with_batchnorm(distance):
-    """The meta-gradient through a BatchNorm backbone, checked against finite differences."""
+def test_meta_gradient_gradcheck_float64_with_batchnorm(distance, transductive):
+    """The meta-gradient through a BatchNorm backbone (and through the soft k-means refinement of
+    ``transductive_training``), checked against finite differences."""
     torch.manual_seed(3)
     backbone = Conv4(Conv4Config(hidden_channels=3, n_blocks=2), in_channels=1, image_size=8)
-    model = ProtoNet(ProtoNetConfig(distance=distance), backbone).double().train()
+    cfg = ProtoNetConfig(distance=distance, transductive_steps=2 * transductive, transductive_training=transductive)
+    model = ProtoNet(cfg, backbone).double().train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = tuple(p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad)
     buffers = {n: b for n, b in model.named_buffers()}
@@ -167,3 +170,76 @@ def test_test_views_average_embeddings_over_fixed_warps_at_evaluation_only():
     sy = torch.tensor([0, 1, 2, 0, 1, 2])
     logits = tta.predict(tta.adapt(x, sy, 3), x)
     torch.testing.assert_close(logits, prototype_logits(expected, class_means(expected, sy, 3), "squared_euclidean"))
+
+
+def _soft_kmeans_by_hand(protos, shots, queries, steps):
+    """Ren et al.'s refinement written out query by query and class by class."""
+    p = protos.clone()
+    for _ in range(steps):
+        w = torch.softmax(-torch.cdist(queries, p) ** 2, -1)
+        p = torch.stack([(shots[c] * protos[c] + sum(w[i, c] * queries[i] for i in range(len(queries))))
+                         / (shots[c] + w[:, c].sum()) for c in range(len(protos))])
+    return p
+
+
+def test_refine_prototypes_is_soft_k_means_weighting_support_by_its_shots():
+    from metafit.algorithms.protonet import refine_prototypes
+
+    torch.manual_seed(0)
+    protos, queries = torch.randn(3, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    shots = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    for steps in (1, 3):
+        torch.testing.assert_close(refine_prototypes(protos, queries, steps, "squared_euclidean", shots=shots),
+                                   _soft_kmeans_by_hand(protos, shots, queries, steps), rtol=1e-12, atol=1e-12)
+    assert refine_prototypes(protos, queries, 0, "squared_euclidean") is protos
+    assert refine_prototypes(protos, queries[:0], 3, "squared_euclidean") is protos
+    batched = refine_prototypes(torch.stack([protos, -protos]), torch.stack([queries, queries]), 2, "squared_euclidean")
+    torch.testing.assert_close(batched[1], refine_prototypes(-protos, queries, 2, "squared_euclidean"))
+
+
+def test_transductive_steps_move_prototypes_onto_shifted_query_clusters_outside_training_only():
+    """Support examples drawn away from their class's query cluster: nearest-prototype errs, the refined
+    prototypes follow the queries and classify them all; training, task_logits, predict and the
+    embedded head agree."""
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    support = centres + torch.tensor([[1.6, 0.0], [-1.2, 1.0], [0.9, -1.6]], dtype=torch.float64)
+    sy = torch.arange(3)
+    queries = centres.repeat_interleave(5, 0) + 0.2 * torch.randn(15, 2, dtype=torch.float64)
+    qy = sy.repeat_interleave(5)
+    plain = ProtoNet(ProtoNetConfig(), Flatten()).double().eval()
+    trans = ProtoNet(ProtoNetConfig(transductive_steps=10), Flatten()).double().eval()
+    assert (plain.predict(plain.adapt(support, sy, 3), queries).argmax(-1) == qy).float().mean() < 0.6
+    logits = trans.predict(trans.adapt(support, sy, 3), queries)
+    assert bool((logits.argmax(-1) == qy).all())
+    from metafit.types import Task
+    torch.testing.assert_close(trans.task_logits(Task(support, sy, queries, qy, 3)), logits)
+    torch.testing.assert_close(trans.head_logits(support[None], sy[None], queries[None], 3)[0], logits)
+    trans.train()  # training: the plain prototypes
+    torch.testing.assert_close(trans.predict(trans.adapt(support, sy, 3), queries),
+                               plain.predict(plain.adapt(support, sy, 3), queries))
+
+
+def test_transductive_training_refines_training_episodes_and_a_lone_query_keeps_its_class():
+    from metafit.algorithms.protonet import refine_prototypes
+
+    torch.manual_seed(2)
+    sx, qx = torch.randn(1, 6, 5, dtype=torch.float64), torch.randn(1, 9, 5, dtype=torch.float64)
+    sy, qy = torch.tensor([[0, 1, 2] * 2]), torch.tensor([[0, 1, 2] * 3])
+    batch = TaskBatch(sx, sy, qx, qy, 3)
+    cfg = dict(transductive_steps=3)
+    off = ProtoNet(ProtoNetConfig(**cfg), Flatten()).double().train()
+    on = ProtoNet(ProtoNetConfig(**cfg, transductive_training=True), Flatten()).double().train()
+    protos = refine_prototypes(class_means(sx[0], sy[0], 3), qx[0], 3, "squared_euclidean", shots=torch.full((3,), 2.0))
+    expected = torch.nn.functional.cross_entropy(prototype_logits(qx[0], protos, "squared_euclidean"), qy[0])
+    torch.testing.assert_close(on.meta_loss(batch).loss, expected)
+    plain = torch.nn.functional.cross_entropy(prototype_logits(qx[0], class_means(sx[0], sy[0], 3),
+                                                                "squared_euclidean"), qy[0])
+    torch.testing.assert_close(off.meta_loss(batch).loss, plain)
+    assert not torch.isclose(expected, plain)
+    for i in range(9):  # one query alone: the same class, sharper probabilities
+        q = qx[0, i:i + 1]
+        before = prototype_logits(q, class_means(sx[0], sy[0], 3), "squared_euclidean")
+        after = prototype_logits(q, refine_prototypes(class_means(sx[0], sy[0], 3), q, 5, "squared_euclidean"),
+                                 "squared_euclidean")
+        assert after.argmax() == before.argmax() and after.softmax(-1).max() >= before.softmax(-1).max()

@@ -18,6 +18,16 @@ algorithm.finetune_lr=...``); the fine-tuned weights travel in the adapted task.
 Test-time augmentation (``test_views`` > 0): outside training every image is embedded as the mean
 embedding of itself and ``test_views`` fixed small affine warps of it (the ``strokes`` ranges,
 the same warps for every image, so an embedding never depends on its batch).
+
+Transductive prototypes (``transductive_steps`` > 0): outside training (and, with
+``transductive_training``, in training episodes too, gradients flowing through) the prototypes are refined
+with the unlabelled query images of the same call by soft k-means (Ren et al. 2018, "Meta-Learning
+for Semi-Supervised Few-Shot Classification"): each step weighs every query by its softmax
+probability for each class and moves each prototype to the weighted mean of its support
+examples and the queries. Predictions then depend on the whole batch of queries scored
+together (pass one task's unlabelled images in one call). A lone query, with squared Euclidean
+distance and equal shots, keeps its class: each step scales its distance to every prototype by
+shots / (shots + probability), least for the nearest; only its probabilities sharpen.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from ..types import Task, TaskBatch
 from .base import Adapted, Algorithm, AlgorithmConfig, MetaOutput, check_task
 from .heads import episode_embeddings, query_output, widen
 
-__all__ = ["ProtoNet", "ProtoNetConfig", "Prototypes", "class_means", "prototype_logits"]
+__all__ = ["ProtoNet", "ProtoNetConfig", "Prototypes", "class_means", "prototype_logits", "refine_prototypes"]
 
 
 class ProtoNetConfig(AlgorithmConfig):
@@ -66,6 +76,14 @@ class ProtoNetConfig(AlgorithmConfig):
         0, ge=0, le=64, description="evaluation: each image's embedding is the mean of the embeddings of the "
         "image and of this many fixed small affine warps of it (test-time augmentation for handwriting; "
         "0: off; never while training)")
+    transductive_steps: int = Field(
+        0, ge=0, le=100, description="evaluation and prediction: soft k-means steps refining the prototypes "
+        "with the query images scored together (Ren et al. 2018; a prediction then depends on its batch; "
+        "0: off; not while training unless transductive_training)")
+    transductive_training: bool = Field(
+        False, description="training: refine the prototypes of training episodes with their queries too "
+        "(transductive_steps steps, gradients through the refinement), so the meta-loss sees the prototypes "
+        "evaluation uses")
 
 
 #: the ranges of ``test_views``' fixed warps: those of the ``strokes`` fine-tuning augmentation
@@ -88,6 +106,7 @@ class Prototypes(Adapted):
 
     prototypes: torch.Tensor  # [n_ways, d]
     params: dict[str, torch.Tensor] | None = None  # fine-tuned backbone weights (finetune_steps > 0)
+    shots: torch.Tensor | None = None  # [n_ways] support examples per class (None: one each)
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor, n_ways: int) -> torch.Tensor:
@@ -116,6 +135,31 @@ def prototype_logits(
     pp = prototypes.pow(2).sum(-1).unsqueeze(-2)
     sq = (qq - 2.0 * queries @ prototypes.transpose(-1, -2) + pp).clamp_min(0.0)
     return -sq
+
+
+def _shots(labels: torch.Tensor, n_ways: int) -> torch.Tensor:
+    """Examples per class [..., n_ways] of ``labels`` [..., n]."""
+    return F.one_hot(labels, n_ways).sum(-2)
+
+
+def refine_prototypes(prototypes: torch.Tensor, queries: torch.Tensor, steps: int, distance: str,
+                      scale: torch.Tensor | None = None, shots: torch.Tensor | None = None) -> torch.Tensor:
+    """Prototypes [..., n_ways, d] after ``steps`` soft k-means steps over unlabelled ``queries``
+    [..., q, d] (Ren et al. 2018): each step every prototype becomes the mean of its ``shots``
+    [..., n_ways] support examples (None: one each) and of every query, each query weighted by its
+    softmax probability (``prototype_logits`` with ``distance`` and ``scale``) for that class."""
+    if steps == 0 or queries.shape[-2] == 0:
+        return prototypes
+    if queries.dtype in (torch.float16, torch.bfloat16) or prototypes.dtype in (torch.float16, torch.bfloat16):
+        queries, prototypes = queries.float(), prototypes.float()
+    weight = (torch.ones(prototypes.shape[:-1], dtype=prototypes.dtype, device=prototypes.device)
+              if shots is None else shots.to(prototypes.dtype))
+    support_sum = prototypes * weight.unsqueeze(-1)
+    refined = prototypes
+    for _ in range(steps):
+        w = torch.softmax(prototype_logits(queries, refined, distance, scale), -1)  # [..., q, n_ways]
+        refined = (support_sum + w.transpose(-1, -2) @ queries) / (weight + w.sum(-2)).unsqueeze(-1)
+    return refined
 
 
 class ProtoNet(Algorithm):
@@ -154,7 +198,8 @@ class ProtoNet(Algorithm):
         check_task(support_x, support_y, n_ways, "ProtoNet.adapt")
         if self.config.finetune_steps > 0:
             return self._finetune(support_x, support_y, n_ways)
-        return Prototypes(class_means(self.embed(support_x), support_y, n_ways))
+        protos = class_means(self.embed(support_x), support_y, n_ways)
+        return Prototypes(protos, shots=_shots(support_y, n_ways).to(protos.dtype))
 
     def _finetune(self, support_x: torch.Tensor, support_y: torch.Tensor, n_ways: int) -> Prototypes:
         """Fine-tune a copy of the backbone on the support set (see the module docstring)."""
@@ -183,7 +228,7 @@ class ProtoNet(Algorithm):
                 protos = class_means(self.embed(support_x, tuned), support_y, n_ways)
         finally:
             self.backbone.train(was_training)
-        return Prototypes(protos, tuned)
+        return Prototypes(protos, tuned, _shots(support_y, n_ways).to(protos.dtype))
 
     def predict(self, adapted: Prototypes, x: torch.Tensor) -> torch.Tensor:
         if adapted.params is None:
@@ -195,7 +240,8 @@ class ProtoNet(Algorithm):
                 emb = self.embed(x, adapted.params)
             finally:
                 self.backbone.train(was_training)
-        return prototype_logits(emb, adapted.prototypes, self.config.distance, self._scale())
+        protos = self._refined(adapted.prototypes, emb, adapted.shots)
+        return prototype_logits(emb, protos, self.config.distance, self._scale())
 
     def embeds_per_image(self) -> bool:
         """True unless adaptation fine-tunes the backbone (``finetune_steps`` > 0)."""
@@ -209,11 +255,20 @@ class ProtoNet(Algorithm):
                     n_ways: int) -> torch.Tensor:
         """Distances of ``query`` embeddings to the prototypes of ``support`` (labels ``support_y``,
         ``n_ways`` classes), per episode (see :meth:`Algorithm.head_logits`)."""
-        return prototype_logits(query, class_means(support, support_y, n_ways), self.config.distance, self._scale())
+        protos = self._refined(class_means(support, support_y, n_ways), query, _shots(support_y, n_ways))
+        return prototype_logits(query, protos, self.config.distance, self._scale())
 
     def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
         support, queries = episode_embeddings(self.embed, sx, qx)
-        return prototype_logits(queries, class_means(support, sy, n_ways), self.config.distance, self._scale())
+        protos = self._refined(class_means(support, sy, n_ways), queries, _shots(sy, n_ways))
+        return prototype_logits(queries, protos, self.config.distance, self._scale())
+
+    def _refined(self, prototypes: torch.Tensor, queries: torch.Tensor, shots: torch.Tensor | None) -> torch.Tensor:
+        """``prototypes`` refined with ``queries`` (``transductive_steps``; while training only with
+        ``transductive_training``)."""
+        cfg = self.config
+        steps = cfg.transductive_steps if not self.training or cfg.transductive_training else 0
+        return refine_prototypes(prototypes, queries, steps, self.config.distance, self._scale(), shots)
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
         return query_output(self._logits(batch.support_x, batch.support_y, batch.query_x, batch.n_ways),
