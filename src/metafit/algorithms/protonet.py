@@ -268,7 +268,7 @@ class ProtoNet(Algorithm):
         ``transductive_training``)."""
         cfg = self.config
         steps = cfg.transductive_steps if not self.training or cfg.transductive_training else 0
-        return refine_prototypes(prototypes, queries, steps, self.config.distance, self._scale(), shots)
+        return refine_prototypes(prototypes, queries, steps, cfg.distance, self._scale(), shots)
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
         return query_output(self._logits(batch.support_x, batch.support_y, batch.query_x, batch.n_ways),
