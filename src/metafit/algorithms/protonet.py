@@ -102,7 +102,9 @@ FINETUNE_AUGMENTS = {
 @dataclass(frozen=True)
 class Prototypes(Adapted):
     """ProtoNet's adapted task: ``prototypes`` ``[n_ways, d]``, the class means of the support
-    embeddings, and ``params``, the fine-tuned backbone weights (``None`` unless ``finetune_steps`` > 0)."""
+    embeddings, ``params``, the fine-tuned backbone weights (``None`` unless ``finetune_steps`` > 0),
+    and ``shots`` ``[n_ways]``, the support examples per class, which weigh the prototypes against
+    the queries of ``transductive_steps`` (``None``, as in tasks saved before it: one each)."""
 
     prototypes: torch.Tensor  # [n_ways, d]
     params: dict[str, torch.Tensor] | None = None  # fine-tuned backbone weights (finetune_steps > 0)
