@@ -67,6 +67,17 @@ def test_training_calibrates_and_reports_ece_before_and_after(trained):
     assert metafit.load(report["best_checkpoint"]).temperature == cal["temperature"]
 
 
+def test_an_evaluation_that_changes_the_algorithm_does_not_apply_the_stale_temperature(trained):
+    report, splits = trained
+    ckpt = report["best_checkpoint"]
+    assert read_checkpoint(ckpt)[0]["config"]["algorithm"]["name"] == "protonet"
+    same = evaluate_checkpoint(ckpt, splits=splits, episodes=4, algorithm_overrides={"transductive_steps": 0})
+    assert same["temperature"] == report["calibration"]["temperature"] and "calibration" not in same
+    changed = evaluate_checkpoint(ckpt, splits=splits, episodes=4, algorithm_overrides={"transductive_steps": 2})
+    assert changed["temperature"] is None and changed["ece_calibrated"] is None and changed["ece"] is not None
+    assert "not applied: it was fitted without these algorithm overrides" in changed["calibration"]
+
+
 def test_calibrate_writes_a_copy_and_predictions_use_the_temperature(trained, tmp_path, capsys):
     report, splits = trained
     ckpt = report["best_checkpoint"]

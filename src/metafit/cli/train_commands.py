@@ -121,6 +121,7 @@ def _cmd_eval(args) -> int:
             if report.get("ece") is not None:
                 cal = (f", {100 * report['ece_calibrated']:.2f}% with the calibrated temperature "
                        f"{report['temperature']:.3g}" if report.get("ece_calibrated") is not None else
+                       f" ({report['calibration']})" if report.get("calibration") else
                        " (uncalibrated: run metafit calibrate)")
                 _print(f"expected calibration error {100 * report['ece']:.2f}%{cal}")
     if args.json:

@@ -241,7 +241,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     folder; ``splits`` passes the class splits already loaded instead; ``device`` is where the model
     runs; ``progress``, when given, is called with 1 after each episode. ``inner_steps`` overrides
     a gradient-based learner's adaptation steps; ``algorithm_overrides`` changes adaptation-only fields of the algorithm
-    (see :func:`with_algorithm_overrides`). ``data`` evaluates on another data source
+    (see :func:`with_algorithm_overrides`); where they change it, the checkpoint's calibrated temperature
+    is not applied (``out["calibration"]`` says so). ``data`` evaluates on another data source
     (cross-domain, :func:`cross_domain_data`): ``folder:PATH`` (every class a test class unless
     the tree has train/val/test folders, then ``split``'s) or a built-in source ``NAME`` /
     ``NAME:PATH``, its images read with the checkpoint's image format and ``polarity`` (``auto``,
@@ -257,7 +258,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     if source is not None and (splits is not None or data_root is not None):
         raise ConfigError("Eval: data must be given alone; got data together with "
                           f"{'splits' if splits is not None else 'data_root'}. Pass the folder in data (folder:PATH).")
-    model = with_algorithm_overrides(load(checkpoint, device), algorithm_overrides)
+    trained = load(checkpoint, device)
+    model = with_algorithm_overrides(trained, algorithm_overrides)
     config: RunConfig = model.run_config
     if source is not None and rotations is None:
         rotations = False  # another domain: rotated classes only where asked
@@ -286,6 +288,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
             f"{model.config.name!r}. Drop --inner-steps."
         )
     temperature = (model.checkpoint_meta.get("calibration") or {}).get("temperature")
+    # a temperature fitted on the checkpoint's own logits says nothing of the logits the overrides change
+    stale_temperature = temperature is not None and config.algorithm != trained.run_config.algorithm
+    if stale_temperature:
+        temperature = None
     if plots is not None:
         from .plots import PLOT_EPISODES, require_matplotlib, write_eval_plots
 
@@ -303,6 +309,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
         out["inner_steps"] = inner_steps
     if algorithm_overrides:
         out["algorithm_overrides"] = dict(algorithm_overrides)
+    if stale_temperature:
+        out["calibration"] = ("the calibrated temperature is not applied: it was fitted without these "
+                              "algorithm overrides")
     if data_info is not None:
         out["data"] = data_info
     if plots is not None:
