@@ -76,6 +76,9 @@ def test_an_evaluation_that_changes_the_algorithm_does_not_apply_the_stale_tempe
     changed = evaluate_checkpoint(ckpt, splits=splits, episodes=4, algorithm_overrides={"transductive_steps": 2})
     assert changed["temperature"] is None and changed["ece_calibrated"] is None and changed["ece"] is not None
     assert "not applied: it was fitted without these algorithm overrides" in changed["calibration"]
+    # the same rule wherever overrides are applied: a model loaded for prediction
+    assert metafit.load(ckpt, algorithm={"transductive_steps": 0}).temperature == report["calibration"]["temperature"]
+    assert metafit.load(ckpt, algorithm={"transductive_steps": 2}).temperature == 1.0
 
 
 def test_calibrate_writes_a_copy_and_predictions_use_the_temperature(trained, tmp_path, capsys):

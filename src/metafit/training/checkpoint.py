@@ -418,7 +418,9 @@ def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None)
     transfer model's ``head``, a learner's ``eval_inner_steps``): ``overrides`` maps ``algorithm``
     field names to new values (None or empty: ``model`` is returned as it is). Returns a rebuilt
     model with the same weights, device and mode. Fields that would change the learned parameters
-    (their names or shapes), or the algorithm's name, are refused with a ConfigError."""
+    (their names or shapes), or the algorithm's name, are refused with a ConfigError. Where the
+    overrides change the algorithm's config, the rebuilt model's ``checkpoint_meta`` leaves out the
+    checkpoint's ``calibration``: its temperature was fitted on the logits the overrides change."""
     if not overrides:
         return model
     config: RunConfig = model.run_config
@@ -440,5 +442,9 @@ def with_algorithm_overrides(model: Algorithm, overrides: dict[str, Any] | None)
     device = next(iter(model.state_dict().values())).device
     rebuilt.to(device).train(model.training)
     rebuilt.run_config = new
-    rebuilt.checkpoint_meta = getattr(model, "checkpoint_meta", {})
+    meta = getattr(model, "checkpoint_meta", {})
+    if new.algorithm != config.algorithm and "calibration" in meta:
+        # the temperature was fitted on the checkpoint's own logits, not on those the overrides change
+        meta = {k: v for k, v in meta.items() if k != "calibration"}
+    rebuilt.checkpoint_meta = meta
     return rebuilt

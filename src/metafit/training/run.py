@@ -288,10 +288,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
             f"{model.config.name!r}. Drop --inner-steps."
         )
     temperature = (model.checkpoint_meta.get("calibration") or {}).get("temperature")
-    # a temperature fitted on the checkpoint's own logits says nothing of the logits the overrides change
-    stale_temperature = temperature is not None and config.algorithm != trained.run_config.algorithm
-    if stale_temperature:
-        temperature = None
+    stale_temperature = "calibration" in trained.checkpoint_meta and "calibration" not in model.checkpoint_meta
     if plots is not None:
         from .plots import PLOT_EPISODES, require_matplotlib, write_eval_plots
 
