@@ -257,19 +257,25 @@ class ProtoNet(Algorithm):
                     n_ways: int) -> torch.Tensor:
         """Distances of ``query`` embeddings to the prototypes of ``support`` (labels ``support_y``,
         ``n_ways`` classes), per episode (see :meth:`Algorithm.head_logits`)."""
-        protos = self._refined(class_means(support, support_y, n_ways), query, _shots(support_y, n_ways))
+        protos = self._refined(class_means(support, support_y, n_ways), query, labels=support_y)
         return prototype_logits(query, protos, self.config.distance, self._scale())
 
     def _logits(self, sx, sy, qx, n_ways: int) -> torch.Tensor:
         support, queries = episode_embeddings(self.embed, sx, qx)
-        protos = self._refined(class_means(support, sy, n_ways), queries, _shots(sy, n_ways))
+        protos = self._refined(class_means(support, sy, n_ways), queries, labels=sy)
         return prototype_logits(queries, protos, self.config.distance, self._scale())
 
-    def _refined(self, prototypes: torch.Tensor, queries: torch.Tensor, shots: torch.Tensor | None) -> torch.Tensor:
+    def _refined(self, prototypes: torch.Tensor, queries: torch.Tensor, shots: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """``prototypes`` refined with ``queries`` (``transductive_steps``; while training only with
-        ``transductive_training``)."""
+        ``transductive_training``), the support counted by ``shots`` or, when given, its ``labels``
+        (counted only where the refinement runs: never on a plain training step)."""
         cfg = self.config
         steps = cfg.transductive_steps if not self.training or cfg.transductive_training else 0
+        if steps == 0:
+            return prototypes
+        if labels is not None:
+            shots = _shots(labels, prototypes.shape[-2])
         return refine_prototypes(prototypes, queries, steps, cfg.distance, self._scale(), shots)
 
     def meta_loss(self, batch: TaskBatch) -> MetaOutput:
