@@ -579,3 +579,29 @@ def test_a_checkpoint_of_another_backbone_is_named_not_listed(tmp_path):
     ckpt = save_checkpoint(tmp_path / "conv4.safetensors", build_model(cfg), cfg, step=0)
     with pytest.raises(CheckpointError, match=r"got a metafit checkpoint of a \{name: \"conv4\", .*hidden_channels: 8"):
         load_backbone_weights(_resnet(), ckpt)
+
+
+# ---- Conv4 without the last pooling stage --------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv4_without_final_pool_keeps_the_map_that_the_last_pool_would_reduce(channels_last):
+    from metafit.nn import Conv4, Conv4Config
+    torch.manual_seed(0)
+    pooled = Conv4(Conv4Config(hidden_channels=8), 1, 28).eval()
+    spatial = Conv4(Conv4Config(hidden_channels=8, final_pool=False), 1, 28).eval()
+    spatial.load_state_dict(pooled.state_dict())  # same parameters: the pool holds none
+    assert (pooled.out_features, spatial.out_features) == (8, 8 * 3 * 3)  # 28 -> 14 -> 7 -> 3 (-> 1)
+    x = torch.randn(5, 1, 28, 28)
+    if channels_last:
+        spatial.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    feats = spatial(x)
+    assert feats.shape == (5, 72)
+    torch.testing.assert_close(torch.nn.functional.max_pool2d(feats.view(5, 8, 3, 3), 2).flatten(1),
+                               pooled(x.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+def test_conv4_image_size_error_counts_only_the_pooling_blocks():
+    from metafit.nn import Conv4, Conv4Config
+    assert Conv4(Conv4Config(n_blocks=4, final_pool=False), 1, 8).out_features == 64  # 8 -> 4 -> 2 -> 1, no 4th pool
+    with pytest.raises(ValueError, match=r"at least 8 for 3 pooling blocks; got 7.*final_pool: false"):
+        Conv4(Conv4Config(n_blocks=4, final_pool=False), 1, 7)

@@ -22,9 +22,12 @@ class Conv4Config(BatchNormConfig):
     name: Literal["conv4"] = "conv4"
     hidden_channels: int = Field(64, ge=1, le=4096, description="channels of every conv block")
     n_blocks: int = Field(4, ge=1, le=8, description="number of conv3x3-BN-ReLU-maxpool blocks")
+    final_pool: bool = Field(True, description="max-pool in the last block too; false keeps the last block's "
+                             "spatial map in the features (a 3 x 3 map at 28 pixels: 9x the features, about "
+                             "the same compute)")
 
 
-def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
+def _block(cin: int, cout: int, cfg: Conv4Config, pool: bool = True) -> nn.Sequential:
     # max-pool before ReLU: the same function (ReLU is monotone, so it commutes with max) and the
     # same gradient, with the ReLU and its backward on a 4x smaller tensor
     return nn.Sequential(
@@ -32,7 +35,7 @@ def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
         StableBatchNorm2d(
             cout, momentum=cfg.bn_momentum, track_running_stats=cfg.bn_mode == "running"
         ),
-        MaxPool2d(2),
+        MaxPool2d(2) if pool else nn.Identity(),
         nn.ReLU(inplace=True),
     )
 
@@ -40,10 +43,10 @@ def _block(cin: int, cout: int, cfg: Conv4Config) -> nn.Sequential:
 class Conv4(nn.Module):
     """4 x [conv3x3-64, BatchNorm, maxpool2, ReLU]; flattens to ``out_features``.
 
-    ``config``: a :class:`Conv4Config` (width ``hidden_channels``, ``n_blocks`` blocks);
+    ``config``: a :class:`Conv4Config` (width ``hidden_channels``, ``n_blocks`` blocks, ``final_pool``);
     ``in_channels``: channels of the input images; ``image_size``: their side, which must be at least
-    ``2 ** n_blocks`` (a ``ValueError`` otherwise). ``out_features`` is
-    ``hidden_channels * (image_size // 2**n_blocks)**2``.
+    ``2 ** n_pools`` (a ``ValueError`` otherwise), where ``n_pools`` is ``n_blocks``, one fewer without
+    ``final_pool``. ``out_features`` is ``hidden_channels * (image_size // 2**n_pools)**2``.
 
     With ``model.to(memory_format=torch.channels_last)`` every activation is kept channels_last
     (the fast layout for the CPU kernels here), the single-channel first layer included."""
@@ -52,16 +55,17 @@ class Conv4(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_channels
-        blocks = [_block(in_channels, h, config)]
-        blocks += [_block(h, h, config) for _ in range(config.n_blocks - 1)]
+        n = config.n_blocks
+        pools = [True] * (n - 1) + [config.final_pool]
+        blocks = [_block(in_channels if i == 0 else h, h, config, pools[i]) for i in range(n)]
         self.blocks = nn.Sequential(*blocks)
         side = image_size
-        for _ in range(config.n_blocks):
-            side //= 2
+        for pool in pools:
+            side = side // 2 if pool else side
         if side < 1:
             raise ValueError(
-                f"Conv4: image_size must be at least {2 ** config.n_blocks} for {config.n_blocks} "
-                f"blocks; got {image_size}. Use larger images or fewer blocks."
+                f"Conv4: image_size must be at least {2 ** sum(pools)} for {sum(pools)} pooling "
+                f"blocks; got {image_size}. Use larger images, fewer blocks or final_pool: false."
             )
         self.out_features = h * side * side
 
