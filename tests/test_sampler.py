@@ -104,6 +104,29 @@ def test_rotations_are_new_classes():
         torch.testing.assert_close(task.support_x[i], expected)
 
 
+@pytest.mark.parametrize("rotations", [False, True])
+def test_reflections_are_mirrored_copies_as_new_classes(rotations):
+    data = synthetic_classes(n_classes=3, per_class=4)
+    copies = 8 if rotations else 2
+    s = EpisodeSampler(data, 3 * copies, 1, 1, rotations=rotations, reflections=True, seed=0)
+    assert s.n_rot == copies
+    ep = s.sample_episode()
+    assert sorted(ep.classes.tolist()) == list(range(3 * copies))
+    task = s.materialize([ep])[0]
+    ids = _image_ids(s, ep)
+    turns = 4 if rotations else 1
+    for i, c in enumerate(ep.classes.tolist()):
+        image = data.images[ids[i, 0]].float() / 255
+        r = c % copies
+        if r >= turns:
+            image = image.flip(-1)  # mirrored left to right, then turned
+        torch.testing.assert_close(task.support_x[i], torch.rot90(image, r % turns, dims=(-2, -1)))
+    # the 8 copies of an image (the square's symmetries) are all different for an asymmetric image
+    x = torch.arange(9.0).view(1, 1, 3, 3).repeat(8, 1, 1, 1)
+    from metafit.data import apply_symmetries
+    assert len({tuple(v.flatten().tolist()) for v in apply_symmetries(x, torch.arange(8), True)}) == 8
+
+
 def test_within_group_rotations_stay_in_the_group():
     data = synthetic_classes(n_classes=6, n_groups=2)
     s = EpisodeSampler(data, 8, 1, 1, rotations=True, within_group=True, seed=0)

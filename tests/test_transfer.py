@@ -35,6 +35,20 @@ def test_batch_labels_name_class_and_rotation():
         assert any(torch.equal(x, o) for o in rotated), (y, c, r)
 
 
+def test_batch_labels_name_class_rotation_and_mirror_image():
+    data = synthetic_classes(n_classes=6, per_class=4, size=16)
+    sampler = ClassBatchSampler(data, rotations=True, reflections=True, seed=3)
+    assert sampler.n_classes == 48
+    batch = sampler.sample(64)
+    assert int(batch.y.max()) < 48 and int(batch.y.remainder(8).max()) >= 4  # mirrored copies drawn
+    for x, y in zip(batch.x, batch.y.tolist()):
+        c, r = divmod(y, 8)
+        start, count = int(data.class_start[c]), int(data.class_count[c])
+        originals = data.images[start:start + count].float() / 255.0
+        copies = torch.rot90(originals.flip(-1) if r >= 4 else originals, r % 4, dims=(-2, -1))
+        assert any(torch.equal(x, o) for o in copies), (y, c, r)
+
+
 def test_batch_sampler_state_resumes_exactly():
     sampler = ClassBatchSampler(synthetic_classes(), rotations=True, seed=0)
     sampler.sample(5)
@@ -53,6 +67,18 @@ def test_trainer_records_base_classes_and_refuses_a_wrong_count(tmp_path, synthe
     bad = make_config(tiny_config(tmp_path, algorithm={"name": "transfer", "n_base_classes": 5}))
     with pytest.raises(ConfigError, match="algorithm.n_base_classes must equal"):
         Trainer(bad, splits=synthetic_splits)
+
+
+def test_reflections_double_the_base_classes_in_training_only(tmp_path, synthetic_splits):
+    from metafit.training.splits import split_lines
+    cfg = make_config(tiny_config(tmp_path, algorithm={"name": "transfer"},
+                                  data={"rotations": True, "reflections": True}))
+    trainer = Trainer(cfg, splits=synthetic_splits)
+    assert trainer.config.algorithm.n_base_classes == 18 * 8
+    assert trainer.model.classifier.out_features == 144
+    line = split_lines(trainer.split)[0]
+    assert "train 18 classes (x8 with rotations and mirror images)" in line
+    assert "val 6 classes (x4 with rotations), test 6 classes (x4 with rotations)" in line  # never mirrored there
 
 
 def test_meta_loss_refuses_episodes_and_out_of_range_labels(tmp_path):

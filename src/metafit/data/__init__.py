@@ -23,7 +23,7 @@ from .images import ImageFormat, list_images, list_labelled_images
 from .miniimagenet import MiniImageNetConfig
 from .omniglot import PROTOCOLS, OmniglotConfig, find_omniglot, load_omniglot, omniglot_splits
 from .runs import load_runs
-from .sampler import Episode, EpisodeSampler
+from .sampler import Episode, EpisodeSampler, apply_symmetries, symmetry_count
 from .safe_pickle import load_pickle
 from .sinusoid import SinusoidConfig, SinusoidEpisode, SinusoidFamily, SinusoidSampler
 from .source import DataSourceConfig, FileSourceConfig, ImageSourceConfig
@@ -66,6 +66,8 @@ __all__ = [
     "random_affine",
     "random_elastic",
     "affine_views",
+    "apply_symmetries",
+    "symmetry_count",
     "read_image",
     "SinusoidConfig",
     "SinusoidEpisode",

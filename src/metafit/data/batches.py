@@ -13,7 +13,7 @@ import torch
 from ..errors import DataError
 from ..types import LabelledBatch
 from .classes import ImageClasses
-from .sampler import SamplerStreams, _check_shard, as_augment
+from .sampler import SamplerStreams, _check_shard, apply_symmetries, as_augment, symmetry_count
 
 __all__ = ["ClassBatchSampler"]
 
@@ -24,18 +24,21 @@ class ClassBatchSampler(SamplerStreams):
 
     ``data``: the training classes (at least 2, else a :class:`~metafit.errors.DataError` started by
     ``owner``); ``rotations``: every class also in 90, 180 and 270 degree rotations, as new classes;
-    ``seed``: seeds the random streams.
+    ``reflections``: every class (and rotation) also mirrored, as new classes; ``seed``: seeds the
+    random streams.
     """
 
     def __init__(self, data: ImageClasses, *, rotations: bool = False, augment=None,
-                 seed: int = 0, owner: str = "ClassBatchSampler", workers: int | None = None) -> None:
+                 seed: int = 0, owner: str = "ClassBatchSampler", workers: int | None = None,
+                 reflections: bool = False) -> None:
         if data.n_classes < 2:
             raise DataError(
                 f"{owner}: pretraining needs at least 2 classes; got {data.n_classes}. Add classes to the "
                 "training split."
             )
         self.data = data
-        self.n_rot = 4 if rotations else 1
+        self.rotations = bool(rotations)
+        self.n_rot = symmetry_count(rotations, reflections)
         self.augment = as_augment(augment)
         self._init_streams(seed, workers)
         counts = data.class_count
@@ -47,7 +50,7 @@ class ClassBatchSampler(SamplerStreams):
 
     @property
     def n_classes(self) -> int:
-        """Base classes (rotations count as classes)."""
+        """Base classes (rotated and mirrored copies count as classes)."""
         return self.data.n_classes * self.n_rot
 
     def _draw(self, batch_size: int, rank: int, world_size: int):
@@ -61,10 +64,8 @@ class ClassBatchSampler(SamplerStreams):
         pick, rot = description
         _, rank, world_size = args
         x = images.float().div_(255.0)
-        for r in range(1, self.n_rot):
-            sel = torch.nonzero(rot == r).flatten()
-            if len(sel):
-                x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+        if self.n_rot > 1:
+            apply_symmetries(x, rot, self.rotations)
         if self.augment is not None:
             x = self._augmented(x, (rank, world_size))
         return LabelledBatch(x, self.image_class[pick] * self.n_rot + rot)

@@ -25,7 +25,7 @@ from .augment import ImageAugment
 from .classes import ImageClasses
 from .loader import PrefetchPipeline, default_workers, prefetch_list
 
-__all__ = ["Episode", "EpisodeSampler", "SamplerStreams", "as_augment"]
+__all__ = ["Episode", "EpisodeSampler", "SamplerStreams", "apply_symmetries", "as_augment", "symmetry_count"]
 
 
 def _check_shard(rank: int, world_size: int) -> None:
@@ -45,6 +45,30 @@ class Episode:
 
     classes: torch.Tensor  # [n_ways] virtual class ids (base * n_rot + rotation)
     positions: torch.Tensor  # [n_ways, k + q] image positions inside each class
+
+
+def symmetry_count(rotations: bool, reflections: bool) -> int:
+    """How many classes every class becomes: 4 with ``rotations`` (0/90/180/270 degrees), twice as
+    many with ``reflections`` (each also mirrored left to right)."""
+    return (4 if rotations else 1) * (2 if reflections else 1)
+
+
+def apply_symmetries(x: torch.Tensor, which: torch.Tensor, rotations: bool) -> torch.Tensor:
+    """Turn every image ``x[i]`` ([N, C, H, W], in place) into its copy number ``which[i]`` (see
+    :func:`symmetry_count`): copy ``r`` is rotated by ``r % 4`` quarter turns (``r`` itself without
+    ``rotations``), mirrored first when ``r`` is at least 4 (1 without rotations)."""
+    turns = 4 if rotations else 1
+    for r in torch.unique(which).tolist():
+        if r == 0:
+            continue
+        sel = torch.nonzero(which == r).flatten()
+        y = x[sel]
+        if r >= turns:
+            y = y.flip(-1)
+        if r % turns:
+            y = torch.rot90(y, r % turns, dims=(-2, -1))
+        x[sel] = y
+    return x
 
 
 def as_augment(augment) -> ImageAugment | None:
@@ -124,7 +148,8 @@ class SamplerStreams:
 class EpisodeSampler(SamplerStreams):
     """Samples tasks from an :class:`ImageClasses` collection.
 
-    ``rotations=True`` turns every class into four (0/90/180/270 degrees); ``within_group=True``
+    ``rotations=True`` turns every class into four (0/90/180/270 degrees), ``reflections=True``
+    doubles that with mirror images (:func:`symmetry_count`); ``within_group=True``
     draws all classes of an episode from one group (alphabet). ``augment`` (an
     :class:`ImageAugment`, or a dict of :func:`random_affine` arguments) is applied to sampled
     training images. ``workers``: processes decoding lazily stored images ahead of use (None:
@@ -138,13 +163,15 @@ class EpisodeSampler(SamplerStreams):
 
     def __init__(self, data: ImageClasses, n_ways: int, k_shots: int, n_queries: int, *,
                  rotations: bool = False, within_group: bool = False, augment=None,
-                 seed: int = 0, owner: str = "EpisodeSampler", workers: int | None = None) -> None:
+                 seed: int = 0, owner: str = "EpisodeSampler", workers: int | None = None,
+                 reflections: bool = False) -> None:
         for name, v, lo in (("n_ways", n_ways, 2), ("k_shots", k_shots, 1), ("n_queries", n_queries, 1)):
             if not isinstance(v, int) or v < lo:
                 raise DataError(f"{owner}: {name} must be an integer >= {lo}; got {v!r}. Fix the task settings.")
         self.data = data
         self.n_ways, self.k_shots, self.n_queries = n_ways, k_shots, n_queries
-        self.n_rot = 4 if rotations else 1
+        self.rotations = bool(rotations)
+        self.n_rot = symmetry_count(rotations, reflections)  # copies per class (rotations, mirror images)
         self.within_group = within_group
         self.augment = as_augment(augment)
         self._init_streams(seed, workers)
@@ -222,10 +249,7 @@ class EpisodeSampler(SamplerStreams):
         x = images.float().div_(255.0)  # [B*n*(k+q), C, H, W]
         x = x.view(b * n, m, *x.shape[1:])
         if self.n_rot > 1:
-            for r in (1, 2, 3):
-                sel = torch.nonzero(rot == r).flatten()
-                if len(sel):
-                    x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+            apply_symmetries(x, rot, self.rotations)
         if augment and self.augment is not None:
             x = self._augmented(x.flatten(0, 1), shard).view_as(x)
         x = x.view(b, n, m, *x.shape[2:])

@@ -87,6 +87,9 @@ class ImageSourceConfig(DataSourceConfig):
     image_size: int = Field(84, ge=8, le=1024, description="images are brought to size x size")
     rotations: bool = Field(False, description="90-degree rotations as new classes (training; validation/test "
                             "too unless eval.rotations is set)")
+    reflections: bool = Field(False, description="mirror images as new classes in training episodes and "
+                              "batches (x2 classes; x8 with rotations, the square's 8 symmetries); validation and "
+                              "test tasks are never mirrored")
     cache_dir: str | None = Field(None, description="decoded-image cache (default METAFIT_CACHE_DIR or ~/.cache/metafit)")
     normalize: Literal["none", "dataset", "imagenet"] = Field(
         "none", description="input normalisation inside the model: none, dataset (per-channel mean/std of the "

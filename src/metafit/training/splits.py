@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..algorithms import get_algorithm
-from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler
+from ..data import ClassBatchSampler, EpisodeSampler, ImageClasses, SinusoidFamily, SinusoidSampler, symmetry_count
 from ..errors import ConfigError, short_repr
 from .config import RunConfig
 
@@ -44,29 +44,35 @@ def make_sampler(data: ImageClasses | SinusoidFamily, config: RunConfig, split: 
         return data.sampler(t.k_shots, t.n_queries, seed)
     workers = getattr(config.data, "workers", None)
     if split == "train" and get_algorithm(config.algorithm.name).training_data == "batches":
-        return ClassBatchSampler(data, rotations=config.data.rotations, augment=config.augment.augmenter(),
+        return ClassBatchSampler(data, rotations=config.data.rotations, reflections=_reflections(config),
+                                 augment=config.augment.augmenter(),
                                  seed=seed, owner="Sampler (train split)", workers=workers)
     rotations = config.data.rotations
     if split != "train" and config.eval.rotations is not None:
         rotations = config.eval.rotations
     return EpisodeSampler(
         data, t.n_ways, t.k_shots, t.n_queries,
-        rotations=rotations, within_group=t.within_group,
+        rotations=rotations, within_group=t.within_group, reflections=split == "train" and _reflections(config),
         augment=config.augment.augmenter() if split == "train" else None,
         seed=seed, owner=f"Sampler ({split} split)", workers=workers,
     )
 
 
+def _reflections(config: RunConfig) -> bool:
+    return bool(getattr(config.data, "reflections", False))
+
+
 def with_base_classes(config: RunConfig, train: ImageClasses) -> RunConfig:
-    """Record the number of pretraining classes (training classes x rotations) in the config, so
-    that checkpoints rebuild the same classifier; refuse a config that says otherwise."""
-    n = train.n_classes * (4 if config.data.rotations else 1)
+    """Record the number of pretraining classes (training classes x rotations x mirror images) in
+    the config, so that checkpoints rebuild the same classifier; refuse a config that says otherwise."""
+    n = train.n_classes * symmetry_count(config.data.rotations, _reflections(config))
     have = config.algorithm.n_base_classes
     if have is None:
         return config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"n_base_classes": n})})
     if have != n:
         raise ConfigError(
-            f"Config: algorithm.n_base_classes must equal the training classes (x4 with rotations); got "
+            f"Config: algorithm.n_base_classes must equal the training classes (x4 with rotations, x2 with "
+            f"reflections); got "
             f"{have} for {n} classes in the data. Remove the field (it is filled in) or fix the data."
         )
     return config
@@ -96,17 +102,31 @@ def describe_split(splits: dict[str, Any], config: RunConfig, given: bool = Fals
         "classes": {s: splits[s].n_classes for s in ("train", "val", "test")},
         "images": {s: splits[s].n_images for s in ("train", "val", "test")},
         "rotations": {"train": rotations, "val": eval_rotations, "test": eval_rotations},
+        "reflections": {"train": _reflections(config), "val": False, "test": False},
         "names": {s: list(splits[s].class_names) for s in ("train", "val", "test")
                   if splits[s].n_classes <= MAX_LISTED_CLASSES},
     }
 
 
+def _copies(split: dict[str, Any], s: str) -> int:
+    return symmetry_count(bool((split.get("rotations") or {}).get(s)), bool((split.get("reflections") or {}).get(s)))
+
+
+def _copy_kinds(split: dict[str, Any], s: str) -> str:
+    rot, ref = bool((split.get("rotations") or {}).get(s)), bool((split.get("reflections") or {}).get(s))
+    return " and ".join(["rotations"] * rot + ["mirror images"] * ref)
+
+
+def _copies_text(split: dict[str, Any], s: str) -> str:
+    kinds = _copy_kinds(split, s)
+    return f" (x{_copies(split, s)} with {kinds})" if kinds else ""
+
+
 def split_lines(split: dict[str, Any]) -> list[str]:
     """``split`` (see :func:`describe_split`; from a checkpoint, any key but ``source`` may be
     missing) as printable lines."""
-    c, rot = split.get("classes") or {}, split.get("rotations") or {}
-    counts = ", ".join(f"{s} {c[s]} classes" + (" (x4 with rotations)" if rot.get(s) else "")
-                       for s in ("train", "val", "test") if s in c)
+    c = split.get("classes") or {}
+    counts = ", ".join(f"{s} {c[s]} classes" + _copies_text(split, s) for s in ("train", "val", "test") if s in c)
     how = f": {split['how']}" if split.get("how") else ""
     lines = [f"data split: {counts or 'classes not recorded'} ({split.get('source')} data{how})"]
     for s, names in (split.get("names") or {}).items():
@@ -120,7 +140,7 @@ def check_split_sizes(split: dict[str, Any], config: RunConfig) -> None:
     episodic = get_algorithm(config.algorithm.name).training_data != "batches"
     for s, field, n_ways in (("train", "task.n_ways", config.task.n_ways if episodic else 0),
                              ("val", "eval.n_ways", config.eval.n_ways), ("test", "eval.n_ways", config.eval.n_ways)):
-        have = split["classes"][s] * (4 if split["rotations"][s] else 1)
+        have = split["classes"][s] * _copies(split, s)
         if have >= n_ways:
             continue
         counts = "/".join(str(split["classes"][k]) for k in ("train", "val", "test"))
@@ -130,7 +150,7 @@ def check_split_sizes(split: dict[str, Any], config: RunConfig) -> None:
                if split["how"].startswith(("the classes of", "the train/")) else f"Lower {field}")
         raise ConfigError(
             f"Trainer: the {s} split must have at least {field}={n_ways} classes; got {have} "
-            f"({'rotations included; ' if split['rotations'][s] else ''}train/val/test classes {counts}, "
+            f"({_copy_kinds(split, s) + ' included; ' if _copies(split, s) > 1 else ''}train/val/test classes {counts}, "
             f"{split['how']}). {fix}."
         )
 
