@@ -81,6 +81,27 @@ def test_an_evaluation_that_changes_the_algorithm_does_not_apply_the_stale_tempe
     assert metafit.load(ckpt, algorithm={"transductive_steps": 2}).temperature == 1.0
 
 
+def test_calibrating_with_algorithm_overrides_writes_a_copy_that_keeps_them(trained, tmp_path, capsys):
+    report, splits = trained
+    ckpt = report["best_checkpoint"]
+    before = read_checkpoint(ckpt)[0]
+    with pytest.raises(metafit.ConfigError, match="must be written to a copy; got no out path. Pass --out"):
+        calibrate_checkpoint(ckpt, splits=splits, episodes=4, algorithm={"transductive_steps": 2})
+    out = tmp_path / "transductive.safetensors"
+    cal = calibrate_checkpoint(ckpt, splits=splits, episodes=4, out=out, algorithm={"transductive_steps": 2})
+    assert read_checkpoint(ckpt)[0] == before  # the trained checkpoint is untouched
+    meta = read_checkpoint(out)[0]
+    assert meta["config"]["algorithm"]["transductive_steps"] == 2
+    assert meta["calibration"]["algorithm_overrides"] == {"transductive_steps": 2}
+    # the copy is the changed model with its own temperature, fitted on the changed logits
+    assert metafit.load(out).temperature == cal["temperature"] != report["calibration"]["temperature"]
+    plain = evaluate_checkpoint(out, splits=splits, episodes=4)
+    assert plain["temperature"] == cal["temperature"] and "calibration" not in plain
+    # the command line passes --set through (refused here for want of --out, before any data is read)
+    assert main(["calibrate", ckpt, "--set", "algorithm.transductive_steps=2"]) == 1
+    assert "Pass --out PATH" in capsys.readouterr().err
+
+
 def test_calibrate_writes_a_copy_and_predictions_use_the_temperature(trained, tmp_path, capsys):
     report, splits = trained
     ckpt = report["best_checkpoint"]

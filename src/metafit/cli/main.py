@@ -142,6 +142,7 @@ def _add_model_commands(sub) -> None:
     cb.add_argument("--ways", type=int, help="classes per task (default: the checkpoint's eval.n_ways)")
     cb.add_argument("--shots", type=int, help="support examples per class")
     cb.add_argument("--out", metavar="PATH", help="write a calibrated copy instead of updating the checkpoint")
+    cb.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE", help="calibrate with an adaptation-only algorithm field changed, e.g. algorithm.transductive_steps=5 (repeatable; needs --out: the copy keeps the change)")
     cb.add_argument("--data-dir", help="dataset folder, if it moved since training")
     cb.add_argument("--device", default="cpu")
 

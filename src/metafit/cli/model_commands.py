@@ -129,11 +129,13 @@ def _cmd_calibrate(args) -> int:
     from ..training.calibration import calibrate_checkpoint
 
     r = calibrate_checkpoint(args.checkpoint, episodes=args.episodes, n_ways=args.ways, k_shots=args.shots,
-                             out=args.out, data_root=args.data_dir, device=args.device)
+                             out=args.out, data_root=args.data_dir, device=args.device,
+                             algorithm=_algorithm_overrides(args.overrides))
     _print(f"temperature {r['temperature']:.4f} fitted on {r['episodes']} validation episodes "
            f"({r['n_ways']}-way {r['k_shots']}-shot): ECE {100 * r['ece_before']:.2f}% -> {100 * r['ece_after']:.2f}%, "
            f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}")
-    _print(f"stored in {r['checkpoint']}")
+    changed = ", ".join(f"algorithm.{k}={v}" for k, v in (r.get("algorithm_overrides") or {}).items())
+    _print(f"stored in {r['checkpoint']}" + (f", which also keeps {changed}" if changed else ""))
     return 0
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..data import ImageClasses, load_splits
 from ..errors import ConfigError
 from ..types import Task
-from .checkpoint import load, update_checkpoint_meta
+from .checkpoint import load, update_checkpoint_meta, with_algorithm_overrides
 from .config import RunConfig, TaskConfig
 from .evaluate import expected_calibration_error
 from .trainer import make_sampler
@@ -90,7 +90,8 @@ def query_logits(model, tasks, device: torch.device | str = "cpu") -> tuple[torc
 def calibrate_checkpoint(checkpoint: str | os.PathLike, *, episodes: int | None = None, n_ways: int | None = None,
                          k_shots: int | None = None, n_queries: int | None = None, seed: int | None = None,
                          out: str | os.PathLike | None = None, data_root: str | None = None,
-                         splits: dict[str, ImageClasses] | None = None, device: str = "cpu") -> dict[str, Any]:
+                         splits: dict[str, ImageClasses] | None = None, device: str = "cpu",
+                         algorithm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the temperature of ``checkpoint`` on fixed validation episodes (default: its ``eval``
     section's validation episodes) and store it in the checkpoint's metadata (in place, or as
     ``out``). Returns the calibration record: temperature, ECE and NLL before and after, the
@@ -100,8 +101,20 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, episodes: int | None 
     section's number of validation episodes, task shape and episode seed (None: the section's).
     ``data_root`` points the data source at another folder; ``splits`` passes the class splits
     already loaded (only ``val`` is used) instead of loading them; ``device`` is where the model
-    runs. A checkpoint that is not a classifier is a ConfigError."""
+    runs. ``algorithm``: ``algorithm`` fields to change before fitting (as ``metafit eval --set``,
+    e.g. ``{"transductive_steps": 5}``); the temperature then belongs to the changed model, so the
+    copy written to ``out`` (required) carries those fields too and is used that way when loaded; the
+    trained checkpoint is not rewritten. A checkpoint that is not a classifier is a ConfigError."""
     model = load(checkpoint, device)
+    trained: RunConfig = model.run_config
+    if algorithm:
+        if out is None:
+            raise ConfigError(
+                f"Calibrate: algorithm overrides {sorted(algorithm)} must be written to a copy; got no out path. "
+                "Pass --out PATH (the copy carries the overrides and their temperature; the trained checkpoint "
+                "stays as it is)."
+            )
+        model = with_algorithm_overrides(model, algorithm)
     config: RunConfig = model.run_config
     if config.data.task_kind != "classification":
         raise ConfigError(
@@ -141,5 +154,11 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, episodes: int | None 
     record = {"temperature": temperature, "at_range_end": temperature in TEMPERATURE_RANGE, "split": "val", "episodes": n_eps, **task.model_dump(),
               "seed": ec.seed if seed is None else seed, "ece_before": ece0, "ece_after": ece1,
               "nll_before": nll0, "nll_after": nll1, "seconds": time.perf_counter() - t0}
-    update_checkpoint_meta(checkpoint, {"calibration": record}, out)
+    updates: dict[str, Any] = {"calibration": record}
+    if config.algorithm != trained.algorithm:
+        # the copy is used as calibrated: the changed algorithm, with the temperature fitted on it
+        stored = {**trained.to_dict(), "algorithm": config.algorithm.model_dump(mode="json")}
+        updates["config"] = stored
+        record["algorithm_overrides"] = dict(algorithm or {})
+    update_checkpoint_meta(checkpoint, updates, out)
     return {**record, "checkpoint": str(Path(out) if out else Path(checkpoint))}
