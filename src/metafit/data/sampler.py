@@ -54,9 +54,9 @@ def symmetry_count(rotations: bool, reflections: bool) -> int:
 
 
 def apply_symmetries(x: torch.Tensor, which: torch.Tensor, rotations: bool) -> torch.Tensor:
-    """Turn every image ``x[i]`` ([N, C, H, W], in place) into its copy number ``which[i]`` (see
-    :func:`symmetry_count`): copy ``r`` is rotated by ``r % 4`` quarter turns (``r`` itself without
-    ``rotations``), mirrored first when ``r`` is at least 4 (1 without rotations)."""
+    """Turn every image (or row of images) ``x[i]`` ([N, ..., H, W], in place) into its copy number
+    ``which[i]`` (see :func:`symmetry_count`): copy ``r`` is rotated by ``r % 4`` quarter turns (``r``
+    itself without ``rotations``), mirrored first when ``r`` is at least 4 (1 without rotations)."""
     turns = 4 if rotations else 1
     for r in torch.unique(which).tolist():
         if r == 0:

@@ -159,13 +159,15 @@ _SplitName = Literal["train", "val", "test"]
 
 class SplitMeta(OpenMetaModel):
     """The classes a run trained, validated and tested on (``Trainer.split``): counts per split,
-    names of the small splits, rotations and how the split was made."""
+    names of the small splits, rotations, reflections (mirror images as classes) and how the split was
+    made."""
 
     source: str = Field(max_length=100)
     how: str = Field("", max_length=2000)
     classes: dict[_SplitName, typing.Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     images: dict[_SplitName, typing.Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     rotations: dict[_SplitName, bool] = Field(default_factory=dict)
+    reflections: dict[_SplitName, bool] = Field(default_factory=dict)
     names: dict[_SplitName, typing.Annotated[list[typing.Annotated[str, Field(max_length=1000)]],
                                             Field(max_length=10_000)]] = Field(default_factory=dict)
 
