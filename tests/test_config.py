@@ -53,7 +53,7 @@ def test_stroke_warps_of_the_lake_recipes_match_the_test_time_views():
       "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES,
       "backbone.hidden_channels=96", "task.n_queries=3", "backbone.bn_group_size=64"]),
     ("omniglot_protonet_small_within", "omniglot_protonet_small",
-     ["task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
+     ["data.reflections=true", "task.within_group=true", "train.meta_steps=20000", "train.lr_step_size=4000", "train.eval_every=2000",
       "train.save_interval=4000", "train.max_minutes=60", "algorithm.test_views=16", *_STROKES,
       "backbone.hidden_channels=96", "task.n_queries=3", "backbone.bn_group_size=64"]),
 ])
