@@ -108,12 +108,17 @@ def describe_split(splits: dict[str, Any], config: RunConfig, given: bool = Fals
     }
 
 
+def _symmetries(split: dict[str, Any], s: str) -> tuple[bool, bool]:
+    """Whether split ``s`` counts rotated and mirrored copies as classes (missing: no)."""
+    return tuple(bool((split.get(key) or {}).get(s)) for key in ("rotations", "reflections"))
+
+
 def _copies(split: dict[str, Any], s: str) -> int:
-    return symmetry_count(bool((split.get("rotations") or {}).get(s)), bool((split.get("reflections") or {}).get(s)))
+    return symmetry_count(*_symmetries(split, s))
 
 
 def _copy_kinds(split: dict[str, Any], s: str) -> str:
-    rot, ref = bool((split.get("rotations") or {}).get(s)), bool((split.get("reflections") or {}).get(s))
+    rot, ref = _symmetries(split, s)
     return " and ".join(["rotations"] * rot + ["mirror images"] * ref)
 
 
