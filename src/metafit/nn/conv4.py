@@ -59,9 +59,7 @@ class Conv4(nn.Module):
         pools = [True] * (n - 1) + [config.final_pool]
         blocks = [_block(in_channels if i == 0 else h, h, config, pools[i]) for i in range(n)]
         self.blocks = nn.Sequential(*blocks)
-        side = image_size
-        for pool in pools:
-            side = side // 2 if pool else side
+        side = image_size // 2 ** sum(pools)  # floor-halved once per pooling block
         if side < 1:
             raise ValueError(
                 f"Conv4: image_size must be at least {2 ** sum(pools)} for {sum(pools)} pooling "
