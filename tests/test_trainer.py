@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -178,3 +179,76 @@ def test_reptile_with_inner_adam_resumes_exactly_and_loads(tmp_path, synthetic_s
         assert torch.equal(a, b), k
     loaded = metafit.load(tmp_path / "straight" / "last.safetensors")
     assert torch.equal(loaded.algorithm.inner_adam.t, straight.model.inner_adam.t)
+
+
+def _averaged(states, decay):
+    """torch's EMA of a list of state dicts (the first is copied)."""
+    avg = {k: v.double().clone() for k, v in states[0].items()}
+    for s in states[1:]:
+        for k in avg:
+            avg[k] = decay * avg[k] + (1 - decay) * s[k].double()
+    return avg
+
+
+def _model_tensors(path, prefix="model."):
+    _, tensors = read_checkpoint(path)
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def test_weight_average_follows_the_updates_keeps_the_better_and_leaves_training_unchanged(
+        tmp_path, synthetic_splits, monkeypatch):
+    from metafit.training.supervised import SupervisedRun
+
+    # the average scores higher at every validation (the second evaluation of each): best.safetensors keeps it
+    real, calls = SupervisedRun.evaluate, []
+
+    def evaluate(self):
+        res = real(self)
+        calls.append(res)
+        return dataclasses.replace(res, mean=0.9 if len(calls) % 2 == 0 else 0.1)
+
+    monkeypatch.setattr(SupervisedRun, "evaluate", evaluate)
+    running = {"backbone": {"name": "conv4", "hidden_channels": 8, "bn_mode": "running"}}
+    common = dict(meta_steps=4, eval_every=4, save_interval=1)
+    plain = Trainer(make_config(tiny_config(tmp_path / "plain", **running, train={**common})), splits=synthetic_splits)
+    plain.fit()
+    calls.clear()
+    cfg = make_config(tiny_config(tmp_path / "avg", **running, train={**common, "weight_average": 0.75}))
+    Trainer(cfg, splits=synthetic_splits).fit()
+    out = tmp_path / "avg"
+    # the live weights train exactly as without the average
+    live, plain_live = _model_tensors(out / "last.safetensors"), _model_tensors(tmp_path / "plain" / "last.safetensors")
+    assert live.keys() == plain_live.keys() and all(torch.equal(live[k], plain_live[k]) for k in live), \
+        [k for k in live if not torch.equal(live[k], plain_live[k])]
+    # the average is torch's EMA of the live weights after every update, BatchNorm statistics included
+    steps = [_model_tensors(out / f"step-{i:07d}.safetensors") for i in range(1, 5)]
+    expected = _averaged([{k: v for k, v in s.items() if v.is_floating_point()} for s in steps], 0.75)
+    stored = _model_tensors(out / "last.safetensors", "average.")
+    assert set(stored) - {"n_averaged"} == set(expected) and any("running_var" in k for k in expected)
+    assert int(stored["n_averaged"]) == 4
+    for k, v in expected.items():
+        torch.testing.assert_close(stored[k].double(), v, rtol=1e-6, atol=1e-7)
+    meta, _ = read_checkpoint(out / "best.safetensors")
+    assert meta["metrics"]["weights"] == "average" and meta["step"] == 4
+    best = _model_tensors(out / "best.safetensors")
+    for k, v in expected.items():
+        torch.testing.assert_close(best[k].double(), v, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(best[k], steps[-1][k]) for k in expected)  # not the live weights of step 4
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert val and all("accuracy_average" in r for r in val)
+
+
+def test_weight_average_resumes_exactly_and_needs_a_run_that_kept_one(tmp_path, synthetic_splits):
+    extra = dict(weight_average=0.9)
+    Trainer(_cfg(tmp_path, "straight", **extra), splits=synthetic_splits).fit()
+    Trainer(_cfg(tmp_path, "halves", meta_steps=4, **extra), splits=synthetic_splits).fit()
+    Trainer(_cfg(tmp_path, "halves", **extra), splits=synthetic_splits).fit(resume=True)
+    (ma, a), (mb, b) = (read_checkpoint(tmp_path / n / "last.safetensors") for n in ("straight", "halves"))
+    averages = [k for k in a if k.startswith("average.")]
+    assert averages and int(a["average.n_averaged"]) == 8
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert ma["train_state"]["run"]["best_weights"] == mb["train_state"]["run"]["best_weights"]
+    Trainer(_cfg(tmp_path, "without", meta_steps=4), splits=synthetic_splits).fit()
+    with pytest.raises(CheckpointError, match="resume with train.weight_average needs the average"):
+        Trainer(_cfg(tmp_path, "without", **extra), splits=synthetic_splits).fit(resume=True)

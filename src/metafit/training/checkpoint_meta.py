@@ -177,6 +177,7 @@ class FewShotRunMeta(OpenMetaModel):
 
     best_result: EvalResultMeta | None = None  # type: ignore[valid-type]
     timing: dict[str, float] = Field(default_factory=dict)
+    best_weights: Literal["live", "average"] = "live"  # train.weight_average: which weights scored best
 
 
 class FewShotOptimizerMeta(OptimizerStateMeta):

@@ -132,6 +132,11 @@ class LoopConfig(ConfigModel):
     )
     eval_every: int = Field(500, ge=1, description="validate every this many steps")
     save_interval: int = Field(1000, ge=1, description="keep a numbered checkpoint every this many steps")
+    weight_average: float = Field(
+        0.0, ge=0.0, lt=1.0, description="decay of an exponential moving average of the weights, updated after "
+                                         "every applied update (e.g. 0.999; 0: off). Each validation scores it "
+                                         "beside the live weights and best.safetensors keeps whichever scores "
+                                         "higher; few-shot runs average BatchNorm statistics too")
 
 
 class OptimizerSettings(ConfigModel):

@@ -9,13 +9,10 @@ restores the learner, its optimizer, the task stream and the weight average.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..errors import CheckpointError, ConfigError
 from ..rl.learners import RLLearner
@@ -23,6 +20,7 @@ from ..stats import mean_ci
 from .checkpoint import (check_optimizer_state, check_rng_state, check_tensors, join_optimizer_state, model_state,
                          split_optimizer_state)
 from .loop import StepReport, Validation, Window, check_same_config
+from .weight_average import WeightAverage
 
 __all__ = ["RL_RESUME_FIXED", "RLRun", "WeightAverage", "evaluate_learner", "plot_rl_curve"]
 
@@ -53,70 +51,6 @@ def evaluate_learner(learner: RLLearner, tasks: list, seed: int) -> dict[str, An
     return {"score": score, "ci95": score_ci, "tasks": len(tasks), "points": per_point}
 
 
-class WeightAverage:
-    """An exponential moving average of a learner's parameters (torch's EMA update rule), scored
-    and saved by swapping it into the learner for a moment: the learner is never copied (MAML-RL
-    holds simulator environments), and its buffers (value statistics, update counters) stay live."""
-
-    def __init__(self, learner: RLLearner, decay: float) -> None:
-        self.learner = learner
-        self.names = [name for name, _ in learner.named_parameters()]
-        self.params = [p.detach().clone() for p in learner.parameters()]
-        self.n_averaged = 0
-        self._ema = get_ema_multi_avg_fn(decay)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        live = [p.detach() for p in self.learner.parameters()]
-        if self.n_averaged == 0:
-            for a, p in zip(self.params, live):
-                a.copy_(p)
-        else:
-            self._ema(self.params, live, self.n_averaged)
-        self.n_averaged += 1
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[RLLearner]:
-        """The learner carrying the averaged parameters; its own are restored on exit."""
-        params = list(self.learner.parameters())
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, self.params):
-                p.copy_(a)
-        try:
-            yield self.learner
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"average.{k}": v for k, v in zip(self.names, self.params)}
-        out["average.n_averaged"] = torch.tensor(self.n_averaged)
-        return out
-
-    def check(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        """Refuse a checkpoint whose weight average does not fit this learner's."""
-        if "average.n_averaged" not in tensors:
-            raise CheckpointError(
-                f"RL: resume with train.weight_average needs the average in {str(path)!r}; got a run "
-                "trained without it. Resume with the original config (weight_average 0).")
-        kept = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
-        count = kept.pop("n_averaged")
-        check_tensors(kept, dict(zip(self.names, self.params)), path, prefix="average.",
-                      what="the weight average of the learner")
-        if count.dtype != torch.int64 or count.dim() != 0 or int(count) < 0:
-            raise CheckpointError(
-                f"Checkpoint: tensor 'average.n_averaged' of {str(path)!r} must be a non-negative torch.int64 "
-                f"scalar; got {count.dtype} of shape {list(count.shape)}. The file is damaged or was edited.")
-
-    @torch.no_grad()
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        for k, a in zip(self.names, self.params):
-            a.copy_(tensors[f"average.{k}"])
-        self.n_averaged = int(tensors["average.n_averaged"])
-
-
 class RLRun:
     """Meta-train ``learner`` as ``config`` (an ``RLRunConfig``) says; ``read_config`` validates a
     stored config mapping into one (for the resume checks)."""
@@ -128,7 +62,7 @@ class RLRun:
         tc = config.train
         self.config, self.learner, self.read_config = config, learner, read_config
         self.progress_desc = f"rl {config.learner.name}"
-        self.average = WeightAverage(learner, tc.weight_average) if tc.weight_average else None
+        self.average = WeightAverage(learner, tc.weight_average, owner="RL") if tc.weight_average else None
         self.val_tasks = learner.family.sample_tasks(tc.eval_tasks, torch.Generator().manual_seed(tc.eval_seed))
         self.gen = torch.Generator().manual_seed(config.seed + 1)
         self.best_weights, self.env_steps = "live", 0

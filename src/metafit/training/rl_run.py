@@ -68,12 +68,6 @@ class RLTrainConfig(LoopConfig):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="where the learner, its environments and updates run (RL2: cpu or cuda; MAML-RL: "
                            "cpu); auto: cuda when available and supported. A GPU pays off for large batches only")
-    weight_average: float = Field(
-        0.0, ge=0.0, lt=1.0, description="decay of an exponential moving average of the learner's weights, "
-                                         "updated after every iteration (e.g. 0.995; 0: off). Each validation "
-                                         "scores it beside the live weights and best.safetensors keeps whichever "
-                                         "scores higher: policies trained by PPO swing between updates, and the "
-                                         "average swings less")
     init_from: str | None = Field(
         None, description="start from the learner weights of this meta-RL checkpoint (a best.safetensors or "
                           "step-*.safetensors of an earlier run of the same learner and network; the family "

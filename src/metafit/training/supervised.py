@@ -3,6 +3,9 @@
 The run owns the algorithm, its optimizer and learning-rate schedule, the training sampler and
 the fixed validation episodes; a step is one meta-batch: forward (``meta_loss``), backward,
 gradients averaged over ranks and clipped, then held until the loop's monitor allows the update.
+With ``train.weight_average`` an exponential moving average of the weights (BatchNorm statistics
+included) follows every applied update; each validation scores it beside the live weights and
+``best.safetensors`` keeps whichever scores higher.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .distributed import DistContext
 from .evaluate import EvalResult, evaluate_episodes
 from .loop import StepReport, Validation, Window, check_same_config
 from .splits import make_sampler
+from .weight_average import WeightAverage
 
 __all__ = ["RESUME_FIXED", "RESUME_FREE", "SupervisedRun"]
 
@@ -74,6 +78,9 @@ class SupervisedRun:
         self.val_episodes = self.val_sampler.fixed_episodes(config.eval.val_episodes, config.eval.seed)
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
         self.best_result: EvalResult | None = None
+        decay = config.train.weight_average
+        self.average = WeightAverage(model, decay, owner=self.owner, buffers=True) if decay else None
+        self.best_weights = "live"  # which weights best.safetensors holds: live or average
         # seconds per phase: waiting for / assembling data, augmenting it, forward, backward, optimizer
         self.timing = dict.fromkeys(_PHASES, 0.0)
         self._lr, self._grad_norm, self._t3, self._phases = 0.0, 0.0, 0.0, (0.0,) * 4
@@ -123,6 +130,8 @@ class SupervisedRun:
             self.optimizer.zero_grad(set_to_none=True)
         if action != "rollback":
             self.dist.average_buffers(self.model)
+            if action == "apply" and self.average is not None:
+                self.average.update()
             self._sync()
             for key, dt in zip(_PHASES, (*self._phases, time.perf_counter() - self._t3)):
                 self.timing[key] += dt
@@ -142,15 +151,25 @@ class SupervisedRun:
 
     def validate(self, step: int, seconds: float) -> Validation:
         res = self.evaluate()
-        return Validation(res.score, {"loss": res.loss, res.metric: res.mean, "ci95": res.ci95, "elapsed_s": seconds},
-                          {"val": res.to_dict(), "train_seconds": seconds}, kept=res)
+        row = {"loss": res.loss, res.metric: res.mean, "ci95": res.ci95, "elapsed_s": seconds}
+        if self.average is not None and self.average.n_averaged > 0:
+            with self.average.swapped_in():
+                avg = self.evaluate()
+            row[f"{res.metric}_average"] = avg.mean
+            if avg.score > res.score:
+                return Validation(avg.score, row, {"val": avg.to_dict(), "weights": "average", "train_seconds": seconds},
+                                  kept=(avg, "average"), weights=self.average.swapped_in)
+        extra = {"weights": "live"} if self.average is not None else {}
+        return Validation(res.score, row, {"val": res.to_dict(), **extra, "train_seconds": seconds},
+                          kept=(res, "live"))
 
     def keep(self, validation: Validation) -> None:
-        self.best_result = validation.kept
+        self.best_result, self.best_weights = validation.kept
 
     def metrics(self, best_step: int, seconds: float) -> dict[str, Any]:
+        extra = {"best_weights": self.best_weights} if self.average is not None else {}
         return {"best_val": self.best_result.to_dict() if self.best_result else None, "best_step": best_step,
-                "train_seconds": seconds}
+                **extra, "train_seconds": seconds}
 
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         _, fields = few_shot_meta(self.model, self.config)
@@ -161,9 +180,11 @@ class SupervisedRun:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
         sd = self.optimizer.state_dict()
         optim, scalars = split_optimizer_state(sd)
-        tensors = {"rng.sampler": self.train_sampler.get_state(), **optim}
+        tensors = {"rng.sampler": self.train_sampler.get_state(), **optim,
+                   **(self.average.tensors() if self.average is not None else {})}
         optimizer = {"name": self.config.train.optimizer, "param_groups": sd["param_groups"], "scalars": scalars}
-        run = {"best_result": self.best_result.to_dict() if self.best_result else None, "timing": dict(self.timing)}
+        run = {"best_result": self.best_result.to_dict() if self.best_result else None, "timing": dict(self.timing),
+               "best_weights": self.best_weights}
         return tensors, optimizer, run
 
     def restore(self, meta: dict, tensors: dict[str, torch.Tensor], path: Path, everything: bool) -> None:
@@ -180,15 +201,20 @@ class SupervisedRun:
             sampler_state = self.train_sampler.get_state()
             older = (sampler_state.numel() // 2,) if isinstance(self.train_sampler, SamplerStreams) else ()
             sampler = check_rng_state(tensors, "rng.sampler", sampler_state, path, sizes=older)  # older: one stream
+        if self.average is not None:
+            self.average.check(tensors, path)
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(join_optimizer_state(tensors, opt.get("scalars", {}), opt["param_groups"],
                                                             self.device))
+        if self.average is not None:  # a rollback returns the average to the checkpoint's too
+            self.average.load(tensors)
         if not everything:
             return
         self.train_sampler.set_state(sampler)
         run = ts.get("run") or {}
         self.best_result = EvalResult(**run["best_result"]) if run.get("best_result") else None
         self.timing = {**dict.fromkeys(_PHASES, 0.0), **run.get("timing", {})}
+        self.best_weights = run.get("best_weights", "live")
 
     def close(self) -> None:
         self.train_sampler.close()  # stop decoding workers (lazy storage)
