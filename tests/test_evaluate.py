@@ -100,3 +100,14 @@ def test_runs_errors(tmp_path):
     (tmp_path / "run01" / "class_labels.txt").write_text("run01/test/item01.png run01/training/class01.png\n")
     with pytest.raises(DataError, match="line 1 .* must name an existing image .*run01/test/item01.png"):
         load_runs(tmp_path)
+
+
+def test_eval_of_the_val_split_reproduces_the_score_stored_in_best(tmp_path, synthetic_splits):
+    from metafit.training import Trainer, evaluate_checkpoint, read_checkpoint
+
+    cfg = make_config(tiny_config(tmp_path / "run", train={"meta_steps": 4, "eval_every": 2}))
+    result = Trainer(cfg, splits=synthetic_splits).fit()
+    stored = read_checkpoint(result.checkpoint)[0]["metrics"]["val"]
+    res = evaluate_checkpoint(result.checkpoint, split="val", splits=synthetic_splits)
+    assert res["episodes"] == cfg.eval.val_episodes != cfg.eval.test_episodes
+    assert res["mean"] == stored["mean"]

@@ -50,7 +50,8 @@ def _add_training_commands(sub) -> None:
     e.add_argument("--ways", type=int, help="classes per task (default: the checkpoint's eval.n_ways)")
     e.add_argument("--shots", type=int, help="support examples per class")
     e.add_argument("--queries", type=int, help="query examples per class")
-    e.add_argument("--episodes", type=int, help="number of fixed episodes (default: eval.test_episodes)")
+    e.add_argument("--episodes", type=int, help="number of fixed episodes (default: eval.val_episodes with --split val, "
+                   "else eval.test_episodes)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--inner-steps", type=int, help="adaptation steps of a gradient-based learner (default: its eval_inner_steps)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="algorithm.KEY=VALUE",

@@ -236,8 +236,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
     (task settings default to the checkpoint's ``eval`` section); returns a dict of the settings
     used and the :class:`EvalResult` fields. ``n_ways``, ``k_shots``, ``n_queries``, ``within_group``,
     ``episodes`` and ``seed`` override that section's task shape, number of episodes and seed (None:
-    the section's; the test split's seed is offset as in training), so test episodes of the same
-    seed are those the trainer reports. ``data_root`` points the checkpoint's data source at another
+    the section's: ``val_episodes`` for the val split, else ``test_episodes``; the test split's seed
+    is offset as in training), so the episodes of the defaults are those the trainer validated on
+    and reports. ``data_root`` points the checkpoint's data source at another
     folder; ``splits`` passes the class splits already loaded instead; ``device`` is where the model
     runs; ``progress``, when given, is called with 1 after each episode. ``inner_steps`` overrides
     a gradient-based learner's adaptation steps; ``algorithm_overrides`` changes adaptation-only fields of the algorithm
@@ -275,7 +276,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, n_ways: int | None = N
         "k_shots": k_shots if k_shots is not None else ec.k_shots,
         "n_queries": n_queries if n_queries is not None else ec.n_queries,
         "within_group": within_group if within_group is not None else ec.within_group,
-        "episodes": episodes if episodes is not None else ec.test_episodes, "seed": seed, "inner_steps": inner_steps,
+        "episodes": episodes if episodes is not None else (ec.val_episodes if split == "val" else ec.test_episodes),
+        "seed": seed, "inner_steps": inner_steps,
     }, owner="Eval", fix="Pass a value in that range (metafit eval --ways/--shots/--queries/--episodes/--seed/--inner-steps).")
     task = TaskConfig(**request.model_dump(include=set(TaskConfig.model_fields)))
     n_eps = request.episodes
