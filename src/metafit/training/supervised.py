@@ -158,13 +158,14 @@ class SupervisedRun:
             row[f"{res.metric}_average"] = avg.mean
             if avg.score > res.score:
                 return Validation(avg.score, row, {"val": avg.to_dict(), "weights": "average", "train_seconds": seconds},
-                                  kept=(avg, "average"), weights=self.average.swapped_in)
+                                  kept=avg, weights=self.average.swapped_in)
         extra = {"weights": "live"} if self.average is not None else {}
         return Validation(res.score, row, {"val": res.to_dict(), **extra, "train_seconds": seconds},
-                          kept=(res, "live"))
+                          kept=res)
 
     def keep(self, validation: Validation) -> None:
-        self.best_result, self.best_weights = validation.kept
+        self.best_result = validation.kept
+        self.best_weights = validation.metrics.get("weights", "live")
 
     def metrics(self, best_step: int, seconds: float) -> dict[str, Any]:
         extra = {"best_weights": self.best_weights} if self.average is not None else {}
