@@ -152,16 +152,16 @@ class SupervisedRun:
     def validate(self, step: int, seconds: float) -> Validation:
         res = self.evaluate()
         row = {"loss": res.loss, res.metric: res.mean, "ci95": res.ci95, "elapsed_s": seconds}
+        best, weights = res, "live"
         if self.average is not None and self.average.n_averaged > 0:
             with self.average.swapped_in():
                 avg = self.evaluate()
             row[f"{res.metric}_average"] = avg.mean
             if avg.score > res.score:
-                return Validation(avg.score, row, {"val": avg.to_dict(), "weights": "average", "train_seconds": seconds},
-                                  kept=avg, weights=self.average.swapped_in)
-        extra = {"weights": "live"} if self.average is not None else {}
-        return Validation(res.score, row, {"val": res.to_dict(), **extra, "train_seconds": seconds},
-                          kept=res)
+                best, weights = avg, "average"
+        which = {"weights": weights} if self.average is not None else {}
+        return Validation(best.score, row, {"val": best.to_dict(), **which, "train_seconds": seconds}, kept=best,
+                          weights=self.average.swapped_in if weights == "average" else None)
 
     def keep(self, validation: Validation) -> None:
         self.best_result = validation.kept
