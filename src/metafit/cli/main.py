@@ -13,8 +13,8 @@ from typing import Sequence
 from .. import __version__
 from ..errors import MetafitError, short_repr
 from ..plugins import load_plugins
-from .model_commands import (_cmd_adapt, _cmd_calibrate, _cmd_configs, _cmd_export, _cmd_info, _cmd_predict,
-                             _cmd_serve)
+from .model_commands import (_cmd_adapt, _cmd_calibrate, _cmd_configs, _cmd_ensemble, _cmd_export, _cmd_info,
+                             _cmd_predict, _cmd_serve)
 from .train_commands import _cmd_eval, _cmd_quickstart, _cmd_report, _cmd_rl, _cmd_train, _cmd_tune
 
 __all__ = ["build_parser", "entrypoint", "main"]
@@ -147,6 +147,10 @@ def _add_model_commands(sub) -> None:
     cb.add_argument("--data-dir", help="dataset folder, if it moved since training")
     cb.add_argument("--device", default="cpu")
 
+    en = sub.add_parser("ensemble", help="combine checkpoints (e.g. one config, several seeds) into one ensemble checkpoint")
+    en.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="two to 16 checkpoints of one learner")
+    en.add_argument("--out", required=True, metavar="FILE", help="where to write the ensemble (e.g. ensemble.safetensors)")
+
     sv = sub.add_parser("serve", help="serve a checkpoint over HTTP: create tasks, predict (FastAPI)")
     sv.add_argument("checkpoint")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
@@ -221,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"rl": _cmd_rl, "train": _cmd_train, "eval": _cmd_eval, "adapt": _cmd_adapt, "predict": _cmd_predict,
             "calibrate": _cmd_calibrate, "serve": _cmd_serve, "tune": _cmd_tune, "report": _cmd_report,
             "info": _cmd_info, "configs": _cmd_configs, "quickstart": _cmd_quickstart,
-            "export": _cmd_export}
+            "export": _cmd_export, "ensemble": _cmd_ensemble}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

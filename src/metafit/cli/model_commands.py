@@ -1,5 +1,5 @@
-"""Commands that put a trained model to work or describe it: adapt, predict, export, calibrate, serve,
-info, configs."""
+"""Commands that put a trained model to work or describe it: adapt, predict, export, calibrate, ensemble,
+serve, info, configs."""
 
 from __future__ import annotations
 
@@ -136,6 +136,18 @@ def _cmd_calibrate(args) -> int:
            f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}")
     changed = ", ".join(f"algorithm.{k}={v}" for k, v in (r.get("algorithm_overrides") or {}).items())
     _print(f"stored in {r['checkpoint']}" + (f", which also keeps {changed}" if changed else ""))
+    return 0
+
+
+def _cmd_ensemble(args) -> int:
+    from ..training import ensemble_checkpoints, load
+
+    path = ensemble_checkpoints(args.checkpoints, args.out)
+    model = load(path)
+    members = model.run_config.backbone.member_configs()
+    _print(f"ensemble of {len(members)} {model.run_config.algorithm.name} members "
+           f"({', '.join(m.name for m in members)}; {model.backbone.out_features} features): {path}")
+    _print(f"evaluate it with: metafit eval {path}")
     return 0
 
 

@@ -17,6 +17,7 @@ from .adapters import (HFBackbone, HFBackboneConfig, TimmBackbone, TimmBackboneC
 from .base import BackboneConfig, BatchNormConfig
 from .normalize import attach_input_normalization, has_input_normalization
 from .conv4 import Conv4, Conv4Config
+from .ensemble import Ensemble, EnsembleConfig
 from .mlp import MLP, MLPConfig
 from .resnet12 import ResNet12, ResNet12Config
 from .registry import backbone_spec, check_rebuildable, register_backbone, unregister_backbone
@@ -29,6 +30,8 @@ __all__ = [
     "MLPConfig",
     "Conv4",
     "Conv4Config",
+    "Ensemble",
+    "EnsembleConfig",
     "ResNet12",
     "ResNet12Config",
     "attach_input_normalization",
@@ -53,6 +56,7 @@ BACKBONES: dict[str, tuple[type[BackboneConfig], type[nn.Module] | Callable[...,
     "hf": (HFBackboneConfig, HFBackbone),
     "timm": (TimmBackboneConfig, TimmBackbone),
     "torchvision": (TorchvisionBackboneConfig, TorchvisionBackbone),
+    "ensemble": (EnsembleConfig, Ensemble),
 }
 
 
@@ -72,8 +76,11 @@ MAX_PARAMETERS = 2**30
 
 def count_backbone_weights(config: ConfigModel, in_channels: int, image_size: int) -> int | None:
     """Learnable weights of the backbone ``config`` describes, counted without allocating them
-    (None for backbones whose architecture comes from files: transformers, timm, torchvision), for
-    inputs of ``in_channels`` x ``image_size`` x ``image_size``."""
+    (None for backbones whose architecture comes from files: transformers, timm, torchvision; an
+    ensemble's is the sum of its members'), for inputs of ``in_channels`` x ``image_size`` x ``image_size``."""
+    if isinstance(config, EnsembleConfig):
+        counts = [count_backbone_weights(m, in_channels, image_size) for m in config.member_configs()]
+        return None if None in counts else sum(counts)
     _, module_cls = BACKBONES[config.name]
     if getattr(module_cls, "loads_weights", False):
         return None
@@ -93,8 +100,6 @@ def build_backbone(config: ConfigModel, in_channels: int, image_size: int, pretr
     (8, torch.Size([2, 8]))
     """
     _, module_cls = BACKBONES[config.name]
-    if getattr(module_cls, "loads_weights", False):
-        return module_cls(config, in_channels, image_size, pretrained=pretrained)
     n = count_backbone_weights(config, in_channels, image_size)
     if n is not None and n > MAX_PARAMETERS:
         raise ConfigError(
@@ -102,10 +107,18 @@ def build_backbone(config: ConfigModel, in_channels: int, image_size: int, pretr
             f"{short_repr(config.model_dump(mode='json'), 200)} on {in_channels}x{image_size}x{image_size} inputs. "
             "Make the backbone narrower or the images smaller."
         )
+    if getattr(module_cls, "loads_weights", False):
+        return module_cls(config, in_channels, image_size, pretrained=pretrained)
     return module_cls(config, in_channels, image_size)
 
 
 def resolve_backbone_config(config: ConfigModel) -> ConfigModel:
     """``config`` with what is learnt from the model's files filled in (a transformers model's
     architecture and input statistics), so that a checkpoint rebuilds the same module offline."""
+    if isinstance(config, EnsembleConfig):
+        given = config.member_configs()
+        members = [resolve_backbone_config(m) for m in given]
+        if all(a is b for a, b in zip(members, given)):
+            return config
+        return config.model_copy(update={"members": [m.model_dump(mode="json") for m in members]})
     return resolve_hf(config) if isinstance(config, HFBackboneConfig) else config

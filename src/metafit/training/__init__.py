@@ -20,6 +20,7 @@ from .config import (
     load_config,
     make_config,
 )
+from .ensemble import ensemble_checkpoints
 from .evaluate import EvalResult, evaluate_episodes, evaluate_tasks
 from .curves import plot_curves, read_run
 from .run import evaluate_checkpoint, evaluate_runs, train, with_algorithm_overrides
@@ -48,6 +49,7 @@ __all__ = [
     "builtin_configs",
     "builtin_rl_configs",
     "calibrate_checkpoint",
+    "ensemble_checkpoints",
     "evaluate_checkpoint",
     "evaluate_episodes",
     "evaluate_rl_checkpoint",

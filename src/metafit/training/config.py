@@ -13,7 +13,7 @@ from pydantic import Field, SerializeAsAny, model_validator
 from ..algorithms import Algorithm, AlgorithmConfig, algorithm_config, build_algorithm
 from ..data import DataSourceConfig, ImageAugment, data_config
 from ..errors import ConfigError
-from ..nn import attach_input_normalization, backbone_config, build_backbone, resolve_backbone_config
+from ..nn import EnsembleConfig, attach_input_normalization, backbone_config, build_backbone, resolve_backbone_config
 from ..validation import ConfigModel, load_yaml, parse_config, set_by_path
 from .monitor import MonitorConfig
 from .pretrained import load_backbone_weights
@@ -327,7 +327,9 @@ def resolve_config(config: RunConfig) -> RunConfig:
 def build_model(config: RunConfig, pretrained: bool = True) -> Algorithm:
     """The algorithm with its backbone, freshly initialised from ``config``; with ``pretrained``
     and ``backbone.weights`` set, the backbone starts from that file's weights, and the returned
-    model's ``weights_report`` says what was loaded (None otherwise). Rebuilding a model whose
+    model's ``weights_report`` says what was loaded (None otherwise; an ensemble backbone whose members
+    name ``weights`` loads each into its member, and the report is the list of theirs, unless the
+    ensemble's own ``weights`` file is loaded over them). Rebuilding a model whose
     weights come next (checkpoint loading) passes ``pretrained=False``: the file is not read."""
     config = resolve_config(config)
     backbone = build_backbone(config.backbone, config.data.in_channels, config.data.input_size, pretrained=pretrained)
@@ -335,6 +337,9 @@ def build_model(config: RunConfig, pretrained: bool = True) -> Algorithm:
         attach_input_normalization(backbone, *stats)
     report = None
     bb = config.backbone
+    if pretrained and isinstance(bb, EnsembleConfig):
+        report = [load_backbone_weights(member, m.weights, prefix=m.weights_prefix, strict=m.weights_strict)
+                  for member, m in zip(backbone.members, bb.member_configs()) if m.weights] or None
     if pretrained and getattr(bb, "weights", None):
         report = load_backbone_weights(backbone, bb.weights, prefix=bb.weights_prefix, strict=bb.weights_strict)
     kind = config.data.task_kind
