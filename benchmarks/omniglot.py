@@ -4,6 +4,9 @@ episodes for several N-way K-shot settings. Prints a table and writes JSON.
 
     python benchmarks/omniglot.py --config omniglot_protonet_20w1s --eval 5,1 --eval 20,1
 
+--members N trains the config N times (seeds seed, seed+1, ...; each in <out_dir>/member-<i>, each
+with the config's budget), combines them (metafit ensemble) and evaluates the ensemble.
+
 Data: --data-dir, else METAFIT_DATA_DIR, else ../shared/data/omniglot.
 """
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from metafit.training import evaluate_checkpoint, load_config, train
+from metafit.training import ensemble_checkpoints, evaluate_checkpoint, load_config, train
 from metafit.training import write_json
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true",
                     help="evaluate the existing run in out_dir only (its --set algorithm.KEY=VALUE change adaptation)")
     ap.add_argument("--name", default=None, help="result name (default: the config name)")
+    ap.add_argument("--members", type=int, default=1, help="train this many seeds and evaluate their ensemble")
     args = ap.parse_args()
 
     cfg = load_config(args.config, [f"data.root={args.data_dir}", "train.progress=false", *args.set])
@@ -48,9 +52,19 @@ def main() -> None:
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
         keys = {kv.split("=", 1)[0].removeprefix("algorithm.") for kv in args.set if kv.startswith("algorithm.")}
         overrides = {k: v for k, v in cfg.algorithm.model_dump(mode="json").items() if k in keys}
-    else:
+    if args.members > 1:  # each member as its own run; the ensemble of their best checkpoints is evaluated
+        members = [run / f"member-{i}" for i in range(args.members)]
+        if not args.skip_train:
+            for i, folder in enumerate(members):
+                train(cfg.model_copy(update={"seed": cfg.seed + i, "out_dir": str(folder)}), test=False, overwrite=True)
+        reports = [json.loads((m / "report.json").read_text()) for m in members]
+        report = {"members": reports, "steps": sum(r["steps"] for r in reports),
+                  "train_seconds": sum(r["train_seconds"] for r in reports)}
+        ckpt = ensemble_checkpoints([m / "best.safetensors" for m in members], run / "ensemble.safetensors")
+        report["val"] = evaluate_checkpoint(ckpt, split="val", data_root=args.data_dir, algorithm_overrides=overrides)
+    elif not args.skip_train:
         report = train(cfg, test=False, overwrite=True)  # a rerun retrains
-    ckpt = run / "best.safetensors"
+    ckpt = run / ("ensemble.safetensors" if args.members > 1 else "best.safetensors")
     settings = [tuple(int(v) for v in e.split(",")) for e in args.eval] or [(cfg.eval.n_ways, cfg.eval.k_shots)]
     rows = []
     for ways, shots in settings:
@@ -73,7 +87,10 @@ def main() -> None:
     train_min = (report["train_seconds"] / 60) if report else float("nan")
     steps = report["steps"] if report else "-"
     print(f"\n{cfg.algorithm.name} Omniglot ({cfg.data.protocol}), config {args.config} {' '.join(args.set)}: {steps} steps, "
-          f"{train_min:.1f} min training")
+          f"{train_min:.1f} min training" + (f", an ensemble of {args.members}" if args.members > 1 else ""))
+    if report and "val" in report and args.members > 1:
+        v = report["val"]
+        print(f"ensemble validation: {100 * v['mean']:.2f}% +/- {100 * v['ci95']:.2f}% ({v['episodes']} episodes)")
     print("| test setting | within group | rotations | episodes | accuracy | 95% CI | error |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
