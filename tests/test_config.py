@@ -16,7 +16,7 @@ from metafit.training import builtin_configs, load_config, make_config
     ({"task": {"n_ways": 1}}, "task.n_ways must be greater than or equal to 2; got 1"),
     ({"data": {"protocol": "lakes"}}, "data.protocol must be one of 'vinyals', 'lake'"),
     ({"backbone": {"bn_mode": "frozen"}}, "backbone.bn_mode must be one of 'running' or 'transductive'"),
-    ({"backbone": {"name": "resnet99"}}, "backbone.name must be one of \\['conv4', 'hf', 'mlp', 'resnet12', 'timm', 'torchvision'\\]"),
+    ({"backbone": {"name": "resnet99"}}, "backbone.name must be one of \\['conv4', 'ensemble', 'hf', 'mlp', 'resnet12', 'timm', 'torchvision'\\]"),
     ({"algorithm": {"name": "mamll"}}, "algorithm.name must be one of \\[.*'maml'.*'protonet'"),
     ({"train": {"meta_steps": "many"}}, "train.meta_steps must be a valid integer"),
     ({"train": "fast"}, "train must be a valid dictionary"),

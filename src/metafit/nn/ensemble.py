@@ -78,9 +78,10 @@ class Ensemble(nn.Module):
     """The members of an :class:`EnsembleConfig` side by side: ``forward(x)`` is the concatenation of
     every member's features of ``x``, each scaled by ``1 / sqrt(len(members))`` (the squared
     Euclidean distance of two outputs is the mean of the members' distances); ``out_features`` is
-    the sum of the members'. ``members`` is an ``nn.ModuleList``; a member's weights are
-    ``members.<i>.<name>`` in the state dict. ``pretrained=False`` builds members that adapt a
-    pretrained model without reading its files (a checkpoint supplies the weights)."""
+    the sum of the members'. Built from ``config`` (an :class:`EnsembleConfig`) for inputs of
+    ``in_channels`` x ``image_size`` x ``image_size``; ``members`` is an ``nn.ModuleList``, a member's
+    weights are ``members.<i>.<name>`` in the state dict. ``pretrained=False`` builds members that adapt
+    a pretrained model without reading its files (a checkpoint supplies the weights)."""
 
     #: build_backbone passes ``pretrained`` through (members may adapt pretrained models)
     loads_weights = True
