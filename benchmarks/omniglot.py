@@ -62,9 +62,10 @@ def main() -> None:
                   "train_seconds": sum(r["train_seconds"] for r in reports)}
         ckpt = ensemble_checkpoints([m / "best.safetensors" for m in members], run / "ensemble.safetensors")
         report["val"] = evaluate_checkpoint(ckpt, split="val", data_root=args.data_dir, algorithm_overrides=overrides)
-    elif not args.skip_train:
-        report = train(cfg, test=False, overwrite=True)  # a rerun retrains
-    ckpt = run / ("ensemble.safetensors" if args.members > 1 else "best.safetensors")
+    else:
+        if not args.skip_train:
+            report = train(cfg, test=False, overwrite=True)  # a rerun retrains
+        ckpt = run / "best.safetensors"
     settings = [tuple(int(v) for v in e.split(",")) for e in args.eval] or [(cfg.eval.n_ways, cfg.eval.k_shots)]
     rows = []
     for ways, shots in settings:

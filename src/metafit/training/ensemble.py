@@ -45,6 +45,7 @@ def ensemble_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os
                           "Pass the members' checkpoints, e.g. runs/a/best.safetensors runs/b/best.safetensors.")
     models = [load(p) for p in checkpoints]
     first: RunConfig = models[0].run_config
+    outside = {k: v for k, v in models[0].state_dict().items() if not k.startswith("backbone.")}
     for path, model in zip(checkpoints, models):
         cfg: RunConfig = model.run_config
         if cfg.backbone.name == "ensemble":
@@ -57,10 +58,9 @@ def ensemble_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os
                           ("input statistics", lambda c: c.data.input_statistics()),
                           ("task kind", lambda c: c.data.task_kind)):
             _same(owner, what, get(first), get(cfg), path, "Combine models trained on the same kind of data.")
-        for name, tensor in models[0].state_dict().items():
-            if name.startswith("backbone."):
-                continue
-            theirs = model.state_dict().get(name)
+        state = model.state_dict()
+        for name, tensor in outside.items():
+            theirs = state.get(name)
             if theirs is None or theirs.shape != tensor.shape or not bool((theirs == tensor).all()):
                 raise ConfigError(
                     f"{owner}: learned tensors outside the backbone must be equal in every member; got a different "
@@ -80,7 +80,6 @@ def ensemble_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os
     for member, model in zip(ensemble.backbone.members, models):
         state = {k: v for k, v in model.backbone.state_dict().items() if k not in NORM_BUFFERS}
         member.load_state_dict(state)
-    outside = {k: v for k, v in models[0].state_dict().items() if not k.startswith("backbone.")}
     ensemble.load_state_dict(outside, strict=False)
     record = [{"checkpoint": str(p), "step": m.checkpoint_meta.get("step"), "metrics": m.checkpoint_meta.get("metrics")}
               for p, m in zip(checkpoints, models)]
